@@ -1,0 +1,1 @@
+"""spotlm: GPT-style language models with a retrieval index, trained and served on Ray."""

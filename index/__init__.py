@@ -1,0 +1,1 @@
+"""The retrieval index: exact-match LMatch index and FAISS kNN-LM index."""

@@ -1,0 +1,1 @@
+"""Ray job entrypoints, one per pipeline stage: `python -m jobs.<stage> ...`."""

