@@ -1,0 +1,88 @@
+"""Save and load all resumable training state in a checkpoint directory, with a completion marker.
+
+A checkpoint directory holds `model.pt`, `optimizer.pt`, `scheduler.pt`, `rng.pt` and
+`state.json` (step, data position, config), then `DONE`, written last: a directory without it is
+incomplete and is never loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+DONE = "DONE"
+FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is incomplete, corrupt, or does not fit the run."""
+
+
+@dataclass
+class TrainState:
+    """The scalar part of training state (everything that is not a tensor)."""
+
+    step: int = 0  # optimizer steps done
+    samples: int = 0  # global sequences consumed (the data position)
+    tokens: int = 0  # training tokens consumed
+    best_val_loss: float | None = None
+    resumes: int = 0  # how many times the run was resumed from a checkpoint
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState) -> None:
+    """Write a complete checkpoint into a local directory; `DONE` is written last."""
+    os.makedirs(directory, exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(directory, "model.pt"))
+    torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+    torch.save(scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+    torch.save(rng_state(), os.path.join(directory, "rng.pt"))
+    with open(os.path.join(directory, "state.json"), "w") as f:
+        json.dump(state.__dict__, f, indent=2, sort_keys=True)
+    with open(os.path.join(directory, DONE), "w") as f:
+        f.write("ok\n")
+
+
+def is_complete(directory: str) -> bool:
+    return all(os.path.exists(os.path.join(directory, f)) for f in (*FILES, DONE))
+
+
+def load(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, restore_rng: bool = True) -> TrainState:
+    """Restore what is given from a complete checkpoint; returns its TrainState."""
+    if not is_complete(directory):
+        missing = [f for f in (*FILES, DONE) if not os.path.exists(os.path.join(directory, f))]
+        raise CheckpointError(f"checkpoint {directory} is incomplete (missing {', '.join(missing)})")
+    try:
+        model.load_state_dict(torch.load(os.path.join(directory, "model.pt"), map_location="cpu"))
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), map_location="cpu"))
+        if scheduler is not None:
+            scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt")))
+        if restore_rng:
+            set_rng_state(torch.load(os.path.join(directory, "rng.pt"), weights_only=False))
+        with open(os.path.join(directory, "state.json")) as f:
+            return TrainState(**json.load(f))
+    except (RuntimeError, ValueError, KeyError, EOFError) as e:
+        raise CheckpointError(f"checkpoint {directory} cannot be loaded: {e}") from e

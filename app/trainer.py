@@ -1,0 +1,307 @@
+"""The per-worker training loop and the Ray `TorchTrainer` that runs it, fault-tolerantly."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from app import checkpoint, storage
+from app.config import ConfigError, from_dict, to_dict
+from app.data import BatchPlan, TokenStream, TrainLoader, eval_batches
+from app.log import get_logger
+from app.model import GPT, ModelConfig
+from app.shards import load_manifest
+
+log = get_logger(__name__)
+
+# Dense bf16 peak FLOP/s per GPU, for MFU (H100/H200 SXM; A100).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclass
+class TrainConfig:
+    """Training run: data, model, schedule, checkpoints and workers."""
+
+    data: str = "runs/shards"  # tokenized shards directory (with manifest.json), local or s3://
+    storage: str = "runs"  # where runs live (checkpoints, export), local or s3://
+    name: str = "spotlm-run"  # run name: the same name continues the same run
+    preset: str = "tiny"  # model preset (app.model.ModelConfig.preset)
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. --model.n_layer=4
+    seq_len: int = 0  # tokens per sequence; 0 = the model's max_seq_len
+    micro_batch: int = 8  # sequences per forward/backward on one worker
+    batch_tokens: int = 0  # tokens per optimizer step over all workers; 0 = one micro-batch per worker
+    max_steps: int = 200  # optimizer steps in total (a resumed run continues up to this)
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decay on matrices (not norms)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    eval_every: int = 50  # steps between validation passes; 0 = only at the end
+    eval_tokens: int = 65536  # validation tokens per pass
+    checkpoint_every: int = 100  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # keep the newest K checkpoints
+    log_every: int = 10  # steps between log lines
+    num_workers: int = 1  # Ray Train workers (one per GPU on GPU nodes)
+    use_gpu: str = "auto"  # auto | true | false
+    cpus_per_worker: float = 1.0  # CPU resources each worker reserves
+    max_failures: int = 3  # worker-group restarts before the run fails
+    seed: int = 1337  # model init and data order
+    compile: str = "auto"  # torch.compile: auto (on GPU) | true | false
+    deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs (CPU)
+    resume: bool = False  # continue an existing run (its latest checkpoint)
+    export: str = ""  # exported model directory; "" = <storage>/<name>/export; "none" = skip
+
+    def validate(self) -> None:
+        for k in ("max_steps", "micro_batch", "num_workers", "checkpoint_every", "log_every", "eval_tokens"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("lr must be > 0 and min_lr_ratio in [0, 1]")
+        if self.use_gpu not in ("auto", "true", "false") or self.compile not in ("auto", "true", "false"):
+            raise ConfigError("use_gpu and compile take auto | true | false")
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(storage.absolute(self.storage), self.name)
+
+    @property
+    def export_dir(self) -> str | None:
+        if self.export == "none":
+            return None
+        return storage.absolute(self.export) if self.export else storage.join(self.run_dir, "export")
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The run's ModelConfig: the preset, the tokenizer's vocabulary, then the overrides."""
+    data = to_dict(ModelConfig.preset(cfg.preset, vocab_size=vocab_size))
+    # Derived widths follow an overridden shape unless they are overridden too.
+    if "d_model" in cfg.model:
+        data["ffn_hidden"] = 0
+    if "n_head" in cfg.model:
+        data["n_kv_head"] = 0
+    return from_dict(ModelConfig, {**data, **cfg.model})
+
+
+class CosineSchedule:
+    """LR multiplier: linear warmup, then cosine decay to `min_ratio` at `total` steps."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float):
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def batch_plan(cfg: TrainConfig, seq_len: int, world_size: int) -> BatchPlan:
+    """Global batch in sequences from `batch_tokens` (constant whatever the worker count)."""
+    global_batch = cfg.batch_tokens // seq_len if cfg.batch_tokens else cfg.micro_batch * world_size
+    if cfg.batch_tokens and cfg.batch_tokens % seq_len:
+        raise ConfigError(f"batch_tokens={cfg.batch_tokens} is not a multiple of seq_len={seq_len}")
+    return BatchPlan(global_batch, cfg.micro_batch, world_size)
+
+
+def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast) -> float:
+    """Mean validation loss over this rank's batches, averaged over all ranks."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        with autocast():
+            _, loss = model(x.to(device), y.to(device))
+        total, count = total + loss.item() * y.numel(), count + y.numel()
+    model.train()
+    loss_sum, n = _all_reduce_mean([total, float(count)], device)
+    return loss_sum / max(n, 1.0)
+
+
+def _mfu(flops_per_token: float, tokens_per_s: float, world: int) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return flops_per_token * tokens_per_s / (peak * world) if peak else None
+
+
+def _resolve(flag: str, default: bool) -> bool:
+    return default if flag == "auto" else flag == "true"
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The training function each Ray Train worker runs (also resumes after any restart)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(TrainConfig, config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+
+    # ---- data and model ----
+    manifest = load_manifest(cfg.data)
+    mcfg = model_config(cfg, manifest.vocab_size)
+    seq_len = cfg.seq_len or mcfg.max_seq_len
+    plan = batch_plan(cfg, seq_len, world)
+    loader = TrainLoader(TokenStream(manifest, "train"), seq_len, plan, rank, cfg.seed)
+    val = eval_batches(TokenStream(manifest, "val"), seq_len, cfg.micro_batch, cfg.eval_tokens, rank, world) \
+        if manifest.shards.get("val") else []
+    torch.manual_seed(cfg.seed)
+    raw = GPT(mcfg)
+    raw.init_weights()
+    raw.to(device)
+    optimizer = make_optimizer(raw, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    state = checkpoint.TrainState(config=to_dict(cfg))
+
+    # ---- resume from the latest complete checkpoint, if any ----
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = checkpoint.load(d, raw, optimizer, scheduler)
+        state.resumes += 1
+        if rank == 0:
+            log.info("resumed %s at step %d (%d tokens seen)", cfg.name, state.step, state.tokens)
+    model = ray.train.torch.prepare_model(raw, move_to_device=False) if world > 1 else raw
+    fwd = torch.compile(model) if _resolve(cfg.compile, device.type == "cuda") else model
+    if rank == 0:
+        log.info("model %s: %.2fM params, seq %d, global batch %d seqs (%d tokens), %d accum x %d micro x %d workers",
+                 cfg.preset, raw.num_params() / 1e6, seq_len, plan.global_batch, plan.global_batch * seq_len,
+                 plan.accum_steps, plan.micro_batch, world)
+
+    flops_per_token = raw.flops_per_token(seq_len)
+    t_last, steps_since = time.perf_counter(), 0
+    while state.step < cfg.max_steps:
+        # ---- forward/backward with gradient accumulation ----
+        batches = loader.micro_batches(state.step)
+        loss_sum = torch.zeros((), device=device)
+        for i, (x, y) in enumerate(batches):
+            sync = i == len(batches) - 1 or world == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
+                _, loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            (loss / len(batches)).backward()
+            loss_sum += loss.detach()
+
+        # ---- clip, step, schedule ----
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.samples += plan.global_batch
+        state.tokens += plan.global_batch * seq_len
+        steps_since += 1
+        last = state.step == cfg.max_steps
+
+        # ---- log ----
+        metrics: dict[str, Any] = {"step": state.step, "tokens": state.tokens, "resumes": state.resumes}
+        if state.step % cfg.log_every == 0 or last:
+            dt = time.perf_counter() - t_last
+            (train_loss,) = _all_reduce_mean([loss_sum.item() / len(batches)], device)
+            tps = steps_since * plan.global_batch * seq_len / dt
+            mfu = _mfu(flops_per_token, tps, world)
+            metrics.update(train_loss=train_loss, tokens_per_s=tps, lr=scheduler.get_last_lr()[0],
+                           grad_norm=float(grad_norm), epoch=loader.epoch_of(state.step))
+            if mfu is not None:
+                metrics["mfu"] = mfu
+            if rank == 0:
+                log.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s%s | epoch %.2f", state.step, cfg.max_steps,
+                         train_loss, metrics["lr"], f"{tps:,.0f}", f" | mfu {mfu:.1%}" if mfu is not None else "",
+                         metrics["epoch"])
+            t_last, steps_since = time.perf_counter(), 0
+
+        # ---- eval and checkpoint ----
+        if val and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
+            metrics["val_loss"] = evaluate(fwd, val, device, autocast)
+            state.best_val_loss = min(metrics["val_loss"], state.best_val_loss or math.inf)
+            if rank == 0:
+                log.info("step %d | val loss %.4f", state.step, metrics["val_loss"])
+            t_last = time.perf_counter()
+        if state.step % cfg.checkpoint_every == 0 or last:
+            _report(metrics, state, raw, optimizer, scheduler, rank)
+            t_last = time.perf_counter()
+
+    # ---- export ----
+    if rank == 0 and cfg.export_dir:
+        from app.export import export_model
+
+        export_model(raw.to(torch.float32), cfg.export_dir, manifest.tokenizer_path,
+                     meta={"run": cfg.name, "step": state.step, "val_loss": state.best_val_loss,
+                           "eot_id": manifest.eot_id})
+        log.info("exported the model to %s", cfg.export_dir)
+
+
+def _report(metrics: dict[str, Any], state: checkpoint.TrainState, model, optimizer, scheduler, rank: int) -> None:
+    """Checkpoint through Ray Train: rank 0 writes the state, every rank calls report (a barrier)."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="spotlm-ckpt-") as d:
+        checkpoint.save(d, model, optimizer, scheduler, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Complete checkpoint directories of a run, oldest first."""
+    done = [f for f in storage.list_files(run_dir) if f.endswith("/" + checkpoint.DONE)]
+    return sorted({f.rsplit("/", 2)[0] for f in done if f.rsplit("/", 2)[1].startswith("checkpoint_")})
+
+
+def train(cfg: TrainConfig):
+    """Run (or continue) a training run on Ray Train; returns Ray's `Result`."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    load_manifest(cfg.data)  # fail fast, with a clear message, on missing or bad shards
+    existing = list_checkpoints(cfg.run_dir)
+    if existing and not cfg.resume:
+        raise ConfigError(f"run {cfg.name!r} already has checkpoints in {cfg.run_dir}: pass --resume to "
+                          "continue it, or choose another --name")
+    if cfg.resume and not existing:
+        raise ConfigError(f"--resume: run {cfg.name!r} has no checkpoint in {cfg.run_dir}")
+    use_gpu = _resolve(cfg.use_gpu, torch.cuda.is_available())
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=storage.absolute(cfg.storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    # Ray Train's controller polls workers every 2 s by default, which stalls every report().
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    return trainer.fit()

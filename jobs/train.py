@@ -1,0 +1,36 @@
+"""Ray job: train (or continue) a GPT on tokenized shards with Ray Train; exports the model at the end.
+
+    python -m jobs.train --data=runs/shards --name=my-run --preset=tiny --max_steps=300
+"""
+from __future__ import annotations
+
+import sys
+
+from app.config import ConfigError, parse_config
+from app.log import get_logger
+from app.ray_env import init_ray
+from app.shards import ShardFormatError
+from app.trainer import TrainConfig, train
+
+log = get_logger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(TrainConfig, argv)
+    init_ray()
+    try:
+        result = train(cfg)
+    except (ConfigError, ShardFormatError, FileNotFoundError) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 1
+    if result.error:
+        print(f"train: failed: {result.error}", file=sys.stderr)
+        return 1
+    log.info("run %s finished: %s", cfg.name, {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))})
+    if cfg.export_dir:
+        print(f"exported model: {cfg.export_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Training through Ray Train: the loss drops on real text; a killed worker resumes from its checkpoint."""
+import math
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from app import checkpoint, storage
+from app.config import ConfigError
+from app.corpus import TokenizeConfig, tokenize_corpus
+from app.data import TokenStream, eval_batches
+from app.export import load_exported
+from app.model import GPT
+from app.shards import load_manifest
+from app.trainer import TrainConfig, list_checkpoints, model_config, train
+
+
+@pytest.fixture(scope="module")
+def shakespeare_shards(ray_session, shared_data, tmp_path_factory):
+    """The first 300 KB of tinyshakespeare, speeches as documents, a 1024-token BPE."""
+    d = tmp_path_factory.mktemp("shakespeare")
+    (d / "in.txt").write_text((shared_data / "tinyshakespeare.txt").read_text()[:300_000])
+    out = str(d / "shards")
+    tokenize_corpus(TokenizeConfig(inputs=[str(d / "in.txt")], output=out, vocab_size=1024,
+                                   text_unit="paragraph", val_fraction=0.1))
+    return out
+
+
+def _cfg(data, tmp_path, **kw):
+    base = dict(data=data, storage=str(tmp_path / "runs"), name="t", preset="tiny", seq_len=64, micro_batch=8,
+                lr=3e-3, warmup_steps=5, eval_tokens=4096, log_every=10, cpus_per_worker=0.5)
+    return TrainConfig(**{**base, **kw})
+
+
+def _val_loss(model: GPT, data: str, seq_len: int) -> float:
+    m = load_manifest(data)
+    batches = eval_batches(TokenStream(m, "val"), seq_len, 8, 4096, 0, 1)
+    with torch.no_grad():
+        losses = [model(x, y)[1].item() for x, y in batches]
+    return sum(losses) / len(losses)
+
+
+def test_loss_drops_on_shakespeare(shakespeare_shards, tmp_path):
+    cfg = _cfg(shakespeare_shards, tmp_path, max_steps=80, eval_every=40, checkpoint_every=40)
+    result = train(cfg)
+    assert result.error is None
+    torch.manual_seed(cfg.seed)
+    untrained = GPT(model_config(cfg, load_manifest(shakespeare_shards).vocab_size))
+    untrained.init_weights()
+    before = _val_loss(untrained, shakespeare_shards, 64)
+    trained = load_exported(cfg.export_dir).model
+    after = _val_loss(trained, shakespeare_shards, 64)
+    assert before > math.log(1024) - 0.5  # an untrained model is near-uniform
+    assert after < before - 1.0, (before, after)
+    assert result.metrics["val_loss"] == pytest.approx(after, rel=1e-3)
+    assert [os.path.basename(p) for p in list_checkpoints(cfg.run_dir)] == ["checkpoint_00000040", "checkpoint_00000080"]
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if "RayTrainWorker" in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+def test_killed_worker_restarts_from_checkpoint(shakespeare_shards, tmp_path):
+    cfg = _cfg(shakespeare_shards, tmp_path, max_steps=40, checkpoint_every=5, eval_every=0, max_failures=2)
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list_checkpoints(cfg.run_dir) and (pids := _train_worker_pids()):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.2)
+
+    t = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    t.start()
+    result = train(cfg)
+    t.join()
+    assert killed, "no training worker was found to kill"
+    assert result.error is None
+    assert result.metrics["step"] == 40
+    assert result.metrics["resumes"] >= 1  # it restarted from a checkpoint, not from scratch
+    last = list_checkpoints(cfg.run_dir)[-1]
+    assert checkpoint.is_complete(last) and last.endswith("checkpoint_00000040")
+
+
+def test_existing_run_needs_resume_and_resume_continues(shakespeare_shards, tmp_path):
+    cfg = _cfg(shakespeare_shards, tmp_path, max_steps=10, checkpoint_every=10, eval_every=0, export="none")
+    assert train(cfg).error is None
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg)
+    cfg.resume, cfg.max_steps = True, 20
+    result = train(cfg)
+    assert result.error is None and result.metrics["step"] == 20 and result.metrics["resumes"] == 1
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises((ValueError, FileNotFoundError), match="manifest"):
+        train(_cfg(str(tmp_path / "nothing"), tmp_path, max_steps=1))
