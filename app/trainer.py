@@ -275,8 +275,8 @@ def _report(metrics: dict[str, Any], state: checkpoint.TrainState, model, optimi
 
 def list_checkpoints(run_dir: str) -> list[str]:
     """Complete checkpoint directories of a run, oldest first."""
-    done = [f for f in storage.list_files(run_dir) if f.endswith("/" + checkpoint.DONE)]
-    return sorted({f.rsplit("/", 2)[0] for f in done if f.rsplit("/", 2)[1].startswith("checkpoint_")})
+    dirs = [f.rsplit("/", 1)[0] for f in storage.list_files(run_dir) if f.endswith("/" + checkpoint.DONE)]
+    return sorted(d for d in dirs if d.rsplit("/", 1)[1].startswith("checkpoint_"))
 
 
 def train(cfg: TrainConfig):
