@@ -48,10 +48,10 @@ def read_shard(path: str, verify_sha256: str | None = None) -> np.ndarray:
     """The tokens of a shard, memory-mapped read-only (S3 shards are cached locally first)."""
     try:
         local = storage.local_path(path)
+        with open(local, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
     except FileNotFoundError:
         raise ShardFormatError(f"{path}: shard file is missing") from None
-    with open(local, "rb") as f:
-        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
     if len(header) < HEADER_INTS or header[0] != MAGIC:
         raise ShardFormatError(f"{path}: not a spotlm shard (bad magic number)")
     if header[1] != FORMAT_VERSION:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import sys
 
 from app.config import parse_config
-from app.corpus import InputError, TokenizeConfig, tokenize_corpus
+from app.corpus import InputError, TokenizeConfig, resolve_inputs, tokenize_corpus
 from app.ray_env import init_ray
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(TokenizeConfig, argv)
     try:
+        resolve_inputs(cfg.inputs)  # fail fast, before starting Ray, on inputs that cannot be read
         init_ray()
         m = tokenize_corpus(cfg)
     except (InputError, ValueError) as e:
