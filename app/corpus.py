@@ -25,7 +25,6 @@ from app.shards import Manifest, ShardFormatError, encode_shard, load_manifest, 
 from app.tokenizer import eot_id, load_tokenizer, token_dtype, tokenizer_sha256, train_bpe
 
 log = get_logger(__name__)
-SUFFIXES = (".txt", ".jsonl", ".parquet")
 SPLITS = ("train", "val")
 
 
@@ -37,13 +36,13 @@ class InputError(ValueError):
 class TokenizeConfig:
     """Tokenize text files into token shards."""
 
-    inputs: list[str] = field(default_factory=list)  # globs or paths (.txt, .jsonl, .parquet), local or s3://
+    inputs: list[str] = field(default_factory=list)  # globs/paths, local or s3://: .jsonl, .parquet, else plain text
     output: str = "runs/shards"  # output directory, local or s3://
     tokenizer: str | None = None  # tokenizer.json to use; None = train a byte-level BPE on the data
     vocab_size: int = 8192  # vocabulary of the trained BPE
     train_sample_bytes: int = 20_000_000  # text used to train the BPE (first files, in order)
     text_field: str = "text"  # field holding the text in .jsonl / .parquet records
-    text_unit: Literal["file", "paragraph"] = "file"  # .txt: a whole file, or each blank-line paragraph, is a document
+    text_unit: Literal["file", "paragraph"] = "file"  # plain text: a whole file, or each blank-line paragraph, is a document
     val_fraction: float = 0.01  # share of documents (by text hash) held out for validation
     shard_tokens: int = 2**24  # tokens per shard file
     num_actors: int = 1  # tokenizer actors
@@ -70,11 +69,7 @@ def _reject(reason: str, path: str, index: int, raw: Any) -> dict[str, Any]:
 def iter_records(path: str, text_field: str, text_unit: str) -> Iterator[tuple[str | None, dict | None]]:
     """Yield `(text, None)` for each good document of a file and `(None, reject)` for each bad one."""
     data = storage.read_bytes(path)
-    if path.endswith(".txt"):
-        pieces = data.split(b"\n\n") if text_unit == "paragraph" else [data]
-        for i, raw in enumerate(pieces):
-            yield _decode(raw, path, i)
-    elif path.endswith(".jsonl"):
+    if path.endswith(".jsonl"):
         for i, line in enumerate(data.splitlines()):
             if not line.strip():
                 continue
@@ -87,7 +82,7 @@ def iter_records(path: str, text_field: str, text_unit: str) -> Iterator[tuple[s
                 yield None, _reject("bad_json", path, i, line)
                 continue
             yield _field(rec, text_field, path, i)
-    else:
+    elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         table = pq.read_table(io.BytesIO(data))
@@ -97,6 +92,10 @@ def iter_records(path: str, text_field: str, text_unit: str) -> Iterator[tuple[s
             return
         for i, value in enumerate(table.column(text_field).to_pylist()):
             yield _field({text_field: value}, text_field, path, i)
+    else:  # plain text (.txt, source code, ...)
+        pieces = data.split(b"\n\n") if text_unit == "paragraph" else [data]
+        for i, raw in enumerate(pieces):
+            yield _decode(raw, path, i)
 
 
 def _decode(raw: bytes, path: str, index: int) -> tuple[str | None, dict | None]:
@@ -180,9 +179,6 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
             raise InputError(f"cannot read input {pattern!r}: {e}") from None
         if not matched:
             raise InputError(f"input {pattern!r} matches no file")
-        bad = [m for m in matched if not m.endswith(SUFFIXES)]
-        if bad:
-            raise InputError(f"input {bad[0]!r}: unsupported file type (use {', '.join(SUFFIXES)})")
         files += matched
     return sorted(set(files))
 

@@ -25,7 +25,7 @@ class QuickstartConfig:
     workdir: str = "runs/quickstart"  # shards, checkpoints and the export go here
     inputs: list[str] = field(default_factory=stdlib_corpus)  # text to train on (default: Python's stdlib)
     vocab_size: int = 4096  # byte-level BPE trained on the corpus
-    max_steps: int = 300  # training steps (about 3 minutes on 2 cores)
+    max_steps: int = 400  # training steps (about 3 minutes on 2 cores)
     prompt: str = "def main(argv):\n    "  # completion printed at the end
     max_tokens: int = 48
     name: str = "quickstart"  # run name; running the quickstart again reuses finished stages
@@ -42,7 +42,8 @@ def run_quickstart(cfg: QuickstartConfig) -> str:
 
     log.info("[2/3] train %d steps", cfg.max_steps)
     tcfg = TrainConfig(data=shards, storage=storage.join(storage.absolute(cfg.workdir), "runs"), name=cfg.name,
-                       preset="tiny", max_steps=cfg.max_steps, micro_batch=16, lr=3e-3, warmup_steps=30,
+                       preset="tiny", model={"d_model": 128, "n_layer": 3}, max_steps=cfg.max_steps,
+                       micro_batch=16, lr=3e-3, warmup_steps=30,
                        eval_every=100, checkpoint_every=100, log_every=25, cpus_per_worker=1.0)
     tcfg.resume = bool(list_checkpoints(tcfg.run_dir))
     result = train(tcfg)

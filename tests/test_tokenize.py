@@ -114,9 +114,6 @@ def test_bad_records_are_counted_and_quarantined(ray_session, tmp_path):
 def test_missing_input_fails_fast(tmp_path):
     with pytest.raises(InputError, match="matches no file"):
         tokenize_corpus(TokenizeConfig(inputs=[str(tmp_path / "nope*.txt")], output=str(tmp_path / "o")))
-    (tmp_path / "x.csv").write_text("a")
-    with pytest.raises(InputError, match="unsupported"):
-        tokenize_corpus(TokenizeConfig(inputs=[str(tmp_path / "x.csv")], output=str(tmp_path / "o")))
     r = subprocess.run([sys.executable, "-m", "jobs.tokenize", "--inputs=/nonexistent/x.txt", f"--output={tmp_path}/o"],
                        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
     assert r.returncode == 1
