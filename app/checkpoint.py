@@ -32,6 +32,8 @@ class TrainState:
     tokens: int = 0  # training tokens consumed
     best_val_loss: float | None = None
     resumes: int = 0  # how many times the run was resumed from a checkpoint
+    preemptions: int = 0  # how many preemption notices it checkpointed and stopped for
+    loss_curve: dict[str, float] = field(default_factory=dict)  # step -> train loss, at every logged step
     config: dict[str, Any] = field(default_factory=dict)
 
 

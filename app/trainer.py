@@ -17,6 +17,7 @@ from app.config import ConfigError, from_dict, to_dict
 from app.data import BatchPlan, TokenStream, TrainLoader, eval_batches
 from app.log import get_logger
 from app.model import GPT, ModelConfig
+from app.preemption import PreemptionWatcher, install_sigterm_handler
 from app.shards import load_manifest
 
 log = get_logger(__name__)
@@ -51,9 +52,12 @@ class TrainConfig:
     keep_checkpoints: int = 3  # keep the newest K checkpoints
     log_every: int = 10  # steps between log lines
     num_workers: int = 1  # Ray Train workers (one per GPU on GPU nodes)
-    use_gpu: str = "auto"  # auto | true | false
+    use_gpu: str = "auto"  # auto (if the Ray cluster has GPUs) | true | false
     cpus_per_worker: float = 1.0  # CPU resources each worker reserves
-    max_failures: int = 3  # worker-group restarts before the run fails
+    max_failures: int = 3  # worker-group restarts on errors before the run fails
+    max_preemptions: int = 100  # restarts after preemption notices (not counted as failures)
+    spot_notice: str = "auto"  # poll the AWS spot interruption notice: auto (on EC2) | off | <metadata URL>
+    catch_sigterm: bool = True  # SIGTERM means "checkpoint at the next step and stop", not "die now"
     seed: int = 1337  # model init and data order
     compile: str = "auto"  # torch.compile: auto (on GPU) | true | false
     deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs (CPU)
@@ -142,6 +146,15 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast) ->
     return loss_sum / max(n, 1.0)
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank (so all ranks stop at the same step)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _mfu(flops_per_token: float, tokens_per_s: float, world: int) -> float | None:
     if not torch.cuda.is_available():
         return None
@@ -191,6 +204,11 @@ def train_loop(config: dict[str, Any]) -> None:
         state.resumes += 1
         if rank == 0:
             log.info("resumed %s at step %d (%d tokens seen)", cfg.name, state.step, state.tokens)
+    watcher = PreemptionWatcher(
+        aws_endpoint=None if cfg.spot_notice in ("auto", "off") else cfg.spot_notice,
+        aws_auto=cfg.spot_notice == "auto", extra_check=lambda: ray.train.get_preemption_info() is not None)
+    if cfg.catch_sigterm:
+        install_sigterm_handler(watcher)
     model = ray.train.torch.prepare_model(raw, move_to_device=False) if world > 1 else raw
     fwd = torch.compile(model) if _resolve(cfg.compile, device.type == "cuda") else model
     if rank == 0:
@@ -223,12 +241,14 @@ def train_loop(config: dict[str, Any]) -> None:
         last = state.step == cfg.max_steps
 
         # ---- log ----
-        metrics: dict[str, Any] = {"step": state.step, "tokens": state.tokens, "resumes": state.resumes}
+        metrics: dict[str, Any] = {"step": state.step, "tokens": state.tokens, "resumes": state.resumes,
+                                   "preemptions": state.preemptions}
         if state.step % cfg.log_every == 0 or last:
             dt = time.perf_counter() - t_last
             (train_loss,) = _all_reduce_mean([loss_sum.item() / len(batches)], device)
             tps = steps_since * plan.global_batch * seq_len / dt
             mfu = _mfu(flops_per_token, tps, world)
+            state.loss_curve[str(state.step)] = train_loss
             metrics.update(train_loss=train_loss, tokens_per_s=tps, lr=scheduler.get_last_lr()[0],
                            grad_norm=float(grad_norm), epoch=loader.epoch_of(state.step))
             if mfu is not None:
@@ -246,9 +266,21 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 log.info("step %d | val loss %.4f", state.step, metrics["val_loss"])
             t_last = time.perf_counter()
-        if state.step % cfg.checkpoint_every == 0 or last:
-            _report(metrics, state, raw, optimizer, scheduler, rank)
+        # ---- preemption: checkpoint at this step boundary and hand back to the driver ----
+        preempted = _any_rank(watcher.should_stop(), device)
+        if preempted:
+            state.preemptions += 1
+            metrics["preemptions"] = state.preemptions
+            if rank == 0:
+                log.warning("preempted (%s) at step %d: checkpointing and stopping", watcher.reason or "another rank",
+                            state.step)
+        if preempted or state.step % cfg.checkpoint_every == 0 or last:
+            _report(metrics, state, raw, optimizer, scheduler, rank, cfg.name)
             t_last = time.perf_counter()
+        if preempted:
+            watcher.close()
+            return
+    watcher.close()
 
     # ---- export ----
     if rank == 0 and cfg.export_dir:
@@ -260,14 +292,15 @@ def train_loop(config: dict[str, Any]) -> None:
         log.info("exported the model to %s", cfg.export_dir)
 
 
-def _report(metrics: dict[str, Any], state: checkpoint.TrainState, model, optimizer, scheduler, rank: int) -> None:
+def _report(metrics: dict[str, Any], state: checkpoint.TrainState, model, optimizer, scheduler, rank: int,
+            run: str) -> None:
     """Checkpoint through Ray Train: rank 0 writes the state, every rank calls report (a barrier)."""
     import ray.train
 
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    with tempfile.TemporaryDirectory(prefix="spotlm-ckpt-") as d:
+    with tempfile.TemporaryDirectory(prefix=f"spotlm-ckpt-{run}-") as d:
         checkpoint.save(d, model, optimizer, scheduler, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"checkpoint_{state.step:08d}")
@@ -280,10 +313,10 @@ def list_checkpoints(run_dir: str) -> list[str]:
 
 
 def train(cfg: TrainConfig):
-    """Run (or continue) a training run on Ray Train; returns Ray's `Result`."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    """Run (or continue) a training run on Ray Train; returns Ray's `Result`.
 
+    Errors restart the worker group up to `max_failures` times (Ray's budget); a preempted run
+    checkpoints and is started again here, up to `max_preemptions` times, without using it."""
     load_manifest(cfg.data)  # fail fast, with a clear message, on missing or bad shards
     existing = list_checkpoints(cfg.run_dir)
     if existing and not cfg.resume:
@@ -291,8 +324,31 @@ def train(cfg: TrainConfig):
                           "continue it, or choose another --name")
     if cfg.resume and not existing:
         raise ConfigError(f"--resume: run {cfg.name!r} has no checkpoint in {cfg.run_dir}")
-    use_gpu = _resolve(cfg.use_gpu, torch.cuda.is_available())
-    trainer = TorchTrainer(
+    use_gpu = _resolve(cfg.use_gpu, _cluster_has_gpus())
+    # Ray Train's controller polls workers every 2 s by default, which stalls every report().
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    for _ in range(cfg.max_preemptions + 1):
+        result = _trainer(cfg, use_gpu).fit()
+        # The loop only returns before max_steps when it was preempted (after a checkpoint).
+        if result.error or (result.metrics or {}).get("step", 0) >= cfg.max_steps:
+            return result
+        log.warning("run %s was preempted at step %d; starting it again from that checkpoint",
+                    cfg.name, result.metrics["step"])
+    return result
+
+
+def _cluster_has_gpus() -> bool:
+    """Whether the Ray cluster (not this driver's machine: a head is often CPU-only) has GPUs."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0 if ray.is_initialized() else torch.cuda.is_available()
+
+
+def _trainer(cfg: TrainConfig, use_gpu: bool):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
         train_loop,
         train_loop_config=to_dict(cfg),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
@@ -302,6 +358,3 @@ def train(cfg: TrainConfig):
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
-    # Ray Train's controller polls workers every 2 s by default, which stalls every report().
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    return trainer.fit()

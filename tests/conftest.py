@@ -128,3 +128,34 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip("../shared/data is not beside the checkout")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shakespeare_shards(ray_session, shared_data, tmp_path_factory):
+    """The first 300 KB of tinyshakespeare, speeches as documents, a 1024-token BPE."""
+    from app.corpus import TokenizeConfig, tokenize_corpus
+
+    d = tmp_path_factory.mktemp("shakespeare")
+    (d / "in.txt").write_text((shared_data / "tinyshakespeare.txt").read_text()[:300_000])
+    out = str(d / "shards")
+    tokenize_corpus(TokenizeConfig(inputs=[str(d / "in.txt")], output=out, vocab_size=1024,
+                                   text_unit="paragraph", val_fraction=0.1))
+    return out
+
+
+def _pids_with(marker: str) -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.fixture
+def train_worker_pids():
+    """A function listing the pids of Ray Train worker processes on this machine."""
+    return lambda: _pids_with("RayTrainWorker")

@@ -10,7 +10,6 @@ import torch
 
 from app import checkpoint, storage
 from app.config import ConfigError
-from app.corpus import TokenizeConfig, tokenize_corpus
 from app.data import TokenStream, eval_batches
 from app.export import load_exported
 from app.model import GPT
@@ -18,18 +17,8 @@ from app.shards import load_manifest
 from app.trainer import TrainConfig, list_checkpoints, model_config, train
 
 
-@pytest.fixture(scope="module")
-def shakespeare_shards(ray_session, shared_data, tmp_path_factory):
-    """The first 300 KB of tinyshakespeare, speeches as documents, a 1024-token BPE."""
-    d = tmp_path_factory.mktemp("shakespeare")
-    (d / "in.txt").write_text((shared_data / "tinyshakespeare.txt").read_text()[:300_000])
-    out = str(d / "shards")
-    tokenize_corpus(TokenizeConfig(inputs=[str(d / "in.txt")], output=out, vocab_size=1024,
-                                   text_unit="paragraph", val_fraction=0.1))
-    return out
-
-
-def _cfg(data, tmp_path, **kw):
+def traintrain_cfg(data, tmp_path, **kw) -> TrainConfig:
+    """A small, fast training config on the shakespeare shards."""
     base = dict(data=data, storage=str(tmp_path / "runs"), name="t", preset="tiny", seq_len=64, micro_batch=8,
                 lr=3e-3, warmup_steps=5, eval_tokens=4096, log_every=10, cpus_per_worker=0.5)
     return TrainConfig(**{**base, **kw})
@@ -44,7 +33,7 @@ def _val_loss(model: GPT, data: str, seq_len: int) -> float:
 
 
 def test_loss_drops_on_shakespeare(shakespeare_shards, tmp_path):
-    cfg = _cfg(shakespeare_shards, tmp_path, max_steps=80, eval_every=40, checkpoint_every=40)
+    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=80, eval_every=40, checkpoint_every=40)
     result = train(cfg)
     assert result.error is None
     torch.manual_seed(cfg.seed)
@@ -59,26 +48,14 @@ def test_loss_drops_on_shakespeare(shakespeare_shards, tmp_path):
     assert [os.path.basename(p) for p in list_checkpoints(cfg.run_dir)] == ["checkpoint_00000040", "checkpoint_00000080"]
 
 
-def _train_worker_pids() -> list[int]:
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-        except OSError:
-            continue
-        if "RayTrainWorker" in cmd:
-            pids.append(int(pid))
-    return pids
-
-
-def test_killed_worker_restarts_from_checkpoint(shakespeare_shards, tmp_path):
-    cfg = _cfg(shakespeare_shards, tmp_path, max_steps=40, checkpoint_every=5, eval_every=0, max_failures=2)
+def test_killed_worker_restarts_from_checkpoint(shakespeare_shards, tmp_path, train_worker_pids):
+    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=40, checkpoint_every=5, eval_every=0, max_failures=2)
     killed = []
 
     def kill_after_first_checkpoint():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            if list_checkpoints(cfg.run_dir) and (pids := _train_worker_pids()):
+            if list_checkpoints(cfg.run_dir) and (pids := train_worker_pids()):
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
             time.sleep(0.2)
@@ -96,7 +73,7 @@ def test_killed_worker_restarts_from_checkpoint(shakespeare_shards, tmp_path):
 
 
 def test_existing_run_needs_resume_and_resume_continues(shakespeare_shards, tmp_path):
-    cfg = _cfg(shakespeare_shards, tmp_path, max_steps=10, checkpoint_every=10, eval_every=0, export="none")
+    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=10, checkpoint_every=10, eval_every=0, export="none")
     assert train(cfg).error is None
     with pytest.raises(ConfigError, match="--resume"):
         train(cfg)
@@ -107,4 +84,4 @@ def test_existing_run_needs_resume_and_resume_continues(shakespeare_shards, tmp_
 
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="manifest"):
-        train(_cfg(str(tmp_path / "nothing"), tmp_path, max_steps=1))
+        train(train_cfg(str(tmp_path / "nothing"), tmp_path, max_steps=1))
