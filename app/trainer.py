@@ -51,7 +51,9 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3  # keep the newest K checkpoints
     log_every: int = 10  # steps between log lines
-    num_workers: int = 1  # Ray Train workers (one per GPU on GPU nodes)
+    num_workers: int = 1  # Ray Train workers (one per GPU on GPU nodes); the most, when elastic
+    min_workers: int = 0  # > 0: elastic between min_workers and num_workers, same tokens per step
+    resize_check_s: float = 60.0  # elastic: how often to look for room to grow back
     use_gpu: str = "auto"  # auto (if the Ray cluster has GPUs) | true | false
     cpus_per_worker: float = 1.0  # CPU resources each worker reserves
     max_failures: int = 3  # worker-group restarts on errors before the run fails
@@ -70,6 +72,8 @@ class TrainConfig:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("lr must be > 0 and min_lr_ratio in [0, 1]")
+        if self.min_workers > self.num_workers:
+            raise ConfigError(f"min_workers={self.min_workers} is more than num_workers={self.num_workers}")
         if self.use_gpu not in ("auto", "true", "false") or self.compile not in ("auto", "true", "false"):
             raise ConfigError("use_gpu and compile take auto | true | false")
 
@@ -351,8 +355,10 @@ def _trainer(cfg: TrainConfig, use_gpu: bool):
     return TorchTrainer(
         train_loop,
         train_loop_config=to_dict(cfg),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
+            use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker},
+            elastic_resize_monitor_interval_s=cfg.resize_check_s),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=storage.absolute(cfg.storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
