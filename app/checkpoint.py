@@ -9,11 +9,17 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+from app import storage
+from app.log import get_logger
+
+log = get_logger(__name__)
 
 DONE = "DONE"
 FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
@@ -88,3 +94,20 @@ def load(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
             return TrainState(**json.load(f))
     except (RuntimeError, ValueError, KeyError, EOFError) as e:
         raise CheckpointError(f"checkpoint {directory} cannot be loaded: {e}") from e
+
+
+def upload(local_dir: str, dest: str, retries: int = 5, backoff_s: float = 1.0) -> None:
+    """Copy a complete checkpoint directory to `dest` (local or S3), `DONE` last, retrying
+    transient storage errors with exponential backoff (1, 2, 4, ... s)."""
+    names = sorted(os.listdir(local_dir))
+    for name in [n for n in names if n != DONE] + [DONE]:
+        for attempt in range(retries + 1):
+            try:
+                storage.upload_file(os.path.join(local_dir, name), storage.join(dest, name))
+                break
+            except OSError as e:
+                if attempt == retries:
+                    raise
+                wait = backoff_s * 2**attempt
+                log.warning("upload of %s failed (%s); retrying in %.0f s", name, e, wait)
+                time.sleep(wait)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import tempfile
@@ -64,6 +65,8 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile: auto (on GPU) | true | false
     deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs (CPU)
     resume: bool = False  # continue an existing run (its latest checkpoint)
+    async_checkpoint: bool = True  # upload checkpoints in the background; training goes on meanwhile
+    upload_retries: int = 5  # retries (exponential backoff) of a failed checkpoint upload
     export: str = ""  # exported model directory; "" = <storage>/<name>/export; "none" = skip
 
     def validate(self) -> None:
@@ -221,7 +224,7 @@ def train_loop(config: dict[str, Any]) -> None:
                  plan.accum_steps, plan.micro_batch, world)
 
     flops_per_token = raw.flops_per_token(seq_len)
-    t_last, steps_since = time.perf_counter(), 0
+    t_last, steps_since, last_stall = time.perf_counter(), 0, 0.0
     while state.step < cfg.max_steps:
         # ---- forward/backward with gradient accumulation ----
         batches = loader.micro_batches(state.step)
@@ -254,6 +257,7 @@ def train_loop(config: dict[str, Any]) -> None:
             mfu = _mfu(flops_per_token, tps, world)
             state.loss_curve[str(state.step)] = train_loss
             metrics.update(train_loss=train_loss, tokens_per_s=tps, lr=scheduler.get_last_lr()[0],
+                           checkpoint_stall_s=last_stall,
                            grad_norm=float(grad_norm), epoch=loader.epoch_of(state.step))
             if mfu is not None:
                 metrics["mfu"] = mfu
@@ -261,7 +265,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 log.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s%s | epoch %.2f", state.step, cfg.max_steps,
                          train_loss, metrics["lr"], f"{tps:,.0f}", f" | mfu {mfu:.1%}" if mfu is not None else "",
                          metrics["epoch"])
-            t_last, steps_since = time.perf_counter(), 0
+            t_last, steps_since, last_stall = time.perf_counter(), 0, 0.0
 
         # ---- eval and checkpoint ----
         if val and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
@@ -279,7 +283,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 log.warning("preempted (%s) at step %d: checkpointing and stopping", watcher.reason or "another rank",
                             state.step)
         if preempted or state.step % cfg.checkpoint_every == 0 or last:
-            _report(metrics, state, raw, optimizer, scheduler, rank, cfg.name)
+            last_stall = _report(metrics, state, raw, optimizer, scheduler, rank, cfg)
             t_last = time.perf_counter()
         if preempted:
             watcher.close()
@@ -297,17 +301,47 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def _report(metrics: dict[str, Any], state: checkpoint.TrainState, model, optimizer, scheduler, rank: int,
-            run: str) -> None:
-    """Checkpoint through Ray Train: rank 0 writes the state, every rank calls report (a barrier)."""
+            cfg: TrainConfig) -> float:
+    """Checkpoint through Ray Train: rank 0 writes the state, every rank calls report (a barrier).
+    Returns the seconds the training loop was held up."""
     import ray.train
 
+    t0 = time.perf_counter()
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
-        return
-    with tempfile.TemporaryDirectory(prefix=f"spotlm-ckpt-{run}-") as d:
-        checkpoint.save(d, model, optimizer, scheduler, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+        return time.perf_counter() - t0
+    # Not a context manager: with asynchronous upload Ray deletes the directory once uploaded.
+    d = tempfile.mkdtemp(prefix=f"spotlm-ckpt-{cfg.name}-")
+    checkpoint.save(d, model, optimizer, scheduler, state)
+    mode = ray.train.CheckpointUploadMode.ASYNC if cfg.async_checkpoint else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                     checkpoint_dir_name=f"checkpoint_{state.step:08d}", checkpoint_upload_mode=mode,
+                     checkpoint_upload_fn=functools.partial(_upload, cfg.run_dir, cfg.upload_retries),
+                     delete_local_checkpoint_after_upload=True)
+    return time.perf_counter() - t0
+
+
+def _upload(run_dir: str, retries: int, ckpt, dir_name: str):
+    """Ray Train's checkpoint upload hook: our retrying, DONE-last upload to the run's storage."""
+    import ray.train
+
+    dest = storage.join(run_dir, dir_name)
+    checkpoint.upload(ckpt.path, dest, retries=retries)
+    fs, path = storage.filesystem(dest)
+    return ray.train.Checkpoint(path=path, filesystem=fs)
+
+
+def check_storage(path: str) -> None:
+    """Fail fast, with one clear line, when the run's storage cannot be written and read back."""
+    probe = storage.join(path, ".spotlm-storage-probe")
+    try:
+        storage.write_text(probe, "ok")
+        ok = storage.read_text(probe) == "ok"
+        storage.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"storage {path} is unreachable: {e}") from None
+    if not ok:
+        raise ConfigError(f"storage {path} did not read back what was written")
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
@@ -322,6 +356,7 @@ def train(cfg: TrainConfig):
     Errors restart the worker group up to `max_failures` times (Ray's budget); a preempted run
     checkpoints and is started again here, up to `max_preemptions` times, without using it."""
     load_manifest(cfg.data)  # fail fast, with a clear message, on missing or bad shards
+    check_storage(cfg.run_dir)
     existing = list_checkpoints(cfg.run_dir)
     if existing and not cfg.resume:
         raise ConfigError(f"run {cfg.name!r} already has checkpoints in {cfg.run_dir}: pass --resume to "

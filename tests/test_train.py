@@ -17,7 +17,7 @@ from app.shards import load_manifest
 from app.trainer import TrainConfig, list_checkpoints, model_config, train
 
 
-def traintrain_cfg(data, tmp_path, **kw) -> TrainConfig:
+def train_cfg(data, tmp_path, **kw) -> TrainConfig:
     """A small, fast training config on the shakespeare shards."""
     base = dict(data=data, storage=str(tmp_path / "runs"), name="t", preset="tiny", seq_len=64, micro_batch=8,
                 lr=3e-3, warmup_steps=5, eval_tokens=4096, log_every=10, cpus_per_worker=0.5)
@@ -52,15 +52,16 @@ def test_killed_worker_restarts_from_checkpoint(shakespeare_shards, tmp_path, tr
     cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=40, checkpoint_every=5, eval_every=0, max_failures=2)
     killed = []
 
-    def kill_after_first_checkpoint():
+    def kill_after_two_checkpoints():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
-            if list_checkpoints(cfg.run_dir) and (pids := train_worker_pids()):
+            # Two on storage: the first is surely registered with Ray (uploads are asynchronous).
+            if len(list_checkpoints(cfg.run_dir)) >= 2 and (pids := train_worker_pids()):
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
             time.sleep(0.2)
 
-    t = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    t = threading.Thread(target=kill_after_two_checkpoints, daemon=True)
     t.start()
     result = train(cfg)
     t.join()
