@@ -153,6 +153,13 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast) ->
     return loss_sum / max(n, 1.0)
 
 
+def _write_progress(run_dir: str, state: checkpoint.TrainState, metrics: dict[str, Any], resumed_from: int) -> None:
+    """`<run>/progress.json`: where the run is now (for people, dashboards and benchmarks)."""
+    storage.write_json(storage.join(run_dir, "progress.json"), {
+        "step": state.step, "time": time.time(), "resumes": state.resumes, "resumed_from_step": resumed_from,
+        **{k: metrics[k] for k in ("train_loss", "tokens_per_s", "checkpoint_stall_s") if k in metrics}})
+
+
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is true on any rank (so all ranks stop at the same step)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -224,7 +231,7 @@ def train_loop(config: dict[str, Any]) -> None:
                  plan.accum_steps, plan.micro_batch, world)
 
     flops_per_token = raw.flops_per_token(seq_len)
-    t_last, steps_since, last_stall = time.perf_counter(), 0, 0.0
+    t_last, steps_since, last_stall, resumed_from = time.perf_counter(), 0, 0.0, state.step
     while state.step < cfg.max_steps:
         # ---- forward/backward with gradient accumulation ----
         batches = loader.micro_batches(state.step)
@@ -262,10 +269,11 @@ def train_loop(config: dict[str, Any]) -> None:
             if mfu is not None:
                 metrics["mfu"] = mfu
             if rank == 0:
+                _write_progress(cfg.run_dir, state, metrics, resumed_from)
                 log.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s%s | epoch %.2f", state.step, cfg.max_steps,
                          train_loss, metrics["lr"], f"{tps:,.0f}", f" | mfu {mfu:.1%}" if mfu is not None else "",
                          metrics["epoch"])
-            t_last, steps_since, last_stall = time.perf_counter(), 0, 0.0
+            t_last, steps_since, last_stall, resumed_from = time.perf_counter(), 0, 0.0, state.step
 
         # ---- eval and checkpoint ----
         if val and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):

@@ -1,0 +1,73 @@
+"""Preemption notices: the AWS spot interruption notice (against a fake metadata server on
+loopback), SIGTERM, and Ray's drain notice all raise the same flag."""
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from app.preemption import PreemptionWatcher, aws_spot_notice
+
+
+@pytest.fixture
+def metadata_server():
+    """A stand-in for EC2's instance metadata service: IMDSv2 token, then 404 until `notice` is set."""
+    state = {"notice": False, "tokens": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_PUT(self):
+            state["tokens"] += 1
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"tok")
+
+        def do_GET(self):
+            ok = self.path == "/latest/meta-data/spot/instance-action" and state["notice"] \
+                and self.headers.get("X-aws-ec2-metadata-token") == "tok"
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+            if ok:
+                self.wfile.write(b'{"action": "terminate", "time": "2026-11-22T10:00:00Z"}')
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", state
+    server.shutdown()
+
+
+def test_aws_notice_is_seen_only_once_scheduled(metadata_server):
+    url, state = metadata_server
+    assert not aws_spot_notice(url)
+    state["notice"] = True
+    assert aws_spot_notice(url) and state["tokens"] == 2
+
+
+def test_watcher_polls_aws_and_flags(metadata_server):
+    url, state = metadata_server
+    w = PreemptionWatcher(poll_s=0.05, aws_endpoint=url)
+    time.sleep(0.3)
+    assert not w.should_stop()
+    state["notice"] = True
+    deadline = time.time() + 5
+    while not w.should_stop() and time.time() < deadline:
+        time.sleep(0.05)
+    assert w.should_stop() and "aws" in w.reason
+    w.close()
+
+
+def test_unreachable_metadata_is_no_notice():
+    assert not aws_spot_notice("http://127.0.0.1:9", timeout=0.2)
+
+
+def test_drain_check_and_notify():
+    drained = {"v": False}
+    w = PreemptionWatcher(aws_auto=False, extra_check=lambda: drained["v"])
+    assert not w.should_stop()
+    drained["v"] = True
+    assert w.should_stop() and w.reason == "ray node drain"
+    w2 = PreemptionWatcher(aws_auto=False)
+    w2.notify("signal SIGTERM")
+    assert w2.should_stop() and w2.reason == "signal SIGTERM"
