@@ -333,10 +333,10 @@ def _upload(run_dir: str, retries: int, ckpt, dir_name: str):
     """Ray Train's checkpoint upload hook: our retrying, DONE-last upload to the run's storage."""
     import ray.train
 
-    dest = storage.join(run_dir, dir_name)
-    checkpoint.upload(ckpt.path, dest, retries=retries)
-    fs, path = storage.filesystem(dest)
-    return ray.train.Checkpoint(path=path, filesystem=fs)
+    checkpoint.upload(ckpt.path, storage.join(run_dir, dir_name), retries=retries)
+    # The same place, named through Ray's own filesystem object (Ray checks it is under its storage).
+    st = ray.train.get_context().get_storage()
+    return ray.train.Checkpoint(path=f"{st.experiment_fs_path}/{dir_name}", filesystem=st.storage_filesystem)
 
 
 def check_storage(path: str) -> None:

@@ -86,3 +86,28 @@ def test_existing_run_needs_resume_and_resume_continues(shakespeare_shards, tmp_
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="manifest"):
         train(train_cfg(str(tmp_path / "nothing"), tmp_path, max_steps=1))
+
+
+def test_checkpoints_and_export_on_s3(s3_server, shakespeare_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPOTLM_CACHE", str(tmp_path / "cache"))
+    cfg = train_cfg(shakespeare_shards, tmp_path, storage=f"{s3_server}/runs-{os.getpid()}", name="s3run",
+                    max_steps=10, checkpoint_every=5, eval_every=0)
+    assert train(cfg).error is None
+    assert [p.rsplit("/", 1)[1] for p in list_checkpoints(cfg.run_dir)] == ["checkpoint_00000005", "checkpoint_00000010"]
+    assert cfg.export_dir.startswith("s3://") and load_exported(cfg.export_dir).config.n_layer == 2
+    cfg.resume, cfg.max_steps = True, 15
+    result = train(cfg)
+    assert result.error is None and result.metrics["step"] == 15 and result.metrics["resumes"] == 1
+
+
+def test_unreachable_storage_fails_fast(shakespeare_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    storage._s3_fs.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="unreachable"):
+            train(train_cfg(shakespeare_shards, tmp_path, storage="s3://nowhere/runs", max_steps=1))
+    finally:
+        storage._s3_fs.cache_clear()
