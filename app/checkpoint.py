@@ -58,16 +58,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState) -> None:
-    """Write a complete checkpoint into a local directory; `DONE` is written last."""
+def _to_cpu(obj: Any) -> Any:
+    """A deep copy with every tensor copied to CPU memory (training may change the originals)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState) -> dict[str, Any]:
+    """All resumable state, copied to CPU now: cheap next to writing it, so training can go on
+    while `write` puts it on disk."""
+    return {"model.pt": _to_cpu(model.state_dict()), "optimizer.pt": _to_cpu(optimizer.state_dict()),
+            "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state(),
+            "state.json": json.loads(json.dumps(state.__dict__))}
+
+
+def write(directory: str, snap: dict[str, Any]) -> None:
+    """Write a snapshot as a complete checkpoint directory; `DONE` is written last."""
     os.makedirs(directory, exist_ok=True)
-    torch.save(model.state_dict(), os.path.join(directory, "model.pt"))
-    torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
-    torch.save(scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
-    torch.save(rng_state(), os.path.join(directory, "rng.pt"))
-    with open(os.path.join(directory, "state.json"), "w") as f:
-        json.dump(state.__dict__, f, indent=2, sort_keys=True)
+    for name, obj in snap.items():
+        if name.endswith(".json"):
+            with open(os.path.join(directory, name), "w") as f:
+                json.dump(obj, f, indent=2, sort_keys=True)
+        else:
+            torch.save(obj, os.path.join(directory, name))
     with open(os.path.join(directory, DONE), "w") as f:
         f.write("ok\n")
 

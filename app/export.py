@@ -1,4 +1,14 @@
-"""Export a trained GPT as a Hugging Face Llama directory (safetensors + config + tokenizer), and load one."""
+"""Export a GPT as a Hugging Face Llama directory (safetensors + config + tokenizer), and load one back.
+
+An export directory (local or s3://) holds `model.safetensors` (the GPT's state dict as it is, so in
+the Hugging Face `LlamaForCausalLM` names; a tied lm_head stored once), `tokenizer.json`,
+`generation_config.json`, and `config.json`: a `LlamaConfig` with spotlm's own `ModelConfig` and run
+metadata under the "spotlm" key. `config.json` is written last, so a directory without it is an
+unfinished export. `vocab_size` there is the padded size (the embedding rows); the tokenizer's true
+size is `spotlm.model.vocab_size`. A model with a retrieval-match table (`lmatch_vocab > 0`) exports
+too, its table as `model.lmatch_embed.weight`; transformers then ignores that tensor, so its Llama
+forward differs from ours: load such exports with `load_exported`, not transformers.
+"""
 from __future__ import annotations
 
 import json
@@ -8,50 +18,84 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from app import storage
 from app.config import from_dict, to_dict
+from app.log import get_logger
 from app.model import GPT, ModelConfig
 from app.tokenizer import eot_id, load_tokenizer
 
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+log = get_logger(__name__)
+
+WEIGHTS, CONFIG, TOKENIZER, GENERATION = "model.safetensors", "config.json", "tokenizer.json", "generation_config.json"
+FORMAT_VERSION = 1  # of the "spotlm" section of config.json
 
 
 def hf_config(cfg: ModelConfig, eot: int, dtype: torch.dtype, meta: dict[str, Any]) -> dict[str, Any]:
-    """A Hugging Face `LlamaConfig` dict for this model, with spotlm's own config under "spotlm"."""
+    """A Hugging Face `LlamaConfig` dict for this model, with spotlm's own config under "spotlm".
+
+    rope_theta and the dtype are written in both the transformers 4.x and 5.x spellings."""
+    dtype_name = str(dtype).removeprefix("torch.")
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden, "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
         "vocab_size": cfg.padded_vocab_size, "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": str(dtype).removeprefix("torch."),
-        "spotlm": {"model": to_dict(cfg), "meta": meta},
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": dtype_name, "dtype": dtype_name,
+        "use_cache": True,
+        "spotlm": {"format_version": FORMAT_VERSION, "model": to_dict(cfg), "meta": meta},
     }
 
 
 def export_model(model: GPT, out_dir: str, tokenizer_file: str, meta: dict[str, Any] | None = None) -> None:
-    """Write `out_dir` (local or s3://): weights, tokenizer, generation config, then config.json last,
-    so a half-written export is never taken for a whole one."""
+    """Write `out_dir` (local or s3://): weights in their own dtype, the tokenizer file (copied),
+    the generation config, then config.json last. An older export there stops counting as one
+    (its config.json is removed) before the first new file is written."""
+    meta = dict(meta or {})
+    _check_json(meta)
     tok = load_tokenizer(tokenizer_file)
+    if tok.get_vocab_size() > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} ids but the model only "
+                         f"{model.cfg.vocab_size} (ModelConfig.vocab_size)")
     eot = eot_id(tok)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight")  # stored once, as Hugging Face expects for tied embeddings
-    dtype = next(iter(state.values())).dtype
+    state = _export_state(model)
+    dtype = state["model.embed_tokens.weight"].dtype
+    storage.remove(storage.join(out_dir, CONFIG))
     with tempfile.TemporaryDirectory() as d:
         save_file(state, os.path.join(d, WEIGHTS), metadata={"format": "pt"})
         storage.upload_file(os.path.join(d, WEIGHTS), storage.join(out_dir, WEIGHTS))
-    storage.write_text(storage.join(out_dir, TOKENIZER), tok.to_str())
-    storage.write_json(storage.join(out_dir, "generation_config.json"), {"bos_token_id": eot, "eos_token_id": eot})
-    storage.write_json(storage.join(out_dir, CONFIG), hf_config(model.cfg, eot, dtype, meta or {}))
+    storage.write_bytes(storage.join(out_dir, TOKENIZER), storage.read_bytes(tokenizer_file))
+    storage.write_json(storage.join(out_dir, GENERATION), {"bos_token_id": eot, "eos_token_id": eot})
+    storage.write_json(storage.join(out_dir, CONFIG), hf_config(model.cfg, eot, dtype, meta))
+    log.info("exported %.1fM parameters (%s) to %s", model.num_params() / 1e6, dtype, out_dir)
+
+
+def _check_json(meta: dict[str, Any]) -> None:
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"export meta must be JSON-serialisable: {e}") from None
+
+
+def _export_state(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict as contiguous CPU tensors, a tied lm_head left out (Hugging Face re-ties it)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight")
+    return state
 
 
 @dataclass
 class Exported:
+    """A loaded export: the model (eval mode), its config, tokenizer, end-of-text id and run metadata."""
+
     model: GPT
     config: ModelConfig
     tokenizer: Tokenizer
@@ -60,24 +104,46 @@ class Exported:
 
 
 def load_exported(path: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Exported:
-    """Load an export written by `export_model` (local or s3://), in eval mode on `device`."""
-    if not storage.exists(storage.join(path, CONFIG)):
+    """Load an export written by `export_model` (local or s3://) onto `device`, cast to `dtype`
+    (None = as stored), in eval mode. FileNotFoundError for an unfinished or missing export,
+    ValueError for a config.json that is not a spotlm export or weights that do not fit it."""
+    config_path = storage.join(path, CONFIG)
+    if not storage.exists(config_path):
         raise FileNotFoundError(f"{path}: no {CONFIG}: not a model export (or the export did not finish)")
+    cfg, meta = _read_config(config_path)
     local = storage.local_dir(path)
-    with open(os.path.join(local, CONFIG)) as f:
-        hf = json.load(f)
-    if "spotlm" not in hf:
-        raise ValueError(f"{path}: {CONFIG} is not a spotlm export")
-    cfg = from_dict(ModelConfig, hf["spotlm"]["model"])
+    model = _load_weights(cfg, os.path.join(local, WEIGHTS), device)
+    model.to(device=device, dtype=dtype).eval()
+    tok = load_tokenizer(os.path.join(local, TOKENIZER))
+    return Exported(model, cfg, tok, eot_id(tok), meta)
+
+
+def _read_config(config_path: str) -> tuple[ModelConfig, dict[str, Any]]:
+    try:
+        spot = storage.read_json(config_path)["spotlm"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{config_path} is not a spotlm export config (no 'spotlm' section)") from None
+    version = spot.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{config_path}: spotlm export format version {version}; this code reads {FORMAT_VERSION}")
+    return from_dict(ModelConfig, spot["model"]), spot.get("meta", {})
+
+
+def _load_weights(cfg: ModelConfig, weights_path: str, device: str) -> GPT:
+    """Build on the meta device and take the stored tensors as the parameters (no second copy)."""
+    try:
+        state = load_file(weights_path, device=str(device))
+    except (FileNotFoundError, SafetensorError) as e:
+        raise ValueError(f"{weights_path}: cannot read the weights: {e}") from None
     with torch.device("meta"):
         model = GPT(cfg)
-    model.to_empty(device="cpu")
-    state = load_file(os.path.join(local, WEIGHTS))
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state)
-    if cfg.tie_embeddings:  # to_empty() untied the shared parameter
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.to(device=device, dtype=dtype).eval()
-    tok = Tokenizer.from_file(os.path.join(local, TOKENIZER))
-    return Exported(model, cfg, tok, eot_id(tok), hf["spotlm"].get("meta", {}))
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        model.load_state_dict(state, strict=False, assign=True)  # only a tied lm_head.weight is absent
+    except RuntimeError as e:  # a shape that does not fit the config
+        raise ValueError(f"{weights_path} does not fit its config: {e}") from None
+    model.tie_weights()
+    return model

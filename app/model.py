@@ -1,48 +1,67 @@
 """A GPT in the Llama layout (RMSNorm, rotary embeddings, SwiGLU, no biases), single-device PyTorch.
 
-Module names match Hugging Face `LlamaForCausalLM`, so an export is a straight state-dict copy.
+Module names match Hugging Face `LlamaForCausalLM`, so an export is a straight state-dict copy:
+`model.embed_tokens`, `model.layers.{i}.self_attn.{q,k,v,o}_proj`, `model.layers.{i}.mlp.{gate,up,down}_proj`,
+`model.layers.{i}.{input,post_attention}_layernorm`, `model.norm`, `lm_head` (plus `model.lmatch_embed`
+when the retrieval-match feature is on). Shapes in comments: B batch, T tokens, H heads, D head_dim.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from app.config import ConfigError
+
+VOCAB_MULTIPLE = 128  # embedding / lm_head rows are padded to this multiple: faster matmuls
+FFN_MULTIPLE = 256  # the Llama rule rounds the SwiGLU width up to this multiple
+
 
 @dataclass
 class ModelConfig:
-    """Model shape. `vocab_size` is the tokenizer's; embeddings are padded to a multiple of 128."""
+    """Model shape. `validate()` (run on construction) resolves the 0 = "derive it" fields."""
 
-    vocab_size: int = 8192  # tokenizer vocabulary
-    n_layer: int = 2
-    n_head: int = 4
+    vocab_size: int = 8192  # the tokenizer's true vocabulary; tables use padded_vocab_size rows
+    n_layer: int = 2  # transformer blocks
+    n_head: int = 4  # query heads
     n_kv_head: int = 0  # key/value heads (grouped-query attention); 0 = n_head
-    d_model: int = 64
+    d_model: int = 64  # residual stream width
     ffn_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3 * d_model rounded up to a multiple of 256
-    max_seq_len: int = 128
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False  # share the input embedding with the output projection
-    init_std: float = 0.02
-    lmatch_vocab: int = 0  # rows of the retrieval-match embedding (vocab_size + 1); 0 = off
+    max_seq_len: int = 128  # longest context in tokens (rotary positions, KV cache)
+    rope_theta: float = 10000.0  # rotary base wavelength
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # lm_head shares the input embedding matrix
+    init_std: float = 0.02  # std of the normal init (output projections get /sqrt(2 n_layer))
+    lmatch_vocab: int = 0  # rows of the retrieval-match embedding (>= vocab_size + 1; id vocab_size = no match); 0 = off
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        if self.n_kv_head == 0:
-            self.n_kv_head = self.n_head
-        if self.ffn_hidden == 0:
-            self.ffn_hidden = 256 * math.ceil(8 * self.d_model / 3 / 256)
-        if min(self.vocab_size, self.n_layer, self.n_head, self.d_model, self.max_seq_len) < 1:
-            raise ValueError("vocab_size, n_layer, n_head, d_model and max_seq_len must be >= 1")
+        """Resolve derived widths and check the shape; ConfigError (a ValueError) names the bad field."""
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)} must be >= 1")
+        for name in ("n_kv_head", "ffn_hidden", "lmatch_vocab"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)} must be >= 0 (0 = default)")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)} must be > 0")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.ffn_hidden = self.ffn_hidden or FFN_MULTIPLE * math.ceil(8 * self.d_model / 3 / FFN_MULTIPLE)
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
-            raise ValueError(f"d_model={self.d_model} must split into n_head={self.n_head} heads of even size")
+            raise ConfigError(f"ModelConfig: d_model={self.d_model} must split into n_head={self.n_head} "
+                              "heads of even size (rotary embeddings rotate pairs)")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+            raise ConfigError(f"ModelConfig: n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.lmatch_vocab and self.lmatch_vocab <= self.vocab_size:
+            raise ConfigError(f"ModelConfig: lmatch_vocab={self.lmatch_vocab} must be >= vocab_size + 1 = "
+                              f"{self.vocab_size + 1} (id vocab_size means 'no match'), or 0 for off")
 
     @property
     def head_dim(self) -> int:
@@ -50,123 +69,150 @@ class ModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        return 128 * math.ceil(self.vocab_size / 128)
+        return VOCAB_MULTIPLE * math.ceil(self.vocab_size / VOCAB_MULTIPLE)
 
     @staticmethod
-    def preset(name: str, **overrides) -> "ModelConfig":
+    def preset(name: str, **overrides: Any) -> ModelConfig:
+        """A named shape with field overrides; derived widths follow overridden shapes."""
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
+            raise ConfigError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        unknown = set(overrides) - {f.name for f in fields(ModelConfig)}
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig field(s) {sorted(unknown)} in overrides of preset {name!r}")
+        return ModelConfig(**{**PRESETS[name], **overrides})
 
 
-PRESETS = {
-    "tiny": ModelConfig(vocab_size=8192, n_layer=2, n_head=4, d_model=64, max_seq_len=128),
-    "small": ModelConfig(vocab_size=8192, n_layer=6, n_head=6, d_model=384, max_seq_len=256),
-    "gpt2-124m": ModelConfig(vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024,
-                             tie_embeddings=True),
-    "gpt2-350m": ModelConfig(vocab_size=50257, n_layer=24, n_head=16, d_model=1024, max_seq_len=1024,
-                             tie_embeddings=True),
-    "gpt2-1.5b": ModelConfig(vocab_size=50257, n_layer=48, n_head=25, d_model=1600, max_seq_len=1024,
-                             tie_embeddings=True),
-    "llama3-8b": ModelConfig(vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, d_model=4096,
-                             ffn_hidden=14336, max_seq_len=8192, rope_theta=500000.0),
+# Presets hold only what they set, so an override of d_model / n_head re-derives ffn_hidden / n_kv_head.
+# GPT-2 sizes tie embeddings as GPT-2 did; their counts include the (tied) 50304 x d_model table.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=4, d_model=64, max_seq_len=128),  # CPU tests
+    "gpt2-124m": dict(vocab_size=50257, n_layer=12, n_head=12, d_model=768, max_seq_len=1024, tie_embeddings=True),
+    "gpt2-350m": dict(vocab_size=50257, n_layer=24, n_head=16, d_model=1024, max_seq_len=1024, tie_embeddings=True),
+    "gpt2-1.5b": dict(vocab_size=50257, n_layer=48, n_head=25, d_model=1600, max_seq_len=1024, tie_embeddings=True),
+    "llama3-8b": dict(vocab_size=128256, n_layer=32, n_head=32, n_kv_head=8, d_model=4096, ffn_hidden=14336,
+                      max_seq_len=8192, rope_theta=500000.0),
 }
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, cast back, then scaled (Hugging Face Llama semantics)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, cast back, then scale (Hugging Face Llama semantics).
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def rotary_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [T, head_dim] for the given positions (rotate-half layout)."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=positions.device).float() / cfg.head_dim))
-    freqs = torch.outer(positions.float(), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+def rotary_tables(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, D] for absolute `positions` [T] in the rotate-half layout (angles computed in fp32).
+
+    Computed per forward rather than kept as a buffer: a buffer would be garbage after `to_empty()`
+    and is not in checkpoints; this costs one [T, D/2] outer product per forward, not per layer."""
+    exponents = torch.arange(0, cfg.head_dim, 2, device=positions.device, dtype=torch.float32) / cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+    angles = torch.outer(positions.float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, hd]; rotates pairs (i, i + hd/2) like Hugging Face's `rotate_half`."""
+    """Rotate x [B, H, T, D] by position: pairs (i, i + D/2), like Hugging Face's `rotate_half`."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: [B, n_kv_head, max_len, head_dim] each."""
+    """Preallocated keys and values of every layer, [B, n_kv_head, max_len, head_dim] each, and how many
+    positions are filled. The model appends to it; dropping the object frees the memory."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        if batch < 1 or not 1 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"KVCache needs batch >= 1 and 1 <= max_len <= max_seq_len={cfg.max_seq_len}; "
+                             f"got batch={batch}, max_len={max_len}")
         shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.length = 0
-        self.max_len = max_len
+        self.batch, self.max_len, self.length = batch, max_len, 0
 
     def reset(self) -> None:
+        """Forget the cached positions (the memory is reused)."""
         self.length = 0
+
+    def check_room(self, batch: int, new: int) -> None:
+        """Raise a ValueError unless `new` more positions of a `batch`-row input fit."""
+        if batch != self.batch:
+            raise ValueError(f"input batch {batch} does not match the KV cache batch {self.batch}")
+        if self.length + new > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} cached + {new} new positions > max_len={self.max_len}")
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv_head, T, D] after the cached positions; return all keys/values so far."""
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
+    """Causal multi-head attention with grouped-query K/V heads and rotary positions."""
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | None):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        causal = True
+        start = cache.length if cache is not None else 0
         if cache is not None:
-            start = cache.length
-            cache.k[layer][:, :, start:start + T] = k
-            cache.v[layer][:, :, start:start + T] = v
-            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
-            causal = T > 1
-            if causal and start:  # a chunk after cached tokens: mask by absolute position
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=cfg.n_kv_head != cfg.n_head)
-                return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=cfg.n_kv_head != cfg.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            k, v = cache.update(self.layer, k, v)  # [B, Hkv, start + T, D]
+        gqa = cfg.n_kv_head != cfg.n_head
+        if start and T > 1:  # a chunk after cached positions: query i sees keys up to start + i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:  # training / prefill (square causal), or one new token seeing everything cached
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
 class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -178,62 +224,101 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         if cfg.lmatch_vocab:
             self.lmatch_embed = nn.Embedding(cfg.lmatch_vocab, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
 
 class GPT(nn.Module):
+    """Decoder-only language model. Build (on any device, meta included), then `init_weights()` or load."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make lm_head share the input embedding when `tie_embeddings` (again after `to_empty()`, which
+        gives each module its own new parameter, or after `load_state_dict(assign=True)`)."""
+        if self.cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> GPT:
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every parameter (call after construction, or after `to_empty()` from meta)."""
+        """Initialise every parameter: normal(0, init_std); o_proj / down_proj scaled by 1/sqrt(2 n_layer)
+        (each block adds two residual branches); norms to 1. Call after construction or `to_empty()`."""
+        self.tie_weights()
         std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        for name, p in self.named_parameters():  # a tied weight is listed (and drawn) once
+            if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                lmatch: torch.Tensor | None = None, kv_cache: KVCache | None = None):
-        """idx [B, T] -> (logits [B, T, padded_vocab], mean cross-entropy vs targets or None)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, lmatch: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx [B, T] token ids -> (logits [B, T, padded_vocab] for every position, mean cross-entropy
+        against `targets` [B, T] (-1 = ignored) or None). `lmatch` [B, T]: retrieval-match ids, required
+        exactly when the model has an lmatch table. With `kv_cache`, positions continue after the cached
+        ones, attention covers them, and the new keys/values are appended."""
+        self._check_inputs(idx, targets, lmatch, kv_cache)
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        x = self.model.embed_tokens(idx)
+        x = self.model.embed_tokens(idx)  # [B, T, d_model]
         if lmatch is not None:
-            if not self.cfg.lmatch_vocab:
-                raise ValueError("lmatch input given but the model has no lmatch embedding (lmatch_vocab=0)")
             x = x + self.model.lmatch_embed(lmatch)
-        cos, sin = rotary_tables(self.cfg, torch.arange(start, start + T, device=idx.device))
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, kv_cache)
+        cos, sin = rotary_tables(self.cfg, torch.arange(start, start + T, device=idx.device), x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.model.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        logits = self.lm_head(self.model.norm(x))  # [B, T, padded_vocab]
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
+    def _check_inputs(self, idx: torch.Tensor, targets: torch.Tensor | None, lmatch: torch.Tensor | None,
+                      kv_cache: KVCache | None) -> None:
+        """Shape and consistency checks with one-line messages (no device sync: values are not read)."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be [batch, tokens]; got shape {tuple(idx.shape)}")
+        for name, t in (("targets", targets), ("lmatch", lmatch)):
+            if t is not None and t.shape != idx.shape:
+                raise ValueError(f"{name} shape {tuple(t.shape)} differs from idx shape {tuple(idx.shape)}")
+        if lmatch is not None and not self.cfg.lmatch_vocab:
+            raise ValueError("lmatch ids given but the model has no lmatch embedding (lmatch_vocab=0)")
+        if lmatch is None and self.cfg.lmatch_vocab:
+            raise ValueError(f"this model reads retrieval-match ids: pass lmatch= ({self.cfg.vocab_size} = no match)")
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + idx.size(1) > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + idx.size(1)} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        if kv_cache is not None:
+            kv_cache.check_room(idx.size(0), idx.size(1))
+
     def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameter count (a tied matrix once); `exclude_embedding` leaves out the input lookup tables
+        (embed_tokens, lmatch_embed), so a tied lm_head is left out with them."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embedding:
             n -= self.model.embed_tokens.weight.numel()
+            if self.cfg.lmatch_vocab:
+                n -= self.model.lmatch_embed.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 x non-embedding params + attention (12 L d T)."""
+        """Training FLOPs per token (forward + backward) for MFU: 6 x the parameters used in matmuls
+        (everything but the lookup tables, lm_head included even when tied) + attention 12 L d T."""
         c = self.cfg
-        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.d_model * seq_len
+        matmul_params = self.num_params(exclude_embedding=True)
+        if c.tie_embeddings:
+            matmul_params += self.lm_head.weight.numel()
+        return 6.0 * matmul_params + 12.0 * c.n_layer * c.d_model * seq_len

@@ -318,21 +318,25 @@ def _report(metrics: dict[str, Any], state: checkpoint.TrainState, model, optimi
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return time.perf_counter() - t0
-    # Not a context manager: with asynchronous upload Ray deletes the directory once uploaded.
+    # Training stalls only for the copy to CPU memory: writing the files and uploading them happen
+    # in Ray's upload hook, in the background when async_checkpoint is on. The directory is not a
+    # context manager: Ray deletes it once uploaded.
+    snap = checkpoint.snapshot(model, optimizer, scheduler, state)
     d = tempfile.mkdtemp(prefix=f"spotlm-ckpt-{cfg.name}-")
-    checkpoint.save(d, model, optimizer, scheduler, state)
     mode = ray.train.CheckpointUploadMode.ASYNC if cfg.async_checkpoint else ray.train.CheckpointUploadMode.SYNC
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                      checkpoint_dir_name=f"checkpoint_{state.step:08d}", checkpoint_upload_mode=mode,
-                     checkpoint_upload_fn=functools.partial(_upload, cfg.run_dir, cfg.upload_retries),
+                     checkpoint_upload_fn=functools.partial(_write_and_upload, snap, cfg.run_dir,
+                                                            cfg.upload_retries),
                      delete_local_checkpoint_after_upload=True)
     return time.perf_counter() - t0
 
 
-def _upload(run_dir: str, retries: int, ckpt, dir_name: str):
-    """Ray Train's checkpoint upload hook: our retrying, DONE-last upload to the run's storage."""
+def _write_and_upload(snap: dict[str, Any], run_dir: str, retries: int, ckpt, dir_name: str):
+    """Ray Train's checkpoint upload hook: write the snapshot, then our retrying, DONE-last upload."""
     import ray.train
 
+    checkpoint.write(ckpt.path, snap)
     checkpoint.upload(ckpt.path, storage.join(run_dir, dir_name), retries=retries)
     # The same place, named through Ray's own filesystem object (Ray checks it is under its storage).
     st = ray.train.get_context().get_storage()

@@ -64,7 +64,8 @@ def s3_server(tmp_path_factory):
            f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
            f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}", f"-s3.port.grpc={ports['s3g']}",
            f"-master.port.grpc={ports['masterg']}", f"-volume.port.grpc={ports['volumeg']}",
-           f"-filer.port.grpc={ports['filerg']}", "-s3.port.iceberg=0",  # no fixed ports: runs can overlap
+           f"-filer.port.grpc={ports['filerg']}",
+           "-s3.port.iceberg=0", "-s3.port.lance=0",  # no fixed ports: test runs can overlap
            f"-s3.config={s3_config}", "-volume.max=0", "-master.volumeSizeLimitMB=64"]
     log = open(d / "weed.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -143,16 +144,21 @@ def shakespeare_shards(ray_session, shared_data, tmp_path_factory):
     return out
 
 
+def _cmdline(pid) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _pids_with(marker: str) -> list[int]:
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            pids.append(int(pid))
-    return pids
+    return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc")) if marker in _cmdline(pid)]
+
+
+@pytest.fixture(scope="session")
+def pids_with():
+    """A function listing the pids of this machine's processes whose command line has every marker."""
+    return lambda *markers: [p for p in _pids_with(markers[0]) if all(m in _cmdline(p) for m in markers)]
 
 
 @pytest.fixture

@@ -27,20 +27,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pids(*markers: str) -> list[int]:
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-        except OSError:
-            continue
-        if all(m in cmd for m in markers):
-            pids.append(int(pid))
-    return pids
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, pids_with):
     """A head (2 CPUs) and a worker node (2 CPUs, resource `spare_node`), both on 127.0.0.1,
     in their own temp dir so that tearing down touches nothing else."""
     temp = tmp_path_factory.mktemp("raycluster")
@@ -59,7 +47,7 @@ def cluster(tmp_path_factory):
     c["add_node"]()
     yield c
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _pids(str(temp)):
+        for pid in pids_with(str(temp)):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -106,22 +94,29 @@ def test_failed_job_exits_nonzero(cluster, tmp_path):
     assert r.returncode != 0 and "no manifest" in r.stdout + r.stderr
 
 
-def test_train_job_survives_repeated_sigkill_bitwise(cluster, shards, tmp_path):
+def test_train_job_survives_repeated_sigkill_bitwise(cluster, shards, tmp_path, pids_with):
     steps = "--max_steps=50"
     r = submit(cluster, *train_args(shards, tmp_path, "ref", steps, "--checkpoint_every=50"))
     assert r.returncode == 0, r.stdout[-3000:]
-    killed, rng = [], random.Random(1)
+    killed = []
+    # Three random steps, each after the run's second checkpoint (so a registered one exists).
+    targets = sorted(random.Random(1).sample(range(12, 46), 3))
+    progress = tmp_path / "killed" / "progress.json"
 
     def killer():
-        deadline = time.time() + 400
+        deadline, last_kill = time.time() + 400, 0.0
         while len(killed) < 3 and time.time() < deadline:
-            if pids := _pids("RayTrainWorker", ""):
-                time.sleep(rng.uniform(2.0, 5.0))  # a random step, some way into the run
-                for pid in _pids("RayTrainWorker"):
+            try:
+                p = json.loads(progress.read_text())
+            except (OSError, ValueError):
+                p = {}
+            # Only progress written after the last kill counts (a restart rewinds the step).
+            if p.get("time", 0) > last_kill and p["step"] >= targets[len(killed)] and (pids := pids_with("RayTrainWorker")):
+                for pid in pids:
                     os.kill(pid, signal.SIGKILL)
-                killed.append(pids[0])
-                time.sleep(3)
-            time.sleep(0.1)
+                killed.append(p["step"])
+                last_kill = time.time()
+            time.sleep(0.02)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
@@ -135,7 +130,7 @@ def test_train_job_survives_repeated_sigkill_bitwise(cluster, shards, tmp_path):
     assert s_killed["loss_curve"] == s_ref["loss_curve"]
 
 
-def test_elastic_run_loses_a_node_and_matches_one_worker(cluster, shards, tmp_path):
+def test_elastic_run_loses_a_node_and_matches_one_worker(cluster, shards, tmp_path, pids_with):
     steps = "--max_steps=40"
     r = submit(cluster, *train_args(shards, tmp_path, "one", steps, "--checkpoint_every=40"))
     assert r.returncode == 0, r.stdout[-3000:]
@@ -145,7 +140,7 @@ def test_elastic_run_loses_a_node_and_matches_one_worker(cluster, shards, tmp_pa
         deadline = time.time() + 300
         while not lost and time.time() < deadline:
             if list((tmp_path / "elastic").glob("checkpoint_*/DONE")):
-                for pid in _pids("spare_node", "raylet"):  # the worker node's raylet: the node is gone
+                for pid in pids_with("spare_node", "raylet"):  # the worker node's raylet: the node is gone
                     os.kill(pid, signal.SIGKILL)
                     lost.append(pid)
             time.sleep(0.1)

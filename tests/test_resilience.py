@@ -1,6 +1,7 @@
 """Surviving preemption: bitwise-exact resume after kills, SIGTERM checkpoints without using the
 failure budget, a kill in the middle of a checkpoint write falls back to the previous one."""
 import glob
+import json
 import os
 import random
 import signal
@@ -23,7 +24,7 @@ def cfg_for(data, tmp_path, name, **kw) -> TrainConfig:
 
 def final_state(cfg: TrainConfig):
     last = list_checkpoints(cfg.run_dir)[-1]
-    return torch.load(os.path.join(last, "model.pt")), checkpoint.TrainState(**__import__("json").load(
+    return torch.load(os.path.join(last, "model.pt")), checkpoint.TrainState(**json.load(
         open(os.path.join(last, "state.json"))))
 
 
@@ -78,13 +79,16 @@ def test_sigterm_checkpoints_at_next_step_without_using_failure_budget(shakespea
     sent: list[int] = []
 
     def term_once():
-        deadline = time.time() + 120
+        deadline, progress = time.time() + 120, os.path.join(cfg.run_dir, "progress.json")
         while not sent and time.time() < deadline:
-            if pids := train_worker_pids():
-                time.sleep(4)  # let it get going (start-up, first steps)
+            try:
+                step = json.load(open(progress))["step"]
+            except (OSError, ValueError):
+                step = 0
+            if step >= 50 and (pids := train_worker_pids()):  # training (and its SIGTERM handler) is up
                 os.kill(pids[0], signal.SIGTERM)
                 sent.append(pids[0])
-            time.sleep(0.1)
+            time.sleep(0.02)
 
     threading.Thread(target=term_once, daemon=True).start()
     result = train(cfg)  # max_failures=0: any counted failure would fail the run
