@@ -1,0 +1,22 @@
+"""Triton kernels for the model's hot spots (fused linear + cross-entropy, RMSNorm, rotary), each with a PyTorch reference.
+
+Every public function runs its Triton kernels when its tensors are on CUDA (or on CPU under Triton's
+interpreter: TRITON_INTERPRET=1 or SPOTLM_TRITON_INTERPRET_TEST=1 set before import) and its reference otherwise.
+"""
+from app.kernels.fused_linear_ce import (
+    default_chunk_size,
+    fused_linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
+from app.kernels.rmsnorm import rms_norm, rms_norm_reference
+from app.kernels.rotary import apply_rotary, rotary_reference
+
+__all__ = [
+    "apply_rotary",
+    "default_chunk_size",
+    "fused_linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "rotary_reference",
+]

@@ -1,0 +1,180 @@
+"""Benchmark: the Triton kernels against their PyTorch baselines on one CUDA GPU, printed as JSON.
+
+Fused linear + cross-entropy vs `F.cross_entropy(h @ W.T, y)` (bf16): peak memory above the inputs and
+forward+backward time, with their ratios; RMSNorm and rotary vs their eager references (time).
+
+    python -m bench.kernels                      # every case (an H100: about a minute)
+    python -m bench.kernels --quick              # the smaller cases only
+    python -m bench.kernels --compile-baselines  # RMSNorm/rotary baselines through torch.compile too
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from app.kernels import apply_rotary, fused_linear_cross_entropy, rms_norm, rms_norm_reference, rotary_reference
+from app.kernels import backend
+from app.log import get_logger
+
+log = get_logger(__name__)
+
+# (tokens N, hidden D, vocabulary V): GPT-2 and Llama-3 output layers.
+CE_CASES = [(8192, 768, 50304), (32768, 768, 50304), (8192, 4096, 128256), (32768, 4096, 128256)]
+NORM_CASES = [(32768, 768), (32768, 4096)]  # (rows, D)
+ROTARY_CASES = [(8, 12, 12, 1024, 64), (4, 32, 8, 4096, 128)]  # (B, H, H_kv, T, head_dim)
+
+
+def _time_ms(fn: Callable[[], None], warmup: int, iters: int) -> float:
+    """Median milliseconds of fn() over `iters` runs, each timed with CUDA events after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _peak_mib(fn: Callable[[], None]) -> float:
+    """MiB allocated at the peak of one fn() call, above what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _measure(fn: Callable[[], None], args: argparse.Namespace) -> dict:
+    """Peak memory and median time of fn, or the out-of-memory error that stopped it."""
+    try:
+        return {"peak_mib": round(_peak_mib(fn), 1), "ms": round(_time_ms(fn, args.warmup, args.iters), 3)}
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "CUDA out of memory"}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _ratio(baseline: dict, fused: dict, key: str) -> float | None:
+    if key in baseline and key in fused and fused[key] > 0:
+        return round(baseline[key] / fused[key], 3)
+    return None
+
+
+def bench_linear_ce(N: int, D: int, V: int, args: argparse.Namespace) -> dict:
+    """Fused linear + cross-entropy vs bf16 logits + F.cross_entropy, forward and backward."""
+    hidden = torch.randn(N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(V, D, device="cuda") / D ** 0.5).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, V, (N,), device="cuda")
+    losses = {}
+
+    def step(name: str, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            hidden.grad = weight.grad = None
+            loss = loss_fn()
+            loss.backward()
+            losses[name] = loss.detach()
+        return run
+
+    fused = _measure(step("fused", lambda: fused_linear_cross_entropy(hidden, weight, targets)), args)
+    baseline = _measure(step("baseline", lambda: F.cross_entropy(hidden @ weight.T, targets)), args)
+    result = {"N": N, "D": D, "V": V, "fused": fused, "baseline": baseline,
+              "speedup": _ratio(baseline, fused, "ms"), "memory_ratio": _ratio(baseline, fused, "peak_mib"),
+              "logits_mib": round(N * V * 2 / 2**20, 1)}
+    if len(losses) == 2:
+        result["loss_abs_diff"] = abs(losses["fused"].float() - losses["baseline"].float()).item()
+    return result
+
+
+def _fwd_bwd(fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], *inputs: torch.Tensor) -> Callable[[], None]:
+    """A closure running fn(*inputs) forward and backward with fixed random output gradients."""
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.randn_like(o) for o in outs]
+
+    def run() -> None:
+        for t in inputs:
+            t.grad = None
+        out = fn(*inputs)
+        torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
+    return run
+
+
+def _baselines(reference: Callable, args: argparse.Namespace) -> dict[str, Callable]:
+    baselines = {"eager": reference}
+    if args.compile_baselines:
+        baselines["compiled"] = torch.compile(reference)
+    return baselines
+
+
+def _compare(kernel: Callable, reference: Callable, inputs: list[torch.Tensor], args: argparse.Namespace) -> dict:
+    result = {"triton": _measure(_fwd_bwd(kernel, *inputs), args)}
+    for name, fn in _baselines(reference, args).items():
+        try:
+            result[name] = _measure(_fwd_bwd(fn, *inputs), args)
+        except Exception as e:  # a torch.compile failure is a result to report, not a reason to stop
+            result[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        result[f"speedup_vs_{name}"] = _ratio(result[name], result["triton"], "ms")
+    return result
+
+
+def bench_rms_norm(M: int, D: int, args: argparse.Namespace) -> dict:
+    x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(D, device="cuda")).to(torch.bfloat16).requires_grad_()
+    return {"rows": M, "D": D, **_compare(lambda a, b: rms_norm(a, b, 1e-5),
+                                          lambda a, b: rms_norm_reference(a, b, 1e-5), [x, w], args)}
+
+
+def bench_rotary(B: int, H: int, H_kv: int, T: int, hd: int, args: argparse.Namespace) -> dict:
+    # q and k as the model makes them: transposed views of [B, T, H, hd] projections.
+    q = torch.randn(B, T, H, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2).detach().requires_grad_()
+    k = torch.randn(B, T, H_kv, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2).detach().requires_grad_()
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, device="cuda").float() / hd))
+    freqs = torch.outer(torch.arange(T, device="cuda").float(), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+    return {"B": B, "H": H, "H_kv": H_kv, "T": T, "head_dim": hd,
+            **_compare(lambda a, b: apply_rotary(a, b, cos, sin),
+                       lambda a, b: rotary_reference(a, b, cos, sin), [q, k], args)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the smaller case of each kind")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
+    parser.add_argument("--iters", type=int, default=10, help="timed runs (the median is reported)")
+    parser.add_argument("--compile-baselines", action="store_true", help="also time torch.compile'd references")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench.kernels needs a CUDA GPU (torch.cuda.is_available() is False); "
+                 "the kernels' CPU checks are `pytest tests/test_kernels.py`")
+    if backend.triton is None:
+        sys.exit("bench.kernels needs Triton (pip install triton)")
+    if backend.INTERPRET:
+        sys.exit("bench.kernels: unset TRITON_INTERPRET / SPOTLM_TRITON_INTERPRET_TEST to time compiled kernels")
+    pick = (lambda cases: cases[:1]) if args.quick else (lambda cases: cases)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": backend.triton.__version__, "dtype": "bfloat16", "warmup": args.warmup, "iters": args.iters}
+    report["linear_cross_entropy"] = []
+    for case in pick(CE_CASES):
+        log.info("linear cross-entropy N=%d D=%d V=%d", *case)
+        report["linear_cross_entropy"].append(bench_linear_ce(*case, args))
+    report["rms_norm"] = [bench_rms_norm(*case, args) for case in pick(NORM_CASES)]
+    report["rotary"] = [bench_rotary(*case, args) for case in pick(ROTARY_CASES)]
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""Triton kernels vs their PyTorch references: on CPU under Triton's interpreter, and on CUDA (`gpu` marker)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import app.kernels
+from app.kernels import backend, fused_linear_ce, rmsnorm, rotary
+
+_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative error ||a - b|| / ||b||
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+# Triton's interpreter must be on before `import triton` (its own library functions are jitted at import),
+# and other test modules import Triton first: so the CPU kernel tests run in a child process started with
+# TRITON_INTERPRET=1 (test_kernels_under_triton_interpreter), or in this one when it was started so.
+INTERPRETING = backend.INTERPRET
+interpreted = pytest.mark.skipif(not INTERPRETING, reason="runs in test_kernels_under_triton_interpreter's child")
+no_interpreter = pytest.mark.skipif(INTERPRETING, reason="not under Triton's interpreter")
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual, expected = actual.double(), expected.double()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = ((actual - expected).norm() / expected.norm().clamp(min=1e-12)).item()
+    assert err < _TOL[dtype], f"{what}: relative error {err:.2e} >= {_TOL[dtype]:.0e}"
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_()
+
+
+def _run(fn, inputs: list[torch.Tensor]):
+    """Outputs of fn(*inputs) and the inputs' gradients for fixed random output gradients."""
+    leaves = [_leaf(t) for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in outs]
+    torch.autograd.backward(outs, grads)
+    return [o.detach() for o in outs], [t.grad for t in leaves]
+
+
+def _rotary_tables(T: int, hd: int, dtype: torch.dtype, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, device=device).float() / hd))
+    freqs = torch.outer(torch.arange(T, device=device).float(), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+# ---- RMSNorm -------------------------------------------------------------------------------------
+
+@interpreted
+@DTYPES
+def test_rms_norm_matches_reference(dtype):
+    x = torch.randn(3, 7, 48, dtype=dtype) * 3  # D = 48: not a power of two; 21 rows over 4 programs
+    w = (1 + 0.2 * torch.randn(48)).to(dtype)
+    (y, ), (dx, dw) = _run(lambda a, b: rmsnorm.rms_norm(a, b, 1e-5), [x, w])
+    (y_ref, ), (dx_ref, dw_ref) = _run(lambda a, b: rmsnorm.rms_norm_reference(a, b, 1e-5), [x, w])
+    assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
+    for name, a, b in (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dw, dw_ref)):
+        _assert_close(a, b, dtype, f"rms_norm {name}")
+
+
+@interpreted
+def test_rms_norm_mixed_dtypes_promote_like_reference():
+    x, w = torch.randn(5, 40, dtype=torch.bfloat16), 1 + 0.2 * torch.randn(40)  # autocast-style fp32 weight
+    (y, ), (dx, dw) = _run(lambda a, b: rmsnorm.rms_norm(a, b, 1e-6), [x, w])
+    (y_ref, ), (dx_ref, dw_ref) = _run(lambda a, b: rmsnorm.rms_norm_reference(a, b, 1e-6), [x, w])
+    assert (y.dtype, dx.dtype, dw.dtype) == (y_ref.dtype, torch.bfloat16, torch.float32)
+    _assert_close(y, y_ref, torch.bfloat16, "y")
+    _assert_close(dx, dx_ref, torch.bfloat16, "dx")
+    _assert_close(dw, dw_ref, torch.bfloat16, "dweight")
+
+
+def test_references_match_hugging_face_llama():
+    modeling = pytest.importorskip("transformers.models.llama.modeling_llama")
+    x = torch.randn(2, 5, 32)
+    hf_norm = modeling.LlamaRMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        hf_norm.weight.copy_(1 + 0.2 * torch.randn(32))
+        torch.testing.assert_close(rmsnorm.rms_norm_reference(x, hf_norm.weight, 1e-6), hf_norm(x))
+    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
+    cos, sin = _rotary_tables(5, 16, torch.float32)
+    hf_q, hf_k = modeling.apply_rotary_pos_emb(q, k, cos[None], sin[None])  # HF's tables are [B, T, hd]
+    ref_q, ref_k = rotary.rotary_reference(q, k, cos, sin)
+    torch.testing.assert_close(ref_q, hf_q)
+    torch.testing.assert_close(ref_k, hf_k)
+
+
+# ---- Rotary --------------------------------------------------------------------------------------
+
+@interpreted
+@DTYPES
+def test_rotary_matches_reference(dtype):
+    B, H, H_kv, T, hd = 2, 4, 2, 7, 16
+    q = torch.randn(B, T, H, hd, dtype=dtype).transpose(1, 2)  # the model's layout: a transposed view
+    k = torch.randn(B, H_kv, T, hd, dtype=dtype)  # grouped-query attention: fewer key heads
+    cos, sin = _rotary_tables(T, hd, dtype)
+    (q_out, k_out), (dq, dk) = _run(lambda a, b: rotary.apply_rotary(a, b, cos, sin), [q, k])
+    (q_ref, k_ref), (dq_ref, dk_ref) = _run(lambda a, b: rotary.rotary_reference(a, b, cos, sin), [q, k])
+    assert q_out.dtype == dtype and dq.dtype == dtype
+    for name, a, b in (("q", q_out, q_ref), ("k", k_out, k_ref), ("dq", dq, dq_ref), ("dk", dk, dk_ref)):
+        _assert_close(a, b, dtype, f"rotary {name}")
+
+
+@interpreted
+def test_rotary_general_tables_backward_is_transpose():
+    # Halves that differ (not the rotate_half tables): backward must be the exact transpose, not just -sin.
+    q, k = torch.randn(1, 2, 3, 8, dtype=torch.float64), torch.randn(1, 1, 3, 8, dtype=torch.float64)
+    cos, sin = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    (_, _), (dq, dk) = _run(lambda a, b: rotary.apply_rotary(a, b, cos, sin), [q, k])
+    (_, _), (dq_ref, dk_ref) = _run(lambda a, b: rotary.rotary_reference(a, b, cos, sin), [q, k])
+    _assert_close(dq, dq_ref, torch.float32, "dq")
+    _assert_close(dk, dk_ref, torch.float32, "dk")
+
+
+# ---- Fused linear + cross-entropy ----------------------------------------------------------------
+
+def _ce_inputs(N: int, D: int, V: int, dtype: torch.dtype, device="cpu", seed: int = 0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(N, D, generator=gen, device=device).to(dtype)
+    weight = (torch.randn(V, D, generator=gen, device=device) / D ** 0.5).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=gen, device=device)
+    targets[::5] = -1  # ignored rows, including the first of every chunk
+    return hidden, weight, targets
+
+
+@interpreted
+@DTYPES
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+def test_fused_linear_ce_matches_reference(monkeypatch, dtype, softcap):
+    monkeypatch.setattr(fused_linear_ce, "_MAX_BLOCK_V", 128)  # several vocab blocks per row: online softmax
+    hidden, weight, targets = _ce_inputs(N=45, D=32, V=300, dtype=dtype)  # 45 = 2 chunks of 16 + 13
+
+    def scaled_loss(fn, **kw):
+        return lambda h, w: fn(h, w, targets, ignore_index=-1, softcap=softcap, **kw) * 2.5  # grad_output != 1
+
+    (loss, ), (dh, dw) = _run(scaled_loss(fused_linear_ce.fused_linear_cross_entropy, chunk_size=16), [hidden, weight])
+    (ref, ), (dh_ref, dw_ref) = _run(scaled_loss(fused_linear_ce.linear_cross_entropy_reference), [hidden, weight])
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    assert dh.dtype == dtype and dw.dtype == dtype
+    for name, a, b in (("loss", loss, ref), ("dhidden", dh, dh_ref), ("dweight", dw, dw_ref)):
+        _assert_close(a, b, dtype, f"fused CE {name}")
+
+
+@interpreted
+def test_fused_linear_ce_all_ignored_is_zero():
+    hidden, weight, _ = _ce_inputs(N=6, D=8, V=40, dtype=torch.float32)
+    targets = torch.full((6,), -100)
+    (loss, ), (dh, dw) = _run(lambda h, w: fused_linear_ce.fused_linear_cross_entropy(h, w, targets, -100, 4), [hidden, weight])
+    assert loss.item() == 0.0 and not dh.any() and not dw.any()
+
+
+@interpreted
+def test_fused_linear_ce_bad_target_gives_nan():
+    hidden, weight, targets = _ce_inputs(N=6, D=8, V=40, dtype=torch.float32)
+    targets[2] = 40  # one past the vocabulary
+    assert fused_linear_ce.fused_linear_cross_entropy(hidden, weight, targets).isnan()
+
+
+@interpreted
+def test_fused_linear_ce_follows_autocast():
+    hidden, weight, targets = _ce_inputs(N=20, D=16, V=100, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (loss, ), (dh, dw) = _run(lambda h, w: fused_linear_ce.fused_linear_cross_entropy(h, w, targets), [hidden, weight])
+    (ref, ), (dh_ref, dw_ref) = _run(lambda h, w: fused_linear_ce.linear_cross_entropy_reference(
+        h.bfloat16(), w.bfloat16(), targets), [hidden, weight])
+    assert dh.dtype == torch.float32 and dw.dtype == torch.float32  # the fp32 leaves get fp32 gradients
+    for name, a, b in (("loss", loss, ref), ("dhidden", dh, dh_ref), ("dweight", dw, dw_ref)):
+        _assert_close(a, b, torch.bfloat16, name)
+
+
+class _ShapeRecorder(TorchDispatchMode):
+    """Records the shape of every tensor any aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def _recorded_shapes(fn, hidden, weight, targets) -> list[tuple[int, ...]]:
+    hidden, weight = _leaf(hidden), _leaf(weight)
+    with _ShapeRecorder() as recorder:
+        fn(hidden, weight, targets).backward()
+    return recorder.shapes
+
+
+@interpreted
+def test_fused_linear_ce_never_materialises_all_logits():
+    N, D, V = 64, 16, 300
+    hidden, weight, targets = _ce_inputs(N, D, V, torch.float32)
+    fused = _recorded_shapes(lambda h, w, t: fused_linear_ce.fused_linear_cross_entropy(h, w, t, chunk_size=8),
+                             hidden, weight, targets)
+    assert (8, V) in fused  # the logits of one chunk
+    assert max(torch.Size(s).numel() for s in fused) < N * V
+    # The recorder does see whole logits where they exist: the reference makes [N, V].
+    assert (N, V) in _recorded_shapes(fused_linear_ce.linear_cross_entropy_reference, hidden, weight, targets)
+
+
+def test_default_chunk_keeps_logits_near_hidden_size():
+    for N, D, V in ((8192, 768, 50304), (32768, 4096, 128256), (64, 32, 500)):
+        chunk = fused_linear_ce.default_chunk_size(N, V, D)
+        assert chunk & (chunk - 1) == 0  # a power of two
+        assert N * D / 2 <= chunk * V <= 2 * (N * D + V)
+
+
+# ---- Dispatch and input checks -------------------------------------------------------------------
+
+def test_without_triton_the_reference_runs(monkeypatch):
+    monkeypatch.setattr(backend, "triton", None)  # a CPU-only install
+    x, w = torch.randn(4, 24), torch.randn(24)
+    assert torch.equal(app.kernels.rms_norm(x, w, 1e-5), rmsnorm.rms_norm_reference(x, w, 1e-5))
+    hidden, weight, targets = _ce_inputs(N=9, D=8, V=30, dtype=torch.float32)
+    assert torch.equal(app.kernels.fused_linear_cross_entropy(hidden, weight, targets.int(), chunk_size=2),
+                       fused_linear_ce.linear_cross_entropy_reference(hidden, weight, targets))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 6), torch.zeros(4, dtype=torch.long)),
+     "must be \\[N, D\\] and \\[V, D\\]"),
+    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long)),
+     "targets \\(3,\\) must be \\[N\\]"),
+    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4)),
+     "targets must be integers"),
+    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8).double(), torch.zeros(4, dtype=torch.long)),
+     "hidden is torch.float32 but weight is torch.float64"),
+    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), chunk_size=0),
+     "chunk_size must be >= 1"),
+    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), softcap=-1.0),
+     "softcap must be > 0"),
+    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(2, 4, 8), torch.randn(10, 8), torch.zeros(8, dtype=torch.long)),
+     "must be hidden \\(2, 4, 8\\) without its last dim"),
+    (lambda: app.kernels.rms_norm(torch.randn(4, 8), torch.randn(6)), "weight \\(6,\\) must be \\[D\\]"),
+    (lambda: app.kernels.apply_rotary(torch.randn(1, 2, 3, 5), torch.randn(1, 2, 3, 5), torch.randn(3, 5), torch.randn(3, 5)),
+     "head size must be even"),
+    (lambda: app.kernels.apply_rotary(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 4), torch.randn(3, 4), torch.randn(3, 4)),
+     "must match q"),
+    (lambda: app.kernels.apply_rotary(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(4, 4), torch.randn(3, 4)),
+     "cos must be \\[T, hd\\]"),
+])
+def test_bad_inputs_raise_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@interpreted
+def test_fused_linear_ce_accepts_batched_hidden():
+    hidden, weight, targets = _ce_inputs(N=12, D=8, V=50, dtype=torch.float32)
+    flat = fused_linear_ce.fused_linear_cross_entropy(hidden, weight, targets, chunk_size=5)
+    batched = fused_linear_ce.fused_linear_cross_entropy(hidden.view(3, 4, 8), weight, targets.view(3, 4).int(),
+                                                         chunk_size=5)  # int32 targets work too
+    torch.testing.assert_close(batched, flat)
+
+
+# ---- CUDA at realistic sizes ---------------------------------------------------------------------
+
+@pytest.mark.gpu
+@no_interpreter
+@pytest.mark.parametrize("N, D, V", [(8192, 768, 50304), (16384, 4096, 128256)])
+def test_gpu_fused_linear_ce(N, D, V):
+    hidden, weight, targets = _ce_inputs(N, D, V, torch.bfloat16, device="cuda")
+    h, w = _leaf(hidden), _leaf(weight)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = app.kernels.fused_linear_cross_entropy(h, w, targets)
+    loss.backward()
+    peak = torch.cuda.max_memory_allocated() - base
+    # Less than the bf16 logits alone (the fp32 weight gradient, V x D, is the largest buffer).
+    assert peak < N * V * 2, f"fused CE peaked at {peak / 2**20:.0f} MiB; the logits are {N * V * 2 / 2**20:.0f} MiB"
+    # Oracle: the same bf16 matmul, fp32 softmax.
+    h_ref, w_ref = _leaf(hidden), _leaf(weight)
+    ref = app.kernels.linear_cross_entropy_reference(h_ref, w_ref, targets)
+    ref.backward()
+    for name, a, b in (("loss", loss, ref), ("dhidden", h.grad, h_ref.grad), ("dweight", w.grad, w_ref.grad)):
+        _assert_close(a.detach(), b.detach(), torch.bfloat16, name)
+
+
+@pytest.mark.gpu
+@no_interpreter
+@DTYPES
+def test_gpu_rms_norm(dtype):
+    x = torch.randn(4, 2048, 4096, device="cuda").to(dtype)
+    w = (1 + 0.2 * torch.randn(4096, device="cuda")).to(dtype)
+    (y, ), (dx, dw) = _run(lambda a, b: app.kernels.rms_norm(a, b, 1e-5), [x, w])
+    (y_ref, ), (dx_ref, dw_ref) = _run(lambda a, b: rmsnorm.rms_norm_reference(a, b, 1e-5), [x, w])
+    for name, a, b in (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dw, dw_ref)):
+        _assert_close(a, b, dtype, f"rms_norm {name}")
+
+
+@pytest.mark.gpu
+@no_interpreter
+@DTYPES
+def test_gpu_rotary(dtype):
+    B, H, H_kv, T, hd = 2, 32, 8, 2048, 128
+    q = torch.randn(B, T, H, hd, device="cuda").to(dtype).transpose(1, 2)
+    k = torch.randn(B, T, H_kv, hd, device="cuda").to(dtype).transpose(1, 2)
+    cos, sin = _rotary_tables(T, hd, dtype, device="cuda")
+    (q_out, k_out), (dq, dk) = _run(lambda a, b: app.kernels.apply_rotary(a, b, cos, sin), [q, k])
+    (q_ref, k_ref), (dq_ref, dk_ref) = _run(lambda a, b: rotary.rotary_reference(a, b, cos, sin), [q, k])
+    for name, a, b in (("q", q_out, q_ref), ("k", k_out, k_ref), ("dq", dq, dq_ref), ("dk", dk, dk_ref)):
+        _assert_close(a, b, dtype, f"rotary {name}")
+
+
+# ---- The interpreter child -----------------------------------------------------------------------
+
+@no_interpreter
+def test_kernels_under_triton_interpreter():
+    pytest.importorskip("triton")
+    this = Path(__file__)
+    tests = [f"{this}::{name}" for name, fn in globals().items()
+             if name.startswith("test_") and interpreted.mark in getattr(fn, "pytestmark", [])]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                          cwd=this.parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"kernel tests under the interpreter failed:\n{proc.stdout[-6000:]}{proc.stderr[-2000:]}"
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
