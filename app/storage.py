@@ -14,10 +14,9 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -66,11 +65,6 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
 def exists(path: str) -> bool:
     fs, p = filesystem(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
-
-
-def is_dir(path: str) -> bool:
-    fs, p = filesystem(path)
-    return fs.get_file_info(p).type == pafs.FileType.Directory
 
 
 def size(path: str) -> int:
@@ -258,16 +252,3 @@ def local_dir(path: str) -> str:
         return absolute(path)
     key = hashlib.sha256(str(path).encode()).hexdigest()[:24]
     return download_dir(path, os.path.join(cache_dir(), key))
-
-
-def iter_lines(path: str) -> Iterator[bytes]:
-    """Yield the raw lines (with their newline) of a local or S3 file, streaming."""
-    if not is_s3(path):
-        with open(absolute(path), "rb") as f:
-            yield from f
-        return
-    with tempfile.TemporaryDirectory() as d:
-        local = os.path.join(d, "f")
-        download_file(path, local)
-        with open(local, "rb") as f:
-            yield from f
