@@ -40,6 +40,8 @@ class TrainState:
     resumes: int = 0  # how many times the run was resumed from a checkpoint
     preemptions: int = 0  # how many preemption notices it checkpointed and stopped for
     loss_curve: dict[str, float] = field(default_factory=dict)  # step -> train loss, at every logged step
+    val_curve: dict[str, list[float]] = field(default_factory=dict)  # step -> [train seconds so far, val loss]
+    train_time_s: float = 0.0  # wall time in training steps (not eval, checkpoints or each start's first step)
     config: dict[str, Any] = field(default_factory=dict)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,14 +21,17 @@ from app.shards import Manifest, read_shard
 
 
 class TokenStream:
-    """Random access to the concatenated tokens of one split (shards memory-mapped)."""
+    """Random access to the concatenated tokens of one split (shards memory-mapped), or to any list
+    of per-token arrays aligned with them (the retrieval-match ids of the index stage)."""
 
-    def __init__(self, manifest: Manifest, split: str):
+    def __init__(self, manifest: Manifest, split: str, arrays: list[np.ndarray] | None = None):
         paths = manifest.shard_paths(split)
         if not paths:
             raise ValueError(f"{manifest.root}: split {split!r} has no shards")
         infos = manifest.shards[split]
-        self.shards = [read_shard(p) for p in paths]
+        self.shards = arrays if arrays is not None else [read_shard(p) for p in paths]
+        if len(self.shards) != len(infos):
+            raise ValueError(f"{manifest.root}: {len(self.shards)} arrays for the {len(infos)} shards of {split!r}")
         for arr, info, p in zip(self.shards, infos, paths):
             if len(arr) != info["n_tokens"]:
                 raise ValueError(f"{p}: has {len(arr)} tokens, manifest says {info['n_tokens']}")
@@ -71,11 +75,33 @@ class BatchPlan:
         return self.per_rank // self.micro_batch
 
 
+class Batch(NamedTuple):
+    """One micro-batch: inputs and next-token targets `[B, T]` int64, and the inputs' retrieval-match
+    ids `[B, T]` (None without an index)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    lmatch: torch.Tensor | None = None
+
+
+def _batches(stream: TokenStream, match: TokenStream | None, starts: list[int], seq_len: int,
+             size: int) -> list[Batch]:
+    """Windows of `seq_len + 1` tokens at `starts`, stacked into batches of `size` rows."""
+    if not starts:
+        return []
+    data = torch.from_numpy(np.stack([stream.read(s, seq_len + 1) for s in starts]))
+    ids = torch.from_numpy(np.stack([match.read(s, seq_len) for s in starts])) if match is not None else None
+    return [Batch(data[i:i + size, :-1], data[i:i + size, 1:], ids[i:i + size] if ids is not None else None)
+            for i in range(0, len(starts), size)]
+
+
 class TrainLoader:
     """The micro-batches of rank `rank` for any global step, from `(seed, step)` alone."""
 
-    def __init__(self, stream: TokenStream, seq_len: int, plan: BatchPlan, rank: int, seed: int):
+    def __init__(self, stream: TokenStream, seq_len: int, plan: BatchPlan, rank: int, seed: int,
+                 match: TokenStream | None = None):
         self.stream, self.seq_len, self.plan, self.rank, self.seed = stream, seq_len, plan, rank, seed
+        self.match = match
         self.n_windows = (stream.n_tokens - 1) // seq_len
         if self.n_windows < 1:
             raise ValueError(f"the training split has {stream.n_tokens} tokens: too few for one "
@@ -89,27 +115,20 @@ class TrainLoader:
             self._epoch, self._order = epoch, rng.permutation(self.n_windows)
         return int(self._order[i])
 
-    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`accum_steps` pairs of (inputs, targets), each `[micro_batch, seq_len]` int64."""
+    def micro_batches(self, step: int) -> list[Batch]:
+        """`accum_steps` micro-batches of `[micro_batch, seq_len]` each."""
         first = step * self.plan.global_batch + self.rank * self.plan.per_rank
-        rows = [self.stream.read(self._window(first + j) * self.seq_len, self.seq_len + 1)
-                for j in range(self.plan.per_rank)]
-        data = torch.from_numpy(np.stack(rows))
-        mb = self.plan.micro_batch
-        return [(data[i:i + mb, :-1], data[i:i + mb, 1:]) for i in range(0, len(rows), mb)]
+        starts = [self._window(first + j) * self.seq_len for j in range(self.plan.per_rank)]
+        return _batches(self.stream, self.match, starts, self.seq_len, self.plan.micro_batch)
 
     def epoch_of(self, step: int) -> float:
         return step * self.plan.global_batch / self.n_windows
 
 
 def eval_batches(stream: TokenStream, seq_len: int, batch: int, max_tokens: int, rank: int,
-                 world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share of the first `max_tokens` of a split, as fixed sequential windows."""
-    n = min((stream.n_tokens - 1) // seq_len, max(1, max_tokens // seq_len))
-    mine = list(range(rank, n, world_size))
-    out = []
-    for i in range(0, len(mine), batch):
-        rows = [stream.read(w * seq_len, seq_len + 1) for w in mine[i:i + batch]]
-        data = torch.from_numpy(np.stack(rows))
-        out.append((data[:, :-1], data[:, 1:]))
-    return out
+                 world_size: int, match: TokenStream | None = None) -> list[Batch]:
+    """This rank's share of the first `max_tokens` of a split (0 = all of it), as fixed sequential windows."""
+    n = (stream.n_tokens - 1) // seq_len
+    if max_tokens:
+        n = min(n, max(1, max_tokens // seq_len))
+    return _batches(stream, match, [w * seq_len for w in range(rank, n, world_size)], seq_len, batch)

@@ -15,9 +15,9 @@ import torch.distributed as dist
 
 from app import checkpoint, storage
 from app.config import ConfigError, from_dict, to_dict
-from app.data import BatchPlan, TokenStream, TrainLoader, eval_batches
+from app.data import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches
 from app.log import get_logger
-from app.model import GPT, ModelConfig
+from app.model import GPT, ModelConfig, use_kernels
 from app.preemption import PreemptionWatcher, install_sigterm_handler
 from app.shards import load_manifest
 
@@ -25,6 +25,8 @@ log = get_logger(__name__)
 
 # Dense bf16 peak FLOP/s per GPU, for MFU (H100/H200 SXM; A100).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+AUTO_KERNELS = "none"  # what kernels=auto picks on GPU: the fastest set bench/train_speed.py measured
 
 
 @dataclass
@@ -48,7 +50,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     eval_every: int = 50  # steps between validation passes; 0 = only at the end
-    eval_tokens: int = 65536  # validation tokens per pass
+    eval_tokens: int = 65536  # validation tokens per pass; 0 = the whole validation split
+    target_val_loss: float = 0.0  # > 0: stop (checkpoint, export) once a validation pass reaches it
     checkpoint_every: int = 100  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3  # keep the newest K checkpoints
     log_every: int = 10  # steps between log lines
@@ -63,6 +66,8 @@ class TrainConfig:
     catch_sigterm: bool = True  # SIGTERM means "checkpoint at the next step and stop", not "die now"
     seed: int = 1337  # model init and data order
     compile: str = "auto"  # torch.compile: auto (on GPU) | true | false
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
+    kernels: str = "auto"  # Triton kernels on GPU: auto (the fastest measured set) | none | all | comma list of loss,norm,rotary
     deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs (CPU)
     resume: bool = False  # continue an existing run (its latest checkpoint)
     async_checkpoint: bool = True  # upload checkpoints in the background; training goes on meanwhile
@@ -70,7 +75,7 @@ class TrainConfig:
     export: str = ""  # exported model directory; "" = <storage>/<name>/export; "none" = skip
 
     def validate(self) -> None:
-        for k in ("max_steps", "micro_batch", "num_workers", "checkpoint_every", "log_every", "eval_tokens"):
+        for k in ("max_steps", "micro_batch", "num_workers", "checkpoint_every", "log_every"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -79,6 +84,12 @@ class TrainConfig:
             raise ConfigError(f"min_workers={self.min_workers} is more than num_workers={self.num_workers}")
         if self.use_gpu not in ("auto", "true", "false") or self.compile not in ("auto", "true", "false"):
             raise ConfigError("use_gpu and compile take auto | true | false")
+        if self.eval_tokens < 0:
+            raise ConfigError(f"eval_tokens must be >= 0 (0 = the whole split), got {self.eval_tokens}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}")
+        if self.kernels != "auto":
+            use_kernels(self.kernels)  # raises on unknown names
 
     @property
     def run_dir(self) -> str:
@@ -123,6 +134,47 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
                              fused=device.type == "cuda")
 
 
+def build_model(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device) -> GPT:
+    """The run's model, initialised from `cfg.seed` on `device`, with the run's kernel choice set."""
+    use_kernels(AUTO_KERNELS if cfg.kernels == "auto" else cfg.kernels)
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg)
+    model.init_weights()
+    return model.to(device)
+
+
+def compiled(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """`model` under torch.compile when the run compiles (by default: on GPU), else itself."""
+    if not _resolve(cfg.compile, device.type == "cuda"):
+        return model
+    return torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+
+
+def forward_backward(fwd: torch.nn.Module, batches: list[Batch], device: torch.device, autocast,
+                     no_sync=None) -> torch.Tensor:
+    """Accumulate the gradients of one optimizer step over `batches`; returns their mean loss (on device).
+    `no_sync` (DDP's) skips the gradient all-reduce on all but the last micro-batch."""
+    loss_sum = torch.zeros((), device=device)
+    for i, b in enumerate(batches):
+        last = i == len(batches) - 1
+        lmatch = b.lmatch.to(device, non_blocking=True) if b.lmatch is not None else None
+        with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()), autocast():
+            _, loss = fwd(b.inputs.to(device, non_blocking=True), b.targets.to(device, non_blocking=True),
+                          lmatch=lmatch)
+        (loss / len(batches)).backward()
+        loss_sum += loss.detach()
+    return loss_sum / len(batches)
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float) -> torch.Tensor:
+    """Clip, step, schedule, zero the gradients; returns the pre-clip gradient norm (on device)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else torch.zeros(())
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def batch_plan(cfg: TrainConfig, seq_len: int, world_size: int) -> BatchPlan:
     """Global batch in sequences from `batch_tokens` (constant whatever the worker count)."""
     global_batch = cfg.batch_tokens // seq_len if cfg.batch_tokens else cfg.micro_batch * world_size
@@ -144,10 +196,11 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast) ->
     """Mean validation loss over this rank's batches, averaged over all ranks."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
+    for b in batches:
+        lmatch = b.lmatch.to(device) if b.lmatch is not None else None
         with autocast():
-            _, loss = model(x.to(device), y.to(device))
-        total, count = total + loss.item() * y.numel(), count + y.numel()
+            _, loss = model(b.inputs.to(device), b.targets.to(device), lmatch=lmatch)
+        total, count = total + loss.item() * b.targets.numel(), count + b.targets.numel()
     model.train()
     loss_sum, n = _all_reduce_mean([total, float(count)], device)
     return loss_sum / max(n, 1.0)
@@ -157,7 +210,9 @@ def _write_progress(run_dir: str, state: checkpoint.TrainState, metrics: dict[st
     """`<run>/progress.json`: where the run is now (for people, dashboards and benchmarks)."""
     storage.write_json(storage.join(run_dir, "progress.json"), {
         "step": state.step, "time": time.time(), "resumes": state.resumes, "resumed_from_step": resumed_from,
-        **{k: metrics[k] for k in ("train_loss", "tokens_per_s", "checkpoint_stall_s") if k in metrics}})
+        "train_time_s": state.train_time_s, "val_curve": state.val_curve,
+        **{k: metrics[k] for k in ("train_loss", "tokens_per_s", "checkpoint_stall_s", "first_step_s", "val_loss")
+           if k in metrics}})
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -175,6 +230,17 @@ def _mfu(flops_per_token: float, tokens_per_s: float, world: int) -> float | Non
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     return flops_per_token * tokens_per_s / (peak * world) if peak else None
+
+
+def _eval_due(cfg: TrainConfig, step: int) -> bool:
+    return bool(cfg.eval_every) and step % cfg.eval_every == 0
+
+
+def _synced_seconds(since: float, device: torch.device) -> float:
+    """Seconds since `since`, after the queued GPU work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - since
 
 
 def _resolve(flag: str, default: bool) -> bool:
@@ -202,10 +268,7 @@ def train_loop(config: dict[str, Any]) -> None:
     loader = TrainLoader(TokenStream(manifest, "train"), seq_len, plan, rank, cfg.seed)
     val = eval_batches(TokenStream(manifest, "val"), seq_len, cfg.micro_batch, cfg.eval_tokens, rank, world) \
         if manifest.shards.get("val") else []
-    torch.manual_seed(cfg.seed)
-    raw = GPT(mcfg)
-    raw.init_weights()
-    raw.to(device)
+    raw = build_model(cfg, mcfg, device)
     optimizer = make_optimizer(raw, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
     state = checkpoint.TrainState(config=to_dict(cfg))
@@ -224,30 +287,23 @@ def train_loop(config: dict[str, Any]) -> None:
     if cfg.catch_sigterm:
         install_sigterm_handler(watcher)
     model = ray.train.torch.prepare_model(raw, move_to_device=False) if world > 1 else raw
-    fwd = torch.compile(model) if _resolve(cfg.compile, device.type == "cuda") else model
+    fwd = compiled(model, cfg, device)
     if rank == 0:
         log.info("model %s: %.2fM params, seq %d, global batch %d seqs (%d tokens), %d accum x %d micro x %d workers",
                  cfg.preset, raw.num_params() / 1e6, seq_len, plan.global_batch, plan.global_batch * seq_len,
                  plan.accum_steps, plan.micro_batch, world)
 
     flops_per_token = raw.flops_per_token(seq_len)
-    t_last, steps_since, last_stall, resumed_from = time.perf_counter(), 0, 0.0, state.step
+    t_last, steps_since, last_stall, resumed_from, first_step_s = time.perf_counter(), 0, 0.0, state.step, 0.0
+    start_step, metrics = state.step, {}
     while state.step < cfg.max_steps:
         # ---- forward/backward with gradient accumulation ----
         batches = loader.micro_batches(state.step)
-        loss_sum = torch.zeros((), device=device)
-        for i, (x, y) in enumerate(batches):
-            sync = i == len(batches) - 1 or world == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
-                _, loss = fwd(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            (loss / len(batches)).backward()
-            loss_sum += loss.detach()
-
-        # ---- clip, step, schedule ----
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        mean_loss = forward_backward(fwd, batches, device, autocast, model.no_sync if world > 1 else None)
+        grad_norm = optimizer_step(raw, optimizer, scheduler, cfg.grad_clip)
+        if state.step == start_step:  # the first step of each start compiles: timed apart
+            first_step_s = _synced_seconds(t_last, device)
+            t_last, steps_since = time.perf_counter(), -1
         state.step += 1
         state.samples += plan.global_batch
         state.tokens += plan.global_batch * seq_len
@@ -257,14 +313,16 @@ def train_loop(config: dict[str, Any]) -> None:
         # ---- log ----
         metrics: dict[str, Any] = {"step": state.step, "tokens": state.tokens, "resumes": state.resumes,
                                    "preemptions": state.preemptions}
-        if state.step % cfg.log_every == 0 or last:
-            dt = time.perf_counter() - t_last
-            (train_loss,) = _all_reduce_mean([loss_sum.item() / len(batches)], device)
-            tps = steps_since * plan.global_batch * seq_len / dt
+        if state.step % cfg.log_every == 0 or last or (val and _eval_due(cfg, state.step)):
+            dt = _synced_seconds(t_last, device)
+            state.train_time_s += dt
+            (train_loss,) = _all_reduce_mean([mean_loss.item()], device)
+            tps = steps_since * plan.global_batch * seq_len / dt if steps_since > 0 else 0.0
             mfu = _mfu(flops_per_token, tps, world)
             state.loss_curve[str(state.step)] = train_loss
             metrics.update(train_loss=train_loss, tokens_per_s=tps, lr=scheduler.get_last_lr()[0],
-                           checkpoint_stall_s=last_stall,
+                           checkpoint_stall_s=last_stall, train_time_s=state.train_time_s,
+                           first_step_s=first_step_s,
                            grad_norm=float(grad_norm), epoch=loader.epoch_of(state.step))
             if mfu is not None:
                 metrics["mfu"] = mfu
@@ -276,12 +334,20 @@ def train_loop(config: dict[str, Any]) -> None:
             t_last, steps_since, last_stall, resumed_from = time.perf_counter(), 0, 0.0, state.step
 
         # ---- eval and checkpoint ----
-        if val and ((cfg.eval_every and state.step % cfg.eval_every == 0) or last):
+        if val and (_eval_due(cfg, state.step) or last):
+            t_eval = time.perf_counter()
             metrics["val_loss"] = evaluate(fwd, val, device, autocast)
             state.best_val_loss = min(metrics["val_loss"], state.best_val_loss or math.inf)
+            state.val_curve[str(state.step)] = [state.train_time_s, metrics["val_loss"]]
+            if cfg.target_val_loss and metrics["val_loss"] <= cfg.target_val_loss:
+                last = True  # reached the target: finish here (checkpoint and export)
+            metrics["eval_s"] = time.perf_counter() - t_eval
             if rank == 0:
-                log.info("step %d | val loss %.4f", state.step, metrics["val_loss"])
+                log.info("step %d | val loss %.4f | %.2f s of training", state.step, metrics["val_loss"],
+                         state.train_time_s)
+                _write_progress(cfg.run_dir, state, metrics, resumed_from)
             t_last = time.perf_counter()
+        metrics["done"] = last
         # ---- preemption: checkpoint at this step boundary and hand back to the driver ----
         preempted = _any_rank(watcher.should_stop(), device)
         if preempted:
@@ -293,10 +359,11 @@ def train_loop(config: dict[str, Any]) -> None:
         if preempted or state.step % cfg.checkpoint_every == 0 or last:
             last_stall = _report(metrics, state, raw, optimizer, scheduler, rank, cfg)
             t_last = time.perf_counter()
-        if preempted:
-            watcher.close()
-            return
+        if preempted or last:
+            break
     watcher.close()
+    if state.step < cfg.max_steps and not metrics.get("done"):
+        return  # preempted: the driver starts the run again
 
     # ---- export ----
     if rank == 0 and cfg.export_dir:
@@ -380,8 +447,9 @@ def train(cfg: TrainConfig):
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     for _ in range(cfg.max_preemptions + 1):
         result = _trainer(cfg, use_gpu).fit()
-        # The loop only returns before max_steps when it was preempted (after a checkpoint).
-        if result.error or (result.metrics or {}).get("step", 0) >= cfg.max_steps:
+        # The loop only returns unfinished when it was preempted (after a checkpoint).
+        metrics = result.metrics or {}
+        if result.error or metrics.get("done") or metrics.get("step", 0) >= cfg.max_steps:
             return result
         log.warning("run %s was preempted at step %d; starting it again from that checkpoint",
                     cfg.name, result.metrics["step"])

@@ -32,7 +32,7 @@ def test_windows_are_shifted_pairs_and_cover_an_epoch(manifest):
     loader = TrainLoader(TokenStream(manifest, "train"), 10, BatchPlan(33, 11, 1), rank=0, seed=1)
     starts = []
     for step in range(3):  # 3 steps x 33 = 99 windows = the whole epoch (999 // 10)
-        for x, y in loader.micro_batches(step):
+        for x, y, _ in loader.micro_batches(step):
             assert torch.equal(y[:, :-1], x[:, 1:])
             assert torch.all(x[:, 0] % 10 == 0)
             starts += x[:, 0].tolist()
@@ -45,11 +45,11 @@ def test_batches_independent_of_world_size_and_history(manifest):
     two = [TrainLoader(stream, 16, BatchPlan(8, 2, 2), rank=r, seed=7) for r in range(2)]
     fresh = TrainLoader(stream, 16, BatchPlan(8, 2, 1), rank=0, seed=7)
     for step in [0, 5, 70, 3]:  # crosses epochs (62 windows), and goes back
-        whole = torch.cat([x for x, _ in one.micro_batches(step)])
-        split = torch.cat([x for r in two for x, _ in r.micro_batches(step)])
+        whole = torch.cat([x for x, _, _ in one.micro_batches(step)])
+        split = torch.cat([x for r in two for x, _, _ in r.micro_batches(step)])
         assert torch.equal(whole, split)
-    assert torch.equal(torch.cat([x for x, _ in fresh.micro_batches(70)]),
-                       torch.cat([x for x, _ in one.micro_batches(70)]))
+    assert torch.equal(torch.cat([x for x, _, _ in fresh.micro_batches(70)]),
+                       torch.cat([x for x, _, _ in one.micro_batches(70)]))
     other_seed = TrainLoader(stream, 16, BatchPlan(8, 2, 1), rank=0, seed=8)
     assert not torch.equal(one.micro_batches(0)[0][0], other_seed.micro_batches(0)[0][0])
 
@@ -62,5 +62,5 @@ def test_uneven_plan_is_a_clear_error():
 def test_eval_batches_partition_the_val_windows(manifest):
     stream = TokenStream(manifest, "val")
     parts = [eval_batches(stream, 10, 4, 10_000, r, 2) for r in range(2)]
-    firsts = sorted(int(v) for p in parts for x, _ in p for v in x[:, 0])
+    firsts = sorted(int(v) for p in parts for x, _, _ in p for v in x[:, 0])
     assert firsts == [5000 + 10 * i for i in range(29)]

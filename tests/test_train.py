@@ -28,7 +28,7 @@ def _val_loss(model: GPT, data: str, seq_len: int) -> float:
     m = load_manifest(data)
     batches = eval_batches(TokenStream(m, "val"), seq_len, 8, 4096, 0, 1)
     with torch.no_grad():
-        losses = [model(x, y)[1].item() for x, y in batches]
+        losses = [model(x, y)[1].item() for x, y, _ in batches]
     return sum(losses) / len(losses)
 
 
