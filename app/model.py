@@ -15,10 +15,35 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from app import kernels
 from app.config import ConfigError
 
 VOCAB_MULTIPLE = 128  # embedding / lm_head rows are padded to this multiple: faster matmuls
 FFN_MULTIPLE = 256  # the Llama rule rounds the SwiGLU width up to this multiple
+
+
+@dataclass
+class KernelChoice:
+    """Which Triton kernels replace PyTorch ops on CUDA (a runtime choice, not part of the model's shape).
+    `loss`: training forwards return (None, loss) from the fused linear + cross-entropy, no logits."""
+
+    loss: bool = False
+    norm: bool = False
+    rotary: bool = False
+
+
+KERNELS = KernelChoice()  # set once per process by the trainer (`use_kernels`)
+
+
+def use_kernels(spec: str) -> KernelChoice:
+    """Set the process-wide kernel choice from "none", "all" or a comma list of loss,norm,rotary."""
+    names = {"none": set(), "all": {"loss", "norm", "rotary"}}.get(spec, set(filter(None, spec.split(","))))
+    unknown = names - {"loss", "norm", "rotary"}
+    if unknown:
+        raise ConfigError(f"kernels: unknown {sorted(unknown)}; use none, all, or a comma list of loss,norm,rotary")
+    for f in fields(KernelChoice):
+        setattr(KERNELS, f.name, f.name in names)
+    return KERNELS
 
 
 @dataclass
@@ -103,6 +128,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if KERNELS.norm and x.is_cuda:
+            return kernels.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
@@ -175,7 +202,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if KERNELS.rotary and x.is_cuda:
+            q, k = kernels.apply_rotary(q, k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         start = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, Hkv, start + T, D]
@@ -266,7 +296,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, lmatch: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx [B, T] token ids -> (logits [B, T, padded_vocab] for every position, mean cross-entropy
-        against `targets` [B, T] (-1 = ignored) or None). `lmatch` [B, T]: retrieval-match ids, required
+        against `targets` [B, T] (-1 = ignored) or None; logits are None when the fused loss kernel is on).
+        `lmatch` [B, T]: retrieval-match ids, required
         exactly when the model has an lmatch table. With `kv_cache`, positions continue after the cached
         ones, attention covers them, and the new keys/values are appended."""
         self._check_inputs(idx, targets, lmatch, kv_cache)
@@ -280,7 +311,10 @@ class GPT(nn.Module):
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.model.norm(x))  # [B, T, padded_vocab]
+        h = self.model.norm(x)
+        if targets is not None and KERNELS.loss and h.is_cuda:  # the [B, T, vocab] logits are never made
+            return None, kernels.fused_linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=-1)
+        logits = self.lm_head(h)  # [B, T, padded_vocab]
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
