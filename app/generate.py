@@ -1,4 +1,12 @@
-"""KV-cached sampling from a GPT: greedy, temperature, top-k, top-p, seeded, streaming one token at a time."""
+"""KV-cached sampling from a GPT: greedy, temperature, top-k, top-p, seeded, streaming one token at a time.
+
+The two pieces here are shared with the batching engine (app/engine.py), so one sequence generated
+alone and the same sequence generated in a batch go through the same code:
+- `forward_last`: a forward through a KV cache (or a slot view of one) that returns the logits and
+  final hidden state of one position per row only (the [B, T, vocab] logits of a prefill are never made);
+- `sample_tokens`: one token per row from its own uniform number u in [0, 1) (inverse-CDF sampling), so
+  a seeded sequence draws the same numbers whatever else is in the batch.
+"""
 from __future__ import annotations
 
 import math
@@ -6,28 +14,86 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from app.model import GPT, KVCache
+from app.model import GPT, KVCache, KVSlots
 
 LmatchFn = Callable[[Sequence[int]], int]  # tokens so far (ending at a position) -> that position's lmatch id
 
 
+def uniforms(seed: int | None, n: int) -> torch.Tensor:
+    """The n float64 uniforms a sequence with `seed` samples its tokens with (None: a fresh random seed)."""
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return torch.rand(max(n, 1), generator=g, dtype=torch.float64)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  u: torch.Tensor) -> torch.Tensor:
+    """One token id per row of `logits` [n, V]: argmax where temperature is 0, else a draw from the
+    temperature-scaled distribution cut to the top_k ids (0 = all), then to the smallest set whose
+    probability reaches top_p (the most likely id always kept), using the row's uniform u [n].
+    temperature/top_p [n] float, top_k [n] long, u [n] float64, all on the logits' device."""
+    n, V = logits.shape
+    greedy = logits.argmax(-1)
+    out = greedy.clone()
+    sampled = temperature > 0
+    if not bool(sampled.any()):
+        return out
+    x = logits.float() / torch.where(sampled, temperature, torch.ones_like(temperature))[:, None]
+    # Rows with a cut sort their ids; rows without draw in id order (the same way alone or batched).
+    cut = sampled & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
+    plain = sampled & ~cut
+    if bool(plain.any()):
+        rows = plain.nonzero().squeeze(1)
+        out[rows] = _draw(torch.softmax(x[rows], dim=-1), u[rows])
+    if bool(cut.any()):
+        rows = cut.nonzero().squeeze(1)
+        values, order = x[rows].sort(dim=-1, descending=True, stable=True)
+        k = torch.where((top_k[rows] > 0) & (top_k[rows] < V), top_k[rows], torch.full_like(top_k[rows], V))
+        keep = torch.arange(V, device=logits.device)[None, :] < k[:, None]
+        probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
+        keep &= (probs.cumsum(-1) - probs) < top_p[rows, None]  # mass before this id is still short of top_p
+        out[rows] = order.gather(1, _draw(probs * keep, u[rows])[:, None]).squeeze(1)
+    return out
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw per row of (unnormalised) probs [n, V] with uniforms u [n]; zero-probability ids
+    are never drawn (the first id whose cumulative mass exceeds u x total)."""
+    cdf = probs.double().cumsum(-1)
+    target = (u.to(cdf.device) * cdf[:, -1])[:, None]
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    last = probs.size(1) - 1 - (probs.flip(-1) > 0).double().argmax(-1)  # the last id with mass (u x total rounding)
+    return torch.minimum(idx, last)
+
+
+def forward_last(model: GPT, idx: torch.Tensor, cache: KVCache | KVSlots, last: torch.Tensor,
+                 lmatch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx [B, T] through the model, appending to `cache`; returns (logits [B, padded_vocab], hidden
+    [B, d_model]) of position last[b] of each row: the final norm's output (the lm_head input), which
+    the kNN index keys on. The caller checks the inputs (GPT.forward's checks are not repeated here)."""
+    B, T = idx.shape
+    x = model.model.embed_tokens(idx)
+    if lmatch is not None:
+        x = x + model.model.lmatch_embed(lmatch)
+    cos, sin = model.rotary(T, cache, x.dtype, idx.device)
+    for block in model.model.layers:
+        x = block(x, cos, sin, cache)
+    cache.advance(T)
+    h = model.model.norm(x[torch.arange(B, device=idx.device), last])  # [B, d_model]
+    return model.lm_head(h), h
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None) -> int:
-    """One token id from a [V] logits row: argmax when temperature is 0, else a draw from the
-    temperature-scaled distribution cut to the top_k ids (0 = all), then to the smallest set whose
-    probability reaches top_p (the most likely id is always kept)."""
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # mass before this id is still short of top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """One token id from a [V] logits row (see `sample_tokens`), its uniform drawn from `generator`
+    (a CPU generator; None = the global one)."""
+    u = torch.rand(1, generator=generator, dtype=torch.float64)
+    dev = logits.device
+    return int(sample_tokens(logits[None], torch.tensor([float(temperature)], device=dev),
+                             torch.tensor([int(top_k)], device=dev), torch.tensor([float(top_p)], device=dev), u)[0])
 
 
 def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
@@ -36,19 +102,21 @@ def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature
     """Yield up to `max_new_tokens` new token ids, one per step (the prompt is read once, then each
     step feeds one token through the KV cache). Stops early at a stop id (not yielded) or when the
     context reaches the model's max_seq_len. Ids >= `vocab_limit` (default: the tokenizer vocabulary,
-    i.e. the padding rows) are never sampled. The same `seed` gives the same tokens. `lmatch_fn` gives
-    the retrieval-match id of each position; required exactly for models with an lmatch table.
+    i.e. the padding rows) are never sampled. The same `seed` gives the same tokens, and the same
+    tokens as the batching engine gives that request. `lmatch_fn` gives the retrieval-match id of each
+    position; required exactly for models with an lmatch table.
     Bad arguments raise ValueError here, at the call, before any token is computed."""
     cfg = model.cfg
-    _check_args(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, vocab_limit, lmatch_fn)
+    check_args(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, vocab_limit, lmatch_fn)
     # The last yielded token is never fed back, so a context of max_seq_len allows this many new ones:
     budget = min(max_new_tokens, cfg.max_seq_len - len(prompt_ids) + 1)
     return _stream(model, list(prompt_ids), budget, temperature, top_k, top_p, seed, frozenset(stop_ids),
                    vocab_limit or cfg.vocab_size, lmatch_fn)
 
 
-def _check_args(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int,
-                top_p: float, vocab_limit: int | None, lmatch_fn: LmatchFn | None) -> None:
+def check_args(model: GPT, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float, top_k: int,
+               top_p: float, vocab_limit: int | None, lmatch_fn: object | None) -> None:
+    """ValueError naming the first bad generation argument."""
     cfg = model.cfg
     if not prompt_ids:
         raise ValueError("the prompt is empty")
@@ -72,6 +140,9 @@ def _check_args(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperat
                          f"(this model: lmatch_vocab={cfg.lmatch_vocab})")
 
 
+_check_args = check_args  # the old private name
+
+
 @torch.inference_mode()
 def _stream(model: GPT, ids: list[int], budget: int, temperature: float, top_k: int, top_p: float,
             seed: int | None, stop_ids: frozenset[int], vocab_limit: int, lmatch_fn: LmatchFn | None) -> Iterator[int]:
@@ -79,13 +150,15 @@ def _stream(model: GPT, ids: list[int], budget: int, temperature: float, top_k: 
         return
     weight = next(model.parameters())
     device = weight.device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    u = uniforms(seed, budget).to(device)
+    params = (torch.tensor([float(temperature)], device=device), torch.tensor([int(top_k)], device=device),
+              torch.tensor([float(top_p)], device=device))
     cache = KVCache(model.cfg, 1, len(ids) + budget - 1, device, weight.dtype)
     x = torch.tensor([ids], device=device)
     lmatch = _lmatch_ids(lmatch_fn, ids, range(len(ids)), device)
     for step in range(budget):
-        logits, _ = model(x, lmatch=lmatch, kv_cache=cache)
-        token = sample_next(logits[0, -1, :vocab_limit], temperature, top_k, top_p, generator)
+        logits, _ = forward_last(model, x, cache, torch.tensor([x.size(1) - 1], device=device), lmatch)
+        token = int(sample_tokens(logits[:, :vocab_limit], *params, u[step:step + 1])[0])
         if token in stop_ids:
             return
         yield token

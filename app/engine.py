@@ -1,0 +1,438 @@
+"""Continuous-batching generation engine: one background thread owns the model and a slot KV cache.
+
+Requests (`Sequence`s) join and leave the running batch between decode steps. Each loop iteration:
+1. drops cancelled and timed-out sequences (their KV slot is freed at once);
+2. admits waiting sequences into free slots, up to `max_prefill_tokens` of (right-padded) prompt,
+   and prefills them in one forward: each gets its first token (time to first token);
+3. runs one batched decode step for every active sequence (one new token each).
+A sequence finishes at its stop id, its token budget, the context's end, its deadline or a cancel.
+
+Memory is bounded: the KV cache is allocated once ([max_batch, heads, max_len, head_dim] per layer),
+at most `max_batch` sequences are active and `max_queue` wait; `submit` raises `EngineFull` (with a
+retry-after estimate) beyond that. Sampling is per row from the sequence's own seeded uniforms
+(app.generate.sample_tokens), so a seed gives the same tokens alone, batched, or through `generate`.
+
+Optional retrieval hooks (objects, no import of the index code here):
+- `lmatch.lookup(context_ids) -> (next_id, match_len)`: the model's lmatch input of each position
+  (next_id = vocab_size means no match); needed exactly for models with `lmatch_vocab > 0`;
+- `knn(hidden [B, d]) -> (distances [B, k], next_ids [B, k])`: the next-token distribution becomes
+  p = lambda * p_knn + (1 - lambda) * p_lm, p_knn = softmax(-distance / knn_temperature) over the
+  neighbours' next ids (ids < 0 are ignored); `hidden` is the final norm's output (the lm_head input).
+Time spent in both is counted per sequence (`Sequence.index_ms`).
+
+No Ray here: app/serve.py wraps this in a Serve deployment; bench/serve_load.py drives it directly.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, Sequence as Seq
+
+import torch
+
+from app.generate import check_args, forward_last, sample_tokens, uniforms
+from app.log import get_logger
+from app.model import GPT, KVCache
+
+log = get_logger(__name__)
+
+
+class LMatchLookup(Protocol):
+    def lookup(self, context_ids: Seq[int]) -> tuple[int, int]: ...
+
+
+KnnFn = Callable[[torch.Tensor], tuple[Any, Any]]  # hidden [B, d] -> (distances [B, k], next ids [B, k])
+
+
+class EngineFull(Exception):
+    """Raised by `submit` when `max_queue` sequences already wait; `retry_after` in seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence is generated (validated by `Engine.submit`)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None  # None = a fresh random seed
+    logprobs: int | None = None  # None = off; n >= 0: the chosen token's logprob and the n most likely
+    timeout_s: float | None = None  # from submission; the sequence then finishes with "timeout"
+    stop_ids: Seq[int] | None = None  # None = the engine's eot id
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of a chosen token and the `top` most likely ids of its step (model distribution)."""
+
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Sequence:
+    """One generation in the engine. Its tokens grow as the engine runs; `wait`/`iter_tokens` follow it
+    from another thread, or set `listener` (called from the engine thread after every update)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], params: SamplingParams, deadline: float | None):
+        self.id = next(Sequence._ids)
+        self.prompt, self.params, self.deadline = prompt, params, deadline
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None  # stop | length | timeout | cancelled | error
+        self.error: str | None = None
+        self.slot: int | None = None
+        self.budget = 0
+        self.index_ms = 0.0  # time in the lmatch / kNN hooks for this sequence
+        self.t_submit = time.monotonic()
+        self.t_first: float | None = None
+        self.t_done: float | None = None
+        self.listener: Callable[[], None] | None = None
+        self._u: torch.Tensor | None = None  # the sampling uniforms, one per step
+        self._context: list[int] = []  # prompt + tokens, when an lmatch hook reads it
+        self._cancel: str | None = None
+        self._cond = threading.Condition()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the engine to stop this sequence (it frees the slot at its next step); thread-safe."""
+        self._cancel = self._cancel or reason
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until finished (or `timeout` seconds); True when finished."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.done, timeout)
+
+    def iter_tokens(self, timeout: float | None = None) -> Iterator[int]:
+        """Yield the tokens as they come, until the sequence finishes (TimeoutError after `timeout` s idle)."""
+        n = 0
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: len(self.tokens) > n or self.done, timeout):
+                    raise TimeoutError(f"no token for {timeout} s")
+                new, done = self.tokens[n:], self.done
+            yield from new
+            n += len(new)
+            if done and n == len(self.tokens):
+                return
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+        if self.listener is not None:
+            try:
+                self.listener()
+            except Exception:  # a closed event loop on the listening side: nothing to tell
+                pass
+
+
+class Engine:
+    """Continuous batching over `model` (eval mode, on its device). Start the loop with `start()`
+    (or drive it with `step()` in tests), `submit` sequences, `close()` at the end."""
+
+    def __init__(self, model: GPT, *, eot_id: int | None = None, vocab_limit: int | None = None,
+                 max_batch: int = 32, max_queue: int = 256, max_len: int | None = None,
+                 max_prefill_tokens: int = 4096, lmatch: LMatchLookup | None = None, knn: KnnFn | None = None,
+                 knn_lambda: float = 0.25, knn_temperature: float = 1.0):
+        cfg = model.cfg
+        if bool(cfg.lmatch_vocab) != (lmatch is not None):
+            raise ValueError("an lmatch index is needed exactly when the model has a retrieval-match table "
+                             f"(this model: lmatch_vocab={cfg.lmatch_vocab})")
+        if max_batch < 1 or max_queue < 0 or max_prefill_tokens < 1:
+            raise ValueError("max_batch and max_prefill_tokens must be >= 1, max_queue >= 0")
+        if not 0.0 <= knn_lambda <= 1.0 or knn_temperature <= 0:
+            raise ValueError("knn_lambda must be in [0, 1] and knn_temperature > 0")
+        self.model, self.cfg = model, cfg
+        weight = next(model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        self.eot_id = eot_id
+        self.vocab_limit = vocab_limit or cfg.vocab_size
+        self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
+        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        self.lmatch, self.knn, self.knn_lambda, self.knn_temperature = lmatch, knn, knn_lambda, knn_temperature
+        self.cache = KVCache(cfg, max_batch, self.max_len, self.device, self.dtype)
+        self._free = list(range(max_batch - 1, -1, -1))  # a stack: the lowest slot is reused first
+        self._active: dict[int, Sequence] = {}  # slot -> sequence
+        self._waiting: deque[Sequence] = deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._busy_s = 0.25  # running mean of a sequence's time in a slot (for Retry-After)
+        self.steps = self.generated = self.prefilled = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    # ---------------------------------------------------------------- client side (any thread)
+
+    def submit(self, prompt: Seq[int], params: SamplingParams | None = None) -> Sequence:
+        """Queue one sequence; ValueError for bad arguments, EngineFull when the queue is full."""
+        return self.submit_many([(prompt, params or SamplingParams())])[0]
+
+    def submit_many(self, items: Seq[tuple[Seq[int], SamplingParams]]) -> list[Sequence]:
+        """Queue several sequences all or none (e.g. a request's n choices)."""
+        seqs = []
+        for prompt, p in items:
+            prompt = [int(t) for t in prompt]
+            check_args(self.model, prompt, p.max_tokens, p.temperature, p.top_k, p.top_p, None, self.lmatch)
+            if len(prompt) > self.max_len:
+                raise ValueError(f"the prompt has {len(prompt)} tokens; this server reads at most {self.max_len}")
+            if p.logprobs is not None and not 0 <= p.logprobs <= 20:
+                raise ValueError(f"logprobs={p.logprobs} must be in [0, 20]")
+            if p.timeout_s is not None and not p.timeout_s > 0:
+                raise ValueError(f"timeout_s={p.timeout_s} must be > 0")
+            seq = Sequence(prompt, p, time.monotonic() + p.timeout_s if p.timeout_s else None)
+            seq.budget = min(p.max_tokens, self.max_len - len(prompt) + 1)
+            if seq.budget <= 0:  # max_tokens=0: finishes at admission, no forward
+                seq._cancel = "length"
+            seqs.append(seq)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if len(self._waiting) + len(seqs) > self.max_queue + len(self._free):
+                raise EngineFull(f"the server is at capacity ({len(self._active)} running, {len(self._waiting)} "
+                                 "waiting): retry later", self.retry_after())
+            self._waiting.extend(seqs)
+            self._lock.notify()
+        return seqs
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: the queue ahead divided over the slots."""
+        return max(1, min(60, math.ceil((len(self._waiting) + 1) * self._busy_s / self.max_batch)))
+
+    def stats(self) -> dict[str, Any]:
+        return {"active": len(self._active), "waiting": len(self._waiting), "free_slots": len(self._free),
+                "max_batch": self.max_batch, "max_queue": self.max_queue, "steps": self.steps,
+                "generated_tokens": self.generated, "prefilled_tokens": self.prefilled,
+                "failures": self.failures, "alive": self.alive}
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> Engine:
+        """Run the loop in a daemon thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="spotlm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the loop; every unfinished sequence ends with "cancelled"."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for seq in list(self._active.values()) + list(self._waiting):
+            self._finish(seq, "cancelled")
+        self._waiting.clear()
+
+    def generate(self, prompt: Seq[int], params: SamplingParams | None = None,
+                 timeout: float | None = None) -> Sequence:
+        """Submit and wait (a started engine)."""
+        seq = self.submit(prompt, params)
+        seq.wait(timeout)
+        return seq
+
+    # ---------------------------------------------------------------- the loop (engine thread)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._closed or self._waiting or self._active):
+                    self._lock.wait()
+                if self._closed:
+                    return
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One iteration: drop cancelled / timed-out sequences, admit and prefill, decode one token each."""
+        now = time.monotonic()
+        if self._waiting:  # cancelled / expired while waiting: out of the queue now, not at admission
+            with self._lock:
+                gone = [s for s in self._waiting if s._cancel or (s.deadline is not None and now > s.deadline)]
+                for seq in gone:
+                    self._waiting.remove(seq)
+                    self._finish(seq, seq._cancel or "timeout")
+        for seq in list(self._active.values()):
+            reason = seq._cancel or ("timeout" if seq.deadline is not None and now > seq.deadline else None)
+            if reason:
+                self._finish(seq, reason)
+        admitted = self._admit(now)
+        for group in admitted:
+            self._guarded(group, self._prefill)
+        running = [s for s in self._active.values() if s.tokens]
+        if running:
+            self._guarded(running, self._decode)
+        self.steps += 1
+
+    def _guarded(self, seqs: list[Sequence], fn: Callable[[list[Sequence]], None]) -> None:
+        """Run fn(seqs); an error (a failing index hook, out of memory, ...) ends those sequences with
+        "error" and frees their slots; the engine keeps serving the others."""
+        try:
+            fn(seqs)
+        except Exception as e:  # noqa: BLE001 - any failure must not stop the loop
+            self.failures += 1
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.exception("engine step failed for %d sequence(s)", len(seqs))
+            for seq in seqs:
+                if not seq.done:
+                    seq.error = self.last_error
+                    self._finish(seq, "error")
+
+    def _admit(self, now: float) -> list[list[Sequence]]:
+        """Move waiting sequences into free slots; groups whose padded prompts fit the prefill budget."""
+        groups: list[list[Sequence]] = []
+        group: list[Sequence] = []
+        with self._lock:
+            while self._waiting and self._free:
+                seq = self._waiting[0]
+                if seq._cancel or (seq.deadline is not None and now > seq.deadline):
+                    self._waiting.popleft()
+                    self._finish(seq, seq._cancel or "timeout")
+                    continue
+                longest = max([len(s.prompt) for s in group] + [len(seq.prompt)])
+                if group and longest * (len(group) + 1) > self.max_prefill_tokens:
+                    groups.append(group)
+                    group = []
+                    if len(groups) >= 4:  # bound the time before the running sequences' next token
+                        break
+                self._waiting.popleft()
+                seq.slot = self._free.pop()
+                self.cache.lengths[seq.slot] = 0
+                self._active[seq.slot] = seq
+                group.append(seq)
+        if group:
+            groups.append(group)
+        return groups
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        T = max(len(s.prompt) for s in seqs)
+        idx = torch.zeros(len(seqs), T, dtype=torch.long)
+        lmatch = torch.full((len(seqs), T), self.cfg.vocab_size, dtype=torch.long) if self.lmatch else None
+        for i, s in enumerate(seqs):
+            idx[i, :len(s.prompt)] = torch.tensor(s.prompt)
+            s._u = uniforms(s.params.seed, s.budget)
+            if lmatch is not None:
+                t0 = time.perf_counter()
+                s._context = list(s.prompt)
+                lmatch[i, :len(s.prompt)] = torch.tensor([self.lmatch.lookup(s._context[:p + 1])[0]
+                                                          for p in range(len(s.prompt))])
+                s.index_ms += 1e3 * (time.perf_counter() - t0)
+        last = torch.tensor([len(s.prompt) - 1 for s in seqs])
+        slots = self.cache.slots([s.slot for s in seqs])
+        logits, hidden = forward_last(self.model, idx.to(self.device), slots, last.to(self.device),
+                                      None if lmatch is None else lmatch.to(self.device))
+        for s in seqs:  # the padded rows advanced by T; the true lengths:
+            self.cache.lengths[s.slot] = len(s.prompt)
+        self.prefilled += int(sum(len(s.prompt) for s in seqs))
+        self._sample(seqs, logits, hidden)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        seqs = sorted(seqs, key=lambda s: s.slot)
+        idx = torch.tensor([[s.tokens[-1]] for s in seqs])
+        lmatch = None
+        if self.lmatch is not None:
+            ids = []
+            for s in seqs:
+                t0 = time.perf_counter()
+                ids.append(self.lmatch.lookup(s._context)[0])
+                s.index_ms += 1e3 * (time.perf_counter() - t0)
+            lmatch = torch.tensor(ids)[:, None].to(self.device)
+        slots = self.cache.slots([s.slot for s in seqs])
+        logits, hidden = forward_last(self.model, idx.to(self.device), slots,
+                                      torch.zeros(len(seqs), dtype=torch.long, device=self.device), lmatch)
+        self._sample(seqs, logits, hidden)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Pick each row's next token (kNN interpolation first, if on), append it, finish the done ones."""
+        logits = logits[:, :self.vocab_limit].float()
+        if self.knn is not None:
+            logits = self._interpolate(seqs, logits, hidden)
+        dev = logits.device
+        n = len(seqs)
+        step = torch.tensor([len(s.tokens) for s in seqs])
+        u = torch.stack([s._u[min(int(k), len(s._u) - 1)] for s, k in zip(seqs, step)])
+        temperature = torch.tensor([float(s.params.temperature) for s in seqs], device=dev)
+        top_k = torch.tensor([int(s.params.top_k) for s in seqs], device=dev)
+        top_p = torch.tensor([float(s.params.top_p) for s in seqs], device=dev)
+        tokens = sample_tokens(logits, temperature, top_k, top_p, u.to(dev))
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        chosen_lp: list[float] = []
+        top_lp: list[list[tuple[int, float]]] = []
+        if want:
+            rows = torch.tensor(want, device=dev)
+            lp = torch.log_softmax(logits[rows], dim=-1)
+            chosen_lp = lp.gather(1, tokens[rows][:, None]).squeeze(1).tolist()
+            k = max(seqs[i].params.logprobs for i in want)
+            if k:
+                v, i_ = lp.topk(min(k, lp.size(1)), dim=-1)
+                top_lp = [list(zip(ii, vv)) for ii, vv in zip(i_.tolist(), v.tolist())]
+            else:
+                top_lp = [[] for _ in want]
+        tokens = tokens.tolist()
+        lp_of = {i: j for j, i in enumerate(want)}
+        now = time.monotonic()
+        for i, (s, t) in enumerate(zip(seqs, tokens)):
+            stops = s.params.stop_ids if s.params.stop_ids is not None else (
+                () if self.eot_id is None else (self.eot_id,))
+            if t in stops:
+                self._finish(s, "stop")
+                continue
+            if i in lp_of:
+                j = lp_of[i]
+                s.logprobs.append(TokenLogprob(chosen_lp[j], [p for p in top_lp[j][:s.params.logprobs]]))
+            s.tokens.append(t)
+            if s.t_first is None:
+                s.t_first = now
+            if self.lmatch is not None:
+                s._context.append(t)
+            self.generated += 1
+            if len(s.tokens) >= s.budget:
+                self._finish(s, "length")
+            else:
+                s._notify()
+
+    def _interpolate(self, seqs: list[Sequence], logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """log(lambda p_knn + (1 - lambda) p_lm) [n, V] from the kNN hook's neighbours of `hidden`."""
+        t0 = time.perf_counter()
+        dist, ids = self.knn(hidden)
+        dist = torch.as_tensor(dist, device=logits.device, dtype=torch.float32).reshape(len(seqs), -1)
+        ids = torch.as_tensor(ids, device=logits.device, dtype=torch.long).reshape(len(seqs), -1)
+        valid = (ids >= 0) & (ids < logits.size(1))
+        w = torch.softmax((-dist / self.knn_temperature).masked_fill(~valid, float("-inf")), dim=-1)
+        w = torch.nan_to_num(w, nan=0.0)  # a row with no valid neighbour
+        p_knn = torch.zeros_like(logits).scatter_add_(1, ids.clamp(0, logits.size(1) - 1), w * valid)
+        lam = torch.where(valid.any(-1, keepdim=True), self.knn_lambda, 0.0)
+        p = lam * p_knn + (1 - lam) * torch.softmax(logits, dim=-1)
+        ms = 1e3 * (time.perf_counter() - t0) / len(seqs)
+        for s in seqs:
+            s.index_ms += ms
+        return torch.log(p)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.done:
+            return
+        if seq.slot is not None and self._active.get(seq.slot) is seq:
+            del self._active[seq.slot]
+            self.cache.lengths[seq.slot] = 0
+            with self._lock:
+                self._free.append(seq.slot)
+            self._busy_s = 0.9 * self._busy_s + 0.1 * (time.monotonic() - seq.t_submit)
+        seq.t_done = time.monotonic()
+        seq.finish_reason = reason
+        seq._notify()

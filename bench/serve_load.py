@@ -1,0 +1,329 @@
+"""Serving load benchmark: the continuous-batching engine vs a Hugging Face `generate()` loop, same weights.
+
+    python -m bench.serve_load                 # GPT-2-124M shape (random init), 1/8/32/128 streams, 2,000 requests
+    python -m bench.serve_load --quick         # tiny model on CPU, a few requests per level
+    python -m bench.serve_load --http          # also through Ray Serve over HTTP (streamed, TTFT from the first event)
+
+Builds a model of the preset's shape (random init), exports it with app.export, then for each
+concurrency level c runs c client threads that each submit requests back to back (fixed-length
+random-token prompts, greedy, exactly `max_tokens` new tokens: no stop id) and records throughput
+(generated tokens/s), time to first token and per-token latency (p50/p99) and errors. The baseline,
+in the same run: `LlamaForCausalLM` loaded from the export with transformers, generating the same
+prompts one request at a time (c=1) and in static batches of c (no streaming: TTFT = the time of a
+1-token generate of the batch). `--lmatch` adds the per-token latency with an lmatch lookup hook (a
+model of the same shape with a retrieval-match table, a dictionary lookup on the last 3 tokens) next
+to the same model without the hook. Prints one JSON object; ratios are engine / baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from app.engine import Engine, SamplingParams
+from app.export import export_model, load_exported
+from app.model import GPT, ModelConfig
+from app.tokenizer import train_bpe
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def summary(ttft: list[float], per_token: list[float], tokens: int, wall: float, errors: int, n: int) -> dict:
+    ms = lambda x: None if x is None else round(1e3 * x, 3)  # noqa: E731
+    return {"requests": n, "errors": errors, "tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1) if wall else None,
+            "ttft_ms_p50": ms(pct(ttft, 50)), "ttft_ms_p99": ms(pct(ttft, 99)),
+            "per_token_ms_p50": ms(pct(per_token, 50)), "per_token_ms_p99": ms(pct(per_token, 99))}
+
+
+def make_export(preset: str, d: Path, lmatch: bool = False, max_seq_len: int | None = None) -> str:
+    tok_file = d / "tokenizer.json"
+    if not tok_file.exists():
+        text = " ".join(f"w{i % 997} x{i % 13}" for i in range(20000))
+        train_bpe([text], vocab_size=300).save(str(tok_file))
+    over = {"max_seq_len": max_seq_len} if max_seq_len else {}
+    cfg = ModelConfig.preset(preset, **over)
+    if lmatch:
+        cfg = ModelConfig.preset(preset, lmatch_vocab=cfg.vocab_size + 1, **over)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.init_weights()
+    out = d / ("export_lmatch" if lmatch else "export")
+    export_model(model, str(out), str(tok_file), meta={"run": f"bench-{preset}"})
+    return str(out)
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], conc: int, max_tokens: int) -> dict:
+    """`conc` client threads submitting `prompts` back to back; per-request TTFT and per-token latency."""
+    ttft, per_tok, errors, tokens = [], [], [0], [0]
+    lock, it = threading.Lock(), iter(range(len(prompts)))
+
+    def client():
+        while True:
+            with lock:
+                i = next(it, None)
+            if i is None:
+                return
+            try:
+                seq = engine.submit(prompts[i], SamplingParams(max_tokens=max_tokens, temperature=0.0, timeout_s=600))
+                seq.wait(600)
+                ok = seq.finish_reason == "length" and len(seq.tokens) == max_tokens
+            except Exception:  # noqa: BLE001 - counted
+                ok = False
+            with lock:
+                if not ok:
+                    errors[0] += 1
+                    continue
+                tokens[0] += len(seq.tokens)
+                ttft.append(seq.t_first - seq.t_submit)
+                if len(seq.tokens) > 1:
+                    per_tok.append((seq.t_done - seq.t_first) / (len(seq.tokens) - 1))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(conc)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summary(ttft, per_tok, tokens[0], time.perf_counter() - t0, errors[0], len(prompts))
+
+
+def run_hf(export: str, prompts: list[list[int]], batch: int, max_tokens: int, device: str, dtype) -> dict:
+    """transformers LlamaForCausalLM.generate on the same prompts, in static batches of `batch`."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(export, dtype=dtype).to(device).eval()
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    ttft, per_tok, tokens = [], [], 0
+    with torch.inference_mode():
+        x = torch.tensor(prompts[:batch], device=device)
+        model.generate(x, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+        t0 = time.perf_counter()
+        for s in range(0, len(prompts) - batch + 1, batch):
+            x = torch.tensor(prompts[s:s + batch], device=device)
+            a = time.perf_counter()
+            model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+            b = time.perf_counter()
+            out = model.generate(x, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kw)
+            _sync(device)
+            c = time.perf_counter()
+            new = out.shape[1] - x.shape[1]
+            tokens += new * x.shape[0]
+            ttft += [b - a] * x.shape[0]
+            per_tok += [(c - b - (b - a)) / max(1, new - 1)] * x.shape[0]
+        wall = time.perf_counter() - t0 - sum(ttft) / batch  # the 1-token probes are not throughput
+    return summary(ttft, per_tok, tokens, wall, 0, len(prompts) // batch * batch)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_http(export: str, prompts: list[list[int]], conc: int, max_tokens: int, args) -> dict:
+    """The same load through Ray Serve over HTTP, streamed (TTFT = first event with text)."""
+    import urllib.request
+
+    ttft, per_tok, errors, tokens = [], [], [0], [0]
+    lock, it = threading.Lock(), iter(range(len(prompts)))
+
+    def client():
+        while True:
+            with lock:
+                i = next(it, None)
+            if i is None:
+                return
+            body = json.dumps({"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                               "stream_options": {"include_usage": True}}).encode()
+            req = urllib.request.Request(args.url + "/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            t0, first, n = time.perf_counter(), None, 0
+            try:
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    for line in r:
+                        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                            continue
+                        ev = json.loads(line[6:])
+                        if ev.get("error"):
+                            raise RuntimeError(ev["error"]["message"])
+                        if ev.get("usage"):
+                            n = ev["usage"]["completion_tokens"]
+                        elif first is None and ev["choices"] and ev["choices"][0]["text"]:
+                            first = time.perf_counter()
+                end = time.perf_counter()
+                ok = n == max_tokens and first is not None
+            except Exception:  # noqa: BLE001 - counted
+                ok = False
+            with lock:
+                if not ok:
+                    errors[0] += 1
+                    continue
+                tokens[0] += n
+                ttft.append(first - t0)
+                per_tok.append((end - first) / max(1, n - 1))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(conc)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summary(ttft, per_tok, tokens[0], time.perf_counter() - t0, errors[0], len(prompts))
+
+
+class DictLookup:
+    """A cheap stand-in for an LMatch index: the next id after the last 3 tokens, from a fixed table."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+        self.table: dict[tuple[int, ...], int] = {}
+
+    def lookup(self, ctx):
+        key = tuple(ctx[-3:])
+        nxt = self.table.get(key)
+        if nxt is None:
+            nxt = self.table.setdefault(key, hash(key) % (self.vocab + 1))
+        return nxt, min(3, len(ctx))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="gpt2-124m")
+    p.add_argument("--quick", action="store_true", help="tiny model, small load (CPU smoke run)")
+    p.add_argument("--concurrency", default="1,8,32,128")
+    p.add_argument("--requests", default="", help="requests per level, comma list (default: 2,000 in all)")
+    p.add_argument("--prompt_len", type=int, default=128)
+    p.add_argument("--max_tokens", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--hf_requests", type=int, default=0, help="requests per level for the HF baseline (0 = auto)")
+    p.add_argument("--no_hf", action="store_true")
+    p.add_argument("--http", action="store_true", help="also measure through Ray Serve over HTTP")
+    p.add_argument("--lmatch", action="store_true", help="per-token latency with and without an lmatch hook")
+    p.add_argument("--index", default=None, help="a real LMatch index (dataset dir) for --lmatch")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 helps on a busy CPU")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.quick:
+        a.preset, a.prompt_len, a.max_tokens = "tiny", 16, 16
+        if a.concurrency == "1,8,32,128":
+            a.concurrency = "1,4,16"
+    levels = [int(c) for c in a.concurrency.split(",")]
+    if a.requests:
+        per_level = [int(r) for r in a.requests.split(",")]
+    elif a.quick:
+        per_level = [4 * c for c in levels]
+    else:  # 2,000 in all, more where there are more streams
+        w = [max(50, c * 8) for c in levels]
+        per_level = [round(2000 * x / sum(w)) for x in w]
+        per_level[-1] += 2000 - sum(per_level)
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    result: dict = {"preset": a.preset, "device": device, "dtype": str(dtype).removeprefix("torch."),
+                    "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "levels": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        max_len = max(ModelConfig.preset(a.preset).max_seq_len, a.prompt_len + a.max_tokens)
+        export = make_export(a.preset, Path(tmp), max_seq_len=max_len)
+        ex = load_exported(export, device=device, dtype=dtype)
+        vocab = ex.config.vocab_size
+        engine = Engine(ex.model, eot_id=None, max_batch=max(levels), max_queue=max(per_level),
+                        max_len=a.prompt_len + a.max_tokens).start()
+        run_engine(engine, make_prompts(2, a.prompt_len, vocab, 99), 2, 4)  # warm-up
+        for c, n in zip(levels, per_level):
+            prompts = make_prompts(n, a.prompt_len, vocab, seed=c)
+            level = {"engine": run_engine(engine, prompts, c, a.max_tokens)}
+            if not a.no_hf:
+                hf_n = max(c, a.hf_requests) if a.hf_requests else \
+                    (max(c, min(n, 4 * c)) if c > 1 else min(n, 8 if a.quick else 16))  # at least one full batch
+                level["hf_batched"] = run_hf(export, prompts[:hf_n], c, a.max_tokens, device, dtype)
+                if c > 1:  # one request at a time: the plain generate() loop
+                    level["hf_sequential"] = result["levels"]["1"]["hf_batched"] if "1" in result["levels"] else \
+                        run_hf(export, prompts[:min(n, 8)], 1, a.max_tokens, device, dtype)
+                e, h = level["engine"], level["hf_batched"]
+                if h["tokens_per_s"]:
+                    level["ratio_tokens_per_s_vs_hf_batched"] = round(e["tokens_per_s"] / h["tokens_per_s"], 2)
+                if level.get("hf_sequential", {}).get("tokens_per_s"):
+                    level["ratio_tokens_per_s_vs_hf_sequential"] = round(
+                        e["tokens_per_s"] / level["hf_sequential"]["tokens_per_s"], 2)
+            result["levels"][str(c)] = level
+            print(json.dumps({str(c): level}), flush=True)
+        engine.close()
+        result["errors"] = sum(lv["engine"]["errors"] for lv in result["levels"].values())
+        result["requests"] = sum(lv["engine"]["requests"] for lv in result["levels"].values())
+        if a.http:
+            result["http"] = http_levels(a, export, levels, per_level, vocab)
+            result["errors"] += sum(lv["errors"] for lv in result["http"].values())
+            result["requests"] += sum(lv["requests"] for lv in result["http"].values())
+        if a.lmatch:
+            result["lmatch"] = lmatch_overhead(a, Path(tmp), device, dtype, max_len)
+    print(json.dumps(result, indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def http_levels(a, export: str, levels: list[int], per_level: list[int], vocab: int) -> dict:
+    import ray
+    from ray import serve
+
+    from app import serve as app_serve
+
+    ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    port = 18000 + int(time.time()) % 1000
+    a.url = app_serve.start(app_serve.ServeArgs(model=export, max_batch=max(levels), max_queue=max(per_level),
+                                                max_tokens_limit=a.max_tokens, num_gpus=1 if torch.cuda.is_available()
+                                                else 0), port=port)
+    out = {}
+    try:
+        run_http(export, make_prompts(2, a.prompt_len, vocab, 99), 2, 4, a)  # warm-up
+        for c, n in zip(levels, per_level):
+            out[str(c)] = run_http(export, make_prompts(n, a.prompt_len, vocab, seed=c), c, a.max_tokens, a)
+            print(json.dumps({"http": {str(c): out[str(c)]}}), flush=True)
+    finally:
+        serve.shutdown()
+    return out
+
+
+def lmatch_overhead(a, tmp: Path, device: str, dtype, max_len: int) -> dict:
+    """Per-token latency at 8 streams: the same-shape model with an lmatch hook vs the plain model."""
+    n, c = (16, 4) if a.quick else (64, 8)
+    out = {}
+    for name, lm in (("without", False), ("with", True)):
+        ex = load_exported(make_export(a.preset, tmp, lmatch=lm, max_seq_len=max_len), device=device, dtype=dtype)
+        hook = None
+        if lm:
+            if a.index:
+                from index.lmatch import LMatchIndex
+
+                hook = LMatchIndex.open(a.index)
+            else:
+                hook = DictLookup(ex.config.vocab_size)
+        engine = Engine(ex.model, eot_id=None, max_batch=c, max_queue=n, lmatch=hook,
+                        max_len=a.prompt_len + a.max_tokens).start()
+        prompts = make_prompts(n, a.prompt_len, ex.config.vocab_size, seed=5)
+        run_engine(engine, prompts[:2], 2, 4)
+        out[name] = run_engine(engine, prompts, c, a.max_tokens)
+        engine.close()
+    out["per_token_ms_p50_ratio"] = round(out["with"]["per_token_ms_p50"] / out["without"]["per_token_ms_p50"], 3)
+    return out
+
+
+if __name__ == "__main__":
+    main()
