@@ -1,0 +1,311 @@
+"""Memory options of a training run (`MemoryConfig`) and a planner that picks the fastest set that fits.
+
+    python -m app.memory_plan --preset llama3-8b --gpu_gb 80 --seq_len 131072
+
+How the activation numbers were calibrated: the per-token, per-layer bytes below are not a fit but a count
+of the tensors autograd saves in one `Block` of app/model.py, for each checkpointing mode and for both
+residual dtypes (fp32 parameters under bf16 autocast: r = 4; bf16 parameters: r = 2). They were checked,
+byte for byte, against `torch.autograd.graph.saved_tensors_hooks` counts of the real block on CPU
+(tests/test_memory.py::test_activation_formula_matches_saved_tensors re-checks it on several shapes; the
+CPU flash-attention kernel saves the same tensors as CUDA's: q, k, v, out, logsumexp). What the count
+cannot see, the transient working memory of backward and of the loss, is a formula with constants
+(`TRANSIENT_*` below) that bench/memory.py reports against torch.cuda.max_memory_allocated on the GPU
+(`predicted_peak_gb` beside `peak_gb`), so the error is visible in every benchmark run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from app.config import ConfigError
+
+CHECKPOINTING = ("none", "selective", "full")
+GB = 1e9
+GiB = 1 << 30
+
+
+@dataclass
+class MemoryConfig:
+    """How one training step uses GPU memory. Everything is off by default (each option costs speed)."""
+
+    auto: bool = False  # let the planner choose the options below from the GPU's memory (app.memory_plan.plan)
+    checkpointing: str = "none"  # none | selective (recompute norms and the SwiGLU product) | full (whole blocks)
+    mlp_chunk: int = 0  # checkpointing=full: run the MLP over checkpointed tiles of this many tokens (0 = whole)
+    offload_activations: bool = False  # saved activations (with full checkpointing: the block inputs) to pinned CPU memory
+    offload_min_bytes: int = 1 << 20  # smaller saved tensors stay on the GPU
+    offload_optimizer: bool = False  # AdamW on the CPU over fp32 master weights; bf16 weights and grads on the GPU
+    optimizer_mode: str = "sync"  # offload_optimizer: sync (exact, step waits) | overlap (exact, next forward waits per block)
+    optimizer_state_dtype: str = "fp32"  # offload_optimizer: Adam moments on the CPU in fp32 | bf16 (half the host memory)
+    fsdp: bool = False  # FSDP2 fully_shard per block + root over the Ray Train workers (instead of DDP)
+    fsdp_cpu_offload: bool = False  # fsdp: CPUOffloadPolicy (sharded params, grads and optimizer state on the CPU)
+
+    def validate(self) -> None:
+        if self.checkpointing not in CHECKPOINTING:
+            raise ConfigError(f"memory.checkpointing must be one of {', '.join(CHECKPOINTING)}, got {self.checkpointing!r}")
+        if self.optimizer_mode not in ("sync", "overlap"):
+            raise ConfigError(f"memory.optimizer_mode must be sync | overlap, got {self.optimizer_mode!r}")
+        if self.optimizer_state_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"memory.optimizer_state_dtype must be fp32 | bf16, got {self.optimizer_state_dtype!r}")
+        if self.fsdp and self.offload_optimizer:
+            raise ConfigError("memory.fsdp and memory.offload_optimizer do not combine: use memory.fsdp_cpu_offload")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise ConfigError("memory.fsdp_cpu_offload needs memory.fsdp=true")
+
+    def label(self) -> str:
+        parts = [f"ckpt={self.checkpointing}" + (f"/mlp{self.mlp_chunk}" if self.mlp_chunk else "")]
+        if self.offload_activations:
+            parts.append("offload_act")
+        if self.offload_optimizer:
+            parts.append(f"offload_opt({self.optimizer_mode},{self.optimizer_state_dtype})")
+        if self.fsdp:
+            parts.append("fsdp+cpu" if self.fsdp_cpu_offload else "fsdp")
+        return ",".join(parts)
+
+
+# Working memory of backward beyond the saved activations, per token: gradients of the residual stream
+# and of one block's widest intermediates (multiples of d_model and ffn_hidden, in bytes).
+TRANSIENT_D, TRANSIENT_F = 12, 6  # 3 residual-wide grads (x r bytes / 4 here: 12 -> 3 r d); 3 ffn-wide bf16 grads
+ALLOCATOR_SLACK = 1.08  # caching-allocator fragmentation on top of the live bytes
+OFFLOAD_RING_BYTES = 4 * 16 * 2**20 * 2 * 2  # app.offload: 4 pinned slots x 16M bf16 elements, grads + params
+CUDA_CONTEXT_GB = 0.6  # CUDA context + cuBLAS workspaces are outside max_memory_allocated, but not outside the GPU
+
+
+@dataclass
+class Estimate:
+    """Bytes of one training step at its peak, by part (GPU), and the host memory the options need."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    loss: float
+    transient: float
+    peak: float  # GPU peak (sum of the parts x ALLOCATOR_SLACK)
+    host: float  # CPU memory: offloaded optimizer + pinned activation copies
+
+    def gb(self) -> dict[str, float]:
+        return {k: round(v / GB, 2) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Plan:
+    memory: MemoryConfig
+    fused_loss: bool
+    estimate: Estimate
+    fits: bool
+    step_s: float  # estimated seconds per step (app.memory_plan.step_seconds)
+    gpu_gb: float
+    considered: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"memory": asdict(self.memory), "label": self.memory.label(), "fused_loss": self.fused_loss,
+                "fits": self.fits, "step_s": self.step_s, "gpu_gb": self.gpu_gb, "estimate_gb": self.estimate.gb(),
+                "considered": self.considered}
+
+
+def _shape(preset_or_cfg):
+    from app.model import ModelConfig
+
+    if isinstance(preset_or_cfg, str):
+        return ModelConfig.preset(preset_or_cfg)
+    return preset_or_cfg
+
+
+def num_params(cfg) -> int:
+    """Parameters of GPT(cfg) (a tied matrix once), without building it."""
+    d, f, hd = cfg.d_model, cfg.ffn_hidden, cfg.head_dim
+    V = cfg.padded_vocab_size
+    block = d * cfg.n_head * hd * 2 + d * cfg.n_kv_head * hd * 2 + 3 * d * f + 2 * d
+    emb = V * d + (cfg.lmatch_vocab * d if cfg.lmatch_vocab else 0)
+    return emb + cfg.n_layer * block + d + (0 if cfg.tie_embeddings else V * d)
+
+
+def layer_activation_bytes(cfg, checkpointing: str, residual_bytes: int) -> float:
+    """Bytes autograd saves per token in one block (weights and the shared rotary tables excluded).
+
+    r = residual_bytes (4: fp32 params under bf16 autocast; 2: bf16 params); q = n_head * head_dim,
+    kv = n_kv_head * head_dim, h = n_head, f = ffn_hidden. Attention saves q, k, v, out (bf16) and the fp32
+    logsumexp: 4q + 4kv + 4h. Each RMSNorm saves its fp32 input copy, the fp32 rsqrt and the normalised
+    value: 4d + 4 + r d; its output is saved by the projections that read it (once as bf16 when r = 2;
+    once per projection as an autocast cast when r = 4: 3 in attention, 2 in the MLP). SwiGLU saves
+    gate, up, silu(gate) and their product: 8f."""
+    d, f, h = cfg.d_model, cfg.ffn_hidden, cfg.n_head
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    r = residual_bytes
+    attn = 4 * q + 4 * kv + 4 * h
+    proj_in = 2 * 2 * d if r == 2 else 5 * 2 * d  # the norm outputs as the projections save them
+    if checkpointing == "none":
+        return 2 * (4 * d + 4 + r * d) + proj_in + attn + 8 * f
+    if checkpointing == "selective":
+        return 2 * r * d + proj_in + attn + 4 * f
+    if checkpointing == "full":
+        return r * d
+    raise ValueError(checkpointing)
+
+
+def estimate(preset_or_cfg, seq_len: int, batch: int = 1, mem: MemoryConfig | None = None, *,
+             fused_loss: bool = True, world_size: int = 1) -> Estimate:
+    """Peak GPU bytes (and host bytes) of one training step (forward, backward, AdamW step) under `mem`."""
+    cfg = _shape(preset_or_cfg)
+    mem = mem or MemoryConfig()
+    P = num_params(cfg)
+    T = seq_len * batch
+    d, f, L, V = cfg.d_model, cfg.ffn_hidden, cfg.n_layer, cfg.padded_vocab_size
+    bf16_params = mem.offload_optimizer or mem.fsdp  # FSDP2 unshards to bf16 (mixed precision)
+    r = 2 if bf16_params else 4
+    host = 0.0
+    block_params = P - V * d * (1 if cfg.tie_embeddings else 2)
+    block_params /= L
+    if mem.offload_optimizer:
+        weights, grads, optimizer = 2 * P, 2 * P, 0.0
+        host += _opt_host(cfg, mem)  # fp32 master + moments + pinned staging rings
+    elif mem.fsdp:
+        n = max(world_size, 1)
+        sharded = 16 * P / n  # fp32 params + grads + Adam moments, this rank's shard
+        unsharded = 2 * 2 * block_params * 2 + 2 * (P - L * block_params)  # two bf16 blocks in flight + root
+        if mem.fsdp_cpu_offload:
+            weights, grads, optimizer, host = unsharded, 2 * 2 * block_params, 0.0, host + sharded
+        else:
+            weights, grads, optimizer = 4 * P / n + unsharded, 4 * P / n, 8 * P / n
+    else:
+        weights, grads, optimizer = 4 * P + 2 * P, 4 * P, 8 * P  # fp32 + autocast's bf16 copies, fp32 grads, Adam
+
+    per_layer = layer_activation_bytes(cfg, mem.checkpointing, r) * T
+    acts = L * per_layer
+    if mem.offload_activations:
+        host += acts
+        acts = min(acts, 2 * per_layer + 2 * GiB)  # the copies in flight and the prefetch window
+    acts += 2 * T * cfg.head_dim * r + 8 * T  # rotary tables, token ids
+    # backward of one block: gradients of the residual, of q/k/v/out and of the SwiGLU (per MLP tile when
+    # tiled), plus what that block recomputes (selective: norms and the SwiGLU product; full: its selective set)
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    tile = min(T, mem.mlp_chunk) if mem.checkpointing == "full" and mem.mlp_chunk else T
+    transient = T * (TRANSIENT_D * r * d // 4 + 4 * q + 4 * kv) + tile * TRANSIENT_F * f
+    if mem.checkpointing == "selective":
+        transient += T * (8 * d + 4 * f)
+    elif mem.checkpointing == "full":
+        transient += layer_activation_bytes(cfg, "selective", r) * T - 4 * f * (T - tile) + T * (8 * d + 4 * f)
+    # final norm and the loss
+    loss = T * (4 * d + 4 + r * d + 2 * d)
+    if fused_loss:  # grad_weight (fp32) and grad_hidden kept from forward, one chunk of logits
+        loss += 4 * V * d + 2 * T * d + 2 * 2 * T * d
+    else:  # bf16 logits, fp32 copy, log_softmax output, its gradient
+        loss += 14 * T * V
+    peak = (weights + grads + optimizer + acts + max(loss, transient)) * ALLOCATOR_SLACK
+    return Estimate(weights, grads, optimizer, acts, loss, transient, peak, host)
+
+
+# Step-time model for ranking plans (bench/memory.py measures the real numbers): achieved bf16 FLOP/s,
+# PCIe bandwidth each way, and host memory bandwidth of the CPU AdamW (~24 bytes moved per parameter).
+GPU_FLOPS, PCIE_BPS, CPU_ADAM_BPS = 400e12, 20e9, 20e9
+
+
+def step_seconds(preset_or_cfg, seq_len: int, batch: int, mem: MemoryConfig, est: Estimate | None = None) -> float:
+    """Estimated seconds of one step: matmul + causal attention FLOPs (x4/3 for full recompute), plus the
+    PCIe time activation offload cannot hide behind forward / backward, plus the CPU optimizer step."""
+    cfg = _shape(preset_or_cfg)
+    T, L, d, f = seq_len * batch, cfg.n_layer, cfg.d_model, cfg.ffn_hidden
+    matmul = 6 * (num_params(cfg) - cfg.padded_vocab_size * d * (0 if cfg.tie_embeddings else 1)) * T
+    attn = 6 * L * d * T * seq_len  # causal: half of 12 L d T per token
+    flops = matmul + attn
+    if mem.checkpointing == "full":
+        flops *= 4 / 3
+        if mem.mlp_chunk:
+            flops += 2 * 3 * d * f * L * T  # the MLP forward once more (tiles are checkpointed again)
+    elif mem.checkpointing == "selective":
+        flops *= 1.02
+    t = flops / GPU_FLOPS
+    if mem.offload_activations:
+        est = est or estimate(cfg, seq_len, batch, mem)
+        acts = est.host - (_opt_host(cfg, mem) if mem.offload_optimizer else 0)
+        t += max(0.0, acts / PCIE_BPS - t / 3) + max(0.0, acts / PCIE_BPS - 2 * t / 3)
+    if mem.offload_optimizer:
+        P = num_params(cfg)
+        t += 4 * P / PCIE_BPS + (24 if mem.optimizer_state_dtype == "fp32" else 20) * P / CPU_ADAM_BPS
+    if mem.fsdp_cpu_offload:
+        t += 16 * num_params(cfg) / PCIE_BPS
+    return t
+
+
+def _opt_host(cfg, mem: MemoryConfig) -> float:
+    return num_params(cfg) * (4 + (8 if mem.optimizer_state_dtype == "fp32" else 4)) + OFFLOAD_RING_BYTES
+
+
+def candidates(world_size: int = 1) -> list[MemoryConfig]:
+    """The option sets the planner weighs, from the cheapest in speed."""
+    out = []
+    for opt in ({}, {"offload_optimizer": True}, {"offload_optimizer": True, "optimizer_state_dtype": "bf16"}):
+        for ck in CHECKPOINTING:
+            for act in (False, True):
+                if act and ck == "none":
+                    continue  # offloading every saved tensor moves ~20x the bytes of full checkpointing
+                out.append(MemoryConfig(checkpointing=ck, offload_activations=act, **opt))
+                if ck == "full":
+                    out.append(MemoryConfig(checkpointing=ck, offload_activations=act, mlp_chunk=16384, **opt))
+    if world_size > 1:
+        for ck in CHECKPOINTING:
+            for cpu in (False, True):
+                out.append(MemoryConfig(checkpointing=ck, fsdp=True, fsdp_cpu_offload=cpu))
+    return out
+
+
+def plan(preset_or_cfg, gpu_gb: float, seq_len: int, batch: int = 1, *, host_gb: float = 100.0,
+         fused_loss: bool = True, world_size: int = 1, headroom_gb: float = 1.0) -> Plan:
+    """The fastest (by `step_seconds`) option set whose estimated peak fits in `gpu_gb` (less the CUDA context and
+    `headroom_gb`) and whose host memory fits in `host_gb`; ties go to the lower peak. When nothing fits,
+    the set with the lowest peak, with fits=False."""
+    budget = (gpu_gb - CUDA_CONTEXT_GB - headroom_gb) * GB
+    rows = []
+    for mem in candidates(world_size):
+        e = estimate(preset_or_cfg, seq_len, batch, mem, fused_loss=fused_loss, world_size=world_size)
+        ok = e.peak <= budget and e.host <= host_gb * GB
+        rows.append((mem, e, ok, step_seconds(preset_or_cfg, seq_len, batch, mem, e)))
+    fitting = [r for r in rows if r[2]]
+    if fitting:
+        # the fastest; within 1% of it (offload hidden behind compute) the fewest options, then the lower peak
+        best = min(r[3] for r in fitting)
+        near = [r for r in fitting if r[3] <= best * 1.01]
+        mem, e, ok, s = min(near, key=lambda r: (CHECKPOINTING.index(r[0].checkpointing) + (r[0].mlp_chunk > 0)
+                                                 + r[0].offload_activations + r[0].offload_optimizer, r[1].peak))
+    else:
+        mem, e, ok, s = min(rows, key=lambda r: (r[1].host > host_gb * GB, r[1].peak))
+    considered = [{"label": m.label(), "peak_gb": round(x.peak / GB, 2), "host_gb": round(x.host / GB, 2),
+                   "fits": k, "step_s": round(sp, 3)} for m, x, k, sp in rows]
+    return Plan(replace(mem), fused_loss, e, ok, round(s, 3), gpu_gb, considered)
+
+
+def resolve(mem: MemoryConfig, preset_or_cfg, seq_len: int, batch: int, gpu_gb: float, **kw) -> MemoryConfig:
+    """`mem` itself, or the planner's choice when `mem.auto` (keeps the explicit non-default fields)."""
+    if not mem.auto:
+        return mem
+    return plan(preset_or_cfg, gpu_gb, seq_len, batch, **kw).memory
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="llama3-8b")
+    ap.add_argument("--gpu_gb", type=float, default=80.0)
+    ap.add_argument("--host_gb", type=float, default=100.0)
+    ap.add_argument("--seq_len", type=int, default=131072)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--world_size", type=int, default=1)
+    ap.add_argument("--no_fused_loss", action="store_true")
+    ap.add_argument("--vocab_size", type=int, default=0)
+    ap.add_argument("--all", action="store_true", help="print every option set considered")
+    a = ap.parse_args(argv)
+    from app.model import ModelConfig
+
+    cfg = ModelConfig.preset(a.preset, **({"vocab_size": a.vocab_size} if a.vocab_size else {}))
+    p = plan(cfg, a.gpu_gb, a.seq_len, a.batch, host_gb=a.host_gb, fused_loss=not a.no_fused_loss,
+             world_size=a.world_size)
+    out = p.summary()
+    out.update(preset=a.preset, seq_len=a.seq_len, batch=a.batch, params_b=round(num_params(cfg) / 1e9, 3))
+    if not a.all:
+        out.pop("considered")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""parallelize(model, mem, ...): activation checkpointing, activation offload, FSDP2 and torch.compile.
+
+Everything here changes how a step uses memory, never what it computes: parameter names, the state dict
+and the loss are the same as the plain model's (checkpointed forwards are patched on the module instances,
+so checkpoints and exports keep the Hugging Face layout).
+
+- checkpointing="selective": per block, the two RMSNorms and the SwiGLU product + down projection are
+  recomputed in backward (saved: the norm inputs, gate and up outputs); matmul and attention outputs are kept.
+- checkpointing="full": each block runs under `torch.utils.checkpoint` (non-reentrant); only its input is kept;
+  its recompute in backward is itself selective, and with `mlp_chunk` the MLP runs in checkpointed token tiles.
+- offload_activations: each block's saved tensors go to pinned CPU memory on a side CUDA stream while the
+  forward goes on, and come back (prefetched a few tensors ahead, on another stream) in backward. With full
+  checkpointing the only saved tensor of a block is its input (saved by checkpoint's `_NoopSaveInputs`,
+  through these hooks), so exactly the layer inputs are offloaded. On CPU tensors the hooks make a copy
+  (a no-op in effect, kept so tests go through the same path).
+- fsdp: FSDP2 `fully_shard` per block then the root (bf16 params / fp32 reduce), optionally with
+  `CPUOffloadPolicy`; needs an initialised process group (Ray Train sets one up).
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from app.memory_plan import MemoryConfig
+
+
+# ----------------------------------------------------------------------------------------------------------
+# activation checkpointing
+# ----------------------------------------------------------------------------------------------------------
+def _ckpt(fn, *args):
+    return checkpoint(fn, *args, use_reentrant=False)  # RNG state kept: dropout masks recompute equal
+
+
+def _selective_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    g, u = mlp.gate_proj(x), mlp.up_proj(x)
+    return _ckpt(lambda g_, u_: mlp.down_proj(F.silu(g_) * u_), g, u)
+
+
+def _patch(module: nn.Module, new_forward) -> None:
+    module._spotlm_orig_forward = getattr(module, "_spotlm_orig_forward", module.forward)
+    module.forward = new_forward
+
+
+def _unpatch(module: nn.Module) -> None:
+    if hasattr(module, "_spotlm_orig_forward"):
+        module.forward = module._spotlm_orig_forward
+        del module._spotlm_orig_forward
+
+
+def _tiled_mlp(mlp: nn.Module, orig, chunk: int, x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] <= chunk:
+        return orig(x)
+    return torch.cat([_ckpt(orig, x[:, i:i + chunk]) for i in range(0, x.shape[1], chunk)], dim=1)
+
+
+def apply_checkpointing(model: nn.Module, mode: str, mlp_chunk: int = 0) -> nn.Module:
+    """Patch every block of `model.model.layers` for `mode` (none | selective | full); returns model.
+
+    full = the whole block checkpointed, with the selective patches inside it, so the backward's recompute
+    of one block holds only the selective set. `mlp_chunk` > 0 (with full): the MLP runs over token tiles of
+    that many positions, each checkpointed, so its ffn-wide intermediates exist for one tile at a time."""
+    if mode not in ("none", "selective", "full"):
+        raise ValueError(f"checkpointing must be none | selective | full, got {mode!r}")
+    for block in model.model.layers:
+        for m in (block, block.input_layernorm, block.post_attention_layernorm, block.mlp):
+            _unpatch(m)
+        if mode in ("selective", "full"):
+            for norm in (block.input_layernorm, block.post_attention_layernorm):
+                _patch(norm, functools.partial(_ckpt, norm.forward))
+            mlp_fwd = functools.partial(_selective_mlp, block.mlp)
+            if mode == "full" and mlp_chunk > 0:
+                mlp_fwd = functools.partial(_tiled_mlp, block.mlp, mlp_fwd, mlp_chunk)
+            _patch(block.mlp, mlp_fwd)
+        if mode == "full":
+            _patch(block, functools.partial(_ckpt, block.forward))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# activation offload
+# ----------------------------------------------------------------------------------------------------------
+class _Packed:
+    __slots__ = ("cpu", "d2h", "gpu", "h2d", "device", "index", "nbytes")
+
+    def __init__(self, cpu, d2h, device, index, nbytes):
+        self.cpu, self.d2h, self.device, self.index, self.nbytes = cpu, d2h, device, index, nbytes
+        self.gpu = self.h2d = None
+
+
+_VIEWS = {"TBackward0", "ViewBackward0", "TransposeBackward0", "ExpandBackward0", "UnsafeViewBackward0",
+          "PermuteBackward0", "AliasBackward0"}
+
+
+def _is_param_or_cast(t: torch.Tensor) -> bool:
+    """Parameters (leaves that need grad), autocast's casts of them, and views of either (a linear saves
+    its weight transposed): weights, not activations."""
+    if t.requires_grad and t.is_leaf:
+        return True
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__ in _VIEWS and fn.next_functions:
+        fn = fn.next_functions[0][0]
+    if fn is not None and type(fn).__name__ == "ToCopyBackward0" and fn.next_functions:
+        fn = fn.next_functions[0][0]
+    return fn is not None and type(fn).__name__ == "AccumulateGrad"
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense (contiguous up to a permutation of dims): copies keep its strides."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+class ActivationOffloader:
+    """saved_tensors_hooks that move a block's saved activations to pinned CPU memory and back.
+
+    pack: on CUDA, the copy runs on a side stream (the forward does not wait for it) into pinned memory from
+    torch's caching host allocator; `record_stream` keeps the GPU block alive until the copy is done.
+    unpack: brings the tensor back on another side stream and prefetches the tensors packed just before it
+    (backward runs in reverse order) up to `prefetch_bytes` ahead; the compute stream waits only on events.
+    Tensors smaller than `min_bytes`, weights, tensors that need no grad (rotary tables, shared by every
+    block) and CPU tensors when `cpu_copy` is off are left where they are."""
+
+    def __init__(self, min_bytes: int = 1 << 20, prefetch_bytes: int = 2 << 30, cpu_copy: bool = True):
+        self.min_bytes, self.prefetch_bytes, self.cpu_copy = min_bytes, prefetch_bytes, cpu_copy
+        self.order: list[_Packed | None] = []
+        self.packed_bytes = 0  # bytes offloaded in the current forward (for tests and benchmarks)
+        self.packed_count = 0
+        self._streams: dict[Any, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+        self._seen = {}
+
+    def reset(self) -> None:
+        """Forget the previous forward's handles (called at the start of each forward)."""
+        self.order, self.packed_bytes, self.packed_count = [], 0, 0
+        self._seen: dict[tuple, tuple[weakref.ref, _Packed]] = {}
+
+    def _streams_for(self, device):
+        if device not in self._streams:
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[device]
+
+    def pack(self, t: torch.Tensor):
+        nbytes = t.numel() * t.element_size()
+        if nbytes < self.min_bytes or not t.requires_grad and t.grad_fn is None or _is_param_or_cast(t):
+            return t
+        if t.device.type == "cpu" and not self.cpu_copy or t.device.type not in ("cpu", "cuda"):
+            return t
+        # Views go over as their (contiguous) base, once: the q/k/v projections save three views of one norm
+        # output, attention's output and o_proj's input share a storage. The dedup key is only trusted while
+        # the base is alive (then its memory cannot have been reused by another tensor).
+        base = t._base if t._base is not None else t
+        whole = _dense(base) and base.numel() * base.element_size() <= 2 * nbytes
+        src = base if whole else t
+        key = (src.data_ptr(), src.dtype, tuple(src.shape), tuple(src.stride()), src._version, src.device)
+        hit = self._seen.get(key)
+        if hit is not None and hit[0]() is not None:
+            p = hit[1]
+        else:
+            p = self._copy_out(src)
+            self._seen[key] = (weakref.ref(base), p)
+        if whole and src is not t:
+            return (p, tuple(t.shape), tuple(t.stride()), t.storage_offset() - src.storage_offset())
+        return (p, None, None, 0)
+
+    def _copy_out(self, src: torch.Tensor) -> _Packed:
+        nbytes = src.numel() * src.element_size()
+        if src.device.type == "cpu":
+            p = _Packed(src.detach().clone(memory_format=torch.preserve_format), None, src.device,
+                        len(self.order), nbytes)
+        else:
+            d2h, _ = self._streams_for(src.device)
+            d2h.wait_stream(torch.cuda.current_stream(src.device))
+            cpu = torch.empty_strided(src.shape, src.stride() if _dense(src) else None, dtype=src.dtype,
+                                      pin_memory=True) if _dense(src) else torch.empty(src.shape, dtype=src.dtype,
+                                                                                       pin_memory=True)
+            with torch.cuda.stream(d2h):
+                cpu.copy_(src.detach(), non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(d2h)
+            src.record_stream(d2h)
+            p = _Packed(cpu, ev, src.device, len(self.order), nbytes)
+        self.order.append(p)
+        self.packed_bytes += nbytes
+        self.packed_count += 1
+        return p
+
+    def _fetch(self, p: _Packed) -> None:
+        _, h2d = self._streams_for(p.device)
+        with torch.cuda.stream(h2d):
+            h2d.wait_event(p.d2h)
+            p.gpu = p.cpu.to(p.device, non_blocking=True)
+            p.h2d = torch.cuda.Event()
+            p.h2d.record(h2d)
+
+    def unpack(self, packed):
+        if not isinstance(packed, tuple):
+            return packed
+        p, shape, stride, offset = packed
+        t = self._get(p)
+        if shape is not None:
+            t = t.as_strided(shape, stride, t.storage_offset() + offset)
+        return t
+
+    def _get(self, p: _Packed) -> torch.Tensor:
+        if p.device.type == "cpu":
+            return p.cpu
+        main = torch.cuda.current_stream(p.device)
+        if p.gpu is not None and self.order[p.index] is None:  # unpacked before (a shared handle)
+            main.wait_event(p.h2d)
+            return p.gpu
+        if p.gpu is None:
+            self._fetch(p)
+        ahead, i = 0, p.index - 1
+        while i >= 0 and ahead < self.prefetch_bytes:
+            q = self.order[i]
+            if q is not None:
+                if q.gpu is None:
+                    self._fetch(q)
+                ahead += q.nbytes
+            i -= 1
+        self.order[p.index] = None  # in use: no more prefetching of it
+        main.wait_event(p.h2d)
+        p.gpu.record_stream(main)
+        return p.gpu
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def apply_activation_offload(model: nn.Module, offloader: ActivationOffloader) -> ActivationOffloader:
+    """Run every block's forward under the offloader's hooks (outside any checkpoint of the block, so a
+    fully checkpointed block offloads exactly its input); reset the handles at each root forward."""
+    def wrap(orig, *args, **kwargs):
+        with offloader.hooks():
+            return orig(*args, **kwargs)
+
+    for block in model.model.layers:
+        block._spotlm_offload_forward = block.forward
+        block.forward = functools.partial(wrap, block.forward)
+    model.register_forward_pre_hook(lambda *_: offloader.reset())
+    return offloader
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FSDP2
+# ----------------------------------------------------------------------------------------------------------
+def apply_fsdp(model: nn.Module, device: torch.device, cpu_offload: bool = False,
+               param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = torch.float32,
+               mesh=None) -> nn.Module:
+    """FSDP2: `fully_shard` each block, then the root (embeddings, final norm, lm_head). Mixed precision
+    (bf16 compute, fp32 reductions) on CUDA; parameters stay sharded fp32 (the optimizer's master copy)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict[str, Any] = {}
+    if mesh is not None:
+        kwargs["mesh"] = mesh
+    if param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    layers = list(model.model.layers)
+    for i, block in enumerate(layers):
+        # The last block is resharded by the root right after anyway: keep it unsharded after forward.
+        fully_shard(block, reshard_after_forward=i < len(layers) - 1, **kwargs)
+    fully_shard(model, **kwargs)
+    if model.cfg.tie_embeddings:
+        model.tie_weights()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# all of it
+# ----------------------------------------------------------------------------------------------------------
+def parallelize(model: nn.Module, mem: MemoryConfig, *, device: torch.device | str = "cpu", compile: bool = False,
+                compile_mode: str | None = None, world_size: int = 1, offloader: ActivationOffloader | None = None
+                ) -> nn.Module:
+    """Apply `mem` to `model` (a GPT, in place) and return the module to call for training.
+
+    Order: checkpointing, then activation offload (its hooks wrap the checkpointed block), then FSDP2
+    (when `mem.fsdp` and `world_size` >= 1 with a process group), then torch.compile (per block when
+    offloading activations or FSDP is on, since those hooks run Python per block; else the whole model).
+    `model.spotlm_offloader` holds the offloader (for its byte counts)."""
+    device = torch.device(device)
+    mem.validate()
+    apply_checkpointing(model, mem.checkpointing, mem.mlp_chunk)
+    if mem.offload_activations:
+        off = offloader or ActivationOffloader(min_bytes=mem.offload_min_bytes if device.type == "cuda" else 0)
+        model.spotlm_offloader = apply_activation_offload(model, off)
+    if mem.fsdp:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("memory.fsdp needs an initialised torch.distributed process group")
+        apply_fsdp(model, device, cpu_offload=mem.fsdp_cpu_offload,
+                   param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    if compile:
+        mode = None if compile_mode in (None, "default") else compile_mode
+        if mem.offload_activations or mem.fsdp:
+            for block in model.model.layers:
+                block.compile(mode=mode)
+            return model
+        return torch.compile(model, mode=mode)
+    return model
+
+
+def compiles_per_block(mem: MemoryConfig) -> bool:
+    """Whether torch.compile should go per block (Python hooks between blocks) rather than on the whole model."""
+    return mem.offload_activations or mem.fsdp or (mem.offload_optimizer and mem.optimizer_mode == "overlap")
+
+
+def resolve_memory(mem: MemoryConfig, mcfg, seq_len: int, micro_batch: int, device: torch.device | str,
+                   world_size: int = 1, fused_loss: bool = True) -> MemoryConfig:
+    """`mem`, or with `mem.auto` the planner's choice for this GPU's memory and this host's RAM (on CPU:
+    no option, as CPU runs are small)."""
+    from app.memory_plan import resolve
+
+    device = torch.device(device)
+    if not mem.auto:
+        return mem
+    if device.type != "cuda":
+        return MemoryConfig()
+    import os
+
+    gpu_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
+    host_gb = 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return resolve(mem, mcfg, seq_len, micro_batch, gpu_gb, host_gb=host_gb, world_size=world_size,
+                   fused_loss=fused_loss)
+
+
+def make_offload_optimizer(model: nn.Module, groups: list[dict], mem: MemoryConfig, *, lr: float, betas,
+                           weight_decay: float):
+    """The CPU-offloaded AdamW (app.offload) for `mem.offload_optimizer`; casts the model's weights to bf16 on CUDA."""
+    from app.offload import build
+
+    return build(model, groups, lr=lr, betas=betas, weight_decay=weight_decay, mode=mem.optimizer_mode,
+                 state_dtype=mem.optimizer_state_dtype)
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded (model, optimizer) state dicts on CPU; with FSDP2 a collective: call it on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
