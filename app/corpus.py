@@ -22,7 +22,7 @@ from app import storage
 from app.config import ConfigError, to_dict
 from app.log import get_logger
 from app.shards import Manifest, ShardFormatError, encode_shard, load_manifest, read_shard
-from app.tokenizer import eot_id, load_tokenizer, token_dtype, tokenizer_sha256, train_bpe
+from app.tokenizer import eot_id, load_tokenizer, token_dtype, tokenizer_sha256, train_bpe, train_chars
 
 log = get_logger(__name__)
 SPLITS = ("train", "val")
@@ -38,12 +38,13 @@ class TokenizeConfig:
 
     inputs: list[str] = field(default_factory=list)  # globs/paths, local or s3://: .jsonl, .parquet, else plain text
     output: str = "runs/shards"  # output directory, local or s3://
-    tokenizer: str | None = None  # tokenizer.json to use; None = train a byte-level BPE on the data
+    tokenizer: str | None = None  # tokenizer.json to use; None = train a byte-level BPE on the data; "char" = characters
     vocab_size: int = 8192  # vocabulary of the trained BPE
     train_sample_bytes: int = 20_000_000  # text used to train the BPE (first files, in order)
     text_field: str = "text"  # field holding the text in .jsonl / .parquet records
     text_unit: Literal["file", "paragraph"] = "file"  # plain text: a whole file, or each blank-line paragraph, is a document
-    val_fraction: float = 0.01  # share of documents (by text hash) held out for validation
+    val_fraction: float = 0.01  # share held out for validation: of documents (by text hash), or of each document's tail
+    split: Literal["hash", "tail"] = "hash"  # hash: whole documents by text hash; tail: the last val_fraction of every document
     shard_tokens: int = 2**24  # tokens per shard file
     num_actors: int = 1  # tokenizer actors
     actor_cpus: float = 0.5  # CPUs per actor (fractional: leave room for Ray Data's read tasks)
@@ -154,6 +155,10 @@ class TokenizeFiles:
         for text, rej in iter_records(path, self.cfg["text_field"], self.cfg["text_unit"]):
             if rej is not None:
                 rejects.append(rej)
+            elif self.cfg["split"] == "tail":  # nanoGPT's split: the head trains, the tail validates
+                cut = round(len(text) * (1 - self.cfg["val_fraction"]))
+                docs["train"].append(text[:cut])
+                docs["val"].append(text[cut:])
             else:
                 docs[split_of(text, self.cfg["val_fraction"])].append(text)
         meta: dict[str, Any] = {"path": path, "rejected": dict(Counter(r["reason"] for r in rejects)),
@@ -188,7 +193,9 @@ def _prepare_tokenizer(cfg: TokenizeConfig, files: list[str], out: str) -> str:
     path = storage.join(out, "tokenizer.json")
     if storage.exists(path):
         return path
-    if cfg.tokenizer:
+    if cfg.tokenizer == "char":
+        tok = train_chars(_sample_texts(cfg, files))
+    elif cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
         eot_id(tok)
     else:

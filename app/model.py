@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -61,6 +61,7 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # lm_head shares the input embedding matrix
     init_std: float = 0.02  # std of the normal init (output projections get /sqrt(2 n_layer))
+    dropout: float = 0.0  # training-only dropout on embeddings, attention weights and residual branches
     lmatch_vocab: int = 0  # rows of the retrieval-match embedding (>= vocab_size + 1; id vocab_size = no match); 0 = off
 
     def __post_init__(self) -> None:
@@ -74,6 +75,8 @@ class ModelConfig:
         for name in ("n_kv_head", "ffn_hidden", "lmatch_vocab"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ModelConfig.{name}={getattr(self, name)} must be >= 0 (0 = default)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"ModelConfig.dropout={self.dropout} must be in [0, 1)")
         for name in ("rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"ModelConfig.{name}={getattr(self, name)} must be > 0")
@@ -165,10 +168,32 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.batch, self.max_len, self.length = batch, max_len, 0
+        self.lengths = [0] * batch  # filled positions per row when the rows are used as slots (`slots()`)
 
     def reset(self) -> None:
         """Forget the cached positions (the memory is reused)."""
         self.length = 0
+        self.lengths = [0] * self.batch
+
+    def slots(self, rows: Sequence[int]) -> KVSlots:
+        """A view of some rows of this cache as independent sequences, each continuing at its own
+        position `lengths[row]` (slot-based continuous batching); pass it to the model as `kv_cache`."""
+        return KVSlots(self, rows)
+
+    def positions(self, new: int, device: torch.device | str) -> torch.Tensor:
+        """Absolute positions [new] of the next `new` input tokens."""
+        return torch.arange(self.length, self.length + new, device=device)
+
+    def advance(self, new: int) -> None:
+        """Count `new` more filled positions (after every layer has stored them)."""
+        self.length += new
+
+    def attn_mask(self, new: int, device: torch.device | str) -> torch.Tensor | None:
+        """The attention mask [new, length + new] of `new` queries after the cached positions, or None
+        when causal attention is exact (a prefill, or one new token seeing everything cached)."""
+        if self.length and new > 1:  # a chunk after cached positions: query i sees keys up to length + i
+            return torch.ones(new, self.length + new, dtype=torch.bool, device=device).tril(self.length)
+        return None
 
     def check_room(self, batch: int, new: int) -> None:
         """Raise a ValueError unless `new` more positions of a `batch`-row input fit."""
@@ -183,6 +208,67 @@ class KVCache:
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class KVSlots:
+    """Rows `rows` of a KVCache run as independent sequences in one batch: input row i is cache row
+    rows[i], at its own position cache.lengths[rows[i]]; its queries see only that row's own keys up to
+    their position. Right-padded prefills (every row starting at 0) are plain causal attention; keys
+    written past a row's true length are overwritten by its next tokens before anything attends them."""
+
+    def __init__(self, cache: KVCache, rows: Sequence[int]):
+        rows = [int(r) for r in rows]
+        if not rows or min(rows) < 0 or max(rows) >= cache.batch or len(set(rows)) != len(rows):
+            raise ValueError(f"KV cache slots must be distinct rows in [0, {cache.batch}); got {rows}")
+        self.cache, self.rows, self.batch = cache, rows, len(rows)
+        self.starts = [cache.lengths[r] for r in rows]
+        self.length = max(self.starts)  # the furthest row (GPT's max_seq_len check)
+        device = cache.k[0].device
+        lo = rows[0]
+        self._span = slice(lo, lo + len(rows)) if rows == list(range(lo, lo + len(rows))) else None
+        self._rows = torch.tensor(rows, device=device)
+        self._starts = torch.tensor(self.starts, device=device)
+        self._mask: torch.Tensor | None = None
+
+    def check_room(self, batch: int, new: int) -> None:
+        if batch != self.batch:
+            raise ValueError(f"input batch {batch} does not match the {self.batch} KV cache slots")
+        if self.length + new > self.cache.max_len:
+            raise ValueError(f"KV cache full: {self.length} cached + {new} new positions > "
+                             f"max_len={self.cache.max_len}")
+
+    def positions(self, new: int, device: torch.device | str) -> torch.Tensor:
+        """Absolute positions [B, new] of the next input tokens of each row."""
+        return self._starts.to(device)[:, None] + torch.arange(new, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv_head, T, D] at each row's positions; return the keys/values attention
+        reads: the new ones for a prefill from position 0, else the rows' cache up to the furthest row."""
+        T = k.size(2)
+        pos = self._starts[:, None] + torch.arange(T, device=k.device)  # [B, T]
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        ck[self._rows[:, None], :, pos] = k.transpose(1, 2)  # indexed dims first: [B, T, Hkv, D]
+        cv[self._rows[:, None], :, pos] = v.transpose(1, 2)
+        if self.length == 0:
+            return k, v
+        end = self.length + T
+        if self._span is not None:
+            return ck[self._span, :, :end], cv[self._span, :, :end]
+        return ck[:, :, :end].index_select(0, self._rows), cv[:, :, :end].index_select(0, self._rows)
+
+    def attn_mask(self, new: int, device: torch.device | str) -> torch.Tensor | None:
+        """[B, 1, new, length + new]: row b's query i sees keys up to starts[b] + i (None: plain causal)."""
+        if self.length == 0 or (self.batch == 1 and new == 1):
+            return None
+        if self._mask is None or self._mask.size(2) != new:  # built once per forward, shared by the layers
+            pos = self._starts.to(device)[:, None] + torch.arange(new, device=device)  # [B, T]
+            keys = torch.arange(self.length + new, device=device)
+            self._mask = (keys[None, None, :] <= pos[:, :, None])[:, None]
+        return self._mask
+
+    def advance(self, new: int) -> None:
+        for r in self.rows:
+            self.cache.lengths[r] += new
 
 
 class Attention(nn.Module):
@@ -202,19 +288,20 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        if KERNELS.rotary and x.is_cuda:
+        if KERNELS.rotary and x.is_cuda and cos.dim() == 2:  # per-row tables ([B, 1, T, D]): PyTorch path
             q, k = kernels.apply_rotary(q, k, cos, sin)
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        start = cache.length if cache is not None else 0
+        mask = None
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, Hkv, start + T, D]
+            mask = cache.attn_mask(T, x.device)  # None when causal attention is exact
         gqa = cfg.n_kv_head != cfg.n_head
-        if start and T > 1:  # a chunk after cached positions: query i sees keys up to start + i
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        if mask is not None:  # a chunk after cached positions, or slots at different positions
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:  # training / prefill (square causal), or one new token seeing everything cached
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa,
+                                               dropout_p=cfg.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
@@ -240,10 +327,11 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)  # identity at dropout=0 and in eval()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Decoder(nn.Module):
@@ -294,7 +382,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, lmatch: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                kv_cache: KVCache | KVSlots | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx [B, T] token ids -> (logits [B, T, padded_vocab] for every position, mean cross-entropy
         against `targets` [B, T] (-1 = ignored) or None; logits are None when the fused loss kernel is on).
         `lmatch` [B, T]: retrieval-match ids, required
@@ -302,15 +390,14 @@ class GPT(nn.Module):
         ones, attention covers them, and the new keys/values are appended."""
         self._check_inputs(idx, targets, lmatch, kv_cache)
         B, T = idx.shape
-        start = kv_cache.length if kv_cache is not None else 0
         x = self.model.embed_tokens(idx)  # [B, T, d_model]
         if lmatch is not None:
             x = x + self.model.lmatch_embed(lmatch)
-        cos, sin = rotary_tables(self.cfg, torch.arange(start, start + T, device=idx.device), x.dtype)
+        cos, sin = self.rotary(T, kv_cache, x.dtype, idx.device)
         for block in self.model.layers:
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.advance(T)
         h = self.model.norm(x)
         if targets is not None and KERNELS.loss and h.is_cuda:  # the [B, T, vocab] logits are never made
             return None, kernels.fused_linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=-1)
@@ -319,6 +406,15 @@ class GPT(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+    def rotary(self, T: int, kv_cache: KVCache | KVSlots | None, dtype: torch.dtype,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the next T positions: [T, D] after the cache's length, or [B, 1, T, D] for slots."""
+        positions = kv_cache.positions(T, device) if kv_cache is not None else torch.arange(T, device=device)
+        cos, sin = rotary_tables(self.cfg, positions.flatten(), dtype)
+        if positions.dim() == 2:  # per-row positions: tables broadcast over the heads
+            cos, sin = cos.view(*positions.shape, -1)[:, None], sin.view(*positions.shape, -1)[:, None]
+        return cos, sin
 
     def _check_inputs(self, idx: torch.Tensor, targets: torch.Tensor | None, lmatch: torch.Tensor | None,
                       kv_cache: KVCache | None) -> None:

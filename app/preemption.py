@@ -70,8 +70,10 @@ class PreemptionWatcher:
             log.warning("preemption notice (%s): checkpointing at the next step boundary", reason)
             self._flag.set()
 
-    def should_stop(self) -> bool:
-        if not self._flag.is_set() and self._extra_check is not None and self._extra_check():
+    def should_stop(self, check_extra: bool = True) -> bool:
+        """Whether a notice came in; `check_extra=False` skips the extra check (Ray's drain query is a
+        barrier across workers, so the loop asks it only every few steps, on the same steps everywhere)."""
+        if check_extra and not self._flag.is_set() and self._extra_check is not None and self._extra_check():
             self.notify("ray node drain")
         return self._flag.is_set()
 

@@ -1,4 +1,4 @@
-"""The quickstart pipeline: tokenize -> train -> serve -> one completion, on a local Ray and CPU."""
+"""The quickstart pipeline: tokenize -> index -> train -> serve -> one completion, on a local Ray and CPU."""
 from __future__ import annotations
 
 import sysconfig
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from app import storage
 from app.corpus import TokenizeConfig, tokenize_corpus
+from app.index_build import IndexConfig, build_index
 from app.log import get_logger
 from app.trainer import TrainConfig, list_checkpoints, train
 
@@ -35,13 +36,17 @@ def run_quickstart(cfg: QuickstartConfig) -> str:
     """Run every stage; returns the completion text."""
     t0 = time.perf_counter()
     shards = storage.join(storage.absolute(cfg.workdir), "shards")
-    log.info("[1/3] tokenize %s -> %s", cfg.inputs, shards)
+    log.info("[1/4] tokenize %s -> %s", cfg.inputs, shards)
     manifest = tokenize_corpus(TokenizeConfig(inputs=cfg.inputs, output=shards, vocab_size=cfg.vocab_size,
                                               val_fraction=0.05))
     log.info("      %d train / %d val tokens", manifest.num_tokens("train"), manifest.num_tokens("val"))
 
-    log.info("[2/3] train %d steps", cfg.max_steps)
-    tcfg = TrainConfig(data=shards, storage=storage.join(storage.absolute(cfg.workdir), "runs"), name=cfg.name,
+    log.info("[2/4] build the LMatch retrieval index over the shards")
+    summary = build_index(IndexConfig(data=shards))
+    log.info("      %s", summary)
+
+    log.info("[3/4] train %d steps, reading the index's match of every token", cfg.max_steps)
+    tcfg = TrainConfig(data=shards, index=True, storage=storage.join(storage.absolute(cfg.workdir), "runs"), name=cfg.name,
                        preset="tiny", model={"d_model": 128, "n_layer": 3}, max_steps=cfg.max_steps,
                        micro_batch=16, lr=3e-3, warmup_steps=30,
                        eval_every=100, checkpoint_every=100, log_every=25, cpus_per_worker=1.0)
@@ -50,9 +55,9 @@ def run_quickstart(cfg: QuickstartConfig) -> str:
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
 
-    log.info("[3/3] serve %s and complete a prompt", tcfg.export_dir)
+    log.info("[4/4] serve %s with the index and complete a prompt", tcfg.export_dir)
     from app.serve import serve_and_complete
 
-    text = serve_and_complete(tcfg.export_dir, cfg.prompt, max_tokens=cfg.max_tokens)
+    text = serve_and_complete(tcfg.export_dir, cfg.prompt, max_tokens=cfg.max_tokens, index=shards)
     log.info("quickstart finished in %.0f s", time.perf_counter() - t0)
     return text

@@ -33,6 +33,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+def train_chars(texts: Iterable[str]) -> Tokenizer:
+    """A character-level tokenizer (nanoGPT's shakespeare_char): one id per distinct character of `texts`
+    in sorted order, after `<|endoftext|>` = 0. Characters not seen become `[UNK]` (the last id)."""
+    chars = sorted(set().union(*(set(t) for t in texts)))
+    vocab = {EOT: 0, **{c: i + 1 for i, c in enumerate(chars)}, "[UNK]": len(chars) + 1}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    tok.add_special_tokens([EOT])
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
 def eot_id(tok: Tokenizer) -> int:
     i = tok.token_to_id(EOT)
     if i is None:

@@ -17,6 +17,7 @@ from app import checkpoint, storage
 from app.config import ConfigError, from_dict, to_dict
 from app.data import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches
 from app.log import get_logger
+from app.memory_plan import MemoryConfig
 from app.model import GPT, ModelConfig, use_kernels
 from app.preemption import PreemptionWatcher, install_sigterm_handler
 from app.shards import load_manifest
@@ -26,6 +27,7 @@ log = get_logger(__name__)
 # Dense bf16 peak FLOP/s per GPU, for MFU (H100/H200 SXM; A100).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+DRAIN_CHECK_EVERY = 10  # steps between queries of Ray's node-drain notice (a barrier over the workers)
 AUTO_KERNELS = "none"  # what kernels=auto picks on GPU: the fastest set bench/train_speed.py measured
 
 
@@ -34,6 +36,7 @@ class TrainConfig:
     """Training run: data, model, schedule, checkpoints and workers."""
 
     data: str = "runs/shards"  # tokenized shards directory (with manifest.json), local or s3://
+    index: bool = False  # feed the LMatch retrieval id of every token as an extra input (jobs.build_index first)
     storage: str = "runs"  # where runs live (checkpoints, export), local or s3://
     name: str = "spotlm-run"  # run name: the same name continues the same run
     preset: str = "tiny"  # model preset (app.model.ModelConfig.preset)
@@ -73,6 +76,7 @@ class TrainConfig:
     async_checkpoint: bool = True  # upload checkpoints in the background; training goes on meanwhile
     upload_retries: int = 5  # retries (exponential backoff) of a failed checkpoint upload
     export: str = ""  # exported model directory; "" = <storage>/<name>/export; "none" = skip
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # --memory.checkpointing=full, --memory.auto=true, ... (app/memory_plan.py)
 
     def validate(self) -> None:
         for k in ("max_steps", "micro_batch", "num_workers", "checkpoint_every", "log_every"):
@@ -90,6 +94,7 @@ class TrainConfig:
             raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}")
         if self.kernels != "auto":
             use_kernels(self.kernels)  # raises on unknown names
+        self.memory.validate()
 
     @property
     def run_dir(self) -> str:
@@ -103,8 +108,9 @@ class TrainConfig:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
-    """The run's ModelConfig: the preset, the tokenizer's vocabulary, then the overrides."""
-    data = to_dict(ModelConfig.preset(cfg.preset, vocab_size=vocab_size))
+    """The run's ModelConfig: the preset, the tokenizer's vocabulary (and its retrieval-match table
+    with `index`: vocab_size + 1 rows, the last meaning "no match"), then the overrides."""
+    data = to_dict(ModelConfig.preset(cfg.preset, vocab_size=vocab_size, lmatch_vocab=vocab_size + 1 if cfg.index else 0))
     # Derived widths follow an overridden shape unless they are overridden too.
     if "d_model" in cfg.model:
         data["ffn_hidden"] = 0
@@ -130,6 +136,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.memory.offload_optimizer:  # AdamW on the CPU (fp32 master); the model's weights become bf16 on CUDA
+        from app.parallel import make_offload_optimizer
+
+        return make_offload_optimizer(model, groups, cfg.memory, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
 
@@ -169,10 +180,22 @@ def forward_backward(fwd: torch.nn.Module, batches: list[Batch], device: torch.d
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float) -> torch.Tensor:
     """Clip, step, schedule, zero the gradients; returns the pre-clip gradient norm (on device)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else torch.zeros(())
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def match_stream(manifest, split: str) -> TokenStream:
+    """The LMatch next-token ids of a split, aligned with its tokens; a ConfigError if not built."""
+    from index.lmatch import lmatch_paths, read_lmatch
+
+    if "lmatch" not in manifest.extras:
+        raise ConfigError(f"--index: {manifest.root} has no LMatch index; run `python -m jobs.build_index "
+                          f"--data={manifest.root}` first")
+    return TokenStream(manifest, split, [read_lmatch(p)[0] for p in lmatch_paths(manifest, split)])
 
 
 def batch_plan(cfg: TrainConfig, seq_len: int, world_size: int) -> BatchPlan:
@@ -265,10 +288,18 @@ def train_loop(config: dict[str, Any]) -> None:
     mcfg = model_config(cfg, manifest.vocab_size)
     seq_len = cfg.seq_len or mcfg.max_seq_len
     plan = batch_plan(cfg, seq_len, world)
-    loader = TrainLoader(TokenStream(manifest, "train"), seq_len, plan, rank, cfg.seed)
-    val = eval_batches(TokenStream(manifest, "val"), seq_len, cfg.micro_batch, cfg.eval_tokens, rank, world) \
-        if manifest.shards.get("val") else []
+    has_val = bool(manifest.shards.get("val"))
+    loader = TrainLoader(TokenStream(manifest, "train"), seq_len, plan, rank, cfg.seed,
+                         match_stream(manifest, "train") if cfg.index else None)
+    val = eval_batches(TokenStream(manifest, "val"), seq_len, cfg.micro_batch, cfg.eval_tokens, rank, world,
+                       match_stream(manifest, "val") if cfg.index else None) if has_val else []
     raw = build_model(cfg, mcfg, device)
+    from app.parallel import compiles_per_block, parallelize, resolve_memory
+
+    cfg.memory = resolve_memory(cfg.memory, mcfg, seq_len, cfg.micro_batch, device, world)
+    per_block = compiles_per_block(cfg.memory)  # before the optimizer: FSDP2 replaces the parameters
+    parallelize(raw, cfg.memory, device=device, world_size=world, compile_mode=cfg.compile_mode,
+                compile=per_block and _resolve(cfg.compile, device.type == "cuda"))
     optimizer = make_optimizer(raw, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
     state = checkpoint.TrainState(config=to_dict(cfg))
@@ -286,8 +317,8 @@ def train_loop(config: dict[str, Any]) -> None:
         aws_auto=cfg.spot_notice == "auto", extra_check=lambda: ray.train.get_preemption_info() is not None)
     if cfg.catch_sigterm:
         install_sigterm_handler(watcher)
-    model = ray.train.torch.prepare_model(raw, move_to_device=False) if world > 1 else raw
-    fwd = compiled(model, cfg, device)
+    model = ray.train.torch.prepare_model(raw, move_to_device=False) if world > 1 and not cfg.memory.fsdp else raw
+    fwd = model if per_block else compiled(model, cfg, device)
     if rank == 0:
         log.info("model %s: %.2fM params, seq %d, global batch %d seqs (%d tokens), %d accum x %d micro x %d workers",
                  cfg.preset, raw.num_params() / 1e6, seq_len, plan.global_batch, plan.global_batch * seq_len,
@@ -299,7 +330,7 @@ def train_loop(config: dict[str, Any]) -> None:
     while state.step < cfg.max_steps:
         # ---- forward/backward with gradient accumulation ----
         batches = loader.micro_batches(state.step)
-        mean_loss = forward_backward(fwd, batches, device, autocast, model.no_sync if world > 1 else None)
+        mean_loss = forward_backward(fwd, batches, device, autocast, getattr(model, "no_sync", None) if world > 1 else None)
         grad_norm = optimizer_step(raw, optimizer, scheduler, cfg.grad_clip)
         if state.step == start_step:  # the first step of each start compiles: timed apart
             first_step_s = _synced_seconds(t_last, device)
@@ -349,7 +380,7 @@ def train_loop(config: dict[str, Any]) -> None:
             t_last = time.perf_counter()
         metrics["done"] = last
         # ---- preemption: checkpoint at this step boundary and hand back to the driver ----
-        preempted = _any_rank(watcher.should_stop(), device)
+        preempted = _any_rank(watcher.should_stop(check_extra=state.step % DRAIN_CHECK_EVERY == 0), device)
         if preempted:
             state.preemptions += 1
             metrics["preemptions"] = state.preemptions
@@ -434,7 +465,9 @@ def train(cfg: TrainConfig):
 
     Errors restart the worker group up to `max_failures` times (Ray's budget); a preempted run
     checkpoints and is started again here, up to `max_preemptions` times, without using it."""
-    load_manifest(cfg.data)  # fail fast, with a clear message, on missing or bad shards
+    manifest = load_manifest(cfg.data)  # fail fast, with a clear message, on missing or bad shards
+    if cfg.index:
+        match_stream(manifest, "train")
     check_storage(cfg.run_dir)
     existing = list_checkpoints(cfg.run_dir)
     if existing and not cfg.resume:

@@ -6,9 +6,12 @@ import sys
 
 STAGES = {
     "tokenize": "build tokenized shards (Ray Data)",
+    "build_index": "build the LMatch exact-match index over shards (Ray tasks)",
     "train": "train a model on shards (Ray Train)",
+    "build_knn": "build a kNN-LM index of a trained model's hidden states (Ray tasks, FAISS)",
+    "eval": "validation loss / perplexity with and without each index",
     "serve": "serve an exported model over HTTP (Ray Serve)",
-    "quickstart": "tokenize -> train -> serve -> one completion, on a local Ray",
+    "quickstart": "tokenize -> index -> train -> serve -> one completion, on a local Ray",
 }
 
 

@@ -212,3 +212,17 @@ def test_generate_with_lmatch_feature():
     assert got == seq[len(prompt):]
     with pytest.raises(ValueError, match="lmatch_fn is required"):
         generate(m, prompt, 3)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, dropout=0.5))
+    model.init_weights()
+    idx = torch.randint(0, 64, (2, 16))
+    model.eval()
+    a, b = model(idx)[0], model(idx)[0]
+    assert torch.equal(a, b)
+    model.train()
+    assert not torch.allclose(model(idx)[0], a)
+    with pytest.raises(ConfigError, match="dropout"):
+        ModelConfig(dropout=1.0)

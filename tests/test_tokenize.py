@@ -133,3 +133,17 @@ def test_s3_output(ray_session, s3_prefix, inputs, tmp_path, monkeypatch):
     m = tokenize_corpus(_cfg(inputs, f"{s3_prefix}/shards"))
     assert m.root.startswith("s3://")
     assert sorted(_decoded_docs(m)) == sorted(DOCS)
+
+
+def test_char_tokenizer_and_tail_split(ray_session, tmp_path):
+    """nanoGPT's shakespeare_char data: one id per character, the head of the text trains, the tail validates."""
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
+    (tmp_path / "in.txt").write_text(text)
+    m = tokenize_corpus(TokenizeConfig(inputs=[str(tmp_path / "in.txt")], output=str(tmp_path / "out"),
+                                       tokenizer="char", split="tail", val_fraction=0.1))
+    tok = load_tokenizer(m.tokenizer_path)
+    assert m.vocab_size == len(set(text)) + 2  # the characters, <|endoftext|> and [UNK]
+    train, val = (read_shard(p) for p in (m.shard_paths("train")[0], m.shard_paths("val")[0]))
+    cut = round(len(text) * 0.9)
+    assert tok.decode(train[:-1].tolist()) == text[:cut] and tok.decode(val[:-1].tolist()) == text[cut:]
+    assert len(train) == cut + 1 and train[-1] == m.eot_id

@@ -111,3 +111,34 @@ def test_unreachable_storage_fails_fast(shakespeare_shards, tmp_path, monkeypatc
             train(train_cfg(shakespeare_shards, tmp_path, storage="s3://nowhere/runs", max_steps=1))
     finally:
         storage._s3_fs.cache_clear()
+
+
+def test_index_feeds_lmatch_ids(shakespeare_shards, tmp_path):
+    """--index: batches carry the LMatch ids of their input tokens, the model gets a vocab+1 table,
+    and the retrieval feature lowers the validation loss of the same short run."""
+    import shutil
+
+    from app.data import BatchPlan, TrainLoader
+    from app.index_build import IndexConfig, build_index
+    from app.trainer import match_stream
+    from index.lmatch import lmatch_paths, read_lmatch
+
+    data = str(tmp_path / "shards")
+    shutil.copytree(shakespeare_shards, data)
+    with pytest.raises(ConfigError, match="jobs.build_index"):
+        train(train_cfg(data, tmp_path, index=True, max_steps=2))
+    build_index(IndexConfig(data=data), use_ray=False)
+    m = load_manifest(data)
+    loader = TrainLoader(TokenStream(m, "train"), 64, BatchPlan(8, 8, 1), 0, seed=3, match=match_stream(m, "train"))
+    tokens = TokenStream(m, "train")
+    ids = torch.from_numpy(read_lmatch(lmatch_paths(m, "train")[0])[0].astype("int64"))
+    for b in loader.micro_batches(5):
+        for row_x, row_m in zip(b.inputs, b.lmatch):
+            start = next(s for s in range(0, tokens.n_tokens, 64) if torch.equal(torch.from_numpy(tokens.read(s, 64)), row_x))
+            assert torch.equal(row_m, ids[start:start + 64])
+
+    plain = train(train_cfg(data, tmp_path, name="plain", max_steps=60, eval_every=0, checkpoint_every=60))
+    indexed = train(train_cfg(data, tmp_path, name="indexed", index=True, max_steps=60, eval_every=0, checkpoint_every=60))
+    model = load_exported(train_cfg(data, tmp_path, name="indexed").export_dir).model
+    assert model.cfg.lmatch_vocab == m.vocab_size + 1
+    assert indexed.metrics["val_loss"] < plain.metrics["val_loss"] - 0.05, (indexed.metrics, plain.metrics)

@@ -1,0 +1,263 @@
+"""Benchmark: spotlm's training step against a tuned nanoGPT-style GPT-2 step, side by side in one run.
+
+The baseline is written here: GPT-2 (LayerNorm, GELU MLP, learned positions, biases, tied embeddings,
+SDPA flash attention), fused AdamW, `torch.compile`, bf16 autocast. spotlm's side is the trainer's
+own step (`build_model`, `compiled`, `make_optimizer`, `forward_backward`, `optimizer_step`: what
+`jobs/train.py` runs) at the same parameter count, sequence length and tokens per step, once per
+variant (kernel set, compile mode). Each measurement runs in a fresh child process (same data,
+same GPU, one after the other), so compile caches and allocator state never leak between them.
+Prints JSON: tokens/s, MFU (6N + attention FLOPs per token), peak memory, and each variant's
+ratio to the baseline.
+
+    python -m bench.train_speed                                   # GPU: gpt2-124m and gpt2-350m
+    python -m bench.train_speed --presets=tiny --steps=3 --quick   # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from app.data import Batch
+from app.model import GPT, ModelConfig
+from app.trainer import (PEAK_FLOPS, CosineSchedule, TrainConfig, build_model, compiled, forward_backward,
+                         make_optimizer, optimizer_step)
+
+# ------------------------------------------------------------------ the baseline (nanoGPT / llm.c style)
+
+
+class BaselineBlock(nn.Module):
+    def __init__(self, d: int, n_head: int, dropout: float, bias: bool):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.ln_1, self.ln_2 = nn.LayerNorm(d, bias=bias), nn.LayerNorm(d, bias=bias)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d, bias=bias), nn.Linear(d, d, bias=bias)
+        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d, bias=bias), nn.Linear(4 * d, d, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return x + self.drop(self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")))
+
+
+class BaselineGPT(nn.Module):
+    """GPT-2 as nanoGPT / llm.c's train_gpt2.py write it (vocab padded to 50304, tied embeddings)."""
+
+    def __init__(self, vocab: int, n_layer: int, n_head: int, d: int, seq_len: int, dropout: float = 0.0,
+                 bias: bool = True):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(seq_len, d)
+        self.drop = nn.Dropout(dropout)
+        self.h = nn.ModuleList(BaselineBlock(d, n_head, dropout, bias) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d, bias=bias)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("c_proj.weight", "mlp_proj.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, lmatch=None) -> tuple[None, torch.Tensor]:
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device)))
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return None, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() >= 2 and not n.startswith("wpe"))
+        return 6.0 * matmul + 12.0 * len(self.h) * self.wte.weight.shape[1] * seq_len
+
+
+def baseline_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+# ------------------------------------------------------------------ measurement
+
+
+def _batches(vocab: int, micro: int, seq_len: int, accum: int, seed: int) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, vocab, (accum * micro, seq_len + 1), generator=g)
+    return [Batch(data[i:i + micro, :-1].pin_memory() if torch.cuda.is_available() else data[i:i + micro, :-1],
+                  data[i:i + micro, 1:].clone()) for i in range(0, accum * micro, micro)]
+
+
+def _peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _time_steps(step, device: torch.device, warmup: int, steps: int) -> tuple[float, float, list[float]]:
+    """(compile + warmup seconds, median step seconds, losses) of `step()` run warmup + steps times."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    warm = time.perf_counter() - t0
+    times, losses = [], []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        losses.append(float(loss))
+    return warm, statistics.median(times), losses
+
+
+def _result(name: str, tokens_per_step: int, warm: float, dt: float, losses: list[float], fpt: float,
+            n_params: int, device: torch.device) -> dict:
+    tps = tokens_per_step / dt
+    peak = _peak_flops()
+    return {"name": name, "params_M": round(n_params / 1e6, 2), "tokens_per_s": round(tps),
+            "step_ms": round(dt * 1e3, 2), "mfu": round(fpt * tps / peak, 4) if peak else None,
+            "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+            "compile_and_warmup_s": round(warm, 1), "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
+
+
+def _reset() -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_baseline(mcfg: ModelConfig, batches: list[Batch], args, device: torch.device, autocast) -> dict:
+    torch.manual_seed(0)
+    model = BaselineGPT(mcfg.padded_vocab_size, mcfg.n_layer, mcfg.n_head, mcfg.d_model, args.seq_len).to(device)
+    opt = baseline_optimizer(model, args.lr, device)
+    fwd = torch.compile(model) if device.type == "cuda" or args.compile_cpu else model
+
+    def step():
+        for b in batches:
+            with autocast():
+                _, loss = fwd(b.inputs.to(device, non_blocking=True), b.targets.to(device, non_blocking=True))
+            (loss / len(batches)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    warm, dt, losses = _time_steps(step, device, args.warmup, args.steps)
+    n = sum(p.numel() for p in model.parameters())
+    out = _result("baseline", args.tokens_per_step, warm, dt, losses, model.flops_per_token(args.seq_len), n, device)
+    del model, opt, fwd
+    _reset()
+    return out
+
+
+def run_spotlm(preset: str, variant: dict, batches: list[Batch], args, device: torch.device, autocast) -> dict:
+    cfg = TrainConfig(preset=preset, lr=args.lr, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                      compile="true" if device.type == "cuda" or args.compile_cpu else "false", **variant)
+    cfg.validate()
+    mcfg = ModelConfig.preset(preset, max_seq_len=max(args.seq_len, ModelConfig.preset(preset).max_seq_len))
+    model = build_model(cfg, mcfg, device)
+    opt = make_optimizer(model, cfg, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineSchedule(0, 10**6, 1.0))
+    fwd = compiled(model, cfg, device)
+
+    def step():
+        loss = forward_backward(fwd, batches, device, autocast)
+        optimizer_step(model, opt, sched, cfg.grad_clip)
+        return loss
+
+    warm, dt, losses = _time_steps(step, device, args.warmup, args.steps)
+    name = "spotlm " + ",".join(f"{k}={v}" for k, v in variant.items())
+    out = _result(name, args.tokens_per_step, warm, dt, losses, model.flops_per_token(args.seq_len),
+                  model.num_params(), device)
+    del model, opt, fwd
+    _reset()
+    return out
+
+
+VARIANTS = {
+    "plain": {"kernels": "none"},
+    "fused_loss": {"kernels": "loss"},
+    "norm_rotary": {"kernels": "norm,rotary"},
+    "all_kernels": {"kernels": "all"},
+    "max_autotune": {"kernels": "none", "compile_mode": "max-autotune-no-cudagraphs"},
+}
+
+
+def _child(preset: str, variant: str, argv: list[str]) -> dict:
+    """One measurement in a fresh interpreter; its last stdout line is the result row."""
+    cmd = [sys.executable, "-m", "bench.train_speed", *argv, f"--presets={preset}", f"--one={variant}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return {"name": variant, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", default="gpt2-124m,gpt2-350m")
+    p.add_argument("--variants", default="plain,fused_loss,all_kernels", help=f"of {', '.join(VARIANTS)}")
+    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--micro_batch", type=int, default=16)
+    p.add_argument("--accum", type=int, default=4, help="micro-batches per step (tokens/step = micro x seq x accum)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--compile_cpu", action="store_true", help="compile on CPU too (slow; default off there)")
+    p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: measure one row in this process
+    args = p.parse_args()
+    args.tokens_per_step = args.micro_batch * args.seq_len * args.accum
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "seq_len": args.seq_len, "tokens_per_step": args.tokens_per_step,
+              "micro_batch": args.micro_batch, "accum": args.accum, "results": {}}
+    if args.one:
+        mcfg = ModelConfig.preset(args.presets)
+        batches = _batches(mcfg.vocab_size, args.micro_batch, args.seq_len, args.accum, seed=0)
+        row = run_baseline(mcfg, batches, args, device, autocast) if args.one == "baseline" else \
+            run_spotlm(args.presets, VARIANTS[args.one], batches, args, device, autocast)
+        print(json.dumps(row))
+        return
+    passthrough = [f"--seq_len={args.seq_len}", f"--micro_batch={args.micro_batch}", f"--accum={args.accum}",
+                   f"--steps={args.steps}", f"--warmup={args.warmup}", f"--lr={args.lr}"] + \
+        (["--compile_cpu"] if args.compile_cpu else [])
+    for preset in args.presets.split(","):
+        rows = [_child(preset, v, passthrough) for v in ["baseline", *args.variants.split(",")]]
+        if "tokens_per_s" not in rows[0]:
+            report["results"][preset] = rows
+            continue
+        base = rows[0]["tokens_per_s"]
+        for r in rows[1:]:
+            if "tokens_per_s" in r:
+                r["speedup_vs_baseline"] = round(r["tokens_per_s"] / base, 3)
+                if r["peak_mem_GiB"] is not None:
+                    r["mem_ratio_vs_baseline"] = round(r["peak_mem_GiB"] / rows[0]["peak_mem_GiB"], 3)
+        report["results"][preset] = rows
+        print(json.dumps({preset: rows}), flush=True)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
