@@ -91,6 +91,13 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _only_neutral(v, info: ValidationInfo):
+    """A field of an OpenAI feature spotlm lacks: accepted only at the value that means "off"."""
+    if v not in NEUTRAL[info.field_name]:
+        raise ValueError(f"{info.field_name}={v!r} is not supported by this server")
+    return v
+
+
 class _Request(BaseModel):
     """Fields shared by completions and chat (strict types; `null` means the default)."""
 
@@ -132,9 +139,7 @@ class _Request(BaseModel):
     @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
     @classmethod
     def _neutral(cls, v, info: ValidationInfo):
-        if v not in NEUTRAL[info.field_name]:
-            raise ValueError(f"{info.field_name}={v!r} is not supported by this server")
-        return v
+        return _only_neutral(v, info)
 
 
 class CompletionRequest(_Request):
@@ -165,9 +170,7 @@ class CompletionRequest(_Request):
     @field_validator("best_of", "echo", "suffix")
     @classmethod
     def _neutral_completion(cls, v, info: ValidationInfo):
-        if v not in NEUTRAL[info.field_name]:
-            raise ValueError(f"{info.field_name}={v!r} is not supported by this server")
-        return v
+        return _only_neutral(v, info)
 
 
 class ChatMessage(BaseModel):
