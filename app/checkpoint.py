@@ -11,7 +11,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -71,11 +71,13 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def snapshot(model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | dict,
              scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState) -> dict[str, Any]:
     """All resumable state, copied to CPU now: cheap next to writing it, so training can go on
-    while `write` puts it on disk."""
-    return {"model.pt": _to_cpu(model.state_dict()), "optimizer.pt": _to_cpu(optimizer.state_dict()),
+    while `write` puts it on disk. Model and optimizer may be given as their (full) state dicts."""
+    model_sd = model if isinstance(model, dict) else model.state_dict()
+    optim_sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    return {"model.pt": _to_cpu(model_sd), "optimizer.pt": _to_cpu(optim_sd),
             "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state(),
             "state.json": json.loads(json.dumps(state.__dict__))}
 
@@ -98,15 +100,22 @@ def is_complete(directory: str) -> bool:
 
 
 def load(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, restore_rng: bool = True) -> TrainState:
-    """Restore what is given from a complete checkpoint; returns its TrainState."""
+         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, restore_rng: bool = True,
+         set_state: Callable[[dict, dict], None] | None = None) -> TrainState:
+    """Restore what is given from a complete checkpoint; returns its TrainState. `set_state(model_sd,
+    optim_sd)` replaces the plain `load_state_dict` calls (sharded models load their full dicts so)."""
     if not is_complete(directory):
         missing = [f for f in (*FILES, DONE) if not os.path.exists(os.path.join(directory, f))]
         raise CheckpointError(f"checkpoint {directory} is incomplete (missing {', '.join(missing)})")
     try:
-        model.load_state_dict(torch.load(os.path.join(directory, "model.pt"), map_location="cpu"))
-        if optimizer is not None:
-            optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), map_location="cpu"))
+        model_sd = torch.load(os.path.join(directory, "model.pt"), map_location="cpu")
+        optim_sd = torch.load(os.path.join(directory, "optimizer.pt"), map_location="cpu") if optimizer is not None else {}
+        if set_state is not None:
+            set_state(model_sd, optim_sd)
+        else:
+            model.load_state_dict(model_sd)
+            if optimizer is not None:
+                optimizer.load_state_dict(optim_sd)
         if scheduler is not None:
             scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt")))
         if restore_rng:

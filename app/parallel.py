@@ -348,8 +348,28 @@ def make_offload_optimizer(model: nn.Module, groups: list[dict], mem: MemoryConf
                  state_dtype=mem.optimizer_state_dtype)
 
 
+def set_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """Load unsharded (model, optimizer) state dicts into a sharded model; a collective like `full_state_dicts`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
+
+
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Unsharded (model, optimizer) state dicts on CPU; with FSDP2 a collective: call it on every rank."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _full(model_sd), _full(optim_sd)
+
+
+def _full(obj: Any) -> Any:
+    """Plain tensors everywhere: get_state_dict can hand back DTensors (seen on one-rank meshes)."""
+    if hasattr(obj, "full_tensor"):
+        return obj.full_tensor().cpu()
+    if isinstance(obj, dict):
+        return {k: _full(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_full(v) for v in obj)
+    return obj

@@ -19,6 +19,8 @@ from app.data import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches
 from app.log import get_logger
 from app.memory_plan import MemoryConfig
 from app.model import GPT, ModelConfig, use_kernels
+from app.parallel import (compiles_per_block, full_state_dicts, parallelize, resolve_memory,
+                          set_full_state_dicts)
 from app.preemption import PreemptionWatcher, install_sigterm_handler
 from app.shards import load_manifest
 
@@ -294,8 +296,6 @@ def train_loop(config: dict[str, Any]) -> None:
     val = eval_batches(TokenStream(manifest, "val"), seq_len, cfg.micro_batch, cfg.eval_tokens, rank, world,
                        match_stream(manifest, "val") if cfg.index else None) if has_val else []
     raw = build_model(cfg, mcfg, device)
-    from app.parallel import compiles_per_block, parallelize, resolve_memory
-
     cfg.memory = resolve_memory(cfg.memory, mcfg, seq_len, cfg.micro_batch, device, world)
     per_block = compiles_per_block(cfg.memory)  # before the optimizer: FSDP2 replaces the parameters
     parallelize(raw, cfg.memory, device=device, world_size=world, compile_mode=cfg.compile_mode,
@@ -308,7 +308,8 @@ def train_loop(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = checkpoint.load(d, raw, optimizer, scheduler)
+            state = checkpoint.load(d, raw, optimizer, scheduler, set_state=functools.partial(
+                set_full_state_dicts, raw, optimizer) if cfg.memory.fsdp else None)
         state.resumes += 1
         if rank == 0:
             log.info("resumed %s at step %d (%d tokens seen)", cfg.name, state.step, state.tokens)
@@ -397,13 +398,29 @@ def train_loop(config: dict[str, Any]) -> None:
         return  # preempted: the driver starts the run again
 
     # ---- export ----
+    if cfg.export_dir:
+        weights = _final_weights(raw, optimizer, cfg)  # a collective under FSDP: every rank calls it
     if rank == 0 and cfg.export_dir:
         from app.export import export_model
 
-        export_model(raw.to(torch.float32), cfg.export_dir, manifest.tokenizer_path,
+        final = GPT(mcfg)
+        final.load_state_dict(weights)
+        export_model(final, cfg.export_dir, manifest.tokenizer_path,
                      meta={"run": cfg.name, "step": state.step, "val_loss": state.best_val_loss,
                            "eot_id": manifest.eot_id})
         log.info("exported the model to %s", cfg.export_dir)
+
+
+def _final_weights(model: GPT, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The trained weights as a full fp32 CPU state dict: gathered from the shards under FSDP, the fp32
+    master copy when the optimizer is offloaded (the GPU copy is bf16)."""
+    if cfg.memory.fsdp:
+        sd = full_state_dicts(model, optimizer)[0]
+    elif cfg.memory.offload_optimizer:
+        sd = optimizer.master_state_dict(model)
+    else:
+        sd = model.state_dict()
+    return {k: v.detach().to("cpu", torch.float32) for k, v in sd.items()}
 
 
 def _report(metrics: dict[str, Any], state: checkpoint.TrainState, model, optimizer, scheduler, rank: int,
@@ -413,6 +430,8 @@ def _report(metrics: dict[str, Any], state: checkpoint.TrainState, model, optimi
     import ray.train
 
     t0 = time.perf_counter()
+    if cfg.memory.fsdp:  # gathering the shards is a collective: every rank takes part
+        model, optimizer = full_state_dicts(model, optimizer)
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return time.perf_counter() - t0

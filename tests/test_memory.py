@@ -1,5 +1,6 @@
 """Memory options (app/parallel.py, app/offload.py, app/memory_plan.py): same numbers, less memory."""
 import copy
+import copy
 import os
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 from app.memory_plan import MemoryConfig, estimate, layer_activation_bytes, num_params, plan
 from app.model import GPT, ModelConfig, rotary_tables
 from app.offload import CPUOffloadAdamW, build
-from app.parallel import ActivationOffloader, apply_activation_offload, apply_checkpointing, parallelize
+from app.parallel import (ActivationOffloader, apply_activation_offload, apply_checkpointing, full_state_dicts,
+                          parallelize, set_full_state_dicts)
 
 CFG = dict(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, d_model=64, ffn_hidden=128, max_seq_len=64)
 
@@ -190,6 +192,23 @@ def test_fsdp2_single_process_gloo(tmp_path):
             losses.append(loss.item())
         _close(losses, ref_losses)
         _close(grads, ref_grads)
+        # Checkpoint round trip through full (unsharded) state dicts, as the trainer saves and resumes
+        # (deep copies: on one rank the gathered tensors alias the live parameters; torch.save copies too).
+        model_sd, optim_sd = copy.deepcopy(full_state_dicts(m, opt))
+        m2 = _model()
+        fwd2 = parallelize(m2, MemoryConfig(fsdp=True, checkpointing="full"), device="cpu")
+        opt2 = torch.optim.AdamW(_groups(m2), lr=1e-2, betas=(0.9, 0.95))
+        set_full_state_dicts(m2, opt2, copy.deepcopy(model_sd), copy.deepcopy(optim_sd))
+        again, again_opt = full_state_dicts(m2, opt2)
+        assert all(torch.equal(model_sd[k], again[k]) for k in model_sd)
+        assert all(torch.equal(v, again_opt["state"][k][n]) for k, st in optim_sd["state"].items() for n, v in st.items())
+        x, y = data[0]
+        nxt = []
+        for f, o in ((fwd, opt), (fwd2, opt2)):
+            f(x, y)[1].backward()
+            o.step()
+            nxt.append(f(x, y)[1].item())
+        assert nxt[0] == nxt[1]
     finally:
         if own:
             dist.destroy_process_group()
