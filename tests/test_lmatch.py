@@ -122,7 +122,10 @@ def test_chunked_build_equals_one_pass_and_val_matches_train_only(tmp_path):
     _check(lmatch_against(train, val, EOT, V), brute(val, train=train), train)
 
 
-def test_real_text_and_ray_build_and_serving(ray_session, shakespeare_shards):
+def test_real_text_and_ray_build_and_serving(ray_session, shakespeare_shards, tmp_path):
+    import shutil
+
+    shakespeare_shards = str(shutil.copytree(shakespeare_shards, tmp_path / "shards"))  # never index the shared fixture
     m = load_manifest(shakespeare_shards)
     s = build_index(IndexConfig(data=shakespeare_shards, chunk_tokens=20_000, workers=2))
     assert s["pieces_built"] > 0 and s["bytes_per_train_token"] <= 8

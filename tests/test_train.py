@@ -124,7 +124,10 @@ def test_index_feeds_lmatch_ids(shakespeare_shards, tmp_path):
     from index.lmatch import lmatch_paths, read_lmatch
 
     data = str(tmp_path / "shards")
-    shutil.copytree(shakespeare_shards, data)
+    shutil.copytree(shakespeare_shards, data, ignore=shutil.ignore_patterns("*.lmatch*", "*.lmsa"))
+    unindexed = load_manifest(data)  # the shared fixture may have been indexed by another test
+    unindexed.extras.pop("lmatch", None)
+    unindexed.save()
     with pytest.raises(ConfigError, match="jobs.build_index"):
         train(train_cfg(data, tmp_path, index=True, max_steps=2))
     build_index(IndexConfig(data=data), use_ray=False)
