@@ -4,9 +4,11 @@ result, and an elastic run that loses a node and carries on with one worker."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,10 +30,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, pids_with):
+def cluster(pids_with):
     """A head (2 CPUs) and a worker node (2 CPUs, resource `spare_node`), both on 127.0.0.1,
     in their own temp dir so that tearing down touches nothing else."""
-    temp = tmp_path_factory.mktemp("raycluster")
+    # Short: Ray's AF_UNIX socket paths under the temp dir must stay within 107 bytes.
+    temp = tempfile.mkdtemp(prefix="spotlm-rc-", dir="/tmp")
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
@@ -53,6 +56,7 @@ def cluster(tmp_path_factory, pids_with):
             except ProcessLookupError:
                 pass
         time.sleep(2)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def submit(cluster, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
