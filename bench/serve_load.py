@@ -20,8 +20,8 @@ import argparse
 import json
 import statistics
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -69,39 +69,35 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], conc: int, max_tokens: int) -> dict:
-    """`conc` client threads submitting `prompts` back to back; per-request TTFT and per-token latency."""
-    ttft, per_tok, errors, tokens = [], [], [0], [0]
-    lock, it = threading.Lock(), iter(range(len(prompts)))
-
-    def client():
-        while True:
-            with lock:
-                i = next(it, None)
-            if i is None:
-                return
-            try:
-                seq = engine.submit(prompts[i], SamplingParams(max_tokens=max_tokens, temperature=0.0, timeout_s=600))
-                seq.wait(600)
-                ok = seq.finish_reason == "length" and len(seq.tokens) == max_tokens
-            except Exception:  # noqa: BLE001 - counted
-                ok = False
-            with lock:
-                if not ok:
-                    errors[0] += 1
-                    continue
-                tokens[0] += len(seq.tokens)
-                ttft.append(seq.t_first - seq.t_submit)
-                if len(seq.tokens) > 1:
-                    per_tok.append((seq.t_done - seq.t_first) / (len(seq.tokens) - 1))
+def drive(n: int, conc: int, one) -> dict:
+    """`conc` client threads running `one(i)` for requests i = 0..n-1 back to back. `one` returns
+    (tokens, time to first token, per-token time or None) or raises: a raise counts as an error."""
+    def safe(i: int):
+        try:
+            return one(i)
+        except Exception:  # noqa: BLE001 - counted
+            return None
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(conc)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summary(ttft, per_tok, tokens[0], time.perf_counter() - t0, errors[0], len(prompts))
+    with ThreadPoolExecutor(max_workers=conc) as pool:
+        results = list(pool.map(safe, range(n)))
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r is not None]
+    return summary([r[1] for r in ok], [r[2] for r in ok if r[2] is not None], sum(r[0] for r in ok), wall,
+                   n - len(ok), n)
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], conc: int, max_tokens: int) -> dict:
+    """`conc` client threads submitting `prompts` back to back; per-request TTFT and per-token latency."""
+    def one(i: int):
+        seq = engine.submit(prompts[i], SamplingParams(max_tokens=max_tokens, temperature=0.0, timeout_s=600))
+        seq.wait(600)
+        n = len(seq.tokens)
+        if seq.finish_reason != "length" or n != max_tokens:
+            raise RuntimeError(f"request {i} ended early: {seq.finish_reason}")
+        return n, seq.t_first - seq.t_submit, (seq.t_done - seq.t_first) / (n - 1) if n > 1 else None
+
+    return drive(len(prompts), conc, one)
 
 
 def run_hf(export: str, prompts: list[list[int]], batch: int, max_tokens: int, device: str, dtype) -> dict:
@@ -140,51 +136,29 @@ def run_http(export: str, prompts: list[list[int]], conc: int, max_tokens: int, 
     """The same load through Ray Serve over HTTP, streamed (TTFT = first event with text)."""
     import urllib.request
 
-    ttft, per_tok, errors, tokens = [], [], [0], [0]
-    lock, it = threading.Lock(), iter(range(len(prompts)))
-
-    def client():
-        while True:
-            with lock:
-                i = next(it, None)
-            if i is None:
-                return
-            body = json.dumps({"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                               "stream_options": {"include_usage": True}}).encode()
-            req = urllib.request.Request(args.url + "/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-            t0, first, n = time.perf_counter(), None, 0
-            try:
-                with urllib.request.urlopen(req, timeout=600) as r:
-                    for line in r:
-                        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                            continue
-                        ev = json.loads(line[6:])
-                        if ev.get("error"):
-                            raise RuntimeError(ev["error"]["message"])
-                        if ev.get("usage"):
-                            n = ev["usage"]["completion_tokens"]
-                        elif first is None and ev["choices"] and ev["choices"][0]["text"]:
-                            first = time.perf_counter()
-                end = time.perf_counter()
-                ok = n == max_tokens and first is not None
-            except Exception:  # noqa: BLE001 - counted
-                ok = False
-            with lock:
-                if not ok:
-                    errors[0] += 1
+    def one(i: int):
+        body = json.dumps({"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                           "stream_options": {"include_usage": True}}).encode()
+        req = urllib.request.Request(args.url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        t0, first, n = time.perf_counter(), None, 0
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for line in r:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
-                tokens[0] += n
-                ttft.append(first - t0)
-                per_tok.append((end - first) / max(1, n - 1))
+                ev = json.loads(line[6:])
+                if ev.get("error"):
+                    raise RuntimeError(ev["error"]["message"])
+                if ev.get("usage"):
+                    n = ev["usage"]["completion_tokens"]
+                elif first is None and ev["choices"] and ev["choices"][0]["text"]:
+                    first = time.perf_counter()
+        end = time.perf_counter()
+        if n != max_tokens or first is None:
+            raise RuntimeError(f"request {i}: {n} tokens streamed")
+        return n, first - t0, (end - first) / max(1, n - 1)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(conc)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summary(ttft, per_tok, tokens[0], time.perf_counter() - t0, errors[0], len(prompts))
+    return drive(len(prompts), conc, one)
 
 
 class DictLookup:
