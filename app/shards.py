@@ -44,18 +44,25 @@ def write_shard(path: str, tokens: np.ndarray) -> dict[str, Any]:
     return {"n_tokens": int(len(tokens)), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def read_shard(path: str, verify_sha256: str | None = None) -> np.ndarray:
-    """The tokens of a shard, memory-mapped read-only (S3 shards are cached locally first)."""
+def read_header(path: str, magic: int, version: int, what: str) -> tuple[np.ndarray, str]:
+    """The 1 KiB header (256 little-endian uint32) of a spotlm binary file and the file's local path;
+    ShardFormatError (naming `what`) when the file is missing, not ours, or another format version."""
     try:
         local = storage.local_path(path)
         with open(local, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<u4")
     except FileNotFoundError:
-        raise ShardFormatError(f"{path}: shard file is missing") from None
-    if len(header) < HEADER_INTS or header[0] != MAGIC:
-        raise ShardFormatError(f"{path}: not a spotlm shard (bad magic number)")
-    if header[1] != FORMAT_VERSION:
-        raise ShardFormatError(f"{path}: shard format version {header[1]}, this code reads {FORMAT_VERSION}")
+        raise ShardFormatError(f"{path}: {what} file is missing") from None
+    if len(header) < HEADER_INTS or header[0] != magic:
+        raise ShardFormatError(f"{path}: not a spotlm {what} file (bad magic number)")
+    if header[1] != version:
+        raise ShardFormatError(f"{path}: {what} format version {header[1]}, this code reads {version}")
+    return header, local
+
+
+def read_shard(path: str, verify_sha256: str | None = None) -> np.ndarray:
+    """The tokens of a shard, memory-mapped read-only (S3 shards are cached locally first)."""
+    header, local = read_header(path, MAGIC, FORMAT_VERSION, "shard")
     if header[2] not in (2, 4):
         raise ShardFormatError(f"{path}: unsupported token size {header[2]} bytes")
     itemsize, n = int(header[2]), int(header[3])

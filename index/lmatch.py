@@ -64,12 +64,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from app import storage
-from app.shards import ShardFormatError, load_manifest, read_shard
+from app.shards import HEADER_BYTES, HEADER_INTS, ShardFormatError, load_manifest, read_header, read_shard
 
 MAX_LEN = 32
 FORMAT_VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
 MAGIC_LMATCH = 0x54414D4C  # "LMAT"
 MAGIC_SA = 0x41534D4C  # "LMSA"
 SA_BLOCK = 256
@@ -433,22 +431,8 @@ def encode_sa(sa: np.ndarray, n_tokens: int, vocab_size: int, bid: bytes, max_le
     return hd.tobytes() + sa.tobytes() + mins.astype("<u4").tobytes()
 
 
-def _read_header(path: str, magic: int, what: str) -> tuple[np.ndarray, str]:
-    try:
-        local = storage.local_path(path)
-        with open(local, "rb") as f:
-            hd = np.frombuffer(f.read(HEADER_BYTES), dtype="<u4")
-    except FileNotFoundError:
-        raise ShardFormatError(f"{path}: {what} file is missing") from None
-    if len(hd) < HEADER_INTS or hd[0] != magic:
-        raise ShardFormatError(f"{path}: not a spotlm {what} file (bad magic number)")
-    if hd[1] != FORMAT_VERSION:
-        raise ShardFormatError(f"{path}: {what} format version {hd[1]}, this code reads {FORMAT_VERSION}")
-    return hd, local
-
-
 def read_lmatch_header(path: str) -> dict[str, Any]:
-    hd, local = _read_header(path, MAGIC_LMATCH, "lmatch")
+    hd, local = read_header(path, MAGIC_LMATCH, FORMAT_VERSION, "lmatch")
     item, n = int(hd[2]), int(hd[3])
     if item not in (2, 4):
         raise ShardFormatError(f"{path}: unsupported next-id size {item}")
@@ -472,7 +456,7 @@ def read_lmatch(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_sa_header(path: str) -> dict[str, Any]:
-    hd, local = _read_header(path, MAGIC_SA, "lmatch suffix-order")
+    hd, local = read_header(path, MAGIC_SA, FORMAT_VERSION, "lmatch suffix-order")
     n, entries, block = int(hd[3]), int(hd[6]), int(hd[7])
     nb = -(-entries // block) if block else 0
     want = HEADER_BYTES + 4 * (entries + nb)
