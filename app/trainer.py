@@ -19,8 +19,8 @@ from app.data import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches
 from app.log import get_logger
 from app.memory_plan import MemoryConfig
 from app.model import GPT, ModelConfig, use_kernels
-from app.parallel import (compiles_per_block, full_state_dicts, parallelize, resolve_memory,
-                          set_full_state_dicts)
+from app.parallel import (compiles_per_block, full_state_dicts, make_offload_optimizer, parallelize,
+                          resolve_memory, set_full_state_dicts)
 from app.preemption import PreemptionWatcher, install_sigterm_handler
 from app.shards import load_manifest
 
@@ -139,8 +139,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.memory.offload_optimizer:  # AdamW on the CPU (fp32 master); the model's weights become bf16 on CUDA
-        from app.parallel import make_offload_optimizer
-
         return make_offload_optimizer(model, groups, cfg.memory, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                       weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -345,6 +343,7 @@ def train_loop(config: dict[str, Any]) -> None:
         # ---- log ----
         metrics: dict[str, Any] = {"step": state.step, "tokens": state.tokens, "resumes": state.resumes,
                                    "preemptions": state.preemptions}
+        progress_from = None  # set when this step logs
         if state.step % cfg.log_every == 0 or last or (val and _eval_due(cfg, state.step)):
             dt = _synced_seconds(t_last, device)
             state.train_time_s += dt
@@ -359,10 +358,10 @@ def train_loop(config: dict[str, Any]) -> None:
             if mfu is not None:
                 metrics["mfu"] = mfu
             if rank == 0:
-                _write_progress(cfg.run_dir, state, metrics, resumed_from)
                 log.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s%s | epoch %.2f", state.step, cfg.max_steps,
                          train_loss, metrics["lr"], f"{tps:,.0f}", f" | mfu {mfu:.1%}" if mfu is not None else "",
                          metrics["epoch"])
+            progress_from = resumed_from  # progress.json is written once, after this step's evaluation
             t_last, steps_since, last_stall, resumed_from = time.perf_counter(), 0, 0.0, state.step
 
         # ---- eval and checkpoint ----
@@ -377,8 +376,9 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 log.info("step %d | val loss %.4f | %.2f s of training", state.step, metrics["val_loss"],
                          state.train_time_s)
-                _write_progress(cfg.run_dir, state, metrics, resumed_from)
             t_last = time.perf_counter()
+        if rank == 0 and progress_from is not None:
+            _write_progress(cfg.run_dir, state, metrics, progress_from)
         metrics["done"] = last
         # ---- preemption: checkpoint at this step boundary and hand back to the driver ----
         preempted = _any_rank(watcher.should_stop(check_extra=state.step % DRAIN_CHECK_EVERY == 0), device)
