@@ -74,15 +74,8 @@ def forward_last(model: GPT, idx: torch.Tensor, cache: KVCache | KVSlots, last: 
     """idx [B, T] through the model, appending to `cache`; returns (logits [B, padded_vocab], hidden
     [B, d_model]) of position last[b] of each row: the final norm's output (the lm_head input), which
     the kNN index keys on. The caller checks the inputs (GPT.forward's checks are not repeated here)."""
-    B, T = idx.shape
-    x = model.model.embed_tokens(idx)
-    if lmatch is not None:
-        x = x + model.model.lmatch_embed(lmatch)
-    cos, sin = model.rotary(T, cache, x.dtype, idx.device)
-    for block in model.model.layers:
-        x = block(x, cos, sin, cache)
-    cache.advance(T)
-    h = model.model.norm(x[torch.arange(B, device=idx.device), last])  # [B, d_model]
+    x = model.trunk(idx, lmatch, cache)
+    h = model.model.norm(x[torch.arange(idx.size(0), device=idx.device), last])  # [B, d_model]
     return model.lm_head(h), h
 
 
@@ -138,9 +131,6 @@ def check_args(model: GPT, prompt_ids: Sequence[int], max_new_tokens: int, tempe
     if bool(cfg.lmatch_vocab) != (lmatch_fn is not None):
         raise ValueError("lmatch_fn is required exactly when the model has an lmatch table "
                          f"(this model: lmatch_vocab={cfg.lmatch_vocab})")
-
-
-_check_args = check_args  # the old private name
 
 
 @torch.inference_mode()

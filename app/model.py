@@ -389,16 +389,7 @@ class GPT(nn.Module):
         exactly when the model has an lmatch table. With `kv_cache`, positions continue after the cached
         ones, attention covers them, and the new keys/values are appended."""
         self._check_inputs(idx, targets, lmatch, kv_cache)
-        B, T = idx.shape
-        x = self.model.embed_tokens(idx)  # [B, T, d_model]
-        if lmatch is not None:
-            x = x + self.model.lmatch_embed(lmatch)
-        cos, sin = self.rotary(T, kv_cache, x.dtype, idx.device)
-        for block in self.model.layers:
-            x = block(x, cos, sin, kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        h = self.model.norm(x)
+        h = self.model.norm(self.trunk(idx, lmatch, kv_cache))
         if targets is not None and KERNELS.loss and h.is_cuda:  # the [B, T, vocab] logits are never made
             return None, kernels.fused_linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=-1)
         logits = self.lm_head(h)  # [B, T, padded_vocab]
@@ -415,6 +406,21 @@ class GPT(nn.Module):
         if positions.dim() == 2:  # per-row positions: tables broadcast over the heads
             cos, sin = cos.view(*positions.shape, -1)[:, None], sin.view(*positions.shape, -1)[:, None]
         return cos, sin
+
+    def trunk(self, idx: torch.Tensor, lmatch: torch.Tensor | None = None,
+              kv_cache: KVCache | KVSlots | None = None) -> torch.Tensor:
+        """The residual stream after the last block, [B, T, d_model] (before the final norm); appends the
+        new keys/values to `kv_cache`. Inputs are not checked here: `forward` checks them."""
+        T = idx.size(1)
+        x = self.model.embed_tokens(idx)  # [B, T, d_model]
+        if lmatch is not None:
+            x = x + self.model.lmatch_embed(lmatch)
+        cos, sin = self.rotary(T, kv_cache, x.dtype, idx.device)
+        for block in self.model.layers:
+            x = block(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return x
 
     def _check_inputs(self, idx: torch.Tensor, targets: torch.Tensor | None, lmatch: torch.Tensor | None,
                       kv_cache: KVCache | None) -> None:
