@@ -75,6 +75,18 @@ class BatchPlan:
         return self.per_rank // self.micro_batch
 
 
+def match_stream(manifest: Manifest, split: str) -> TokenStream | None:
+    """The retrieval-match ids of `split` aligned with its tokens (the LMatch next-id memmaps listed in
+    `manifest.extras["lmatch"]`, see index/lmatch.py; vocab_size = no match), or None when the dataset
+    has no LMatch index for that split."""
+    if not manifest.extras.get("lmatch"):
+        return None
+    from index.lmatch import lmatch_paths, read_lmatch  # only datasets with an index need it
+
+    paths = lmatch_paths(manifest, split)
+    return TokenStream(manifest, split, [read_lmatch(p)[0] for p in paths]) if paths else None
+
+
 class Batch(NamedTuple):
     """One micro-batch: inputs and next-token targets `[B, T]` int64, and the inputs' retrieval-match
     ids `[B, T]` (None without an index)."""

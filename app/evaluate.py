@@ -21,7 +21,7 @@ import torch
 
 from app import storage
 from app.config import ConfigError, from_dict, to_dict
-from app.data import TokenStream, eval_batches
+from app.data import TokenStream, eval_batches, match_stream
 from app.log import get_logger
 from app.model import GPT, ModelConfig
 from app.shards import Manifest, load_manifest
@@ -116,20 +116,6 @@ def final_hidden(model: GPT) -> Iterator[list[torch.Tensor]]:
 
 
 # ---------------------------------------------------------------- lmatch ids
-
-
-def lmatch_stream(manifest: Manifest, split: str) -> TokenStream | None:
-    """The retrieval-match ids of `split` aligned with its tokens (a TokenStream over the per-shard
-    `.lmatch` next-id memmaps listed in `manifest.extras["lmatch"]`, see index/lmatch.py: the token
-    after the longest earlier match, vocab_size = NONE), or None when the dataset has none for it."""
-    if not (manifest.extras or {}).get("lmatch"):
-        return None
-    from index.lmatch import lmatch_paths, read_lmatch
-
-    paths = lmatch_paths(manifest, split)
-    if not paths:
-        return None
-    return TokenStream(manifest, split, arrays=[read_lmatch(p)[0] for p in paths])
 
 
 def none_lmatch(cfg: ModelConfig, like: torch.Tensor) -> torch.Tensor:
@@ -275,7 +261,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if seq_len > mcfg.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}")
     stream = TokenStream(manifest, cfg.split)
-    match = lmatch_stream(manifest, cfg.split) if cfg.lmatch == "auto" else None
+    match = match_stream(manifest, cfg.split) if cfg.lmatch == "auto" else None
     notes: list[str] = []
 
     # ---- which variants: (name, lmatch ids: None | "none" | "ids") ----

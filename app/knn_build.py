@@ -75,7 +75,8 @@ def embed_shard(model_path: str, data: str, split: str, windows: list[tuple[int,
     import torch
 
     from app.data import TokenStream
-    from app.evaluate import embed_windows, lmatch_stream, load_model
+    from app.data import match_stream
+    from app.evaluate import embed_windows, load_model
     from index.knn import key_shard_done, read_key_shard, write_key_shard
 
     if key_shard_done(shard_dir, i):
@@ -83,7 +84,7 @@ def embed_shard(model_path: str, data: str, split: str, windows: list[tuple[int,
     torch.set_num_threads(max(1, threads))
     manifest = load_manifest(data)
     lm = load_model(model_path, device, data=data)
-    match = lmatch_stream(manifest, split) if lm.config.lmatch_vocab else None
+    match = match_stream(manifest, split) if lm.config.lmatch_vocab else None
     keys, values = embed_windows(lm.model, TokenStream(manifest, split), match, windows, batch, device)
     write_key_shard(shard_dir, i, keys, values)
     return len(values)
@@ -93,7 +94,8 @@ def build_knn(cfg: KnnBuildConfig) -> dict[str, Any]:
     """Build (or finish) `<out>/knn/`; returns its meta. Runs on the Ray that is initialised (or starts one)."""
     import ray
 
-    from app.evaluate import lmatch_stream, load_model, resolve_model
+    from app.data import match_stream
+    from app.evaluate import load_model, resolve_model
     from index import knn
 
     t0 = time.perf_counter()
@@ -109,7 +111,7 @@ def build_knn(cfg: KnnBuildConfig) -> dict[str, Any]:
     if seq_len > lm.config.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} exceeds the model's max_seq_len={lm.config.max_seq_len}")
     out_dir = cfg.knn_dir()
-    lmatch_mode = ("ids" if lmatch_stream(manifest, cfg.split) is not None else "none") if lm.config.lmatch_vocab else None
+    lmatch_mode = ("ids" if match_stream(manifest, cfg.split) is not None else "none") if lm.config.lmatch_vocab else None
     del lm
 
     # ---- a finished index, or a plan that must match the one on disk ----

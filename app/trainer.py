@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from app import checkpoint, storage
 from app.config import ConfigError, from_dict, to_dict
-from app.data import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches
+from app.data import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches, match_stream
 from app.log import get_logger
 from app.memory_plan import MemoryConfig
 from app.model import GPT, ModelConfig, use_kernels
@@ -188,14 +188,13 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sch
     return grad_norm
 
 
-def match_stream(manifest, split: str) -> TokenStream:
-    """The LMatch next-token ids of a split, aligned with its tokens; a ConfigError if not built."""
-    from index.lmatch import lmatch_paths, read_lmatch
-
-    if "lmatch" not in manifest.extras:
-        raise ConfigError(f"--index: {manifest.root} has no LMatch index; run `python -m jobs.build_index "
-                          f"--data={manifest.root}` first")
-    return TokenStream(manifest, split, [read_lmatch(p)[0] for p in lmatch_paths(manifest, split)])
+def index_stream(manifest, split: str) -> TokenStream:
+    """`--index`: the split's LMatch ids (app.data.match_stream); a ConfigError when they were not built."""
+    stream = match_stream(manifest, split)
+    if stream is None:
+        raise ConfigError(f"--index: {manifest.root} has no LMatch index for {split!r}; run "
+                          f"`python -m jobs.build_index --data={manifest.root}` first")
+    return stream
 
 
 def batch_plan(cfg: TrainConfig, seq_len: int, world_size: int) -> BatchPlan:
@@ -290,9 +289,9 @@ def train_loop(config: dict[str, Any]) -> None:
     plan = batch_plan(cfg, seq_len, world)
     has_val = bool(manifest.shards.get("val"))
     loader = TrainLoader(TokenStream(manifest, "train"), seq_len, plan, rank, cfg.seed,
-                         match_stream(manifest, "train") if cfg.index else None)
+                         index_stream(manifest, "train") if cfg.index else None)
     val = eval_batches(TokenStream(manifest, "val"), seq_len, cfg.micro_batch, cfg.eval_tokens, rank, world,
-                       match_stream(manifest, "val") if cfg.index else None) if has_val else []
+                       index_stream(manifest, "val") if cfg.index else None) if has_val else []
     raw = build_model(cfg, mcfg, device)
     cfg.memory = resolve_memory(cfg.memory, mcfg, seq_len, cfg.micro_batch, device, world)
     per_block = compiles_per_block(cfg.memory)  # before the optimizer: FSDP2 replaces the parameters
@@ -486,7 +485,7 @@ def train(cfg: TrainConfig):
     checkpoints and is started again here, up to `max_preemptions` times, without using it."""
     manifest = load_manifest(cfg.data)  # fail fast, with a clear message, on missing or bad shards
     if cfg.index:
-        match_stream(manifest, "train")
+        index_stream(manifest, "train")
     check_storage(cfg.run_dir)
     existing = list_checkpoints(cfg.run_dir)
     if existing and not cfg.resume:

@@ -178,7 +178,7 @@ def test_lmatch_model_variants(tiny, monkeypatch):
                   for a in TokenStream(m, split).shards]
         return TokenStream(m, split, arrays=arrays)
 
-    monkeypatch.setattr(ev, "lmatch_stream", fake_stream)
+    monkeypatch.setattr(ev, "match_stream", fake_stream)
     res = evaluate(EvalConfig(model=export, data=tiny["data"], seq_len=SEQ, knn="none"))
     assert set(res["results"]) == {"lm", "lmatch"}
     direct = _direct_mean_ce(model, tiny["data"], "val", lmatch=fake_stream(load_manifest(tiny["data"]), "val"))
@@ -256,7 +256,7 @@ def test_all_four_variants_with_a_real_lmatch_index(ray_session, tiny, tmp_path)
     assert meta["lmatch"] == "ids"  # the keys were computed with the train split's match ids
     res = evaluate(EvalConfig(model=export, data=data, seq_len=SEQ, k=8))
     assert set(res["results"]) == {"lm", "lmatch", "knn", "lmatch+knn"}
-    from app.evaluate import lmatch_stream
+    from app.data import match_stream
 
-    direct = _direct_mean_ce(model, data, "val", lmatch=lmatch_stream(manifest, "val"))
+    direct = _direct_mean_ce(model, data, "val", lmatch=match_stream(manifest, "val"))
     assert res["results"]["lmatch"]["loss"] == pytest.approx(direct, rel=1e-5)

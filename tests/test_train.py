@@ -120,7 +120,7 @@ def test_index_feeds_lmatch_ids(shakespeare_shards, tmp_path):
 
     from app.data import BatchPlan, TrainLoader
     from app.index_build import IndexConfig, build_index
-    from app.trainer import match_stream
+    from app.data import match_stream
     from index.lmatch import lmatch_paths, read_lmatch
 
     data = str(tmp_path / "shards")
