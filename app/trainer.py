@@ -19,6 +19,7 @@ from app.data import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches, m
 from app.log import get_logger
 from app.memory_plan import MemoryConfig
 from app.model import GPT, ModelConfig, use_kernels
+from app.muon import Muon, muon_params
 from app.parallel import (compiles_per_block, full_state_dicts, make_offload_optimizer, parallelize,
                           resolve_memory, set_full_state_dicts)
 from app.preemption import PreemptionWatcher, install_sigterm_handler
@@ -53,6 +54,9 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW decay on matrices (not norms)
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = "adamw"  # adamw | muon (app/muon.py: Muon on the blocks' matrices, AdamW on the rest at `lr`)
+    muon_lr: float = 0.02  # peak learning rate of the Muon matrices (same schedule as `lr`)
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     eval_every: int = 50  # steps between validation passes; 0 = only at the end
     eval_tokens: int = 65536  # validation tokens per pass; 0 = the whole validation split
@@ -96,6 +100,11 @@ class TrainConfig:
             raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}")
         if self.kernels != "auto":
             use_kernels(self.kernels)  # raises on unknown names
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer == "muon" and (self.memory.offload_optimizer or self.memory.fsdp):
+            raise ConfigError("optimizer=muon needs whole weight matrices on the GPU: not with "
+                              "memory.offload_optimizer or memory.fsdp")
         self.memory.validate()
 
     @property
@@ -134,7 +143,15 @@ class CosineSchedule:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (weight decay on matrices only), its CPU-offloaded form, or Muon + AdamW (`cfg.optimizer`)."""
+    if cfg.optimizer == "muon":
+        hidden, rest = muon_params(model)
+        # The same per-step shrink (1 - lr * wd) as AdamW applies, whatever muon_lr is.
+        groups = [{"params": hidden, "muon": True, "lr": cfg.muon_lr, "weight_decay": cfg.weight_decay * cfg.lr / cfg.muon_lr},
+                  {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+        return Muon(groups, lr=cfg.lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2))
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
