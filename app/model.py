@@ -7,6 +7,7 @@ when the retrieval-match feature is on). Shapes in comments: B batch, T tokens, 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app import kernels
 from app.config import ConfigError
@@ -24,25 +26,31 @@ FFN_MULTIPLE = 256  # the Llama rule rounds the SwiGLU width up to this multiple
 
 @dataclass
 class KernelChoice:
-    """Which Triton kernels replace PyTorch ops on CUDA (a runtime choice, not part of the model's shape).
-    `loss`: training forwards return (None, loss) from the fused linear + cross-entropy, no logits."""
+    """Which faster paths replace plain PyTorch ops (a runtime choice, not part of the model's shape).
+    `loss`: training forwards return (None, loss) from the fused linear + cross-entropy, no logits (CUDA).
+    `norm`, `rotary`: the Triton RMSNorm / rotary kernels (CUDA). `proj`: q/k/v and gate/up each run as one
+    matmul over their concatenated weights (any device; parameters and state dict unchanged).
+    `cudnn`: training attention prefers SDPA's cuDNN backend (CUDA)."""
 
     loss: bool = False
     norm: bool = False
     rotary: bool = False
+    proj: bool = False
+    cudnn: bool = False
 
 
 KERNELS = KernelChoice()  # set once per process by the trainer (`use_kernels`)
+KERNEL_NAMES = tuple(f.name for f in fields(KernelChoice))
 
 
 def use_kernels(spec: str) -> KernelChoice:
-    """Set the process-wide kernel choice from "none", "all" or a comma list of loss,norm,rotary."""
-    names = {"none": set(), "all": {"loss", "norm", "rotary"}}.get(spec, set(filter(None, spec.split(","))))
-    unknown = names - {"loss", "norm", "rotary"}
+    """Set the process-wide kernel choice from "none", "all" or a comma list of KERNEL_NAMES."""
+    names = {"none": set(), "all": set(KERNEL_NAMES)}.get(spec, set(filter(None, spec.split(","))))
+    unknown = names - set(KERNEL_NAMES)
     if unknown:
-        raise ConfigError(f"kernels: unknown {sorted(unknown)}; use none, all, or a comma list of loss,norm,rotary")
-    for f in fields(KernelChoice):
-        setattr(KERNELS, f.name, f.name in names)
+        raise ConfigError(f"kernels: unknown {sorted(unknown)}; use none, all, or a comma list of {','.join(KERNEL_NAMES)}")
+    for name in KERNEL_NAMES:
+        setattr(KERNELS, name, name in names)
     return KERNELS
 
 
@@ -63,6 +71,7 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init (output projections get /sqrt(2 n_layer))
     dropout: float = 0.0  # training-only dropout on embeddings, attention weights and residual branches
     lmatch_vocab: int = 0  # rows of the retrieval-match embedding (>= vocab_size + 1; id vocab_size = no match); 0 = off
+    fp8: bool = False  # training matmuls (blocks, lm_head) in FP8 with per-tensor scales on sm89+ CUDA; else as usual
 
     def __post_init__(self) -> None:
         self.validate()
@@ -153,6 +162,33 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate x [B, H, T, D] by position: pairs (i, i + D/2), like Hugging Face's `rotate_half`."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def linear(x: torch.Tensor, module: nn.Linear | torch.Tensor, fp8: bool) -> torch.Tensor:
+    """x @ weight.T of a bias-free `module` (or a bare weight): in FP8 (`kernels.fp8_linear`) when `fp8`,
+    gradients are on (training) and the device and shapes allow it (`kernels.fp8_fits`); otherwise the
+    plain (autocast) matmul, through the module itself so that hooks on it still run."""
+    weight = module.weight if isinstance(module, nn.Linear) else module
+    if fp8 and torch.is_grad_enabled() and kernels.fp8_fits(x, weight):
+        return kernels.fp8_linear(x, weight)
+    return module(x) if isinstance(module, nn.Linear) else F.linear(x, weight)
+
+
+def project(x: torch.Tensor, linears: Sequence[nn.Linear], fp8: bool) -> list[torch.Tensor]:
+    """Each of the bias-free `linears` applied to x; with KERNELS.proj as one matmul over their concatenated
+    weights (one larger GEMM, x read once), split afterwards into views."""
+    if not KERNELS.proj:
+        return [linear(x, m, fp8) for m in linears]
+    weight = torch.cat([m.weight for m in linears])
+    return list(linear(x, weight, fp8).split([m.out_features for m in linears], dim=-1))
+
+
+def _training_sdpa_backends():
+    """The context SDPA runs in without a mask: cuDNN first when KERNELS.cudnn, else PyTorch's own order."""
+    if not KERNELS.cudnn:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH], set_priority=True)
 
 
 class KVCache:
@@ -285,9 +321,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), cfg.fp8)
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
         if KERNELS.rotary and x.is_cuda and cos.dim() == 2:  # per-row tables ([B, 1, T, D]): PyTorch path
             q, k = kernels.apply_rotary(q, k, cos, sin)
         else:
@@ -300,9 +337,10 @@ class Attention(nn.Module):
         if mask is not None:  # a chunk after cached positions, or slots at different positions
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:  # training / prefill (square causal), or one new token seeing everything cached
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa,
-                                               dropout_p=cfg.dropout if self.training else 0.0)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+            with _training_sdpa_backends():
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa,
+                                                   dropout_p=cfg.dropout if self.training else 0.0)
+        return linear(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim), self.o_proj, cfg.fp8)
 
 
 class MLP(nn.Module):
@@ -310,12 +348,14 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.fp8 = cfg.fp8
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj), self.fp8)
+        return linear(F.silu(gate) * up, self.down_proj, self.fp8)
 
 
 class Block(nn.Module):
@@ -392,7 +432,7 @@ class GPT(nn.Module):
         h = self.model.norm(self.trunk(idx, lmatch, kv_cache))
         if targets is not None and KERNELS.loss and h.is_cuda:  # the [B, T, vocab] logits are never made
             return None, kernels.fused_linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=-1)
-        logits = self.lm_head(h)  # [B, T, padded_vocab]
+        logits = linear(h, self.lm_head, self.cfg.fp8)  # [B, T, padded_vocab]
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)

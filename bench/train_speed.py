@@ -4,10 +4,13 @@ The baseline is written here: GPT-2 (LayerNorm, GELU MLP, learned positions, bia
 SDPA flash attention), fused AdamW, `torch.compile`, bf16 autocast. spotlm's side is the trainer's
 own step (`build_model`, `compiled`, `make_optimizer`, `forward_backward`, `optimizer_step`: what
 `jobs/train.py` runs) at the same parameter count, sequence length and tokens per step, once per
-variant (kernel set, compile mode). Each measurement runs in a fresh child process (same data,
-same GPU, one after the other), so compile caches and allocator state never leak between them.
+variant (kernel set, compile mode, model option such as fp8). Each measurement runs in a fresh child
+process (same data, same GPU), so compile caches and allocator state never leak between them. With
+`--jobs N` up to N children compile at once; each one's first (compiling) step runs unlocked, then
+it takes a file lock for its remaining warmup and timed steps, so timed steps run alone on the GPU
+except where another child's single compiling step overlaps them (the median step absorbs that).
 Prints JSON: tokens/s, MFU (6N + attention FLOPs per token), peak memory, and each variant's
-ratio to the baseline.
+ratio to the baseline. `--profile_dir` also writes a torch.profiler table of one step per row.
 
     python -m bench.train_speed                                   # GPU: gpt2-124m and gpt2-350m
     python -m bench.train_speed --presets=tiny --steps=3 --quick   # CPU smoke run
@@ -15,8 +18,11 @@ ratio to the baseline.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import fcntl
 import gc
+import os
 import json
 import math
 import statistics
@@ -109,24 +115,63 @@ def _peak_flops() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def _time_steps(step, device: torch.device, warmup: int, steps: int) -> tuple[float, float, list[float]]:
-    """(compile + warmup seconds, median step seconds, losses) of `step()` run warmup + steps times."""
+def _time_steps(step, device: torch.device, args) -> tuple[float, float, list[float]]:
+    """(compile + warmup seconds, median step seconds, losses) of `step()` run warmup + steps times; the
+    first step (compilation) runs before taking `args.lock`, the rest under it; then the optional profile."""
     t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    warm = time.perf_counter() - t0
-    times, losses = [], []
-    for _ in range(steps):
-        t = time.perf_counter()
-        loss = step()
+    step()
+    with open(args.lock, "a") if args.lock else contextlib.nullcontext() as lock:
+        if lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        for _ in range(args.warmup - 1):
+            step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        losses.append(float(loss))
+            torch.cuda.reset_peak_memory_stats()
+        warm = time.perf_counter() - t0
+        times, losses = [], []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            loss = step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            losses.append(float(loss))
+        if args.profile_dir:
+            _profile(step, device, args)
     return warm, statistics.median(times), losses
+
+
+KERNEL_KINDS = (("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "_mm_")), ("attention", ("flash", "fmha", "cudnn", "attention")),
+                ("optimizer", ("multi_tensor", "adam", "foreach")), ("triton", ("triton",)))
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def _profile(step, device: torch.device, args) -> None:
+    """One profiled step: `<profile_dir>/<preset>.<variant>.txt` (top kernels) and `.json` (GPU ms by kind)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    stem = os.path.join(args.profile_dir, f"{args.presets}.{args.one}")
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    with open(stem + ".txt", "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=110))
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        by_kind[_kind(e.key)] = by_kind.get(_kind(e.key), 0.0) + e.self_device_time_total / 1e3
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
+    with open(stem + ".json", "w") as f:
+        json.dump({"gpu_ms_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+                   "top_kernels": [{"name": e.key[:160], "ms": round(e.self_device_time_total / 1e3, 3),
+                                    "calls": e.count, "kind": _kind(e.key)} for e in top]}, f, indent=1)
 
 
 def _result(name: str, tokens_per_step: int, warm: float, dt: float, losses: list[float], fpt: float,
@@ -163,7 +208,7 @@ def run_baseline(mcfg: ModelConfig, batches: list[Batch], args, device: torch.de
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    warm, dt, losses = _time_steps(step, device, args.warmup, args.steps)
+    warm, dt, losses = _time_steps(step, device, args)
     n = sum(p.numel() for p in model.parameters())
     out = _result("baseline", args.tokens_per_step, warm, dt, losses, model.flops_per_token(args.seq_len), n, device)
     del model, opt, fwd
@@ -175,7 +220,8 @@ def run_spotlm(preset: str, variant: dict, batches: list[Batch], args, device: t
     cfg = TrainConfig(preset=preset, lr=args.lr, seq_len=args.seq_len, micro_batch=args.micro_batch,
                       compile="true" if device.type == "cuda" or args.compile_cpu else "false", **variant)
     cfg.validate()
-    mcfg = ModelConfig.preset(preset, max_seq_len=max(args.seq_len, ModelConfig.preset(preset).max_seq_len))
+    mcfg = ModelConfig.preset(preset, max_seq_len=max(args.seq_len, ModelConfig.preset(preset).max_seq_len),
+                              **cfg.model)
     model = build_model(cfg, mcfg, device)
     opt = make_optimizer(model, cfg, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineSchedule(0, 10**6, 1.0))
@@ -186,8 +232,8 @@ def run_spotlm(preset: str, variant: dict, batches: list[Batch], args, device: t
         optimizer_step(model, opt, sched, cfg.grad_clip)
         return loss
 
-    warm, dt, losses = _time_steps(step, device, args.warmup, args.steps)
-    name = "spotlm " + ",".join(f"{k}={v}" for k, v in variant.items())
+    warm, dt, losses = _time_steps(step, device, args)
+    name = "spotlm " + args.one
     out = _result(name, args.tokens_per_step, warm, dt, losses, model.flops_per_token(args.seq_len),
                   model.num_params(), device)
     del model, opt, fwd
@@ -195,12 +241,21 @@ def run_spotlm(preset: str, variant: dict, batches: list[Batch], args, device: t
     return out
 
 
-VARIANTS = {
+FP8 = {"model": {"fp8": True}}
+VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     "plain": {"kernels": "none"},
+    "proj": {"kernels": "proj"},
     "fused_loss": {"kernels": "loss"},
     "norm_rotary": {"kernels": "norm,rotary"},
-    "all_kernels": {"kernels": "all"},
+    "cudnn": {"kernels": "cudnn"},
+    "fp8": {"kernels": "none", **FP8},
+    "cuda_graphs": {"kernels": "none", "compile_mode": "reduce-overhead"},
     "max_autotune": {"kernels": "none", "compile_mode": "max-autotune-no-cudagraphs"},
+    "all_kernels": {"kernels": "all"},
+    "proj_loss": {"kernels": "proj,loss"},
+    "proj_loss_cudnn": {"kernels": "proj,loss,cudnn"},
+    "proj_loss_cudnn_fp8": {"kernels": "proj,loss,cudnn", **FP8},
+    "proj_cudnn_fp8": {"kernels": "proj,cudnn", **FP8},
 }
 
 
@@ -211,6 +266,12 @@ def _child(preset: str, variant: str, argv: list[str]) -> dict:
     if proc.returncode != 0 or not proc.stdout.strip():
         return {"name": variant, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _rows(preset: str, variants: list[str], argv: list[str], jobs: int) -> list[dict]:
+    """The rows of `variants` in order, measured by up to `jobs` children at once."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        return list(pool.map(lambda v: _child(preset, v, argv), variants))
 
 
 def main() -> None:
@@ -224,6 +285,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--compile_cpu", action="store_true", help="compile on CPU too (slow; default off there)")
+    p.add_argument("--jobs", default="1", help="children compiling at once, one number or one per preset (timed steps still run alone)")
+    p.add_argument("--profile_dir", default="", help="write one profiled step per row here")
+    p.add_argument("--out", default="", help="also write the JSON report to this file")
+    p.add_argument("--lock", default="", help=argparse.SUPPRESS)  # internal: the timing lock file
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: measure one row in this process
     args = p.parse_args()
     args.tokens_per_step = args.micro_batch * args.seq_len * args.accum
@@ -240,11 +305,16 @@ def main() -> None:
             run_spotlm(args.presets, VARIANTS[args.one], batches, args, device, autocast)
         print(json.dumps(row))
         return
+    if args.profile_dir:
+        os.makedirs(args.profile_dir, exist_ok=True)
+    lock = os.path.join(args.profile_dir or ".", f".train_speed.{os.getpid()}.lock")
     passthrough = [f"--seq_len={args.seq_len}", f"--micro_batch={args.micro_batch}", f"--accum={args.accum}",
-                   f"--steps={args.steps}", f"--warmup={args.warmup}", f"--lr={args.lr}"] + \
-        (["--compile_cpu"] if args.compile_cpu else [])
-    for preset in args.presets.split(","):
-        rows = [_child(preset, v, passthrough) for v in ["baseline", *args.variants.split(",")]]
+                   f"--steps={args.steps}", f"--warmup={args.warmup}", f"--lr={args.lr}", f"--lock={lock}",
+                   f"--profile_dir={args.profile_dir}"] + (["--compile_cpu"] if args.compile_cpu else [])
+    presets = args.presets.split(",")
+    jobs = [int(j) for j in args.jobs.split(",")]
+    for i, preset in enumerate(presets):
+        rows = _rows(preset, ["baseline", *args.variants.split(",")], passthrough, jobs[min(i, len(jobs) - 1)])
         if "tokens_per_s" not in rows[0]:
             report["results"][preset] = rows
             continue
@@ -256,6 +326,11 @@ def main() -> None:
                     r["mem_ratio_vs_baseline"] = round(r["peak_mem_GiB"] / rows[0]["peak_mem_GiB"], 3)
         report["results"][preset] = rows
         print(json.dumps({preset: rows}), flush=True)
+    if os.path.exists(lock):
+        os.remove(lock)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
 
 

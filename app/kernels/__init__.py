@@ -1,19 +1,24 @@
-"""Triton kernels for the model's hot spots (fused linear + cross-entropy, RMSNorm, rotary), each with a PyTorch reference.
+"""Kernels for the model's hot spots (Triton: fused linear + cross-entropy, RMSNorm, rotary; FP8 matmuls), each with a PyTorch reference.
 
-Every public function runs its Triton kernels when its tensors are on CUDA (or on CPU under Triton's
+Every Triton-backed function runs its Triton kernels when its tensors are on CUDA (or on CPU under Triton's
 interpreter: TRITON_INTERPRET=1 or SPOTLM_TRITON_INTERPRET_TEST=1 set before import) and its reference otherwise.
+`fp8_linear` runs `torch._scaled_mm` wherever it is called; callers check `fp8_fits` on CUDA.
 """
 from app.kernels.fused_linear_ce import (
     default_chunk_size,
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
 )
+from app.kernels.fp8_linear import fp8_fits, fp8_linear, fp8_linear_reference
 from app.kernels.rmsnorm import rms_norm, rms_norm_reference
 from app.kernels.rotary import apply_rotary, rotary_reference
 
 __all__ = [
     "apply_rotary",
     "default_chunk_size",
+    "fp8_fits",
+    "fp8_linear",
+    "fp8_linear_reference",
     "fused_linear_cross_entropy",
     "linear_cross_entropy_reference",
     "rms_norm",

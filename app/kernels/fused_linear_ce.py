@@ -3,7 +3,9 @@
 Liger-Kernel's chunked approach: per chunk of tokens, cuBLAS computes the logits, one Triton program per
 row computes the logsumexp and the loss and overwrites the logits with d loss / d logits, and two more
 matmuls turn those into the chunk's hidden gradient and its share of the weight gradient. The gradients
-are computed during forward and only scaled by the incoming gradient in backward.
+are computed during forward and only scaled by the incoming gradient in backward. Chunks are thousands
+of tokens (a fixed logits budget), not Liger's hidden-sized ones: a chunk of a few hundred tokens makes
+the weight-gradient product (K = chunk) slow and rewrites the whole [V, D] gradient once per chunk.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from app.kernels.backend import jit, next_power_of_2, num_warps_for, tl, use_triton
 
 _MAX_BLOCK_V = 32768  # vocabulary columns one program holds at a time (Liger-Kernel's limit)
+_CHUNK_LOGITS = 1 << 28  # logits elements per chunk (512 MiB in bf16): 4096 tokens of a 50k vocabulary
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -26,10 +29,10 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
     return total / (targets != ignore_index).sum().clamp(min=1)
 
 
-def default_chunk_size(n_tokens: int, vocab: int, dim: int) -> int:
-    """Liger-Kernel's heuristic: a power-of-two token chunk whose logits are about the size of the hidden states."""
-    expansion = -(-vocab // dim)  # how many times wider a logits row is than a hidden row
-    return next_power_of_2(-(-n_tokens // expansion))
+def default_chunk_size(n_tokens: int, vocab: int) -> int:
+    """Tokens per chunk: all of them, or the largest power of two whose logits fit `_CHUNK_LOGITS` elements."""
+    fit = max(1, _CHUNK_LOGITS // vocab)
+    return n_tokens if n_tokens <= fit else 1 << (fit.bit_length() - 1)
 
 
 @jit
@@ -178,6 +181,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     _check_inputs(hidden, weight, targets, chunk_size, softcap)
     if not use_triton(hidden, weight, targets):
         return linear_cross_entropy_reference(hidden, weight, targets, ignore_index, softcap)
-    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], weight.shape[1])
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
+    return _fused(hidden.contiguous(), weight, targets.contiguous(), ignore_index, chunk, softcap)
+
+
+# Run eagerly even inside a compiled model: the chunk loop is a handful of cuBLAS calls and kernel
+# launches, nothing for Inductor to fuse; a clean graph break beats tracing `out=` slices per chunk.
+@torch.compiler.disable
+def _fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk: int,
+           softcap: float | None) -> torch.Tensor:
     with torch.autocast(hidden.device.type, enabled=False):
-        return _FusedLinearCEFn.apply(hidden.contiguous(), weight, targets.contiguous(), ignore_index, chunk, softcap)
+        return _FusedLinearCEFn.apply(hidden, weight, targets, ignore_index, chunk, softcap)
