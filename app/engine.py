@@ -7,6 +7,13 @@ Requests (`Sequence`s) join and leave the running batch between decode steps. Ea
 3. runs one batched decode step for every active sequence (one new token each).
 A sequence finishes at its stop id, its token budget, the context's end, its deadline or a cancel.
 
+Decode runs on static memory: every slot's last token, position, sampling parameters and uniforms live
+in device tensors (`DecodeState`), and a step decodes cache rows [0, n) for n the smallest batch bucket
+(1, 2, 4, ... max_batch) holding every active slot, whatever their lengths (`DecodeSlots` masks each row
+to its own keys). So a step's shapes depend on n only: on CUDA (`cuda_graphs`) each bucket's step is
+captured once as a CUDA graph and replayed; elsewhere the same code runs eagerly. A step reads one
+tensor back (the new tokens); free rows inside the bucket are computed and ignored.
+
 Memory is bounded: the KV cache is allocated once ([max_batch, heads, max_len, head_dim] per layer),
 at most `max_batch` sequences are active and `max_queue` wait; `submit` raises `EngineFull` (with a
 retry-after estimate) beyond that. Sampling is per row from the sequence's own seeded uniforms
@@ -34,7 +41,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence as Seq
 
 import torch
 
-from app.generate import check_args, forward_last, sample_tokens, uniforms
+from app.generate import check_args, forward_last, sample_tokens, sampling_kind, uniforms
 from app.log import get_logger
 from app.model import GPT, KVCache
 
@@ -45,6 +52,7 @@ class LMatchLookup(Protocol):
     def lookup(self, context_ids: Seq[int]) -> tuple[int, int]: ...
 
 
+Kinds = tuple[bool, bool] | None  # (some row samples "plain", some row "cut"); None: forward only (kNN)
 KnnFn = Callable[[torch.Tensor], tuple[Any, Any]]  # hidden [B, d] -> (distances [B, k], next ids [B, k])
 
 
@@ -93,15 +101,17 @@ class Sequence:
         self.error: str | None = None
         self.slot: int | None = None
         self.budget = 0
+        self.kind = "greedy"  # app.generate.sampling_kind of the params
+        self.stops: frozenset[int] = frozenset()  # token ids that end it
         self.index_ms = 0.0  # time in the lmatch / kNN hooks for this sequence
         self.t_submit = time.monotonic()
         self.t_first: float | None = None
         self.t_done: float | None = None
         self.listener: Callable[[], None] | None = None
-        self._u: torch.Tensor | None = None  # the sampling uniforms, one per step
         self._context: list[int] = []  # prompt + tokens, when an lmatch hook reads it
         self._cancel: str | None = None
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # iter_tokens waits on it: woken at every token
+        self._finished = threading.Event()  # wait waits on it: woken once
 
     @property
     def done(self) -> bool:
@@ -113,8 +123,7 @@ class Sequence:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until finished (or `timeout` seconds); True when finished."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self.done, timeout)
+        return self._finished.wait(timeout)
 
     def iter_tokens(self, timeout: float | None = None) -> Iterator[int]:
         """Yield the tokens as they come, until the sequence finishes (TimeoutError after `timeout` s idle)."""
@@ -139,6 +148,121 @@ class Sequence:
                 pass
 
 
+def batch_buckets(max_batch: int) -> list[int]:
+    """The row counts a decode step is padded to: the powers of two below max_batch, then max_batch."""
+    out = [1]
+    while out[-1] * 2 < max_batch:
+        out.append(out[-1] * 2)
+    return out + [max_batch] if out[-1] < max_batch else out
+
+
+def bucket_for(rows: int, buckets: Seq[int]) -> int:
+    """The smallest bucket >= rows (rows <= the largest bucket)."""
+    return next(b for b in buckets if b >= rows)
+
+
+class DecodeState:
+    """Per-slot decode inputs in device memory, [max_batch] each unless noted, written at admission and by
+    each decode step (never rebuilt from Python lists per step):
+    tok: the last sampled token (the next input); pos: the number of filled KV positions (where tok goes);
+    lm: its lmatch id (written per step by the engine, when there is an lmatch hook);
+    temperature / top_k / top_p: the sampling parameters; u [max_batch, max_len + 1]: u[slot, p] is the
+    uniform that samples the token at position p (the sequence's seeded `uniforms`, from its prompt end)."""
+
+    def __init__(self, max_batch: int, max_len: int, none_id: int, device: torch.device):
+        long = dict(dtype=torch.long, device=device)
+        self.tok = torch.zeros(max_batch, **long)
+        self.pos = torch.zeros(max_batch, **long)
+        self.lm = torch.full((max_batch,), none_id, **long)
+        self.temperature = torch.zeros(max_batch, device=device)
+        self.top_k = torch.zeros(max_batch, **long)
+        self.top_p = torch.ones(max_batch, device=device)
+        self.u = torch.zeros(max_batch, max_len + 1, dtype=torch.float64, device=device)
+        self.rows = torch.arange(max_batch, **long)
+
+    def admit(self, slots: torch.Tensor, seqs: Seq[Sequence], device: torch.device) -> None:
+        """Write the sampling parameters and uniforms of `seqs` into their `slots` rows."""
+        self.temperature[slots] = torch.tensor([float(s.params.temperature) for s in seqs], device=device)
+        self.top_k[slots] = torch.tensor([int(s.params.top_k) for s in seqs], device=device)
+        self.top_p[slots] = torch.tensor([float(s.params.top_p) for s in seqs], device=device)
+        u = torch.zeros(len(seqs), self.u.size(1), dtype=torch.float64)
+        for i, s in enumerate(seqs):
+            u[i, len(s.prompt):len(s.prompt) + s.budget] = uniforms(s.params.seed, s.budget)[:s.budget]
+        self.u[slots] = u.to(device)
+
+    def sample(self, logits: torch.Tensor, slots: torch.Tensor, at: torch.Tensor,
+               kinds: tuple[bool, bool]) -> torch.Tensor:
+        """Tokens [n] for `logits` [n, V] of rows `slots`, the token of row i going to position at[i]."""
+        u = self.u[slots, at.clamp(max=self.u.size(1) - 1)]  # free rows of a bucket may run past the end
+        return sample_tokens(logits, self.temperature[slots], self.top_k[slots], self.top_p[slots], u, kinds)
+
+
+class DecodeSlots:
+    """Cache rows [0, n) as one decode batch (a `kv_cache` for GPT.trunk): row r's one new token goes to
+    position pos[r] and attends the row's keys 0..pos[r]; attention reads the whole cache length under a
+    mask, so no shape depends on the rows' lengths and a forward through this can be graph-captured.
+    The engine moves `pos` itself (after sampling); free rows write at their clamped position, unread."""
+
+    def __init__(self, cache: KVCache, pos: torch.Tensor):
+        self.cache, self.batch = cache, pos.size(0)
+        self.pos = pos
+        self._rows = torch.arange(self.batch, device=pos.device)
+        self._at = pos.clamp(max=cache.max_len - 1)
+        keys = torch.arange(cache.max_len, device=pos.device)
+        self._mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, max_len]
+
+    def positions(self, new: int, device: torch.device | str) -> torch.Tensor:
+        return self.pos[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        ck[self._rows, :, self._at] = k[:, :, 0]  # indexed dims first: [n, Hkv, D]
+        cv[self._rows, :, self._at] = v[:, :, 0]
+        return ck[:self.batch], cv[:self.batch]
+
+    def attn_mask(self, new: int, device: torch.device | str) -> torch.Tensor:
+        return self._mask
+
+    def advance(self, new: int) -> None:
+        pass
+
+
+class DecodeGraphs:
+    """CUDA graphs of `fn(n, kinds)` (a decode step over rows [0, n)), captured on first use of each
+    (n, kinds) and replayed after; the outputs are the graph's static tensors, valid until the next replay.
+    Capture runs `fn` twice eagerly first (kernel selection, lazy init); those runs may move the decode
+    state, so `state` (tok, pos) is saved and restored around them: the KV they write lies at or past each
+    row's position, where the real step writes before anything reads it."""
+
+    def __init__(self, fn: Callable[[int, Kinds], tuple[torch.Tensor, ...]], state: DecodeState):
+        self.fn, self.state = fn, state
+        self.graphs: dict[tuple[int, Kinds], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, n: int, kinds: Kinds) -> tuple[torch.Tensor, ...]:
+        key = (n, kinds)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(n, kinds)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out
+
+    def capture(self, n: int, kinds: Kinds) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
+        saved = self.state.tok.clone(), self.state.pos.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.fn(n, kinds)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.fn(n, kinds)
+        self.state.tok.copy_(saved[0])
+        self.state.pos.copy_(saved[1])
+        return graph, out
+
+
 class Engine:
     """Continuous batching over `model` (eval mode, on its device). Start the loop with `start()`
     (or drive it with `step()` in tests), `submit` sequences, `close()` at the end."""
@@ -146,7 +270,8 @@ class Engine:
     def __init__(self, model: GPT, *, eot_id: int | None = None, vocab_limit: int | None = None,
                  max_batch: int = 32, max_queue: int = 256, max_len: int | None = None,
                  max_prefill_tokens: int = 4096, lmatch: LMatchLookup | None = None, knn: KnnFn | None = None,
-                 knn_lambda: float = 0.25, knn_temperature: float = 1.0):
+                 knn_lambda: float = 0.25, knn_temperature: float = 1.0, cuda_graphs: bool | None = None):
+        """`cuda_graphs`: replay decode steps as CUDA graphs (None = when the model is on CUDA)."""
         cfg = model.cfg
         if bool(cfg.lmatch_vocab) != (lmatch is not None):
             raise ValueError("an lmatch index is needed exactly when the model has a retrieval-match table "
@@ -164,6 +289,15 @@ class Engine:
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         self.lmatch, self.knn, self.knn_lambda, self.knn_temperature = lmatch, knn, knn_lambda, knn_temperature
         self.cache = KVCache(cfg, max_batch, self.max_len, self.device, self.dtype)
+        self.state = DecodeState(max_batch, self.max_len, cfg.vocab_size, self.device)
+        self.buckets = batch_buckets(max_batch)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a model on CUDA (this one is on {self.device})")
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._step_fn = DecodeGraphs(self._decode_rows, self.state) if use_graphs else self._decode_rows
+        self._kinds = {"greedy": 0, "plain": 0, "cut": 0}  # active sequences by sampling kind
+        self._lm_host = torch.full((max_batch,), cfg.vocab_size, dtype=torch.long,
+                                   pin_memory=self.device.type == "cuda")  # pinned: the copy is asynchronous
         self._free = list(range(max_batch - 1, -1, -1))  # a stack: the lowest slot is reused first
         self._active: dict[int, Sequence] = {}  # slot -> sequence
         self._waiting: deque[Sequence] = deque()
@@ -195,6 +329,9 @@ class Engine:
                 raise ValueError(f"timeout_s={p.timeout_s} must be > 0")
             seq = Sequence(prompt, p, time.monotonic() + p.timeout_s if p.timeout_s else None)
             seq.budget = min(p.max_tokens, self.max_len - len(prompt) + 1)
+            seq.kind = sampling_kind(p.temperature, p.top_k, p.top_p, self.vocab_limit)
+            seq.stops = frozenset(p.stop_ids if p.stop_ids is not None else
+                                  (() if self.eot_id is None else (self.eot_id,)))
             if seq.budget <= 0:  # max_tokens=0: finishes at admission, no forward
                 seq._cancel = "length"
             seqs.append(seq)
@@ -213,18 +350,26 @@ class Engine:
         return max(1, min(60, math.ceil((len(self._waiting) + 1) * self._busy_s / self.max_batch)))
 
     def stats(self) -> dict[str, Any]:
+        graphs = self._step_fn.graphs if isinstance(self._step_fn, DecodeGraphs) else None
         return {"active": len(self._active), "waiting": len(self._waiting), "free_slots": len(self._free),
                 "max_batch": self.max_batch, "max_queue": self.max_queue, "steps": self.steps,
                 "generated_tokens": self.generated, "prefilled_tokens": self.prefilled,
-                "failures": self.failures, "alive": self.alive}
+                "failures": self.failures, "alive": self.alive,
+                "cuda_graphs": None if graphs is None else len(graphs)}
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> Engine:
-        """Run the loop in a daemon thread."""
+        """Run the loop in a daemon thread (with CUDA graphs: after capturing every bucket's greedy and
+        plain-sampling step, so that first requests do not wait for captures)."""
         if self._thread is None:
+            if isinstance(self._step_fn, DecodeGraphs):
+                with torch.inference_mode():
+                    for n in self.buckets:
+                        for kinds in ((False, False), (True, False)):
+                            self._step_fn.graphs[(n, kinds)] = self._step_fn.capture(n, kinds)
             self._thread = threading.Thread(target=self._run, name="spotlm-engine", daemon=True)
             self._thread.start()
         return self
@@ -313,89 +458,101 @@ class Engine:
                         break
                 self._waiting.popleft()
                 seq.slot = self._free.pop()
-                self.cache.lengths[seq.slot] = 0
                 self._active[seq.slot] = seq
+                self._kinds[seq.kind] += 1
                 group.append(seq)
         if group:
             groups.append(group)
         return groups
 
     def _prefill(self, seqs: list[Sequence]) -> None:
+        """Read the prompts (right-padded, one forward), sample each one's first token, set its decode state."""
         T = max(len(s.prompt) for s in seqs)
         idx = torch.zeros(len(seqs), T, dtype=torch.long)
         lmatch = torch.full((len(seqs), T), self.cfg.vocab_size, dtype=torch.long) if self.lmatch else None
         for i, s in enumerate(seqs):
             idx[i, :len(s.prompt)] = torch.tensor(s.prompt)
-            s._u = uniforms(s.params.seed, s.budget)
+            self.cache.lengths[s.slot] = 0  # the prefill writes from position 0
             if lmatch is not None:
                 t0 = time.perf_counter()
                 s._context = list(s.prompt)
                 lmatch[i, :len(s.prompt)] = torch.tensor([self.lmatch.lookup(s._context[:p + 1])[0]
                                                           for p in range(len(s.prompt))])
                 s.index_ms += 1e3 * (time.perf_counter() - t0)
-        last = torch.tensor([len(s.prompt) - 1 for s in seqs])
-        slots = self.cache.slots([s.slot for s in seqs])
-        logits, hidden = forward_last(self.model, idx.to(self.device), slots, last.to(self.device),
-                                      None if lmatch is None else lmatch.to(self.device))
-        for s in seqs:  # the padded rows advanced by T; the true lengths:
-            self.cache.lengths[s.slot] = len(s.prompt)
+        dev, st = self.device, self.state
+        slots = torch.tensor([s.slot for s in seqs], device=dev)
+        lengths = torch.tensor([len(s.prompt) for s in seqs], device=dev)
+        st.admit(slots, seqs, dev)
+        logits, hidden = forward_last(self.model, idx.to(dev), self.cache.slots([s.slot for s in seqs]),
+                                      lengths - 1, None if lmatch is None else lmatch.to(dev))
+        logits = self._knn_mix(seqs, logits[:, :self.vocab_limit].float(), hidden)
+        tokens = st.sample(logits, slots, lengths, self._kinds_of(seqs))
+        st.tok[slots], st.pos[slots] = tokens, lengths
         self.prefilled += int(sum(len(s.prompt) for s in seqs))
-        self._sample(seqs, logits, hidden)
+        self._emit(seqs, list(range(len(seqs))), logits, tokens)
 
     def _decode(self, seqs: list[Sequence]) -> None:
-        seqs = sorted(seqs, key=lambda s: s.slot)
-        idx = torch.tensor([[s.tokens[-1]] for s in seqs])
-        lmatch = None
+        """One token for every running sequence: a step over the bucket of rows [0, n) holding their slots."""
+        n = bucket_for(max(s.slot for s in seqs) + 1, self.buckets)
         if self.lmatch is not None:
-            ids = []
-            for s in seqs:
-                t0 = time.perf_counter()
-                ids.append(self.lmatch.lookup(s._context)[0])
-                s.index_ms += 1e3 * (time.perf_counter() - t0)
-            lmatch = torch.tensor(ids)[:, None].to(self.device)
-        slots = self.cache.slots([s.slot for s in seqs])
-        logits, hidden = forward_last(self.model, idx.to(self.device), slots,
-                                      torch.zeros(len(seqs), dtype=torch.long, device=self.device), lmatch)
-        self._sample(seqs, logits, hidden)
+            self._lookup(seqs, n)
+        kinds = (self._kinds["plain"] > 0, self._kinds["cut"] > 0)
+        if self.knn is None:
+            logits, tokens = self._step_fn(n, kinds)
+        else:  # the kNN hook runs on the host between the forward and the sampling
+            logits, hidden = self._step_fn(n, None)
+            logits = self._knn_mix(seqs, logits, hidden)
+            tokens = self._advance(n, logits, kinds)
+        self._emit(seqs, [s.slot for s in seqs], logits, tokens)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Pick each row's next token (kNN interpolation first, if on), append it, finish the done ones."""
+    def _decode_rows(self, n: int, kinds: Kinds) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step of rows [0, n) from the device state alone (graph-capturable): the forward, then
+        (kinds given) sampling and the state's advance -> (logits [n, vocab_limit] float, tokens [n]);
+        kinds None -> (logits, hidden [n, d_model]): the caller mixes in the kNN hook and calls `_advance`."""
+        st = self.state
+        logits, hidden = forward_last(self.model, st.tok[:n, None], DecodeSlots(self.cache, st.pos[:n]),
+                                      st.pos.new_zeros(n), None if self.lmatch is None else st.lm[:n, None])
         logits = logits[:, :self.vocab_limit].float()
-        if self.knn is not None:
-            logits = self._interpolate(seqs, logits, hidden)
-        dev = logits.device
-        n = len(seqs)
-        step = torch.tensor([len(s.tokens) for s in seqs])
-        u = torch.stack([s._u[min(int(k), len(s._u) - 1)] for s, k in zip(seqs, step)])
-        temperature = torch.tensor([float(s.params.temperature) for s in seqs], device=dev)
-        top_k = torch.tensor([int(s.params.top_k) for s in seqs], device=dev)
-        top_p = torch.tensor([float(s.params.top_p) for s in seqs], device=dev)
-        tokens = sample_tokens(logits, temperature, top_k, top_p, u.to(dev))
+        if kinds is None:
+            return logits, hidden
+        return logits, self._advance(n, logits, kinds)
+
+    def _advance(self, n: int, logits: torch.Tensor, kinds: tuple[bool, bool]) -> torch.Tensor:
+        """Sample rows [0, n)'s next tokens and make them the next step's inputs."""
+        st = self.state
+        tokens = st.sample(logits, st.rows[:n], st.pos[:n] + 1, kinds)
+        st.tok[:n] = tokens
+        st.pos[:n] += 1
+        return tokens
+
+    def _lookup(self, seqs: list[Sequence], n: int) -> None:
+        """The lmatch ids of the running sequences' contexts into the state (one host-to-device copy)."""
+        ids = self._lm_host.numpy()
+        for s in seqs:
+            t0 = time.perf_counter()
+            ids[s.slot] = self.lmatch.lookup(s._context)[0]
+            s.index_ms += 1e3 * (time.perf_counter() - t0)
+        self.state.lm[:n].copy_(self._lm_host[:n], non_blocking=True)
+
+    def _kinds_of(self, seqs: list[Sequence]) -> tuple[bool, bool]:
+        kinds = {s.kind for s in seqs}
+        return "plain" in kinds, "cut" in kinds
+
+    def _emit(self, seqs: list[Sequence], rows: list[int], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Append each sequence's token (row rows[i] of `tokens` / `logits`) with its logprobs if asked,
+        finish those at a stop id or their budget; wake the listeners."""
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        chosen_lp: list[float] = []
-        top_lp: list[list[tuple[int, float]]] = []
-        if want:
-            rows = torch.tensor(want, device=dev)
-            lp = torch.log_softmax(logits[rows], dim=-1)
-            chosen_lp = lp.gather(1, tokens[rows][:, None]).squeeze(1).tolist()
-            k = max(seqs[i].params.logprobs for i in want)
-            if k:
-                v, i_ = lp.topk(min(k, lp.size(1)), dim=-1)
-                top_lp = [list(zip(ii, vv)) for ii, vv in zip(i_.tolist(), v.tolist())]
-            else:
-                top_lp = [[] for _ in want]
-        tokens = tokens.tolist()
-        lp_of = {i: j for j, i in enumerate(want)}
+        lps = self._logprobs([seqs[i] for i in want], [rows[i] for i in want], logits, tokens) if want else []
+        lp_of = dict(zip(want, lps))
+        host = tokens.tolist()  # the step's one read-back
         now = time.monotonic()
-        for i, (s, t) in enumerate(zip(seqs, tokens)):
-            stops = s.params.stop_ids if s.params.stop_ids is not None else (
-                () if self.eot_id is None else (self.eot_id,))
-            if t in stops:
+        for i, (s, r) in enumerate(zip(seqs, rows)):
+            t = host[r]
+            if t in s.stops:
                 self._finish(s, "stop")
                 continue
             if i in lp_of:
-                j = lp_of[i]
-                s.logprobs.append(TokenLogprob(chosen_lp[j], [p for p in top_lp[j][:s.params.logprobs]]))
+                s.logprobs.append(lp_of[i])
             s.tokens.append(t)
             if s.t_first is None:
                 s.t_first = now
@@ -407,12 +564,30 @@ class Engine:
             else:
                 s._notify()
 
-    def _interpolate(self, seqs: list[Sequence], logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """log(lambda p_knn + (1 - lambda) p_lm) [n, V] from the kNN hook's neighbours of `hidden`."""
+    @staticmethod
+    def _logprobs(seqs: list[Sequence], rows: list[int], logits: torch.Tensor,
+                  tokens: torch.Tensor) -> list[TokenLogprob]:
+        """The chosen token's logprob and each sequence's `logprobs` most likely ids, from rows `rows`."""
+        r = torch.tensor(rows, device=logits.device)
+        lp = torch.log_softmax(logits[r], dim=-1)
+        chosen = lp.gather(1, tokens[r][:, None]).squeeze(1).tolist()
+        k = max(s.params.logprobs for s in seqs)
+        top = [[] for _ in seqs]
+        if k:
+            v, i_ = lp.topk(min(k, lp.size(1)), dim=-1)
+            top = [list(zip(ii, vv)) for ii, vv in zip(i_.tolist(), v.tolist())]
+        return [TokenLogprob(c, t[:s.params.logprobs]) for s, c, t in zip(seqs, chosen, top)]
+
+    def _knn_mix(self, seqs: list[Sequence], logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """log(lambda p_knn + (1 - lambda) p_lm) [n, V] from the kNN hook's neighbours of `hidden` (every
+        row of the batch); the logits unchanged without a hook. The hook's time is shared by `seqs`."""
+        if self.knn is None:
+            return logits
         t0 = time.perf_counter()
+        n = logits.size(0)
         dist, ids = self.knn(hidden)
-        dist = torch.as_tensor(dist, device=logits.device, dtype=torch.float32).reshape(len(seqs), -1)
-        ids = torch.as_tensor(ids, device=logits.device, dtype=torch.long).reshape(len(seqs), -1)
+        dist = torch.as_tensor(dist, device=logits.device, dtype=torch.float32).reshape(n, -1)
+        ids = torch.as_tensor(ids, device=logits.device, dtype=torch.long).reshape(n, -1)
         valid = (ids >= 0) & (ids < logits.size(1))
         w = torch.softmax((-dist / self.knn_temperature).masked_fill(~valid, float("-inf")), dim=-1)
         w = torch.nan_to_num(w, nan=0.0)  # a row with no valid neighbour
@@ -429,10 +604,11 @@ class Engine:
             return
         if seq.slot is not None and self._active.get(seq.slot) is seq:
             del self._active[seq.slot]
-            self.cache.lengths[seq.slot] = 0
+            self._kinds[seq.kind] -= 1
             with self._lock:
                 self._free.append(seq.slot)
             self._busy_s = 0.9 * self._busy_s + 0.1 * (time.monotonic() - seq.t_submit)
         seq.t_done = time.monotonic()
         seq.finish_reason = reason
+        seq._finished.set()
         seq._notify()

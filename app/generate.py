@@ -29,33 +29,42 @@ def uniforms(seed: int | None, n: int) -> torch.Tensor:
     return torch.rand(max(n, 1), generator=g, dtype=torch.float64)
 
 
+def sampling_kind(temperature: float, top_k: int, top_p: float, vocab: int) -> str:
+    """How `sample_tokens` treats a row with these parameters over `vocab` ids: "greedy" (argmax),
+    "plain" (a draw from the whole distribution) or "cut" (a draw after a top-k / top-p cut)."""
+    if temperature <= 0:
+        return "greedy"
+    return "cut" if 0 < top_k < vocab or top_p < 1.0 else "plain"
+
+
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  u: torch.Tensor) -> torch.Tensor:
+                  u: torch.Tensor, kinds: tuple[bool, bool] | None = None) -> torch.Tensor:
     """One token id per row of `logits` [n, V]: argmax where temperature is 0, else a draw from the
     temperature-scaled distribution cut to the top_k ids (0 = all), then to the smallest set whose
     probability reaches top_p (the most likely id always kept), using the row's uniform u [n].
-    temperature/top_p [n] float, top_k [n] long, u [n] float64, all on the logits' device."""
+    temperature/top_p [n] float, top_k [n] long, u [n] float64, all on the logits' device.
+    `kinds` = (some row is "plain", some row is "cut") in `sampling_kind`'s terms when the caller knows it:
+    then nothing is read back from the device (CUDA-graph safe); None = found from the tensors.
+    Every row goes through the same whole-batch ops, so a row's token does not depend on the other rows."""
     n, V = logits.shape
-    greedy = logits.argmax(-1)
-    out = greedy.clone()
+    out = logits.argmax(-1)
     sampled = temperature > 0
-    if not bool(sampled.any()):
+    cut = sampled & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
+    plain = sampled & ~cut
+    any_plain, any_cut = kinds if kinds is not None else (bool(plain.any()), bool(cut.any()))
+    if not (any_plain or any_cut):
         return out
     x = logits.float() / torch.where(sampled, temperature, torch.ones_like(temperature))[:, None]
     # Rows with a cut sort their ids; rows without draw in id order (the same way alone or batched).
-    cut = sampled & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
-    plain = sampled & ~cut
-    if bool(plain.any()):
-        rows = plain.nonzero().squeeze(1)
-        out[rows] = _draw(torch.softmax(x[rows], dim=-1), u[rows])
-    if bool(cut.any()):
-        rows = cut.nonzero().squeeze(1)
-        values, order = x[rows].sort(dim=-1, descending=True, stable=True)
-        k = torch.where((top_k[rows] > 0) & (top_k[rows] < V), top_k[rows], torch.full_like(top_k[rows], V))
+    if any_plain:
+        out = torch.where(plain, _draw(torch.softmax(x, dim=-1), u), out)
+    if any_cut:
+        values, order = x.sort(dim=-1, descending=True, stable=True)
+        k = torch.where((top_k > 0) & (top_k < V), top_k, torch.full_like(top_k, V))
         keep = torch.arange(V, device=logits.device)[None, :] < k[:, None]
         probs = torch.softmax(values.masked_fill(~keep, float("-inf")), dim=-1)
-        keep &= (probs.cumsum(-1) - probs) < top_p[rows, None]  # mass before this id is still short of top_p
-        out[rows] = order.gather(1, _draw(probs * keep, u[rows])[:, None]).squeeze(1)
+        keep &= (probs.cumsum(-1) - probs) < top_p[:, None]  # mass before this id is still short of top_p
+        out = torch.where(cut, order.gather(1, _draw(probs * keep, u)[:, None]).squeeze(1), out)
     return out
 
 

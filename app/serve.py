@@ -62,6 +62,7 @@ class ServeArgs(BaseModel):
     max_batch: int = Field(32, ge=1)  # sequences decoded together (KV cache slots per replica)
     max_queue: int = Field(256, ge=0)  # sequences waiting for a slot; beyond: 429 + Retry-After
     max_prefill_tokens: int = Field(4096, ge=1)  # padded prompt tokens prefilled in one forward
+    cuda_graphs: bool = True  # on CUDA, decode steps replayed as CUDA graphs (False: eager, the reference path)
     max_n: int = Field(16, ge=1)  # the most sequences one request may ask for (prompts x n)
     api_key: str | None = None  # bearer token for /v1 routes; None = env SPOTLM_API_KEY, unset = no auth
     index: str | None = None  # dataset dir with the LMatch index (for models with lmatch_vocab > 0)
@@ -284,7 +285,8 @@ class CompletionService:
         self.engine = Engine(ex.model, eot_id=ex.eot_id, vocab_limit=ex.config.vocab_size,
                              max_batch=args.max_batch, max_queue=args.max_queue,
                              max_prefill_tokens=args.max_prefill_tokens, lmatch=lmatch, knn=knn,
-                             knn_lambda=args.knn_lambda, knn_temperature=args.knn_temperature).start()
+                             knn_lambda=args.knn_lambda, knn_temperature=args.knn_temperature,
+                             cuda_graphs=None if args.cuda_graphs else False).start()
         key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
         self.api_key = key or None
 

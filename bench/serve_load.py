@@ -10,13 +10,15 @@ random-token prompts, greedy, exactly `max_tokens` new tokens: no stop id) and r
 (generated tokens/s), time to first token and per-token latency (p50/p99) and errors. The baseline,
 in the same run: `LlamaForCausalLM` loaded from the export with transformers, generating the same
 prompts one request at a time (c=1) and in static batches of c (no streaming: TTFT = the time of a
-1-token generate of the batch). `--lmatch` adds the per-token latency with an lmatch lookup hook (a
+1-token generate of the batch); by default on fewer requests than the engine (8 at c=1, 2 batches at
+c > 1, so that the whole default run fits a 10-minute device call; the counts are in the JSON). `--lmatch` adds the per-token latency with an lmatch lookup hook (a
 model of the same shape with a retrieval-match table, a dictionary lookup on the last 3 tokens) next
 to the same model without the hook. Prints one JSON object; ratios are engine / baseline.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import tempfile
@@ -88,16 +90,22 @@ def drive(n: int, conc: int, one) -> dict:
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], conc: int, max_tokens: int) -> dict:
-    """`conc` client threads submitting `prompts` back to back; per-request TTFT and per-token latency."""
+    """`conc` client threads submitting `prompts` back to back; per-request TTFT and per-token latency,
+    and the mean time in the index hooks per generated token."""
+    index_ms: list[float] = []
+
     def one(i: int):
         seq = engine.submit(prompts[i], SamplingParams(max_tokens=max_tokens, temperature=0.0, timeout_s=600))
         seq.wait(600)
         n = len(seq.tokens)
         if seq.finish_reason != "length" or n != max_tokens:
             raise RuntimeError(f"request {i} ended early: {seq.finish_reason}")
+        index_ms.append(seq.index_ms / n)
         return n, seq.t_first - seq.t_submit, (seq.t_done - seq.t_first) / (n - 1) if n > 1 else None
 
-    return drive(len(prompts), conc, one)
+    out = drive(len(prompts), conc, one)
+    out["index_ms_per_token"] = round(statistics.mean(index_ms), 4) if index_ms else None
+    return out
 
 
 def run_hf(export: str, prompts: list[list[int]], batch: int, max_tokens: int, device: str, dtype) -> dict:
@@ -186,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max_tokens", type=int, default=128)
     p.add_argument("--device", default="auto")
     p.add_argument("--hf_requests", type=int, default=0, help="requests per level for the HF baseline (0 = auto)")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs in the engine (the reference path)")
     p.add_argument("--no_hf", action="store_true")
     p.add_argument("--http", action="store_true", help="also measure through Ray Serve over HTTP")
     p.add_argument("--lmatch", action="store_true", help="per-token latency with and without an lmatch hook")
@@ -208,24 +217,29 @@ def main(argv: list[str] | None = None) -> dict:
         w = [max(50, c * 8) for c in levels]
         per_level = [round(2000 * x / sum(w)) for x in w]
         per_level[-1] += 2000 - sum(per_level)
+    if not a.no_hf and importlib.util.find_spec("transformers") is None:
+        print("transformers is not installed: no HF baseline", flush=True)
+        a.no_hf = True
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     result: dict = {"preset": a.preset, "device": device, "dtype": str(dtype).removeprefix("torch."),
-                    "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "levels": {}}
+                    "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "hf_baseline": not a.no_hf, "levels": {}}
     with tempfile.TemporaryDirectory() as tmp:
         max_len = max(ModelConfig.preset(a.preset).max_seq_len, a.prompt_len + a.max_tokens)
         export = make_export(a.preset, Path(tmp), max_seq_len=max_len)
         ex = load_exported(export, device=device, dtype=dtype)
         vocab = ex.config.vocab_size
+        t0 = time.perf_counter()
         engine = Engine(ex.model, eot_id=None, max_batch=max(levels), max_queue=max(per_level),
-                        max_len=a.prompt_len + a.max_tokens).start()
+                        max_len=a.prompt_len + a.max_tokens, cuda_graphs=False if a.eager else None).start()
+        result["engine_start_s"] = round(time.perf_counter() - t0, 2)  # graph captures included
         run_engine(engine, make_prompts(2, a.prompt_len, vocab, 99), 2, 4)  # warm-up
         for c, n in zip(levels, per_level):
             prompts = make_prompts(n, a.prompt_len, vocab, seed=c)
             level = {"engine": run_engine(engine, prompts, c, a.max_tokens)}
             if not a.no_hf:
                 hf_n = max(c, a.hf_requests) if a.hf_requests else \
-                    (max(c, min(n, 4 * c)) if c > 1 else min(n, 8 if a.quick else 16))  # at least one full batch
+                    (max(c, min(n, 2 * c)) if c > 1 else min(n, 8))  # at least one full batch
                 level["hf_batched"] = run_hf(export, prompts[:hf_n], c, a.max_tokens, device, dtype)
                 if c > 1:  # one request at a time: the plain generate() loop
                     level["hf_sequential"] = result["levels"]["1"]["hf_batched"] if "1" in result["levels"] else \
@@ -238,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
                         e["tokens_per_s"] / level["hf_sequential"]["tokens_per_s"], 2)
             result["levels"][str(c)] = level
             print(json.dumps({str(c): level}), flush=True)
+        result["cuda_graphs"] = engine.stats()["cuda_graphs"]  # captured (bucket, sampling kinds) steps
         engine.close()
         result["errors"] = sum(lv["engine"]["errors"] for lv in result["levels"].values())
         result["requests"] = sum(lv["engine"]["requests"] for lv in result["levels"].values())
@@ -290,7 +305,7 @@ def lmatch_overhead(a, tmp: Path, device: str, dtype, max_len: int) -> dict:
             else:
                 hook = DictLookup(ex.config.vocab_size)
         engine = Engine(ex.model, eot_id=None, max_batch=c, max_queue=n, lmatch=hook,
-                        max_len=a.prompt_len + a.max_tokens).start()
+                        max_len=a.prompt_len + a.max_tokens, cuda_graphs=False if a.eager else None).start()
         prompts = make_prompts(n, a.prompt_len, ex.config.vocab_size, seed=5)
         run_engine(engine, prompts[:2], 2, 4)
         out[name] = run_engine(engine, prompts, c, a.max_tokens)
