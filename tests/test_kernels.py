@@ -211,11 +211,38 @@ def test_fused_linear_ce_never_materialises_all_logits():
     assert (N, V) in _recorded_shapes(fused_linear_ce.linear_cross_entropy_reference, hidden, weight, targets)
 
 
-def test_default_chunk_keeps_logits_near_hidden_size():
-    for N, D, V in ((8192, 768, 50304), (32768, 4096, 128256), (64, 32, 500)):
-        chunk = fused_linear_ce.default_chunk_size(N, V, D)
-        assert chunk & (chunk - 1) == 0  # a power of two
-        assert N * D / 2 <= chunk * V <= 2 * (N * D + V)
+def test_default_chunk_is_thousands_of_tokens_within_the_logits_budget():
+    budget = fused_linear_ce._CHUNK_LOGITS
+    assert fused_linear_ce.default_chunk_size(16384, 50304) == 4096  # GPT-2: 4 chunks of a 16k-token micro-batch
+    assert fused_linear_ce.default_chunk_size(64, 500) == 64  # small inputs: one chunk
+    for N, V in ((8192, 50304), (32768, 128256)):
+        chunk = fused_linear_ce.default_chunk_size(N, V)
+        assert chunk & (chunk - 1) == 0 and budget / 2 < chunk * V <= budget
+
+
+# ---- FP8 matmuls (torch._scaled_mm, which has a CPU kernel too) -------------------------------------
+
+@no_interpreter
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fp8_linear_matches_reference_forward_and_backward(x_dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, 64, generator=gen).to(x_dtype)
+    w = 0.1 * torch.randn(48, 64, generator=gen)
+    (y, ), (dx, dw) = _run(app.kernels.fp8_linear, [x, w])
+    (y_ref, ), (dx_ref, dw_ref) = _run(lambda a, b: app.kernels.fp8_linear_reference(a.float(), b), [x, w])
+    assert (y.dtype, dx.dtype, dw.dtype) == (x_dtype, x_dtype, torch.float32)
+    # e4m3 keeps 3 mantissa bits, e5m2 2: a few percent of relative error, not more.
+    for name, a, b, tol in (("y", y, y_ref, 0.06), ("dx", dx, dx_ref, 0.12), ("dweight", dw, dw_ref, 0.12)):
+        err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert err < tol, f"fp8_linear {name}: relative error {err:.3f} >= {tol}"
+
+
+@no_interpreter
+def test_fp8_linear_follows_autocast_and_needs_cuda_fp8():
+    x, w = torch.randn(16, 32), torch.randn(16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert app.kernels.fp8_linear(x, w).dtype == torch.bfloat16
+    assert not app.kernels.fp8_fits(x, w)  # CPU tensors: the model keeps its plain matmuls
 
 
 # ---- Dispatch and input checks -------------------------------------------------------------------

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from app.config import ConfigError
 from app.generate import generate
-from app.model import GPT, KVCache, ModelConfig
+from app.model import GPT, KVCache, ModelConfig, use_kernels
 
 V = 300  # true vocabulary of the test models; padded to 384
 
@@ -226,3 +226,29 @@ def test_dropout_only_in_training():
     assert not torch.allclose(model(idx)[0], a)
     with pytest.raises(ConfigError, match="dropout"):
         ModelConfig(dropout=1.0)
+
+
+def test_concatenated_projections_compute_the_same_model():
+    """kernels=proj (one matmul for q/k/v and one for gate/up) changes neither the loss nor any gradient."""
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for spec in ("none", "proj"):
+        use_kernels(spec)
+        m = tiny(n_kv_head=2)  # grouped-query: unequal q and k/v widths
+        _, loss = m(idx, idx)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    use_kernels("none")
+    (loss, grads), (loss_proj, grads_proj) = results
+    torch.testing.assert_close(loss_proj, loss)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_proj[name], g, msg=name)
+
+
+def test_fp8_option_is_plain_off_cuda():
+    """ModelConfig.fp8 changes nothing where FP8 cannot run (CPU): same logits as without it."""
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(fp8=True)(idx)[0], tiny()(idx)[0])
+    logits, loss = tiny(fp8=True)(idx, idx)
+    loss.backward()  # gradients on: still the plain path off CUDA
