@@ -2,9 +2,10 @@
 
 Requests (`Sequence`s) join and leave the running batch between decode steps. Each loop iteration:
 1. drops cancelled and timed-out sequences (their KV slot is freed at once);
-2. admits waiting sequences into free slots, up to `max_prefill_tokens` of (right-padded) prompt,
-   and prefills them in one forward: each gets its first token (time to first token);
-3. runs one batched decode step for every active sequence (one new token each).
+2. admits waiting sequences into free slots;
+3. queues one batched decode step for every sequence already running (one new token each), then
+   prefills the admitted ones, up to `max_prefill_tokens` of (right-padded) prompt per forward: each gets
+   its first token (time to first token), their host work overlapping the decode on the device.
 A sequence finishes at its stop id, its token budget, the context's end, its deadline or a cancel.
 
 Decode runs on static memory: every slot's last token, position, sampling parameters and uniforms live
@@ -418,18 +419,21 @@ class Engine:
             if reason:
                 self._finish(seq, reason)
         admitted = self._admit(now)
+        running = [s for s in self._active.values() if s.tokens]
+        # The running sequences' decode is queued on the device first: the new prompts' host work (index
+        # lookups, the prefill's launches) then overlaps it, and their tokens are read back after.
+        decoded = self._guarded(running, self._decode) if running else None
         for group in admitted:
             self._guarded(group, self._prefill)
-        running = [s for s in self._active.values() if s.tokens]
-        if running:
-            self._guarded(running, self._decode)
+        if decoded is not None:
+            self._guarded(running, lambda seqs: self._emit(seqs, [s.slot for s in seqs], *decoded))
         self.steps += 1
 
-    def _guarded(self, seqs: list[Sequence], fn: Callable[[list[Sequence]], None]) -> None:
-        """Run fn(seqs); an error (a failing index hook, out of memory, ...) ends those sequences with
-        "error" and frees their slots; the engine keeps serving the others."""
+    def _guarded(self, seqs: list[Sequence], fn: Callable[[list[Sequence]], Any]) -> Any:
+        """fn(seqs); an error (a failing index hook, out of memory, ...) ends those sequences with
+        "error", frees their slots and returns None; the engine keeps serving the others."""
         try:
-            fn(seqs)
+            return fn(seqs)
         except Exception as e:  # noqa: BLE001 - any failure must not stop the loop
             self.failures += 1
             self.last_error = f"{type(e).__name__}: {e}"
@@ -438,6 +442,7 @@ class Engine:
                 if not seq.done:
                     seq.error = self.last_error
                     self._finish(seq, "error")
+            return None
 
     def _admit(self, now: float) -> list[list[Sequence]]:
         """Move waiting sequences into free slots; groups whose padded prompts fit the prefill budget."""
@@ -491,8 +496,10 @@ class Engine:
         self.prefilled += int(sum(len(s.prompt) for s in seqs))
         self._emit(seqs, list(range(len(seqs))), logits, tokens)
 
-    def _decode(self, seqs: list[Sequence]) -> None:
-        """One token for every running sequence: a step over the bucket of rows [0, n) holding their slots."""
+    def _decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queue one token for every running sequence: a step over the bucket of rows [0, n) holding their
+        slots -> (logits, tokens) on the device, row = slot (read back by `_emit`). Rows admitted since
+        are free rows here: their prefill, queued after, overwrites what this step writes to them."""
         n = bucket_for(max(s.slot for s in seqs) + 1, self.buckets)
         if self.lmatch is not None:
             self._lookup(seqs, n)
@@ -503,7 +510,7 @@ class Engine:
             logits, hidden = self._step_fn(n, None)
             logits = self._knn_mix(seqs, logits, hidden)
             tokens = self._advance(n, logits, kinds)
-        self._emit(seqs, [s.slot for s in seqs], logits, tokens)
+        return logits, tokens
 
     def _decode_rows(self, n: int, kinds: Kinds) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode step of rows [0, n) from the device state alone (graph-capturable): the forward, then

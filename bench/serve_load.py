@@ -292,7 +292,7 @@ def http_levels(a, export: str, levels: list[int], per_level: list[int], vocab: 
 
 def lmatch_overhead(a, tmp: Path, device: str, dtype, max_len: int) -> dict:
     """Per-token latency at 8 streams: the same-shape model with an lmatch hook vs the plain model."""
-    n, c = (16, 4) if a.quick else (64, 8)
+    n, c = (16, 4) if a.quick else (128, 8)
     out = {}
     for name, lm in (("without", False), ("with", True)):
         ex = load_exported(make_export(a.preset, tmp, lmatch=lm, max_seq_len=max_len), device=device, dtype=dtype)

@@ -85,10 +85,12 @@ def test_engine_slots_queue_bound_cancel_and_timeout():
     assert e.value.retry_after >= 1
     engine.step()
     assert sorted(engine._active) == [0, 1] and a.slot == 0 and b.slot == 1 and c.slot is None
-    assert len(a.tokens) == 2 and int(engine.state.pos[0]) == 4  # prefill token + one decode step
+    assert len(a.tokens) == 1 and int(engine.state.pos[0]) == 3  # a prefill step: the first token
+    engine.step()
+    assert len(a.tokens) == 2 and int(engine.state.pos[0]) == 4  # a decode step
     a.cancel()
-    engine.step()  # a's slot is freed, c takes it
-    assert a.finish_reason == "cancelled" and c.slot == 0 and int(engine.state.pos[0]) == 3
+    engine.step()  # a's slot is freed, c takes it (prefilled: its decode comes next step)
+    assert a.finish_reason == "cancelled" and c.slot == 0 and int(engine.state.pos[0]) == 2 and len(c.tokens) == 1
     b.deadline = time.monotonic() - 1
     engine.step()
     assert b.finish_reason == "timeout" and 1 in engine._free
