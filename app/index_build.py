@@ -1,13 +1,14 @@
-"""Build the LMatch index of a tokenized dataset with parallel Ray tasks (one task per shard).
+"""Build the LMatch index of a tokenized dataset with parallel Ray tasks (one task per token range).
 
-Each piece (one shard of train or val) is computed by `index.lmatch.compute_shard` in a Ray task:
-the shard is cut into chunks of `chunk_tokens`; every chunk is matched jointly with each earlier
-train chunk (val: with every train chunk), and the answers merge by (longer, then earlier), so
-the result is identical to one pass over the whole split. A piece writes, atomically,
-`<shard>.lmatch` (+ `<shard>.lmsa` for train), then its completion record
-`<shard>.lmatch.done.json` (build id, sha256 of the files, stats). A rerun skips every piece
-whose record matches the current build id and whose files are intact; the manifest
-(`extras["lmatch"]`) is written last.
+Matches sharing >= 1 token share their first token, so the token ids are cut into contiguous
+ranges of about `task_tokens` positions each (at least one range per worker); a task
+(`index.lmatch.compute_range`) runs the one-pass algorithm over the positions whose token is in
+its range, across the whole split, and returns each piece's share. There is no cross-chunk
+merge: the ranges' answers together are exactly one pass. A piece (one shard of train or val)
+is then assembled from its shares and writes, atomically, `<shard>.lmatch` (+ `<shard>.lmsa` for
+train), then its completion record `<shard>.lmatch.done.json` (build id, sha256 of the files,
+stats). A rerun computes only the pieces whose record is missing, stale or whose files are
+damaged (every range task is rerun for them); the manifest (`extras["lmatch"]`) is written last.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any
 from app import storage
 from app.config import ConfigError
 from app.log import get_logger
-from app.shards import ShardFormatError, load_manifest, read_shard
+from app.shards import ShardFormatError, load_manifest
 
 log = get_logger(__name__)
 
@@ -30,13 +31,13 @@ class IndexConfig:
 
     data: str = "runs/shards"  # dataset directory (manifest.json), local or s3://
     workers: int = 0  # parallel Ray tasks (0 = one per CPU of the cluster)
-    chunk_tokens: int = 1 << 20  # tokens per chunk matched jointly (memory ~ 200 bytes x 2 chunks)
-    verify: bool = True  # check every shard's sha256 against the manifest
+    task_tokens: int = 1 << 23  # positions (train + val) per token-range task (memory ~ 100 bytes each)
+    verify: bool = True  # check every shard's sha256 against the manifest before building
     splits: list[str] = field(default_factory=lambda: ["train", "val"])  # splits to index
 
     def validate(self) -> None:
-        if self.chunk_tokens < 1:
-            raise ConfigError("chunk_tokens must be >= 1")
+        if self.task_tokens < 1:
+            raise ConfigError("task_tokens must be >= 1")
         if self.workers < 0:
             raise ConfigError("workers must be >= 0")
 
@@ -72,17 +73,18 @@ def _piece_done(root: str, split: str, shard: dict, bid_hex: str) -> dict | None
     return rec
 
 
-def build_piece(root: str, split: str, k: int, chunk_tokens: int, verify: bool) -> dict[str, Any]:
-    """Compute and write one piece (shard k of split); returns its completion record."""
+def write_piece(root: str, split: str, k: int, *parts) -> dict[str, Any]:
+    """Assemble one piece (shard k of split) from its token-range parts (`compute_range`, in range
+    order) and write its files, then its completion record, which it returns."""
     import numpy as np
 
     from index import lmatch
 
     m = load_manifest(root)
     t0 = time.time()
-    nxt, ln, sa = lmatch.compute_shard(m, split, k, chunk_tokens, verify=verify)
-    bid = lmatch.build_id(m)
     shard = m.shards[split][k]
+    nxt, ln, sa = lmatch.assemble_piece(int(shard["n_tokens"]), m.vocab_size, parts)
+    bid = lmatch.build_id(m)
     rec: dict[str, Any] = {"split": split, "shard": shard["file"], "shard_sha256": shard.get("sha256"),
                            "build_id": bid.hex(), "n_tokens": int(len(nxt)), "matched": int(np.count_nonzero(ln)),
                            "len_sum": int(ln.sum(dtype=np.int64)), "seconds": round(time.time() - t0, 3)}
@@ -99,23 +101,84 @@ def build_piece(root: str, split: str, k: int, chunk_tokens: int, verify: bool) 
     return rec
 
 
-def _check_shards(m, splits: list[str]) -> None:
-    """Fail fast, with the path, on missing / truncated / wrong-dtype shards (headers only)."""
-    import numpy as np
+def _range_parts(root: str, lo: int, hi: int, pieces: list[tuple[str, int]]):
+    """compute_range on the dataset at `root`: one part per piece (a tuple, for num_returns)."""
+    from index import lmatch
 
-    want = np.dtype(m.dtype).itemsize
+    parts = lmatch.compute_range(load_manifest(root), lo, hi, pieces)
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _check_shards(m, splits: list[str], verify: bool) -> None:
+    """Fail fast, with the path, on missing / truncated / wrong-dtype shards and (verify) on a
+    sha256 other than the manifest's: every range task reads every shard, so check them first."""
+    from index import lmatch
+
     for split in splits:
-        for path, info in zip(m.shard_paths(split), m.shards.get(split, [])):
-            arr = read_shard(path)
-            if arr.dtype.itemsize != want:
-                raise ShardFormatError(f"{path}: {arr.dtype.itemsize}-byte tokens, manifest says {m.dtype}")
-            if len(arr) != int(info["n_tokens"]):
-                raise ShardFormatError(f"{path}: {len(arr)} tokens, manifest says {info['n_tokens']}")
+        st = lmatch.SplitStream(m, split)
+        for k in range(len(st.infos)):
+            st.shard(k, verify=verify)
 
 
 def _unwrap(e: BaseException) -> BaseException:
     cause = getattr(e, "cause", None)
     return cause if isinstance(cause, BaseException) else e
+
+
+def _n_ranges(m, pieces: list[tuple[str, int]], cfg: IndexConfig, workers: int) -> int:
+    """How many token-range tasks: about task_tokens positions each, at least one per worker."""
+    n = sum(int(s["n_tokens"]) for s in m.shards["train"])
+    n += sum(int(m.shards[s][k]["n_tokens"]) for s, k in pieces if s != "train")
+    return max(workers, -(-n // cfg.task_tokens))
+
+
+def _build_pieces(root: str, m, pieces: list[tuple[str, int]], cfg: IndexConfig, use_ray: bool):
+    """Compute and write `pieces` (all of one split): token-range tasks, then one writer per piece."""
+    from index import lmatch
+
+    splits = list(dict.fromkeys(["train"] + [s for s, _ in pieces]))
+    if not use_ray:
+        ranges = lmatch.token_ranges(lmatch.token_counts(m, splits), _n_ranges(m, pieces, cfg, 1))
+        parts = [lmatch.compute_range(m, lo, hi, pieces) for lo, hi in ranges]
+        return {sk: write_piece(root, sk[0], sk[1], *[p[i] for p in parts]) for i, sk in enumerate(pieces)}
+    import ray
+
+    from app.ray_env import init_ray
+
+    init_ray()
+    workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ranges = lmatch.token_ranges(lmatch.token_counts(m, splits), _n_ranges(m, pieces, cfg, workers))
+    task = ray.remote(num_cpus=1, max_retries=2)(_range_parts).options(num_returns=len(pieces))
+    writer = ray.remote(num_cpus=0.25, max_retries=2)(write_piece)
+    parts, pending = [], []
+    try:
+        for lo, hi in ranges:  # at most `workers` range tasks at a time
+            if len(pending) >= workers:
+                _, pending = ray.wait(pending, num_returns=1)
+            refs = task.remote(root, lo, hi, pieces)
+            refs = refs if isinstance(refs, list) else [refs]
+            parts.append(refs)
+            pending.append(refs[0])
+        # a writer starts as soon as all ranges are done; Ray passes it the parts' values
+        writes = {writer.remote(root, sk[0], sk[1], *[p[i] for p in parts]): sk for i, sk in enumerate(pieces)}
+        return {sk: _get(ref) for ref, sk in writes.items()}
+    except BaseException:
+        for refs in parts:
+            ray.cancel(refs[0])
+        raise
+
+
+def _get(ref):
+    """ray.get, re-raising a task's ShardFormatError / ValueError as itself (one clear line)."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        err = _unwrap(e)
+        if isinstance(err, (ShardFormatError, ValueError)):
+            raise type(err)(str(err)) from None
+        raise
 
 
 def build_index(cfg: IndexConfig, use_ray: bool = True) -> dict[str, Any]:
@@ -131,7 +194,6 @@ def build_index(cfg: IndexConfig, use_ray: bool = True) -> dict[str, Any]:
     splits = [s for s in cfg.splits if m.shards.get(s)]
     if m.vocab_size <= 0:
         raise ShardFormatError(f"{root}: manifest has no vocab_size")
-    _check_shards(m, splits)
     bid = lmatch.build_id(m).hex()
     todo, records = [], {}
     for split in splits:
@@ -141,47 +203,13 @@ def build_index(cfg: IndexConfig, use_ray: bool = True) -> dict[str, Any]:
                 todo.append((split, k))
             else:
                 records[(split, k)] = rec
+    _check_shards(m, splits, verify=cfg.verify and bool(todo))
     log.info("lmatch %s: %d pieces to build, %d already done", root, len(todo), len(records))
-    built = []
-    if todo and use_ray:
-        import ray
-
-        from app.ray_env import init_ray
-
-        init_ray()
-        workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        task = ray.remote(num_cpus=1, max_retries=2)(build_piece)
-        # Larger pieces first (a train piece matches against every earlier chunk).
-        order = sorted(todo, key=lambda sk: (sk[0] != "val", sk[1]), reverse=True)
-        pending: dict[Any, tuple[str, int]] = {}
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(order), desc="lmatch pieces", unit="piece", disable=len(order) < 4)
-        try:
-            while order or pending:
-                while order and len(pending) < workers:
-                    sk = order.pop(0)
-                    pending[task.remote(root, sk[0], sk[1], cfg.chunk_tokens, cfg.verify)] = sk
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    sk = pending.pop(ref)
-                    try:
-                        records[sk] = ray.get(ref)
-                    except ray.exceptions.RayTaskError as e:
-                        err = _unwrap(e)
-                        if isinstance(err, (ShardFormatError, ValueError)):
-                            raise type(err)(str(err)) from None
-                        raise
-                    built.append(sk)
-                    bar.update(1)
-        finally:
-            bar.close()
-            for ref in pending:
-                ray.cancel(ref)
-    else:
-        for sk in todo:
-            records[sk] = build_piece(root, sk[0], sk[1], cfg.chunk_tokens, cfg.verify)
-            built.append(sk)
+    # One pass per query split (val), the train pieces riding along with the first one.
+    queries = list(dict.fromkeys(s for s, _ in todo if s != "train")) or ["train"] * bool(todo)
+    for i, q in enumerate(queries):
+        pieces = [sk for sk in todo if sk[0] == q or (i == 0 and sk[0] == "train")]
+        records.update(_build_pieces(root, m, pieces, cfg, use_ray))
     extras = {
         "version": lmatch.FORMAT_VERSION, "max_len": lmatch.MAX_LEN, "build_id": bid,
         "next_dtype": lmatch.next_dtype(m.vocab_size).name, "len_dtype": "uint8", "none_id": int(m.vocab_size),
@@ -199,8 +227,8 @@ def build_index(cfg: IndexConfig, use_ray: bool = True) -> dict[str, Any]:
     nbytes = sum(r.get("bytes", 0) + r.get("sa_bytes", 0) for r in records.values())
     ntrain = sum(r["n_tokens"] for (s, _), r in records.items() if s == "train")
     tbytes = sum(r.get("bytes", 0) + r.get("sa_bytes", 0) for (s, _), r in records.items() if s == "train")
-    return {"root": root, "pieces_built": len(built), "pieces_skipped": len(records) - len(built),
-            "built": sorted(f"{s}:{k}" for s, k in built), "tokens": n,
+    return {"root": root, "pieces_built": len(todo), "pieces_skipped": len(records) - len(todo),
+            "built": sorted(f"{s}:{k}" for s, k in todo), "tokens": n,
             "matched_fraction": matched / max(1, n), "mean_length": lsum / max(1, n),
             "mean_length_matched": lsum / max(1, matched), "seconds": time.time() - t0,
             "bytes_per_token": nbytes / max(1, n), "bytes_per_train_token": tbytes / max(1, ntrain)}

@@ -28,21 +28,18 @@ smaller j).
 Recorded per position: next(i) = tokens[j+1] for the chosen j, or NONE = vocab_size when
 L(i) = 0; and L(i) as uint8. Next ids are uint16 when vocab_size + 1 <= 65535, else uint32.
 
-Algorithm (per batch of positions, all numpy)
----------------------------------------------
-1. Keys are packed into W uint64 words (4 lanes of 16 bits, or 2 of 32 bits for large vocabs;
-   lane = token + 1, 0 = past the document start), so lexicographic order of the word rows is the
-   order of the reversed contexts (a shorter context sorts before any it prefixes).
-2. Sort: a stable argsort on word 0, then only the runs of equal words are refined by the next
-   word (lexsort on (run id, word)), so ties keep position order: (key, position) order.
-3. Adjacent LCPs from XOR of neighbouring rows (first non-zero word, then lane), capped by the
-   key lengths.
-4. Level loop L = 1..32 over the entries still in a group of size >= 2: group minimum of the
-   candidate positions (`np.minimum.reduceat`); an entry whose group minimum is below its own
-   query threshold has L(i) >= L and j = that minimum. Groups shrink fast, so this is cheap.
-Cross-chunk: a query chunk is processed jointly with each earlier chunk (the same four steps on
-the union); the per-pair answers merge by (longer, then earlier). The result is bitwise equal
-to one pass over the whole split (tested).
+Algorithm (`longest_earliest`, all numpy)
+-----------------------------------------
+A level loop, one token of the reversed context per level L = 1..32, over the entries still in a
+group (entries sharing their first L - 1 tokens) of size >= 2. Each level sorts those entries by
+(group, token + 1 at offset L - 1 (0 = the context ended), entry index) with ONE np.sort of
+packed uint64 words (about 10x faster than an argsort; a lexsort when the three do not fit in 64
+bits); the first entry of each new subgroup is its earliest, so an entry matches L tokens
+exactly when it is not first and that first entry is a candidate. Groups are numbered by the
+slot where they start in the final key order, which therefore falls out of the same loop (the
+`.lmsa` order). Groups of length >= 1 share their first token, so the build splits the token
+ids into ranges and runs the loop per range over the whole split (`compute_range`): no
+cross-chunk merge, and the ranges together are bitwise one pass (tested).
 
 Files, beside each shard `<shard>` (1 KiB header of 256 little-endian uint32, like shards):
 - `<shard>.lmatch`: header [magic 'LMAT', version, next-id bytes (2|4), n_tokens, max_len,
@@ -74,208 +71,134 @@ SA_BLOCK = 256
 LMATCH_SUFFIX = ".lmatch"
 SA_SUFFIX = ".lmsa"
 EXTRAS_KEY = "lmatch"
-_INF = np.iinfo(np.int64).max
 
 
-# ----------------------------------------------------------------------------- dtypes and keys
+# ----------------------------------------------------------------------------- the level loop
 
 def next_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every next id (vocab ids and NONE = vocab_size) fits, else uint32."""
     return np.dtype("<u2") if vocab_size + 1 <= 65535 else np.dtype("<u4")
 
 
-def lane_bits(vocab_size: int) -> int:
-    """Bits per token lane of a packed key: token + 1 must fit (0 marks 'before the document')."""
-    return 16 if vocab_size <= 65535 else 32
+def _run_first(starts: np.ndarray) -> np.ndarray:
+    """For each index, the index of the start of its run (`starts[k]` marks a run start)."""
+    return np.maximum.accumulate(np.where(starts, np.arange(len(starts)), 0))
 
 
-def doc_starts(ext: np.ndarray, eot: int) -> np.ndarray:
-    """For each index p of `ext`, the index where p's document starts (0 at the window start)."""
-    idx = np.arange(1, len(ext) + 1, dtype=np.int64)
-    return np.maximum.accumulate(np.where(ext == eot, idx, 0))
+def _sort_level(gid: np.ndarray, lane: np.ndarray, e: np.ndarray, lane_bits: int, e_bits: int):
+    """(gid, lane, e) sorted by (gid, lane, e). One np.sort of packed uint64 words when the three
+    fit in 64 bits (much faster than an argsort), else a lexsort."""
+    if 2 * e_bits + lane_bits > 64:
+        perm = np.lexsort((e, lane, gid))
+        return gid[perm], lane[perm], e[perm]
+    u = np.uint64
+    v = (gid.astype(u) << u(lane_bits + e_bits)) | (lane.astype(u) << u(e_bits)) | e.astype(u)
+    v.sort()
+    return ((v >> u(lane_bits + e_bits)).astype(np.int64), ((v >> u(e_bits)) & u((1 << lane_bits) - 1)).astype(np.int64),
+            (v & u((1 << e_bits) - 1)).astype(np.int64))
 
 
-def key_lengths(ext: np.ndarray, p: np.ndarray, starts: np.ndarray, eot: int, max_len: int = MAX_LEN) -> np.ndarray:
-    kl = np.minimum(p - starts[p] + 1, max_len)
-    kl[ext[p] == eot] = 0
-    return kl.astype(np.int64)
+def longest_earliest(ext: np.ndarray, p: np.ndarray, n_cand: int, eot: int, vocab_size: int,
+                     max_len: int = MAX_LEN):
+    """The level loop over entries e = 0..m-1 at stream indices p[e] of `ext` (non-EOT tokens, in
+    tie order: a smaller e is earlier). Entry f is a candidate for e when f < min(e, n_cand).
 
-
-def pack_keys(ext: np.ndarray, p: np.ndarray, kl: np.ndarray, bits: int, max_len: int = MAX_LEN) -> np.ndarray:
-    """Rows of W uint64 words holding the reversed contexts of positions `p` of `ext`."""
-    per = 64 // bits
-    words = -(-max_len // per)
-    K = np.zeros((len(p), words), dtype=np.uint64)
-    e64 = ext.astype(np.uint64, copy=False)
-    for t in range(max_len):
-        v = e64[np.maximum(p - t, 0)] + np.uint64(1)
-        v[kl <= t] = 0
-        K[:, t // per] |= v << np.uint64(bits * (per - 1 - t % per))
-    return K
-
-
-def sort_keys(K: np.ndarray) -> np.ndarray:
-    """Order of the rows of K, lexicographic, ties in input order (stable)."""
-    m, W = K.shape
-    order = np.argsort(K[:, 0], kind="stable")
-    if m < 2:
-        return order
-    brk = np.zeros(m, dtype=bool)
-    brk[0] = True
-    for w in range(1, W):
-        prev = K[order, w - 1]
-        brk[1:] |= prev[1:] != prev[:-1]
-        single = brk & np.append(brk[1:], True)
-        sub = np.flatnonzero(~single)
-        if sub.size == 0:
-            break
-        run = np.cumsum(brk)[sub]
-        osub = order[sub]
-        perm = np.lexsort((K[osub, w], run))
-        order[sub] = osub[perm]
-    return order
-
-
-def adjacent_lcp(Ks: np.ndarray, kls: np.ndarray, bits: int) -> np.ndarray:
-    """LCP (in tokens) of each sorted row with the previous one; element 0 is 0."""
-    m, W = Ks.shape
-    out = np.zeros(m, dtype=np.int64)
-    if m < 2:
-        return out
-    per = 64 // bits
-    X = Ks[1:] ^ Ks[:-1]
-    nz = X != 0
-    w = np.argmax(nz, axis=1)
-    x = X[np.arange(m - 1), w]
-    lane = np.zeros(m - 1, dtype=np.int64)
-    for u in range(1, per):  # lane index of the highest non-zero lane (later u = stronger condition)
-        lane[(x >> np.uint64(bits * (per - u))) == 0] = u
-    lcp = w * per + lane
-    lcp[~nz.any(axis=1)] = W * per
-    out[1:] = np.minimum(lcp, np.minimum(kls[1:], kls[:-1]))
-    return out
-
-
-def best_earlier(lcp_left: np.ndarray, cand: np.ndarray, qpos: np.ndarray, max_len: int = MAX_LEN):
-    """Level loop over sorted entries: (L, j) per entry; j = min candidate of the deepest group
-    (sharing >= L tokens) whose minimum is below the entry's threshold `qpos`."""
-    m = len(lcp_left)
-    L = np.zeros(m, dtype=np.uint8)
-    J = np.full(m, -1, dtype=np.int64)
-    if m < 2:
-        return L, J
-    lcp_right = np.append(lcp_left[1:], 0)
-    reach = np.maximum(lcp_left, lcp_right)
-    idx = np.flatnonzero(reach >= 1)
+    Returns (L, first, order): L[e] (uint8) the longest common prefix of key(p[e]) with a
+    candidate's key, first[e] the earliest candidate reaching it (-1 when L = 0), and `order`, the
+    entries sorted by (key, e)."""
+    m = len(p)
+    L = np.zeros(m, np.uint8)
+    first = np.full(m, -1, np.int64)
+    order = np.empty(m, np.int64)
+    lane_bits, e_bits = int(vocab_size).bit_length(), max(1, (m - 1).bit_length())
+    act = np.arange(m)  # entries of groups (sharing lv - 1 tokens) of size >= 2, in key order
+    gid = np.zeros(m, np.int64)  # their group: the slot in `order` where the group starts
     for lv in range(1, max_len + 1):
-        idx = idx[reach[idx] >= lv]
-        if idx.size == 0:
+        if act.size == 0:
             break
-        st = np.flatnonzero(lcp_left[idx] < lv)
-        gmin = np.minimum.reduceat(cand[idx], st)
-        g = np.repeat(gmin, np.diff(np.append(st, idx.size)))
-        hit = g < qpos[idx]
-        h = idx[hit]
-        L[h] = lv
-        J[h] = g[hit]
-    return L, J
+        q = p[act] - (lv - 1)
+        lane = ext[np.maximum(q, 0)].astype(np.int64) + 1
+        if lv > 1:  # the key ends at the stream start or at the previous document's EOT
+            lane[(q < 0) | (lane == eot + 1)] = 0
+        g, ln, e = _sort_level(gid, lane, act, lane_bits, e_bits)
+        k = np.arange(len(e))
+        new_g = np.ones(len(e), bool)
+        new_g[1:] = g[1:] != g[:-1]
+        new_sub = new_g.copy()
+        new_sub[1:] |= ln[1:] != ln[:-1]
+        slot = g + k - _run_first(new_g)
+        sub = _run_first(new_sub)
+        fe = e[sub]  # the earliest entry sharing lv tokens (entries are in e order within a subgroup)
+        hit = (ln > 0) & (fe < np.minimum(e, n_cand))
+        L[e[hit]] = lv
+        first[e[hit]] = fe[hit]
+        # keep refining subgroups of >= 2 entries whose key goes on; the others have their slot
+        single = new_sub & np.append(new_sub[1:], True)
+        keep = (ln > 0) & ~single if lv < max_len else np.zeros(len(e), bool)
+        order[slot[~keep]] = e[~keep]
+        act, gid = e[keep], slot[sub[keep]]
+    return L, first, order
 
 
 @dataclass
-class Part:
-    """A run of the stream given to `match_parts`: `ext[h:h+m]` are positions base..base+m-1;
-    `ext[:h]` is history (up to 31 tokens before), `ext[h+m]` (if present) the next token.
+class Matches:
+    """Answers of `match_tokens` for its entries (positions whose token is in its token range)."""
 
-    cand: its positions are candidates j (those >= cand_limit are not);
-    query: None (no answers), "before" (train: j < i), "any" (val/serving: any candidate)."""
-
-    ext: np.ndarray
-    h: int
-    m: int
-    base: int
-    cand: bool
-    query: str | None
-    cand_limit: int = _INF
+    train_pos: np.ndarray  # train positions of the entries (ascending)
+    train_next: np.ndarray  # their next ids (NONE = vocab_size)
+    train_len: np.ndarray  # their lengths (uint8)
+    train_j: np.ndarray  # their chosen train position j (-1 when none)
+    train_order: np.ndarray  # train positions in (key, position) order, final unterminated one left out
+    val_pos: np.ndarray  # the same for the query stream's entries (j into train)
+    val_next: np.ndarray
+    val_len: np.ndarray
+    val_j: np.ndarray
 
 
-def match_parts(parts: list[Part], eot: int, vocab_size: int, max_len: int = MAX_LEN):
-    """Joint longest-earliest match over the union of `parts`.
-
-    Returns, for every part with a query mode, (next ids, lengths, j) arrays of its m positions
-    (j = global chosen position or -1); None for the others."""
-    bits = lane_bits(vocab_size)
-    Ks, kls, cands, qs, owners, locs = [], [], [], [], [], []
-    for k, pt in enumerate(parts):
-        ext = np.asarray(pt.ext)
-        starts = doc_starts(ext, eot)
-        p = np.arange(pt.h, pt.h + pt.m, dtype=np.int64)
-        kl = key_lengths(ext, p, starts, eot, max_len)
-        keep = kl > 0
-        p, kl = p[keep], kl[keep]
-        gpos = p - pt.h + pt.base
-        Ks.append(pack_keys(ext, p, kl, bits, max_len))
-        kls.append(kl)
-        c = np.where(gpos < pt.cand_limit, gpos, _INF) if pt.cand else np.full(len(p), _INF, np.int64)
-        cands.append(c)
-        q = {None: np.full(len(p), -1, np.int64), "before": gpos, "any": np.full(len(p), _INF, np.int64)}[pt.query]
-        qs.append(q)
-        owners.append(np.full(len(p), k, np.int64))
-        locs.append(p - pt.h)
-    K = np.concatenate(Ks)
-    order = sort_keys(K)
-    kl_s = np.concatenate(kls)[order]
-    lcp = adjacent_lcp(K[order], kl_s, bits)
-    del K
-    Ls, Js = best_earlier(lcp, np.concatenate(cands)[order], np.concatenate(qs)[order], max_len)
-    owner = np.concatenate(owners)[order]
-    loc = np.concatenate(locs)[order]
-    # Followers of the chosen j: find the part holding j (global ranges of candidate parts).
-    nxt_all = np.full(len(order), vocab_size, dtype=np.int64)
-    hit = Js >= 0
-    for pt in parts:
-        if not pt.cand:
-            continue
-        sel = hit & (Js >= pt.base) & (Js < pt.base + pt.m)
-        nxt_all[sel] = np.asarray(pt.ext)[pt.h + (Js[sel] - pt.base) + 1]
-    out = []
-    nd = next_dtype(vocab_size)
-    for k, pt in enumerate(parts):
-        if pt.query is None:
-            out.append(None)
-            continue
-        sel = owner == k
-        nxt = np.full(pt.m, vocab_size, dtype=nd)
-        ln = np.zeros(pt.m, dtype=np.uint8)
-        jj = np.full(pt.m, -1, dtype=np.int64)
-        nxt[loc[sel]] = nxt_all[sel]
-        ln[loc[sel]] = Ls[sel]
-        jj[loc[sel]] = Js[sel]
-        out.append((nxt, ln, jj))
-    return out
+def match_tokens(train: np.ndarray, eot: int, vocab_size: int, val: np.ndarray | None = None,
+                 lo: int = 0, hi: int | None = None, max_len: int = MAX_LEN) -> Matches:
+    """Longest earliest matches of the positions whose token t has lo <= t < hi: train positions
+    against earlier train text, `val` positions against all train text. Groups sharing >= 1 token
+    share their first token, so disjoint token ranges are independent: their answers together are
+    exactly one pass over the whole split (this is how the build is split into tasks)."""
+    hi = vocab_size if hi is None else hi
+    n = len(train)
+    parts = [np.asarray(train)]
+    if val is not None:  # an EOT between the streams: val keys never run into train text
+        parts += [np.array([eot], dtype=parts[0].dtype), np.asarray(val)]
+    ext = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    sel = (ext >= lo) & (ext < hi) & (ext != eot)
+    sel[n: n + 1] = False
+    p = np.flatnonzero(sel)
+    n_train = int(np.searchsorted(p, n))
+    final = n_train > 0 and p[n_train - 1] == n - 1  # a final unterminated train position has no follower
+    L, first, order = longest_earliest(ext, p, n_train - int(final), eot, vocab_size, max_len)
+    j = np.where(first >= 0, p[np.maximum(first, 0)], -1)
+    nxt = np.where(first >= 0, ext[np.minimum(j + 1, len(ext) - 1)], vocab_size).astype(next_dtype(vocab_size))
+    po = p[order]
+    train_order = po[po < n - int(final)]
+    return Matches(p[:n_train], nxt[:n_train], L[:n_train], j[:n_train], train_order,
+                   p[n_train:] - (n + 1), nxt[n_train:], L[n_train:], j[n_train:])
 
 
-def merge_results(a, b):
-    """Merge two (next, len, j) answers for the same positions: longer wins, then earlier j."""
-    na, la, ja = a
-    nb, lb, jb = b
-    take = (lb > la) | ((lb == la) & (lb > 0) & (jb < ja))
-    return np.where(take, nb, na), np.where(take, lb, la), np.where(take, jb, ja)
+def _scatter(n: int, pos: np.ndarray, nxt: np.ndarray, ln: np.ndarray, j: np.ndarray, vocab_size: int):
+    out_n = np.full(n, vocab_size, dtype=next_dtype(vocab_size))
+    out_l = np.zeros(n, np.uint8)
+    out_j = np.full(n, -1, np.int64)
+    out_n[pos], out_l[pos], out_j[pos] = nxt, ln, j
+    return out_n, out_l, out_j
 
 
 def lmatch_stream(tokens: np.ndarray, eot: int, vocab_size: int, max_len: int = MAX_LEN):
-    """One pass over a whole (train) stream: (next ids, lengths, j). The single-process baseline."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    (res,) = match_parts([Part(tokens, 0, len(tokens), 0, True, "before")], eot, vocab_size, max_len)
-    return res
+    """One pass over a whole (train) stream: (next ids, lengths, j) of every position."""
+    r = match_tokens(np.asarray(tokens), eot, vocab_size, max_len=max_len)
+    return _scatter(len(tokens), r.train_pos, r.train_next, r.train_len, r.train_j, vocab_size)
 
 
 def lmatch_against(train: np.ndarray, query: np.ndarray, eot: int, vocab_size: int, max_len: int = MAX_LEN):
     """One pass of a (val) stream against a whole train stream: (next ids, lengths, j into train)."""
-    train = np.asarray(train, dtype=np.int64)
-    query = np.asarray(query, dtype=np.int64)
-    _, res = match_parts([Part(train, 0, len(train), 0, True, None, cand_limit=len(train) - 1),
-                          Part(query, 0, len(query), 0, False, "any")], eot, vocab_size, max_len)
-    return res
+    r = match_tokens(np.asarray(train), eot, vocab_size, val=np.asarray(query), max_len=max_len)
+    return _scatter(len(query), r.val_pos, r.val_next, r.val_len, r.val_j, vocab_size)
 
 
 # ----------------------------------------------------------------------------- stream of a split
@@ -323,78 +246,92 @@ class SplitStream:
             k += 1
         return np.concatenate(out) if len(out) > 1 else out[0]
 
-    def part(self, a: int, b: int, cand: bool, query: str | None, cand_limit: int = _INF,
-             max_len: int = MAX_LEN) -> Part:
-        h = min(max_len - 1, a)
-        ext = self.read(a - h, b + 1)
-        return Part(ext, h, b - a, a, cand, query, cand_limit)
+    def tokens(self) -> np.ndarray:
+        """The whole split as one array of its stored dtype (2 or 4 bytes per token)."""
+        arrs = [np.asarray(self.shard(k)) for k in range(len(self.infos))]
+        return np.concatenate(arrs) if arrs else np.zeros(0, np.dtype(self.manifest.dtype))
 
 
-def chunk_ranges(stream: SplitStream, chunk_tokens: int) -> list[tuple[int, int, int]]:
-    """(shard index, global start, global end) of every chunk: shards cut into <= chunk_tokens."""
+# ----------------------------------------------------------------------------- the build, by token ranges
+
+def token_counts(manifest, splits: Sequence[str]) -> np.ndarray:
+    """How often each token id occurs in `splits` (the EOT left out): sizes the token ranges."""
+    counts = np.zeros(int(manifest.vocab_size), np.int64)
+    for split in splits:
+        st = SplitStream(manifest, split)
+        for k in range(len(st.infos)):
+            c = np.bincount(np.asarray(st.shard(k)), minlength=len(counts))
+            counts += c[: len(counts)]
+    counts[int(manifest.eot_id)] = 0
+    return counts
+
+
+def token_ranges(counts: np.ndarray, n_ranges: int) -> list[tuple[int, int]]:
+    """Contiguous token-id ranges [lo, hi) covering every id, of about equal total count (one id
+    is never split, so a range holds at most one frequent id more than its share)."""
+    c = np.cumsum(counts)
+    targets = c[-1] * np.arange(1, max(1, n_ranges)) / max(1, n_ranges)
+    edges = np.unique(np.concatenate([[0], np.searchsorted(c, targets) + 1, [len(counts)]]).clip(0, len(counts)))
+    return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+@dataclass
+class PiecePart:
+    """One token range's share of one piece (a shard of a split); shard-local positions."""
+
+    pos: np.ndarray  # positions (uint32) whose token is in the range
+    next_ids: np.ndarray
+    lengths: np.ndarray
+    order: np.ndarray | None  # train: the range's positions of this shard in key order (uint32)
+
+
+def _by_shard(offsets: np.ndarray, pos: np.ndarray) -> list[np.ndarray]:
+    """Indices of `pos` (global positions) grouped by shard, each group in its input order."""
+    kid = np.searchsorted(offsets, pos, side="right") - 1
+    perm = np.argsort(kid, kind="stable")
+    cuts = np.searchsorted(kid[perm], np.arange(len(offsets)))
+    return [perm[cuts[k]: cuts[k + 1]] for k in range(len(offsets) - 1)]
+
+
+def compute_range(manifest, lo: int, hi: int, pieces: Sequence[tuple[str, int]],
+                  max_len: int = MAX_LEN) -> list[PiecePart]:
+    """The answers of the positions with token ids in [lo, hi) for each piece (split, shard k).
+
+    Reads the whole train split (and the val split when a val piece is asked for); the parts of
+    all ranges together give each piece exactly its one-pass answer (see `match_tokens`)."""
+    train = SplitStream(manifest, "train")
+    vals = {s for s, _ in pieces if s != "train"}
+    if len(vals) > 1:
+        raise ValueError(f"one query split per build call, got {sorted(vals)}")
+    own = SplitStream(manifest, vals.pop()) if vals else None
+    r = match_tokens(train.tokens(), int(manifest.eot_id), int(manifest.vocab_size),
+                     None if own is None else own.tokens(), lo, hi, max_len)
     out = []
-    for k in range(len(stream.infos)):
-        a, b = int(stream.offsets[k]), int(stream.offsets[k + 1])
-        for s in range(a, b, max(1, chunk_tokens)):
-            out.append((k, s, min(b, s + chunk_tokens)))
+    groups = {"train": _by_shard(train.offsets, r.train_pos)}
+    orders = _by_shard(train.offsets, r.train_order)
+    if own is not None:
+        groups["val"] = _by_shard(own.offsets, r.val_pos)
+    for split, k in pieces:
+        kind = "train" if split == "train" else "val"
+        st = train if kind == "train" else own
+        idx = groups[kind][k]
+        pos, nxt, ln = getattr(r, f"{kind}_pos"), getattr(r, f"{kind}_next"), getattr(r, f"{kind}_len")
+        a = int(st.offsets[k])
+        order = (r.train_order[orders[k]] - a).astype(np.uint32) if kind == "train" else None
+        out.append(PiecePart((pos[idx] - a).astype(np.uint32), nxt[idx], ln[idx], order))
     return out
 
 
-def compute_shard(manifest, split: str, k: int, chunk_tokens: int, verify: bool = True,
-                  max_len: int = MAX_LEN):
-    """The lmatch arrays (next ids, lengths) of shard k of `split`, and its sorted positions
-    (train only, else None). Pure numpy; the Ray layer calls this once per piece."""
-    train = SplitStream(manifest, "train")
-    own = train if split == "train" else SplitStream(manifest, split)
-    if verify:
-        own.shard(k, verify=True)
-    eot, vocab = int(manifest.eot_id), int(manifest.vocab_size)
-    a0, b0 = int(own.offsets[k]), int(own.offsets[k + 1])
-    nd = next_dtype(vocab)
-    nxt = np.full(b0 - a0, vocab, dtype=nd)
-    ln = np.zeros(b0 - a0, dtype=np.uint8)
-    train_chunks = chunk_ranges(train, chunk_tokens)
-    for s in range(a0, b0, max(1, chunk_tokens)):
-        e = min(b0, s + chunk_tokens)
-        res = None
-        if split == "train":
-            q = train.part(s, e, True, "before", max_len=max_len)
-            earlier = [(ds, de) for _, ds, de in train_chunks if de <= s]
-            if not earlier:
-                (res,) = match_parts([q], eot, vocab, max_len)
-            for ds, de in earlier:
-                d = train.part(ds, de, True, None, max_len=max_len)
-                _, r = match_parts([d, q], eot, vocab, max_len)
-                res = r if res is None else merge_results(res, r)
-        else:
-            q = own.part(s, e, False, "any", max_len=max_len)
-            for _, ds, de in train_chunks:
-                d = train.part(ds, de, True, None, cand_limit=train.n - 1, max_len=max_len)
-                _, r = match_parts([d, q], eot, vocab, max_len)
-                res = r if res is None else merge_results(res, r)
-        if res is not None:
-            nxt[s - a0: e - a0], ln[s - a0: e - a0] = res[0], res[1]
-    sa = None
-    if split == "train":
-        sa = shard_suffix_order(train, k, eot, vocab, max_len)
+def assemble_piece(n_tokens: int, vocab_size: int, parts: Sequence[PiecePart]):
+    """(next ids, lengths, sorted positions or None) of a piece from its parts, given in token-range
+    order (so the sorted positions of the ranges concatenate into the shard's key order)."""
+    nxt = np.full(n_tokens, vocab_size, dtype=next_dtype(vocab_size))
+    ln = np.zeros(n_tokens, np.uint8)
+    for pt in parts:
+        nxt[pt.pos], ln[pt.pos] = pt.next_ids, pt.lengths
+    orders = [pt.order for pt in parts if pt.order is not None]
+    sa = np.concatenate(orders).astype(np.uint32) if orders else None
     return nxt, ln, sa
-
-
-def shard_suffix_order(train: SplitStream, k: int, eot: int, vocab: int, max_len: int = MAX_LEN) -> np.ndarray:
-    """Local positions of shard k sorted by (reversed context, position); EOT positions and a
-    final unterminated stream position are left out (they are never candidates)."""
-    a, b = int(train.offsets[k]), int(train.offsets[k + 1])
-    h = min(max_len - 1, a)
-    ext = train.read(a - h, b)
-    starts = doc_starts(ext, eot)
-    p = np.arange(h, h + b - a, dtype=np.int64)
-    kl = key_lengths(ext, p, starts, eot, max_len)
-    keep = kl > 0
-    if b == train.n and b > a:
-        keep[-1] = False
-    p, kl = p[keep], kl[keep]
-    order = sort_keys(pack_keys(ext, p, kl, lane_bits(vocab), max_len))
-    return (p[order] - h).astype(np.uint32)
 
 
 # ----------------------------------------------------------------------------- file formats

@@ -114,7 +114,7 @@ def test_chunked_build_equals_one_pass_and_val_matches_train_only(tmp_path):
     for shard_tokens, chunk in ((10_000, 10_000), (256, 100), (300, 37)):
         root = tmp_path / f"ds{shard_tokens}_{chunk}"
         _write_dataset(root, train, val, shard_tokens)
-        build_index(IndexConfig(data=str(root), chunk_tokens=chunk), use_ray=False)
+        build_index(IndexConfig(data=str(root), task_tokens=chunk), use_ray=False)
         n, l = _arrays(root, "train")
         assert np.array_equal(n, one_n) and np.array_equal(l, one_l) and n.dtype == np.uint16
         n, l = _arrays(root, "val")
@@ -127,7 +127,7 @@ def test_real_text_and_ray_build_and_serving(ray_session, shakespeare_shards, tm
 
     shakespeare_shards = str(shutil.copytree(shakespeare_shards, tmp_path / "shards"))  # never index the shared fixture
     m = load_manifest(shakespeare_shards)
-    s = build_index(IndexConfig(data=shakespeare_shards, chunk_tokens=20_000, workers=2))
+    s = build_index(IndexConfig(data=shakespeare_shards, task_tokens=20_000, workers=2))
     assert s["pieces_built"] > 0 and s["bytes_per_train_token"] <= 8
     tr = np.concatenate([np.asarray(x) for x in (lmatch.SplitStream(m, "train").read(0, 10**9),)])
     n, l = _arrays(shakespeare_shards, "train")
@@ -151,7 +151,7 @@ def test_real_text_and_ray_build_and_serving(ray_session, shakespeare_shards, tm
         res = lmatch_against(tr, np.array(c + [0])[:-1], m.eot_id, m.vocab_size)
         assert (gn, gl) == (res[0][-1], res[1][-1])
         assert idx.lookup(c) == (int(res[0][-1]), int(res[1][-1]))
-    again = build_index(IndexConfig(data=shakespeare_shards, chunk_tokens=20_000, workers=2))
+    again = build_index(IndexConfig(data=shakespeare_shards, task_tokens=20_000, workers=2))
     assert again["pieces_built"] == 0
 
 
@@ -168,19 +168,19 @@ def test_resume_rebuilds_only_the_missing_piece(tmp_path):
     rng = np.random.default_rng(5)
     root = tmp_path / "ds"
     _write_dataset(root, _stream(rng, 900), _stream(rng, 300), 200)
-    build_index(IndexConfig(data=str(root), chunk_tokens=150), use_ray=False)
+    build_index(IndexConfig(data=str(root), task_tokens=150), use_ray=False)
     before = _arrays(root, "train")
     files = sorted(p for p in root.iterdir() if ".lm" in p.name)
     stamps = {p.name: p.stat().st_mtime_ns for p in files}
     os.remove(root / "train_000002.bin.lmatch")
-    s = build_index(IndexConfig(data=str(root), chunk_tokens=150), use_ray=False)
+    s = build_index(IndexConfig(data=str(root), task_tokens=150), use_ray=False)
     assert s["built"] == ["train:2"]
     changed = {p.name for p in root.iterdir() if ".lm" in p.name and p.stat().st_mtime_ns != stamps.get(p.name)}
     assert changed == {"train_000002.bin.lmatch", "train_000002.bin.lmsa", "train_000002.bin.lmatch.done.json"}
     after = _arrays(root, "train")
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     manifest_mtime = (root / "manifest.json").stat().st_mtime_ns
-    assert build_index(IndexConfig(data=str(root), chunk_tokens=150), use_ray=False)["pieces_built"] == 0
+    assert build_index(IndexConfig(data=str(root), task_tokens=150), use_ray=False)["pieces_built"] == 0
     assert (root / "manifest.json").stat().st_mtime_ns == manifest_mtime  # a finished build is a no-op
 
 
