@@ -52,7 +52,6 @@ Total on disk per indexed train token: 2 + 1 + 4 (+0.016) bytes for uint16 vocab
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import os
 from dataclasses import dataclass
@@ -431,17 +430,17 @@ def sa_paths(manifest) -> list[str]:
 
 # ----------------------------------------------------------------------------- serving queries
 
-def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+SAMPLE_EVERY = 64  # an in-memory key of every 64th sorted position (~1 byte per token of RAM)
 
 
 class LMatchIndex:
     """The train split's lmatch query structure, memory-mapped: longest earliest match of a
-    context (new text) against the train split, same definition as the build."""
+    context (new text) against the train split, same definition as the build.
+
+    Keys are compared as byte strings (big-endian lanes of token + 1, 0 = ended), so numpy's
+    searchsorted does the comparisons: a lookup binary-searches an in-memory sample of every
+    `SAMPLE_EVERY`-th sorted key per shard, then one window of that many keys read from the
+    memmaps, instead of a Python-level bisect touching the mmap at every step."""
 
     def __init__(self, manifest, max_len: int = MAX_LEN):
         self.manifest = manifest
@@ -449,38 +448,51 @@ class LMatchIndex:
         self.eot = int(manifest.eot_id)
         self.vocab_size = int(manifest.vocab_size)
         self.none_id = self.vocab_size
+        self.lane = np.dtype(">u2") if self.vocab_size <= 65535 else np.dtype(">u4")
         self.stream = SplitStream(manifest, "train")
         self.tokens = [self.stream.shard(k) for k in range(len(self.stream.infos))]
-        self.sas = []
-        for k, path in enumerate(sa_paths(manifest)):
-            sa, mins, block = read_sa(path)
-            self.sas.append((sa, mins, block))
+        self.sas = [read_sa(path) for path in sa_paths(manifest)]
         if len(self.sas) != len(self.tokens):
             raise ShardFormatError(f"{manifest.root}: lmatch index lists {len(self.sas)} train shards, "
                                    f"the manifest {len(self.tokens)}")
         # history: the max_len - 1 tokens before each shard (documents cross shard boundaries)
-        self.hist = [self.stream.read(int(self.stream.offsets[k]) - (max_len - 1), int(self.stream.offsets[k])).tolist()
+        self.hist = [self.stream.read(int(self.stream.offsets[k]) - (max_len - 1), int(self.stream.offsets[k]))
                      for k in range(len(self.tokens))]
+        self.samples = [self._keys(k, np.asarray(sa[::SAMPLE_EVERY])) for k, (sa, _, _) in enumerate(self.sas)]
 
     @classmethod
     def open(cls, dataset_root: str) -> "LMatchIndex":
         return cls(load_manifest(dataset_root))
 
-    def _key(self, k: int, p: int) -> tuple:
-        """Reversed context of local position p of train shard k (a tuple of token ids)."""
-        lo = p - (self.max_len - 1)
-        toks = self.tokens[k]
-        if lo >= 0:
-            seg = toks[lo: p + 1].tolist()
-        else:
-            h = self.hist[k]
-            seg = h[max(0, len(h) + lo):] + toks[: p + 1].tolist()
-        seg.reverse()
-        try:
-            seg = seg[: seg.index(self.eot, 1)]
-        except ValueError:
-            pass
-        return tuple(seg)
+    def _lanes(self, k: int, p: np.ndarray) -> np.ndarray:
+        """[len(p), max_len] lanes (token + 1, 0 once the context ended) of local positions p of shard k."""
+        idx = p.astype(np.int64)[:, None] - np.arange(self.max_len)
+        toks = np.asarray(self.tokens[k])[np.maximum(idx, 0)].astype(np.int64)
+        h = self.hist[k]
+        before = idx < 0
+        if before.any():  # from the previous shard; -1 (ended) before the stream start
+            hi = idx[before] + len(h)
+            toks[before] = np.where(hi >= 0, h[np.maximum(hi, 0)] if len(h) else -1, -1)
+        ok = (toks != self.eot) & (toks >= 0)
+        ok[:, 0] = True
+        return np.where(np.logical_and.accumulate(ok, axis=1), toks + 1, 0)
+
+    def _bytes(self, lanes: np.ndarray) -> np.ndarray:
+        """Lanes as byte strings whose order is the key order."""
+        b = np.ascontiguousarray(lanes, dtype=self.lane)
+        return b.view(f"S{self.lane.itemsize * self.max_len}").ravel()
+
+    def _keys(self, k: int, p: np.ndarray) -> np.ndarray:
+        return self._bytes(self._lanes(k, p))
+
+    def _bound(self, k: int, qb: np.ndarray, side: str) -> int:
+        """np.searchsorted(keys of shard k's sorted order, qb, side), from the sample + one window."""
+        sa = self.sas[k][0]
+        i0 = int(np.searchsorted(self.samples[k], qb, side))
+        lo, hi = max(0, (i0 - 1) * SAMPLE_EVERY), min(len(sa), i0 * SAMPLE_EVERY)
+        if hi <= lo:
+            return lo
+        return lo + int(np.searchsorted(self._keys(k, np.asarray(sa[lo:hi])), qb, side))
 
     def query_key(self, context_ids: Sequence[int]) -> tuple:
         seg = [int(t) for t in list(context_ids)[-self.max_len:]]
@@ -513,33 +525,33 @@ class LMatchIndex:
                 return int(self.tokens[kk][0])
         return self.none_id  # not reached: the final stream position is never in the sorted order
 
+    def _longest(self, k: int, q: np.ndarray) -> int:
+        """Longest common prefix of the query lanes q with any key of shard k."""
+        sa = self.sas[k][0]
+        ip = self._bound(k, self._bytes(q[None])[0], "left")
+        near = np.asarray(sa[max(0, ip - 1): ip + 1])
+        if len(near) == 0:
+            return 0
+        same = (self._lanes(k, near) == q) & (q > 0)
+        return int(np.max(np.where(same.all(axis=1), self.max_len, np.argmin(same, axis=1))))
+
     def lookup_key(self, q: tuple) -> tuple[int, int, int]:
         """(next id, length, global position j) for a reversed-context key."""
-        best = (self.none_id, 0, -1)
         if not q:
-            return best
-        for k, (sa, _, _) in enumerate(self.sas):
-            n = len(sa)
-            if n == 0:
-                continue
-            key = lambda p, k=k: self._key(k, int(p))  # noqa: E731
-            ip = bisect.bisect_left(sa, q, key=key)
-            L = 0
-            if ip > 0:
-                L = _lcp(q, key(sa[ip - 1]))
-            if ip < n:
-                L = max(L, _lcp(q, key(sa[ip])))
-            if L == 0 or L < best[1]:
-                continue
-            pref = q[:L]
-            kl = lambda p, k=k, L=L: self._key(k, int(p))[:L]  # noqa: E731
-            lo = bisect.bisect_left(sa, pref, 0, ip, key=kl)
-            hi = bisect.bisect_right(sa, pref, ip, n, key=kl)
-            p = self._range_min(k, lo, hi)
-            if L > best[1]:  # equal L: the earlier shard (found first) keeps it
-                best = (self._follower(k, p), L, int(self.stream.offsets[k]) + p)
-        return best
-
+            return self.none_id, 0, -1
+        lanes = np.zeros(self.max_len, np.int64)
+        lanes[: len(q)] = np.asarray(q, np.int64) + 1
+        best = [self._longest(k, lanes) for k in range(len(self.sas))]
+        L = max(best, default=0)
+        if L == 0:
+            return self.none_id, 0, -1
+        k = best.index(L)  # the earliest shard reaching L holds the earliest j
+        top = lanes.copy()
+        top[L:] = np.iinfo(self.lane).max  # above every key sharing the first L lanes
+        lo = self._bound(k, self._bytes(np.where(np.arange(self.max_len) < L, lanes, 0)[None])[0], "left")
+        hi = self._bound(k, self._bytes(top[None])[0], "right")
+        p = self._range_min(k, lo, hi)
+        return self._follower(k, p), L, int(self.stream.offsets[k]) + p
     def lookup(self, context_ids: Sequence[int]) -> tuple[int, int]:
         """(next id, match length) for the text `context_ids` (NONE = vocab_size, 0 if no match)."""
         nxt, L, _ = self.lookup_key(self.query_key(context_ids))

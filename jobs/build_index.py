@@ -1,6 +1,6 @@
 """Ray job: build the exact-match (LMatch) index of a tokenized dataset.
 
-    python -m jobs.build_index --data=runs/shards [--workers=N] [--chunk_tokens=1048576]
+    python -m jobs.build_index --data=runs/shards [--workers=N] [--task_tokens=8388608]
 """
 from __future__ import annotations
 
