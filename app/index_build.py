@@ -4,10 +4,12 @@ Matches sharing >= 1 token share their first token, so the token ids are cut int
 ranges of about `task_tokens` positions each (at least one range per worker); a task
 (`index.lmatch.compute_range`) runs the one-pass algorithm over the positions whose token is in
 its range, across the whole split, and returns each piece's share. There is no cross-chunk
-merge: the ranges' answers together are exactly one pass. A piece (one shard of train or val)
-is then assembled from its shares and writes, atomically, `<shard>.lmatch` (+ `<shard>.lmsa` for
-train), then its completion record `<shard>.lmatch.done.json` (build id, sha256 of the files,
-stats). A rerun computes only the pieces whose record is missing, stale or whose files are
+merge: the ranges' answers together are exactly one pass. Writer tasks (at most one per worker,
+each a contiguous group of pieces; none when a single range covers every id: that task writes)
+assemble a piece (one shard of train or val) from its shares and write, atomically,
+`<shard>.lmatch` (+ `<shard>.lmsa` for train), then its completion record
+`<shard>.lmatch.done.json` (build id, sha256 of the files, stats). Shards are read once in the
+driver before any task starts (sha256 check + token histogram, which sizes the ranges). A rerun computes only the pieces whose record is missing, stale or whose files are
 damaged (every range task is rerun for them); the manifest (`extras["lmatch"]`) is written last.
 """
 from __future__ import annotations
@@ -16,6 +18,8 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from app import storage
 from app.config import ConfigError
@@ -73,21 +77,19 @@ def _piece_done(root: str, split: str, shard: dict, bid_hex: str) -> dict | None
     return rec
 
 
-def write_piece(root: str, split: str, k: int, *parts) -> dict[str, Any]:
+def write_piece(root: str, split: str, k: int, *parts, m=None) -> dict[str, Any]:
     """Assemble one piece (shard k of split) from its token-range parts (`compute_range`, in range
     order) and write its files, then its completion record, which it returns."""
-    import numpy as np
-
     from index import lmatch
 
-    m = load_manifest(root)
+    m = m if m is not None else load_manifest(root)
     t0 = time.time()
     shard = m.shards[split][k]
     nxt, ln, sa = lmatch.assemble_piece(int(shard["n_tokens"]), m.vocab_size, parts)
     bid = lmatch.build_id(m)
     rec: dict[str, Any] = {"split": split, "shard": shard["file"], "shard_sha256": shard.get("sha256"),
                            "build_id": bid.hex(), "n_tokens": int(len(nxt)), "matched": int(np.count_nonzero(ln)),
-                           "len_sum": int(ln.sum(dtype=np.int64)), "seconds": round(time.time() - t0, 3)}
+                           "len_sum": int(ln.sum(dtype=np.int64))}
     data = lmatch.encode_lmatch(nxt, ln, m.vocab_size, bid)
     rec["file"] = shard["file"] + lmatch.LMATCH_SUFFIX
     storage.write_bytes(storage.join(root, rec["file"]), data)
@@ -97,6 +99,7 @@ def write_piece(root: str, split: str, k: int, *parts) -> dict[str, Any]:
         rec["sa_file"] = shard["file"] + lmatch.SA_SUFFIX
         storage.write_bytes(storage.join(root, rec["sa_file"]), sdata)
         rec["sa_sha256"], rec["sa_bytes"] = _sha(sdata), len(sdata)
+    rec["seconds"] = round(time.time() - t0, 3)
     storage.write_json(_record_path(root, shard["file"]), rec)  # last: marks the piece done
     return rec
 
@@ -109,15 +112,39 @@ def _range_parts(root: str, lo: int, hi: int, pieces: list[tuple[str, int]]):
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
-def _check_shards(m, splits: list[str], verify: bool) -> None:
-    """Fail fast, with the path, on missing / truncated / wrong-dtype shards and (verify) on a
-    sha256 other than the manifest's: every range task reads every shard, so check them first."""
+def _range_write(root: str, lo: int, hi: int, pieces: list[tuple[str, int]]) -> dict:
+    """One range covering every token id: compute and write every piece in one task (no parts
+    to move, no writer tasks)."""
+    from index import lmatch
+
+    m = load_manifest(root)
+    parts = lmatch.compute_range(m, lo, hi, pieces)
+    return {sk: write_piece(root, sk[0], sk[1], pt, m=m) for sk, pt in zip(pieces, parts)}
+
+
+def _write_group(root: str, pieces: list[tuple[str, int]], n_ranges: int, *parts) -> dict:
+    """Write several pieces; `parts` holds each piece's n_ranges parts in turn (range order)."""
+    m = load_manifest(root)
+    return {sk: write_piece(root, sk[0], sk[1], *parts[i * n_ranges: (i + 1) * n_ranges], m=m)
+            for i, sk in enumerate(pieces)}
+
+
+def _groups(sizes: list[int], n: int) -> list[list[int]]:
+    """Contiguous groups of indices, at most n, of about equal total size."""
+    c = np.cumsum(sizes)
+    cut = np.searchsorted(c, c[-1] * np.arange(1, n) / n, side="right")
+    edges = np.unique(np.concatenate([[0], cut, [len(sizes)]]))
+    return [list(range(a, b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _check_shards(m, splits: list[str]) -> None:
+    """Fail fast, with the path, on missing / truncated / wrong-dtype shards."""
     from index import lmatch
 
     for split in splits:
         st = lmatch.SplitStream(m, split)
         for k in range(len(st.infos)):
-            st.shard(k, verify=verify)
+            st.shard(k)
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -132,24 +159,41 @@ def _n_ranges(m, pieces: list[tuple[str, int]], cfg: IndexConfig, workers: int) 
     return max(workers, -(-n // cfg.task_tokens))
 
 
-def _build_pieces(root: str, m, pieces: list[tuple[str, int]], cfg: IndexConfig, use_ray: bool):
-    """Compute and write `pieces` (all of one split): token-range tasks, then one writer per piece."""
+_REMOTE: dict[str, Any] = {}  # the remote functions, made once per process (not re-exported per build)
+
+
+def _remote(name: str, fn, **opts):
+    import ray
+
+    if name not in _REMOTE:
+        _REMOTE[name] = ray.remote(**opts)(fn)
+    return _REMOTE[name]
+
+
+def _build_pieces(root: str, m, pieces: list[tuple[str, int]], cfg: IndexConfig, use_ray: bool, counts):
+    """Compute and write `pieces` (train and at most one query split): token-range tasks, then
+    writer tasks (at most one per worker) each assembling and writing a group of pieces; a single
+    range computes and writes everything in one task. `counts`: the token histogram per split."""
     from index import lmatch
 
     splits = list(dict.fromkeys(["train"] + [s for s, _ in pieces]))
+    hist = sum(counts[s] for s in splits)
     if not use_ray:
-        ranges = lmatch.token_ranges(lmatch.token_counts(m, splits), _n_ranges(m, pieces, cfg, 1))
+        ranges = lmatch.token_ranges(hist, _n_ranges(m, pieces, cfg, 1))
         parts = [lmatch.compute_range(m, lo, hi, pieces) for lo, hi in ranges]
-        return {sk: write_piece(root, sk[0], sk[1], *[p[i] for p in parts]) for i, sk in enumerate(pieces)}
+        return {sk: write_piece(root, sk[0], sk[1], *[p[i] for p in parts], m=m) for i, sk in enumerate(pieces)}
     import ray
 
     from app.ray_env import init_ray
 
     init_ray()
     workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    ranges = lmatch.token_ranges(lmatch.token_counts(m, splits), _n_ranges(m, pieces, cfg, workers))
-    task = ray.remote(num_cpus=1, max_retries=2)(_range_parts).options(num_returns=len(pieces))
-    writer = ray.remote(num_cpus=0.25, max_retries=2)(write_piece)
+    ranges = lmatch.token_ranges(hist, _n_ranges(m, pieces, cfg, workers))
+    if len(ranges) == 1:
+        return _get(_remote("range_write", _range_write, num_cpus=1, max_retries=2).remote(root, *ranges[0], pieces))
+    task = _remote("range_parts", _range_parts, num_cpus=1, max_retries=2).options(num_returns=len(pieces))
+    # writers take a whole CPU: they then run in the range tasks' (idle by then) worker processes
+    writer = _remote("write_group", _write_group, num_cpus=1, max_retries=2)
     parts, pending = [], []
     try:
         for lo, hi in ranges:  # at most `workers` range tasks at a time
@@ -159,9 +203,14 @@ def _build_pieces(root: str, m, pieces: list[tuple[str, int]], cfg: IndexConfig,
             refs = refs if isinstance(refs, list) else [refs]
             parts.append(refs)
             pending.append(refs[0])
-        # a writer starts as soon as all ranges are done; Ray passes it the parts' values
-        writes = {writer.remote(root, sk[0], sk[1], *[p[i] for p in parts]): sk for i, sk in enumerate(pieces)}
-        return {sk: _get(ref) for ref, sk in writes.items()}
+        # writers start as soon as all ranges are done; Ray passes them the parts' values
+        sizes = [int(m.shards[s][k]["n_tokens"]) for s, k in pieces]
+        writes = [writer.remote(root, [pieces[i] for i in g], len(parts), *[p[i] for i in g for p in parts])
+                  for g in _groups(sizes, min(workers, len(pieces)))]
+        out: dict = {}
+        for ref in writes:
+            out.update(_get(ref))
+        return out
     except BaseException:
         for refs in parts:
             ray.cancel(refs[0])
@@ -203,13 +252,17 @@ def build_index(cfg: IndexConfig, use_ray: bool = True) -> dict[str, Any]:
                 todo.append((split, k))
             else:
                 records[(split, k)] = rec
-    _check_shards(m, splits, verify=cfg.verify and bool(todo))
+    if not todo:
+        _check_shards(m, splits)
+    else:  # one read of every shard: checks (sha256: every range task reads every shard) + histogram
+        need = list(dict.fromkeys(["train"] + [s for s, _ in todo]))
+        counts = {s: lmatch.token_counts(m, [s], verify=cfg.verify) for s in need}
     log.info("lmatch %s: %d pieces to build, %d already done", root, len(todo), len(records))
     # One pass per query split (val), the train pieces riding along with the first one.
     queries = list(dict.fromkeys(s for s, _ in todo if s != "train")) or ["train"] * bool(todo)
     for i, q in enumerate(queries):
         pieces = [sk for sk in todo if sk[0] == q or (i == 0 and sk[0] == "train")]
-        records.update(_build_pieces(root, m, pieces, cfg, use_ray))
+        records.update(_build_pieces(root, m, pieces, cfg, use_ray, counts))
     extras = {
         "version": lmatch.FORMAT_VERSION, "max_len": lmatch.MAX_LEN, "build_id": bid,
         "next_dtype": lmatch.next_dtype(m.vocab_size).name, "len_dtype": "uint8", "none_id": int(m.vocab_size),

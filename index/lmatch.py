@@ -253,13 +253,16 @@ class SplitStream:
 
 # ----------------------------------------------------------------------------- the build, by token ranges
 
-def token_counts(manifest, splits: Sequence[str]) -> np.ndarray:
-    """How often each token id occurs in `splits` (the EOT left out): sizes the token ranges."""
+def token_counts(manifest, splits: Sequence[str], verify: bool = False) -> np.ndarray:
+    """How often each token id occurs in `splits` (the EOT left out): sizes the token ranges.
+
+    Reads every shard once: a missing, truncated or wrong-dtype shard, and with `verify` one whose
+    sha256 is not the manifest's, raises ShardFormatError with its path."""
     counts = np.zeros(int(manifest.vocab_size), np.int64)
     for split in splits:
         st = SplitStream(manifest, split)
         for k in range(len(st.infos)):
-            c = np.bincount(np.asarray(st.shard(k)), minlength=len(counts))
+            c = np.bincount(np.asarray(st.shard(k, verify=verify)), minlength=len(counts))
             counts += c[: len(counts)]
     counts[int(manifest.eot_id)] = 0
     return counts
@@ -430,80 +433,182 @@ def sa_paths(manifest) -> list[str]:
 
 # ----------------------------------------------------------------------------- serving queries
 
-SAMPLE_EVERY = 64  # an in-memory key of every 64th sorted position (~1 byte per token of RAM)
+SAMPLE_EVERY = 64  # an in-memory key of every 64th sorted position (~1.06 bytes per token of RAM)
 
 
 class LMatchIndex:
-    """The train split's lmatch query structure, memory-mapped: longest earliest match of a
-    context (new text) against the train split, same definition as the build.
+    """The train split's lmatch query structure: longest earliest match of a context (new text)
+    against the train split, same definition as the build.
 
-    Keys are compared as byte strings (big-endian lanes of token + 1, 0 = ended), so numpy's
-    searchsorted does the comparisons: a lookup binary-searches an in-memory sample of every
-    `SAMPLE_EVERY`-th sorted key per shard, then one window of that many keys read from the
-    memmaps, instead of a Python-level bisect touching the mmap at every step."""
+    In RAM: the train tokens as one "lane" stream (token + 1, 0 at the EOT, zeros before the
+    stream start; 2 bytes per token for uint16 vocabularies) and a sample of every
+    `sample_every`-th sorted key of every shard, as one sorted array of byte strings (a 4-byte
+    big-endian shard number, then big-endian lanes: byte order = key order), ~1.06 bytes per token.
+    Memory-mapped: each shard's sorted positions and block minima (`.lmsa`).
 
-    def __init__(self, manifest, max_len: int = MAX_LEN):
+    A lookup is a fixed number of numpy calls, whatever the number of shards: one searchsorted
+    of the query (prefixed by each shard number) into the sample finds every shard's window of
+    `sample_every` + 1 sorted keys that holds the query's neighbours; the longest match L of
+    each shard is the longest common prefix with a key of its window (one gather + compare over
+    all windows); the earliest shard reaching L holds the answer j = the smallest position among
+    its keys sharing L lanes with the query: read from the same window when that range of keys
+    lies inside it, else bounded by two more sample searches + windows and a range minimum over
+    the block minima. Only the window copies loop over shards (one slice each)."""
+
+    def __init__(self, manifest, max_len: int = MAX_LEN, sample_every: int = SAMPLE_EVERY):
         self.manifest = manifest
         self.max_len = max_len
+        self.every = int(sample_every)
+        if self.every < 1:
+            raise ValueError(f"sample_every must be >= 1, got {sample_every}")
         self.eot = int(manifest.eot_id)
         self.vocab_size = int(manifest.vocab_size)
         self.none_id = self.vocab_size
-        self.lane = np.dtype(">u2") if self.vocab_size <= 65535 else np.dtype(">u4")
+        self.lane = np.dtype("<u2") if self.vocab_size + 1 < 65535 else np.dtype("<u4")
+        self._never = self.vocab_size + 1  # a lane value no key holds (lanes are 0..vocab_size)
+        self.lane_be = self.lane.newbyteorder(">")
         self.stream = SplitStream(manifest, "train")
-        self.tokens = [self.stream.shard(k) for k in range(len(self.stream.infos))]
+        self.offsets = self.stream.offsets
         self.sas = [read_sa(path) for path in sa_paths(manifest)]
-        if len(self.sas) != len(self.tokens):
+        if len(self.sas) != len(self.stream.infos):
             raise ShardFormatError(f"{manifest.root}: lmatch index lists {len(self.sas)} train shards, "
-                                   f"the manifest {len(self.tokens)}")
-        # history: the max_len - 1 tokens before each shard (documents cross shard boundaries)
-        self.hist = [self.stream.read(int(self.stream.offsets[k]) - (max_len - 1), int(self.stream.offsets[k]))
-                     for k in range(len(self.tokens))]
-        self.samples = [self._keys(k, np.asarray(sa[::SAMPLE_EVERY])) for k, (sa, _, _) in enumerate(self.sas)]
+                                   f"the manifest {len(self.stream.infos)}")
+        for k, (sa, _, _) in enumerate(self.sas):
+            if len(sa) > int(self.stream.infos[k]["n_tokens"]):
+                raise ShardFormatError(f"{self.stream.paths[k]}{SA_SUFFIX}: {len(sa)} sorted positions for "
+                                       f"{self.stream.infos[k]['n_tokens']} tokens (stale index: rebuild)")
+        self._sa = [np.asarray(sa) for sa, _, _ in self.sas]  # plain ndarray views of the memmaps
+        self._n_sa = np.array([len(sa) for sa in self._sa], np.int64)
+        # the lane stream; PAD zeros in front: a key reaching before the stream start has ended,
+        # and global position -1 reads max_len + 1 zero lanes (an empty window slot)
+        self._pad = max_len + 1
+        toks = self.stream.tokens()
+        ls = np.zeros(self._pad + len(toks), self.lane)
+        ls[self._pad:] = toks
+        ls[self._pad:] += 1
+        ls[self._pad:][toks == self.eot] = 0
+        self._ls = ls
+        self._back = self._pad - np.arange(max_len + 1)  # lane i of global position g: _ls[g + _back[i]]
+        self._klen = 4 + self.lane.itemsize * max_len  # bytes of a prefixed sample key
+        self._prefix = np.arange(len(self._sa), dtype=">u4").view(np.uint8).reshape(-1, 4)
+        starts, keys = [0], []
+        for k, sa in enumerate(self._sa):
+            g = sa[:: self.every].astype(np.int64) + self.offsets[k]
+            keys.append(self._key_bytes(g, k))
+            starts.append(starts[-1] + len(g))
+        self._sample = (np.concatenate(keys) if keys else np.zeros(0, f"S{self._klen}"))
+        self._sstart = np.array(starts, np.int64)
 
     @classmethod
-    def open(cls, dataset_root: str) -> "LMatchIndex":
-        return cls(load_manifest(dataset_root))
+    def open(cls, dataset_root: str, **kw) -> "LMatchIndex":
+        return cls(load_manifest(dataset_root), **kw)
 
-    def _lanes(self, k: int, p: np.ndarray) -> np.ndarray:
-        """[len(p), max_len] lanes (token + 1, 0 once the context ended) of local positions p of shard k."""
-        idx = p.astype(np.int64)[:, None] - np.arange(self.max_len)
-        toks = np.asarray(self.tokens[k])[np.maximum(idx, 0)].astype(np.int64)
-        h = self.hist[k]
-        before = idx < 0
-        if before.any():  # from the previous shard; -1 (ended) before the stream start
-            hi = idx[before] + len(h)
-            toks[before] = np.where(hi >= 0, h[np.maximum(hi, 0)] if len(h) else -1, -1)
-        ok = (toks != self.eot) & (toks >= 0)
-        ok[:, 0] = True
-        return np.where(np.logical_and.accumulate(ok, axis=1), toks + 1, 0)
+    # -- keys
+    def _raw_lanes(self, g: np.ndarray) -> np.ndarray:
+        """[..., max_len + 1] lanes of global positions g, NOT cut where the context ended (a
+        query lane is never 0, so a prefix compare with the query stops there by itself)."""
+        return self._ls[g[..., None] + self._back]
 
-    def _bytes(self, lanes: np.ndarray) -> np.ndarray:
-        """Lanes as byte strings whose order is the key order."""
-        b = np.ascontiguousarray(lanes, dtype=self.lane)
-        return b.view(f"S{self.lane.itemsize * self.max_len}").ravel()
+    def _key_bytes(self, g: np.ndarray, k: int | None) -> np.ndarray:
+        """Byte-string keys (prefixed by shard k unless k is None) of global positions g (1-d)."""
+        a = self._raw_lanes(g)[:, : self.max_len]
+        a = a * np.logical_and.accumulate(a != 0, axis=1)  # lanes after the context ended are 0
+        return self._bytes(a, k)
 
-    def _keys(self, k: int, p: np.ndarray) -> np.ndarray:
-        return self._bytes(self._lanes(k, p))
+    def _bytes(self, lanes: np.ndarray, k: int | None) -> np.ndarray:
+        b = np.ascontiguousarray(lanes, dtype=self.lane_be).view(np.uint8).reshape(len(lanes), -1)
+        if k is not None:
+            b = np.concatenate([np.broadcast_to(self._prefix[k], (len(b), 4)), b], axis=1)
+        return np.ascontiguousarray(b).view(f"S{b.shape[1]}").ravel()
 
-    def _bound(self, k: int, qb: np.ndarray, side: str) -> int:
-        """np.searchsorted(keys of shard k's sorted order, qb, side), from the sample + one window."""
-        sa = self.sas[k][0]
-        i0 = int(np.searchsorted(self.samples[k], qb, side))
-        lo, hi = max(0, (i0 - 1) * SAMPLE_EVERY), min(len(sa), i0 * SAMPLE_EVERY)
-        if hi <= lo:
-            return lo
-        return lo + int(np.searchsorted(self._keys(k, np.asarray(sa[lo:hi])), qb, side))
+    def query_lanes(self, context_ids: Sequence[int]) -> np.ndarray:
+        """[max_len + 1] lanes of the reversed context (token + 1), 0 from where it ends: at its
+        start, at an earlier EOT or at a token outside the vocabulary (no key holds one)."""
+        q = np.asarray(context_ids[-self.max_len:], dtype=np.int64)[::-1]
+        bad = (q == self.eot) | (q < 0) | (q >= self.vocab_size)
+        n = int(bad.argmax()) if bad.any() else len(q)
+        lanes = np.zeros(self.max_len + 1, self.lane)
+        lanes[:n] = q[:n] + 1
+        return lanes
 
     def query_key(self, context_ids: Sequence[int]) -> tuple:
-        seg = [int(t) for t in list(context_ids)[-self.max_len:]]
-        seg.reverse()
-        if not seg or seg[0] == self.eot:
-            return ()
-        try:
-            seg = seg[: seg.index(self.eot, 1)]
-        except ValueError:
-            pass
-        return tuple(seg)
+        """The reversed-context key of `context_ids` as a tuple of token ids (empty: no match)."""
+        lanes = self.query_lanes(context_ids)
+        return tuple(int(x) - 1 for x in lanes[: int(np.count_nonzero(lanes))])
+
+    # -- lookups
+    def lookup_key(self, q: tuple) -> tuple[int, int, int]:
+        """(next id, length, global position j) for a reversed-context key (token ids)."""
+        q = [int(t) for t in q[: self.max_len]]
+        return self._lookup(self.query_lanes(q[::-1]) if q and q[0] != self.eot else np.zeros(1, self.lane))
+
+    def lookup(self, context_ids: Sequence[int]) -> tuple[int, int]:
+        """(next id, match length) for the text `context_ids` (NONE = vocab_size, 0 if no match)."""
+        nxt, L, _ = self._lookup(self.query_lanes(context_ids))
+        return nxt, L
+
+    def lookup_batch(self, contexts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Many contexts: (next ids, lengths) arrays."""
+        nd = next_dtype(self.vocab_size)
+        nxt = np.full(len(contexts), self.none_id, dtype=nd)
+        ln = np.zeros(len(contexts), dtype=np.uint8)
+        for i, c in enumerate(contexts):
+            nxt[i], ln[i], _ = self._lookup(self.query_lanes(c))
+        return nxt, ln
+
+    def _lookup(self, qv: np.ndarray) -> tuple[int, int, int]:
+        K = len(self._sa)
+        if qv[0] == 0 or K == 0 or len(self._sample) == 0:
+            return self.none_id, 0, -1
+        E = self.every
+        # 1. every shard's window: the sorted keys between the sample keys around the query
+        qb = np.frombuffer(qv[: self.max_len].astype(self.lane_be).tobytes(), np.uint8)
+        Q = np.empty((K, self._klen), np.uint8)
+        Q[:, :4] = self._prefix
+        Q[:, 4:] = qb
+        i0 = np.searchsorted(self._sample, Q.view(f"S{self._klen}").ravel(), "left") - self._sstart[:-1]
+        wlo = np.maximum(0, (i0 - 1) * E)
+        whi = np.minimum(self._n_sa, i0 * E + 1)  # + 1: the sample key at i0 itself
+        G = np.full((K, E + 1), -1, np.int64)  # global positions, -1 = an empty slot (no lanes)
+        for k, (a, b) in enumerate(zip(wlo.tolist(), whi.tolist())):
+            if b > a:
+                np.add(self._sa[k][a:b], self.offsets[k], out=G[k, : b - a], casting="unsafe")
+        # 2. longest common prefix with each window key (the longest of a shard is at a neighbour)
+        qc = np.where(qv > 0, qv, self._never)  # the query's ended lanes match nothing
+        eq = self._raw_lanes(G) == qc  # qc[max_len] never matches: argmin finds a False
+        lcp = eq.argmin(axis=2)
+        best = lcp.max(axis=1)
+        k = int(best.argmax())  # the earliest shard reaching L holds the earliest j
+        L = int(best[k])
+        if L == 0:
+            return self.none_id, 0, -1
+        # 3. the smallest position among shard k's keys sharing L lanes with the query
+        m = lcp[k] >= L
+        n_win = int(whi[k] - wlo[k])
+        if (wlo[k] == 0 or not m[0]) and (whi[k] == self._n_sa[k] or not m[n_win - 1]):
+            j = int(G[k][m].min())  # the whole range of such keys lies in the window
+        else:
+            j = int(self.offsets[k]) + self._range_min(k, *self._range(k, qv, L))
+        t = int(self._ls[j + 1 + self._pad])  # j + 1 < n: the final position is never a candidate
+        return (self.eot if t == 0 else t - 1), L, j
+
+    def _range(self, k: int, qv: np.ndarray, L: int) -> tuple[int, int]:
+        """[lo, hi): shard k's sorted slots whose keys share the first L lanes with the query."""
+        low = qv[: self.max_len].copy()
+        low[L:] = 0
+        top = low.copy()
+        top[L:] = np.iinfo(self.lane).max  # above every key sharing the first L lanes
+        keys = self._bytes(np.stack([low, top]), k)
+        E, s0, n = self.every, int(self._sstart[k]), int(self._n_sa[k])
+        out = []
+        for key, side in zip(keys, ("left", "right")):
+            i = int(np.searchsorted(self._sample, key, side)) - s0
+            a, b = max(0, (i - 1) * E), min(n, i * E)
+            if b > a:
+                win = self._key_bytes(self._sa[k][a:b].astype(np.int64) + self.offsets[k], k)
+                a += int(np.searchsorted(win, key, side))
+            out.append(a)
+        return out[0], out[1]
 
     def _range_min(self, k: int, lo: int, hi: int) -> int:
         sa, mins, block = self.sas[k]
@@ -516,52 +621,3 @@ class LMatchIndex:
         if b1 * block < hi:
             parts.append(int(np.min(sa[b1 * block: hi])))
         return min(parts)
-
-    def _follower(self, k: int, p: int) -> int:
-        if p + 1 < len(self.tokens[k]):
-            return int(self.tokens[k][p + 1])
-        for kk in range(k + 1, len(self.tokens)):
-            if len(self.tokens[kk]):
-                return int(self.tokens[kk][0])
-        return self.none_id  # not reached: the final stream position is never in the sorted order
-
-    def _longest(self, k: int, q: np.ndarray) -> int:
-        """Longest common prefix of the query lanes q with any key of shard k."""
-        sa = self.sas[k][0]
-        ip = self._bound(k, self._bytes(q[None])[0], "left")
-        near = np.asarray(sa[max(0, ip - 1): ip + 1])
-        if len(near) == 0:
-            return 0
-        same = (self._lanes(k, near) == q) & (q > 0)
-        return int(np.max(np.where(same.all(axis=1), self.max_len, np.argmin(same, axis=1))))
-
-    def lookup_key(self, q: tuple) -> tuple[int, int, int]:
-        """(next id, length, global position j) for a reversed-context key."""
-        if not q:
-            return self.none_id, 0, -1
-        lanes = np.zeros(self.max_len, np.int64)
-        lanes[: len(q)] = np.asarray(q, np.int64) + 1
-        best = [self._longest(k, lanes) for k in range(len(self.sas))]
-        L = max(best, default=0)
-        if L == 0:
-            return self.none_id, 0, -1
-        k = best.index(L)  # the earliest shard reaching L holds the earliest j
-        top = lanes.copy()
-        top[L:] = np.iinfo(self.lane).max  # above every key sharing the first L lanes
-        lo = self._bound(k, self._bytes(np.where(np.arange(self.max_len) < L, lanes, 0)[None])[0], "left")
-        hi = self._bound(k, self._bytes(top[None])[0], "right")
-        p = self._range_min(k, lo, hi)
-        return self._follower(k, p), L, int(self.stream.offsets[k]) + p
-    def lookup(self, context_ids: Sequence[int]) -> tuple[int, int]:
-        """(next id, match length) for the text `context_ids` (NONE = vocab_size, 0 if no match)."""
-        nxt, L, _ = self.lookup_key(self.query_key(context_ids))
-        return nxt, L
-
-    def lookup_batch(self, contexts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Vectorized over many contexts: (next ids, lengths) arrays."""
-        nd = next_dtype(self.vocab_size)
-        nxt = np.full(len(contexts), self.none_id, dtype=nd)
-        ln = np.zeros(len(contexts), dtype=np.uint8)
-        for i, c in enumerate(contexts):
-            nxt[i], ln[i] = self.lookup(c)
-        return nxt, ln
