@@ -473,10 +473,12 @@ class LMatchIndex:
         if len(self.sas) != len(self.stream.infos):
             raise ShardFormatError(f"{manifest.root}: lmatch index lists {len(self.sas)} train shards, "
                                    f"the manifest {len(self.stream.infos)}")
-        for k, (sa, _, _) in enumerate(self.sas):
-            if len(sa) > int(self.stream.infos[k]["n_tokens"]):
-                raise ShardFormatError(f"{self.stream.paths[k]}{SA_SUFFIX}: {len(sa)} sorted positions for "
-                                       f"{self.stream.infos[k]['n_tokens']} tokens (stale index: rebuild)")
+        bid = build_id(manifest, max_len)
+        for path, shard in zip(sa_paths(manifest), self.stream.infos):
+            h = read_sa_header(path)
+            if h["build_id"] != bid or h["n_tokens"] != int(shard["n_tokens"]):
+                raise ShardFormatError(f"{path}: built from other train shards than the manifest's (stale "
+                                       "index: run jobs.build_index)")
         self._sa = [np.asarray(sa) for sa, _, _ in self.sas]  # plain ndarray views of the memmaps
         self._n_sa = np.array([len(sa) for sa in self._sa], np.int64)
         # the lane stream; PAD zeros in front: a key reaching before the stream start has ended,

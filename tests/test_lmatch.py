@@ -153,6 +153,12 @@ def test_real_text_and_ray_build_and_serving(ray_session, shakespeare_shards, tm
         assert idx.lookup(c) == (int(res[0][-1]), int(res[1][-1]))
     again = build_index(IndexConfig(data=shakespeare_shards, task_tokens=20_000, workers=2))
     assert again["pieces_built"] == 0
+    for f in Path(shakespeare_shards).glob("*.lm*"):  # one range: the task computes and writes itself
+        f.unlink()
+    one = build_index(IndexConfig(data=shakespeare_shards, task_tokens=1 << 30, workers=1))
+    assert one["pieces_built"] == s["pieces_built"]
+    n1, l1 = _arrays(shakespeare_shards, "train")
+    assert np.array_equal(n1, n) and np.array_equal(l1, l)
 
 
 def brute_eot(t, eot):
@@ -204,3 +210,99 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "jobs.build_index", f"--data={root}"], capture_output=True, text=True,
                        cwd=Path(__file__).parents[1], timeout=120)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "missing" in r.stderr
+
+
+def test_index_lookup_across_many_shards_equals_brute_force(tmp_path, monkeypatch):
+    """LMatchIndex over 8 train shards, tiny sample intervals (windows of 2..4 keys, so ranges of
+    equal keys often spill out of the window): (next, L, j) of new contexts equal brute force."""
+    rng = np.random.default_rng(11)
+    train, val = _stream(rng, 800, eot_p=0.03), _stream(rng, 50)
+    root = tmp_path / "ds"
+    _write_dataset(root, train, val, shard_tokens=100)
+    build_index(IndexConfig(data=str(root)), use_ray=False)
+    paths = {"matched": 0, "bounds": 0}
+    real_range = LMatchIndex._range
+
+    def counted(self, *a):
+        paths["bounds"] += 1
+        return real_range(self, *a)
+
+    monkeypatch.setattr(LMatchIndex, "_range", counted)
+    ctxs = [list(rng.integers(0, V, int(rng.integers(1, 40)))) for _ in range(60)]
+    ctxs += [list(train[a:a + int(rng.integers(1, 40))]) for a in rng.integers(0, len(train) - 40, 60)]
+    ctxs += [[], [EOT], [3, EOT], [2, 3, V + 5], [V + 5, 1], [-1, 2]]  # empty, EOT, out-of-vocab ids
+    keys = [_key(train, p) for p in range(len(train) - 1)]  # the final position has no follower
+    want = []
+    for c in ctxs:
+        q = [int(t) if 0 <= t < V else V for t in c]  # out-of-vocab ids match nothing
+        ls = [_lcp(_key(q, len(q) - 1), k) for k in keys] if q else [0]
+        L = max(ls)
+        j = ls.index(L) if L else -1  # the earliest j reaching L
+        want.append((int(train[j + 1]) if L else V, L, j))
+    for every in (1, 2, 3, 64):
+        idx = LMatchIndex.open(str(root), sample_every=every)
+        assert len(idx.sas) == 8
+        for c, w in zip(ctxs, want):
+            c = [int(x) for x in c]
+            assert idx.lookup_key(idx.query_key(c)) == w, (every, c)
+            assert idx.lookup(c) == w[:2]
+            paths["matched"] += 2 * (w[1] > 0)
+    assert 0 < paths["bounds"] < paths["matched"]  # both the in-window and the sample-bounds path ran
+
+
+def test_index_refuses_a_missing_damaged_or_stale_sorted_file(tmp_path):
+    rng = np.random.default_rng(12)
+    root = tmp_path / "ds"
+    _write_dataset(root, _stream(rng, 400), _stream(rng, 100), 200)
+    with pytest.raises(ShardFormatError, match="no lmatch index"):
+        LMatchIndex.open(str(root))
+    build_index(IndexConfig(data=str(root)), use_ray=False)
+    p = root / "train_000001.bin.lmsa"
+    data = p.read_bytes()
+    p.write_bytes(data[:-4])
+    with pytest.raises(ShardFormatError, match="train_000001.bin.lmsa.*truncated"):
+        LMatchIndex.open(str(root))
+    os.remove(p)
+    with pytest.raises(ShardFormatError, match="train_000001.bin.lmsa.*missing"):
+        LMatchIndex.open(str(root))
+    p.write_bytes(data)
+    LMatchIndex.open(str(root))
+    m = load_manifest(str(root))  # the train shards change after the build: the index is stale
+    m.shards["train"][0]["sha256"] = "0" * 64
+    m.save()
+    with pytest.raises(ShardFormatError, match="train_000000.bin.lmsa.*stale"):
+        LMatchIndex.open(str(root))
+
+
+def test_token_ranges_cover_every_id_once_and_balance():
+    rng = np.random.default_rng(13)
+    for n_ids, n_ranges in ((1, 1), (5, 8), (100, 3), (1000, 7), (50_257, 64)):
+        counts = rng.integers(0, 100, n_ids) * (rng.random(n_ids) < 0.7)
+        counts[rng.integers(0, n_ids)] += 5000  # one frequent id
+        ranges = lmatch.token_ranges(counts, n_ranges)
+        assert ranges[0][0] == 0 and ranges[-1][1] == n_ids and len(ranges) <= max(1, n_ranges)
+        assert all(lo < hi for lo, hi in ranges) and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        share = counts.sum() / max(1, n_ranges)
+        assert all(counts[lo:hi].sum() <= share + counts.max() for lo, hi in ranges)
+    flat = lmatch.token_ranges(np.ones(1000, np.int64), 4)
+    assert [hi - lo for lo, hi in flat] == [250, 250, 250, 250]
+
+
+def test_lexsort_fallback_equals_the_packed_sort(monkeypatch):
+    """_sort_level packs (group, lane, entry) into one uint64 when they fit, else lexsorts."""
+    rng = np.random.default_rng(14)
+    gid, lane, e = rng.integers(0, 50, 3000), rng.integers(0, 7, 3000), rng.permutation(3000)
+    packed = lmatch._sort_level(gid, lane, e, lane_bits=3, e_bits=12)
+    lex = lmatch._sort_level(gid, lane, e, lane_bits=50, e_bits=12)  # 74 bits: the lexsort
+    assert all(np.array_equal(a, b) for a, b in zip(packed, lex))
+    # end to end: a vocabulary of 2^31 ids (32 lane bits) and > 2^16 entries take the lexsort
+    t = _stream(rng, 70_000, vocab=40, eot_p=0.02)
+    small = lmatch_stream(t, EOT, 40)
+    big = lmatch_stream(t * (1 << 24), EOT, 1 << 31)  # an order-preserving renaming of the ids
+    assert np.array_equal(small[1], big[1]) and np.array_equal(small[2], big[2]) and big[0].dtype == np.uint32
+    assert np.array_equal(np.where(small[1] > 0, small[0].astype(np.int64) << 24, 1 << 31), big[0])
+    calls = []
+    real = lmatch._sort_level
+    monkeypatch.setattr(lmatch, "_sort_level", lambda g, ln, ee, lb, eb: calls.append(2 * eb + lb) or real(g, ln, ee, lb, eb))
+    lmatch_stream(t * (1 << 24), EOT, 1 << 31)
+    assert calls and min(calls) > 64
