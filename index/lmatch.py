@@ -526,7 +526,11 @@ class LMatchIndex:
     def query_lanes(self, context_ids: Sequence[int]) -> np.ndarray:
         """[max_len + 1] lanes of the reversed context (token + 1), 0 from where it ends: at its
         start, at an earlier EOT or at a token outside the vocabulary (no key holds one)."""
-        q = np.asarray(context_ids[-self.max_len:], dtype=np.int64)[::-1]
+        try:
+            tail = context_ids[-self.max_len:]
+        except TypeError:  # an iterable without slicing (a deque)
+            tail = list(context_ids)[-self.max_len:]
+        q = np.asarray(tail, dtype=np.int64)[::-1]
         bad = (q == self.eot) | (q < 0) | (q >= self.vocab_size)
         n = int(bad.argmax()) if bad.any() else len(q)
         lanes = np.zeros(self.max_len + 1, self.lane)
