@@ -17,6 +17,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.optim.adam import adam
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # modded-nanogpt's quintic: fast rise of small singular values
 
@@ -71,40 +72,33 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
+        lr = group["lr"]  # a float, or a device tensor inside a captured CUDA graph (app.step_graph)
         grads = [p.grad for p in params]
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
         updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
         if group["weight_decay"]:
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         by_shape: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             by_shape[tuple(p.shape)].append(i)
         for shape, idx in by_shape.items():
             ortho = orthogonalize(torch.stack([updates[i] for i in idx]), group["ns_steps"])
             scale = max(1.0, shape[0] / shape[1]) ** 0.5  # tall matrices: the same update RMS per input
-            torch._foreach_add_([params[i] for i in idx], list(ortho.to(params[idx[0]].dtype).unbind(0)),
-                                alpha=-group["lr"] * scale)
+            step = ortho.to(params[idx[0]].dtype).mul_(-lr * scale)
+            torch._foreach_add_([params[i] for i in idx], list(step.unbind(0)))
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
-        beta1, beta2 = group["betas"]
+        """torch's own AdamW (fused on CUDA, foreach elsewhere): step counts live on the parameters'
+        device when fused, so the step needs no host sync and can be captured in a CUDA graph."""
+        fused = params[0].is_cuda
         for p in params:
             if not self.state[p]:
-                self.state[p].update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-            self.state[p]["step"] += 1  # a Python int: bias corrections without a device sync
-        by_step: dict[int, list[torch.Tensor]] = defaultdict(list)
-        for p in params:
-            by_step[self.state[p]["step"]].append(p)
-        for step, ps in by_step.items():  # one bucket unless some parameter skipped steps
-            grads = [p.grad for p in ps]
-            avgs = [self.state[p]["exp_avg"] for p in ps]
-            sqs = [self.state[p]["exp_avg_sq"] for p in ps]
-            torch._foreach_lerp_(avgs, grads, 1 - beta1)
-            torch._foreach_mul_(sqs, beta2)
-            torch._foreach_addcmul_(sqs, grads, grads, value=1 - beta2)
-            denom = torch._foreach_div(sqs, 1 - beta2 ** step)
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, group["eps"])
-            if group["weight_decay"]:
-                torch._foreach_mul_(ps, 1 - group["lr"] * group["weight_decay"])
-            torch._foreach_addcdiv_(ps, avgs, denom, value=-group["lr"] / (1 - beta1 ** step))
+                self.state[p].update(step=torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu"),
+                                     exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        state = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adam(params, [p.grad for p in params], [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
+             [], [s["step"] for s in state], foreach=not fused, fused=fused or None, decoupled_weight_decay=True,
+             amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+             eps=group["eps"], maximize=False)

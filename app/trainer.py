@@ -23,6 +23,7 @@ from app.muon import Muon, muon_params
 from app.parallel import (compiles_per_block, full_state_dicts, make_offload_optimizer, parallelize,
                           resolve_memory, set_full_state_dicts)
 from app.preemption import PreemptionWatcher, install_sigterm_handler
+from app.step_graph import StepGraph
 from app.shards import load_manifest
 
 log = get_logger(__name__)
@@ -31,7 +32,7 @@ log = get_logger(__name__)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 DRAIN_CHECK_EVERY = 10  # steps between queries of Ray's node-drain notice (a barrier over the workers)
-AUTO_KERNELS = "none"  # what kernels=auto picks on GPU: the fastest set bench/train_speed.py measured
+AUTO_KERNELS = "loss"  # what kernels=auto picks on GPU: the fastest set bench/train_speed.py measured
 
 
 @dataclass
@@ -76,7 +77,8 @@ class TrainConfig:
     seed: int = 1337  # model init and data order
     compile: str = "auto"  # torch.compile: auto (on GPU) | true | false
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
-    kernels: str = "auto"  # Triton kernels on GPU: auto (the fastest measured set) | none | all | comma list of loss,norm,rotary
+    cuda_graph: bool = False  # the whole step (fwd, bwd, clip, optimizer) as one CUDA graph (app/step_graph.py): small models, one GPU
+    kernels: str = "auto"  # Triton kernels on GPU: auto (the fastest measured set) | none | all | comma list of loss,norm,rotary,proj
     deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs (CPU)
     resume: bool = False  # continue an existing run (its latest checkpoint)
     async_checkpoint: bool = True  # upload checkpoints in the background; training goes on meanwhile
@@ -105,6 +107,9 @@ class TrainConfig:
         if self.optimizer == "muon" and (self.memory.offload_optimizer or self.memory.fsdp):
             raise ConfigError("optimizer=muon needs whole weight matrices on the GPU: not with "
                               "memory.offload_optimizer or memory.fsdp")
+        if self.cuda_graph and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(f"cuda_graph captures the whole step itself: compile_mode={self.compile_mode} "
+                              "(which graphs the model on its own) does not nest in it")
         self.memory.validate()
 
     @property
@@ -194,15 +199,36 @@ def forward_backward(fwd: torch.nn.Module, batches: list[Batch], device: torch.d
     return loss_sum / len(batches)
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float) -> torch.Tensor:
-    """Clip, step, schedule, zero the gradients; returns the pre-clip gradient norm (on device)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else torch.zeros(())
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
+    """Clip and step; returns the pre-clip gradient norm (on device)."""
+    grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip
+                 else torch.zeros((), device=next(model.parameters()).device))
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def step_function(cfg: TrainConfig, fwd, model, raw: GPT, optimizer, device: torch.device, autocast, world: int):
+    """batches -> (mean loss, pre-clip grad norm) of one optimizer step (gradients zeroed after it):
+    eager, or replayed as one CUDA graph (`cuda_graph`, one CUDA device, weights and optimizer on it)."""
+    def body(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        no_sync = getattr(model, "no_sync", None) if world > 1 else None
+        return forward_backward(fwd, batches, device, autocast, no_sync), optimizer_step(raw, optimizer, cfg.grad_clip)
+
+    mem = cfg.memory
+    if cfg.cuda_graph and device.type == "cuda" and world == 1 and not (
+            mem.fsdp or mem.offload_optimizer or mem.offload_activations or mem.checkpointing != "none"):
+        return StepGraph(body, raw, optimizer, device)  # its gradients stay in the graph's pool
+    if cfg.cuda_graph:
+        log.warning("cuda_graph needs one CUDA device and no FSDP, offload or activation checkpointing: "
+                    "stepping eagerly")
+
+    def eager(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = body(batches)
+        optimizer.zero_grad(set_to_none=True)
+        return out
+    return eager
 
 
 def index_stream(manifest, split: str) -> TokenStream:
@@ -339,14 +365,15 @@ def train_loop(config: dict[str, Any]) -> None:
                  cfg.preset, raw.num_params() / 1e6, seq_len, plan.global_batch, plan.global_batch * seq_len,
                  plan.accum_steps, plan.micro_batch, world)
 
+    step = step_function(cfg, fwd, model, raw, optimizer, device, autocast, world)
     flops_per_token = raw.flops_per_token(seq_len)
     t_last, steps_since, last_stall, resumed_from, first_step_s = time.perf_counter(), 0, 0.0, state.step, 0.0
     start_step, metrics = state.step, {}
     while state.step < cfg.max_steps:
         # ---- forward/backward with gradient accumulation ----
         batches = loader.micro_batches(state.step)
-        mean_loss = forward_backward(fwd, batches, device, autocast, getattr(model, "no_sync", None) if world > 1 else None)
-        grad_norm = optimizer_step(raw, optimizer, scheduler, cfg.grad_clip)
+        mean_loss, grad_norm = step(batches)
+        scheduler.step()
         if state.step == start_step:  # the first step of each start compiles: timed apart
             first_step_s = _synced_seconds(t_last, device)
             t_last, steps_since = time.perf_counter(), -1

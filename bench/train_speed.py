@@ -2,7 +2,7 @@
 
 The baseline is written here: GPT-2 (LayerNorm, GELU MLP, learned positions, biases, tied embeddings,
 SDPA flash attention), fused AdamW, `torch.compile`, bf16 autocast. spotlm's side is the trainer's
-own step (`build_model`, `compiled`, `make_optimizer`, `forward_backward`, `optimizer_step`: what
+own step (`build_model`, `compiled`, `make_optimizer`, `step_function`: what
 `jobs/train.py` runs) at the same parameter count, sequence length and tokens per step, once per
 variant (kernel set, compile mode, model option such as fp8). Each measurement runs in a fresh child
 process (same data, same GPU), so compile caches and allocator state never leak between them. With
@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from app.data import Batch
 from app.model import GPT, ModelConfig
-from app.trainer import (PEAK_FLOPS, CosineSchedule, TrainConfig, build_model, compiled, forward_backward,
-                         make_optimizer, optimizer_step)
+from app.trainer import (PEAK_FLOPS, CosineSchedule, TrainConfig, build_model, compiled, make_optimizer,
+                         step_function)
 
 # ------------------------------------------------------------------ the baseline (nanoGPT / llm.c style)
 
@@ -229,11 +229,12 @@ def run_spotlm(preset: str, variant: dict, batches: list[Batch], args, device: t
     opt = make_optimizer(model, cfg, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineSchedule(0, 10**6, 1.0))
     fwd = compiled(model, cfg, device)
+    train_step = step_function(cfg, fwd, model, model, opt, device, autocast, world=1)
 
     def step():
-        loss = forward_backward(fwd, batches, device, autocast)
-        optimizer_step(model, opt, sched, cfg.grad_clip)
-        return loss
+        loss, _ = train_step(batches)
+        sched.step()
+        return loss  # read before the next step overwrites it (a CUDA graph's output)
 
     warm, dt, losses = _time_steps(step, device, args)
     name = "spotlm " + args.one
@@ -252,6 +253,7 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     "norm_rotary": {"kernels": "norm,rotary"},
     "fp8": {"kernels": "none", **FP8},
     "cuda_graphs": {"kernels": "none", "compile_mode": "reduce-overhead"},
+    "step_graph": {"kernels": "loss", "cuda_graph": True},
     "max_autotune": {"kernels": "none", "compile_mode": "max-autotune-no-cudagraphs"},
     "all_kernels": {"kernels": "all"},
     "loss_norm_rotary": {"kernels": "loss,norm,rotary"},
