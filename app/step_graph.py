@@ -74,8 +74,9 @@ class StepGraph:
         self.static = [Batch(*(None if t is None else t.to(self.device, copy=True) for t in
                                (b.inputs, b.targets, b.lmatch))) for b in batches]
         params = list(self.model.parameters())
-        weights = [p.detach().clone() for p in params]
-        state = {id(p): {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)}
+        # Host copies: the warm-up must not raise the run's peak GPU memory.
+        weights = [p.detach().to("cpu", copy=True) for p in params]
+        state = {id(p): {k: v.to("cpu", copy=True) for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)}
                  for p in params if p in self.optimizer.state}
         rng = torch.cuda.get_rng_state(self.device)
         side = torch.cuda.Stream(self.device)
@@ -87,7 +88,8 @@ class StepGraph:
                     self.body(self.static)
             torch.cuda.current_stream(self.device).wait_stream(side)
             with torch.no_grad():  # undo the warm-up: the run trains from where it stood
-                torch._foreach_copy_(params, weights)
+                for p, w in zip(params, weights):
+                    p.copy_(w)
                 for p in params:
                     before = state.get(id(p), {})
                     for k, v in self.optimizer.state[p].items():

@@ -120,7 +120,10 @@ def _peak_flops() -> float | None:
 
 def _time_steps(step, device: torch.device, args) -> tuple[float, float, list[float]]:
     """(compile + warmup seconds, median step seconds, losses) of `step()` run warmup + steps times; the
-    first step (compilation) runs before taking `args.lock`, the rest under it; then the optional profile."""
+    first step (compilation) runs before taking `args.lock`, the rest under it; then the optional profile.
+    Peak memory spans all of it: a CUDA graph's pool is allocated while capturing, in the first step."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     step()
     with open(args.lock, "a") if args.lock else contextlib.nullcontext() as lock:
@@ -130,7 +133,6 @@ def _time_steps(step, device: torch.device, args) -> tuple[float, float, list[fl
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         warm = time.perf_counter() - t0
         times, losses = [], []
         for _ in range(args.steps):
