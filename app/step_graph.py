@@ -48,17 +48,21 @@ class StepGraph:
             for name in ("inputs", "targets", "lmatch"):
                 if getattr(s, name) is not None:
                     getattr(s, name).copy_(getattr(b, name), non_blocking=True)
-        for t, group in zip(self.lrs, self.optimizer.param_groups):
-            t.fill_(float(group["lr"]))
+        self._refresh_lrs()
         self.graph.replay()
         return self.outputs
+
+    def _refresh_lrs(self) -> None:
+        """Each group's current LR (a float, or its device tensor while captured) into its tensor."""
+        for t, group in zip(self.lrs, self.optimizer.param_groups):
+            t.fill_(float(group["lr"]))
 
     @contextlib.contextmanager
     def _tensor_lrs(self):
         """The groups read their LR from the device tensors (and say they are capturable) meanwhile."""
         saved = [(g["lr"], g.get("capturable")) for g in self.optimizer.param_groups]
+        self._refresh_lrs()
         for t, g in zip(self.lrs, self.optimizer.param_groups):
-            t.fill_(float(g["lr"]))
             g["lr"] = t
             if "capturable" in g:
                 g["capturable"] = True
@@ -90,11 +94,14 @@ class StepGraph:
             with torch.no_grad():  # undo the warm-up: the run trains from where it stood
                 for p, w in zip(params, weights):
                     p.copy_(w)
-                for p in params:
                     before = state.get(id(p), {})
                     for k, v in self.optimizer.state[p].items():
-                        if torch.is_tensor(v):
-                            v.copy_(before[k]) if k in before else v.zero_()
+                        if not torch.is_tensor(v):
+                            continue
+                        if k in before:
+                            v.copy_(before[k])
+                        else:  # created by the warm-up: its fresh value is zeros
+                            v.zero_()
             torch.cuda.set_rng_state(rng, self.device)
             self.optimizer.zero_grad(set_to_none=True)  # the capture allocates the grads in its pool
             self.graph = torch.cuda.CUDAGraph()

@@ -23,8 +23,8 @@ from app.muon import Muon, muon_params
 from app.parallel import (compiles_per_block, full_state_dicts, make_offload_optimizer, parallelize,
                           resolve_memory, set_full_state_dicts)
 from app.preemption import PreemptionWatcher, install_sigterm_handler
-from app.step_graph import StepGraph
 from app.shards import load_manifest
+from app.step_graph import StepGraph
 
 log = get_logger(__name__)
 
@@ -212,8 +212,9 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, gra
 def step_function(cfg: TrainConfig, fwd, model, raw: GPT, optimizer, device: torch.device, autocast, world: int):
     """batches -> (mean loss, pre-clip grad norm) of one optimizer step (gradients zeroed after it):
     eager, or replayed as one CUDA graph (`cuda_graph`, one CUDA device, weights and optimizer on it)."""
+    no_sync = getattr(model, "no_sync", None) if world > 1 else None
+
     def body(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
-        no_sync = getattr(model, "no_sync", None) if world > 1 else None
         return forward_backward(fwd, batches, device, autocast, no_sync), optimizer_step(raw, optimizer, cfg.grad_clip)
 
     mem = cfg.memory
