@@ -1,7 +1,7 @@
 """Save and load all resumable training state in a checkpoint directory, with a completion marker.
 
 A checkpoint directory holds `model.pt`, `optimizer.pt`, `scheduler.pt`, `rng.pt` and
-`state.json` (step, data position, config), then `DONE`, written last: a directory without it is
+`state.json` (step, data position, config), `ema.pt` when the run averages its weights, then `DONE`, written last: a directory without it is
 incomplete and is never loaded.
 """
 from __future__ import annotations
@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from app import storage
+from app.ema import WeightEMA
 from app.log import get_logger
 
 log = get_logger(__name__)
 
 DONE = "DONE"
 FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
+EMA = "ema.pt"  # the weight average, in checkpoints of runs that keep one (app/ema.py)
 
 
 class CheckpointError(RuntimeError):
@@ -72,14 +74,18 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def snapshot(model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | dict,
-             scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState) -> dict[str, Any]:
+             scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState,
+             ema: WeightEMA | None = None) -> dict[str, Any]:
     """All resumable state, copied to CPU now: cheap next to writing it, so training can go on
     while `write` puts it on disk. Model and optimizer may be given as their (full) state dicts."""
     model_sd = model if isinstance(model, dict) else model.state_dict()
     optim_sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
-    return {"model.pt": _to_cpu(model_sd), "optimizer.pt": _to_cpu(optim_sd),
+    snap = {"model.pt": _to_cpu(model_sd), "optimizer.pt": _to_cpu(optim_sd),
             "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state(),
             "state.json": json.loads(json.dumps(state.__dict__))}
+    if ema is not None:
+        snap[EMA] = _to_cpu(ema.state_dict())
+    return snap
 
 
 def write(directory: str, snap: dict[str, Any]) -> None:
@@ -101,12 +107,16 @@ def is_complete(directory: str) -> bool:
 
 def load(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
          scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, restore_rng: bool = True,
-         set_state: Callable[[dict, dict], None] | None = None) -> TrainState:
+         set_state: Callable[[dict, dict], None] | None = None, ema: WeightEMA | None = None) -> TrainState:
     """Restore what is given from a complete checkpoint; returns its TrainState. `set_state(model_sd,
-    optim_sd)` replaces the plain `load_state_dict` calls (sharded models load their full dicts so)."""
+    optim_sd)` replaces the plain `load_state_dict` calls (sharded models load their full dicts so).
+    With `ema`, the checkpoint must hold one (a CheckpointError names the mismatch otherwise)."""
     if not is_complete(directory):
         missing = [f for f in (*FILES, DONE) if not os.path.exists(os.path.join(directory, f))]
         raise CheckpointError(f"checkpoint {directory} is incomplete (missing {', '.join(missing)})")
+    if ema is not None and not os.path.exists(os.path.join(directory, EMA)):
+        raise CheckpointError(f"checkpoint {directory} has no weight average ({EMA}): its run was trained "
+                              "without ema_decay; resume it with ema_decay=0")
     try:
         model_sd = torch.load(os.path.join(directory, "model.pt"), map_location="cpu")
         optim_sd = torch.load(os.path.join(directory, "optimizer.pt"), map_location="cpu") if optimizer is not None else {}
@@ -118,6 +128,8 @@ def load(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
                 optimizer.load_state_dict(optim_sd)
         if scheduler is not None:
             scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt")))
+        if ema is not None:
+            ema.load_state_dict(torch.load(os.path.join(directory, EMA)))
         if restore_rng:
             set_rng_state(torch.load(os.path.join(directory, "rng.pt"), weights_only=False))
         with open(os.path.join(directory, "state.json")) as f:

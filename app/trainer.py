@@ -16,6 +16,7 @@ import torch.distributed as dist
 from app import checkpoint, storage
 from app.config import ConfigError, from_dict, to_dict
 from app.data import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches, match_stream
+from app.ema import WeightEMA
 from app.log import get_logger
 from app.memory_plan import MemoryConfig
 from app.model import GPT, ModelConfig, use_kernels
@@ -59,6 +60,7 @@ class TrainConfig:
     muon_lr: float = 0.02  # peak learning rate of the Muon matrices (same schedule as `lr`)
     muon_momentum: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 = off
+    ema_decay: float = 0.0  # > 0: keep an average of the weights (app/ema.py); evaluation and export use it
     eval_every: int = 50  # steps between validation passes; 0 = only at the end
     eval_tokens: int = 65536  # validation tokens per pass; 0 = the whole validation split
     target_val_loss: float = 0.0  # > 0: stop (checkpoint, export) once a validation pass reaches it
@@ -107,6 +109,11 @@ class TrainConfig:
         if self.optimizer == "muon" and (self.memory.offload_optimizer or self.memory.fsdp):
             raise ConfigError("optimizer=muon needs whole weight matrices on the GPU: not with "
                               "memory.offload_optimizer or memory.fsdp")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if self.ema_decay and (self.memory.fsdp or self.memory.offload_optimizer):
+            raise ConfigError("ema_decay averages whole fp32 weights on the GPU: not with memory.fsdp or "
+                              "memory.offload_optimizer")
         if self.cuda_graph and self.compile_mode in ("reduce-overhead", "max-autotune"):
             raise ConfigError(f"cuda_graph captures the whole step itself: compile_mode={self.compile_mode} "
                               "(which graphs the model on its own) does not nest in it")
@@ -344,13 +351,14 @@ def train_loop(config: dict[str, Any]) -> None:
     optimizer = make_optimizer(raw, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
     state = checkpoint.TrainState(config=to_dict(cfg))
+    ema = WeightEMA(raw, cfg.ema_decay) if cfg.ema_decay else None
 
     # ---- resume from the latest complete checkpoint, if any ----
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = checkpoint.load(d, raw, optimizer, scheduler, set_state=functools.partial(
-                set_full_state_dicts, raw, optimizer) if cfg.memory.fsdp else None)
+                set_full_state_dicts, raw, optimizer) if cfg.memory.fsdp else None, ema=ema)
         state.resumes += 1
         if rank == 0:
             log.info("resumed %s at step %d (%d tokens seen)", cfg.name, state.step, state.tokens)
@@ -375,6 +383,8 @@ def train_loop(config: dict[str, Any]) -> None:
         batches = loader.micro_batches(state.step)
         mean_loss, grad_norm = step(batches)
         scheduler.step()
+        if ema is not None:
+            ema.update()
         if state.step == start_step:  # the first step of each start compiles: timed apart
             first_step_s = _synced_seconds(t_last, device)
             t_last, steps_since = time.perf_counter(), -1
@@ -411,7 +421,8 @@ def train_loop(config: dict[str, Any]) -> None:
         # ---- eval and checkpoint ----
         if val and (_eval_due(cfg, state.step) or last):
             t_eval = time.perf_counter()
-            metrics["val_loss"] = evaluate(fwd, val, device, autocast)
+            with ema.swapped() if ema is not None else contextlib.nullcontext():
+                metrics["val_loss"] = evaluate(fwd, val, device, autocast)
             state.best_val_loss = min(metrics["val_loss"], state.best_val_loss or math.inf)
             state.val_curve[str(state.step)] = [state.train_time_s, metrics["val_loss"]]
             if cfg.target_val_loss and metrics["val_loss"] <= cfg.target_val_loss:
@@ -433,7 +444,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 log.warning("preempted (%s) at step %d: checkpointing and stopping", watcher.reason or "another rank",
                             state.step)
         if preempted or state.step % cfg.checkpoint_every == 0 or last:
-            last_stall = _report(metrics, state, raw, optimizer, scheduler, rank, cfg)
+            last_stall = _report(metrics, state, raw, optimizer, scheduler, rank, cfg, ema)
             t_last = time.perf_counter()
         if preempted or last:
             break
@@ -443,7 +454,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     # ---- export ----
     if cfg.export_dir:
-        weights = _final_weights(raw, optimizer, cfg)  # a collective under FSDP: every rank calls it
+        with ema.swapped() if ema is not None else contextlib.nullcontext():
+            weights = _final_weights(raw, optimizer, cfg)  # a collective under FSDP: every rank calls it
     if rank == 0 and cfg.export_dir:
         from app.export import export_model
 
@@ -464,11 +476,12 @@ def _final_weights(model: GPT, optimizer: torch.optim.Optimizer, cfg: TrainConfi
         sd = optimizer.master_state_dict(model)
     else:
         sd = model.state_dict()
-    return {k: v.detach().to("cpu", torch.float32) for k, v in sd.items()}
+    # A copy even on CPU: the live parameters change after this (the weight average swaps back out).
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in sd.items()}
 
 
 def _report(metrics: dict[str, Any], state: checkpoint.TrainState, model, optimizer, scheduler, rank: int,
-            cfg: TrainConfig) -> float:
+            cfg: TrainConfig, ema: WeightEMA | None) -> float:
     """Checkpoint through Ray Train: rank 0 writes the state, every rank calls report (a barrier).
     Returns the seconds the training loop was held up."""
     import ray.train
@@ -482,7 +495,7 @@ def _report(metrics: dict[str, Any], state: checkpoint.TrainState, model, optimi
     # Training stalls only for the copy to CPU memory: writing the files and uploading them happen
     # in Ray's upload hook, in the background when async_checkpoint is on. The directory is not a
     # context manager: Ray deletes it once uploaded.
-    snap = checkpoint.snapshot(model, optimizer, scheduler, state)
+    snap = checkpoint.snapshot(model, optimizer, scheduler, state, ema)
     d = tempfile.mkdtemp(prefix=f"spotlm-ckpt-{cfg.name}-")
     mode = ray.train.CheckpointUploadMode.ASYNC if cfg.async_checkpoint else ray.train.CheckpointUploadMode.SYNC
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),

@@ -58,9 +58,11 @@ def kill_repeatedly(cfg, pids_fn, times: int, rng=random.Random(0)) -> list[int]
 
 
 def test_interrupted_run_ends_bitwise_equal_to_uninterrupted(shakespeare_shards, tmp_path, train_worker_pids):
-    clean = cfg_for(shakespeare_shards, tmp_path, "clean", max_steps=60, checkpoint_every=4)
+    # With a weight average on: it is resumable state too.
+    clean = cfg_for(shakespeare_shards, tmp_path, "clean", max_steps=60, checkpoint_every=4, ema_decay=0.9)
     assert train(clean).error is None
-    broken = cfg_for(shakespeare_shards, tmp_path, "broken", max_steps=60, checkpoint_every=4, max_failures=5)
+    broken = cfg_for(shakespeare_shards, tmp_path, "broken", max_steps=60, checkpoint_every=4, max_failures=5,
+                     ema_decay=0.9)
     killed = kill_repeatedly(broken, train_worker_pids, times=2)
     result = train(broken)
     assert result.error is None and len(killed) == 2
@@ -70,6 +72,9 @@ def test_interrupted_run_ends_bitwise_equal_to_uninterrupted(shakespeare_shards,
     assert 1 <= s_broken.resumes <= 2 and s_broken.step == s_clean.step == 60
     assert w_clean.keys() == w_broken.keys()
     assert all(torch.equal(w_clean[k], w_broken[k]) for k in w_clean)  # bitwise
+    a_clean, a_broken = (torch.load(os.path.join(list_checkpoints(c.run_dir)[-1], checkpoint.EMA)) for c in (clean, broken))
+    assert a_clean["updates"] == a_broken["updates"] == 60
+    assert all(torch.equal(a, b) for a, b in zip(a_clean["shadow"], a_broken["shadow"]))
     assert s_broken.loss_curve == s_clean.loss_curve and len(s_clean.loss_curve) == 60
 
 
