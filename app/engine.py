@@ -209,8 +209,8 @@ class DecodeSlots:
         self.pos = pos
         self._rows = torch.arange(self.batch, device=pos.device)
         self._at = pos.clamp(max=cache.max_len - 1)
-        keys = torch.arange(cache.max_len, device=pos.device)
-        self._mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, max_len]
+        self._keys = torch.arange(cache.max_len, device=pos.device)
+        self._mask = (self._keys[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, max_len]
 
     def positions(self, new: int, device: torch.device | str) -> torch.Tensor:
         return self.pos[:, None]
@@ -221,8 +221,13 @@ class DecodeSlots:
         cv[self._rows, :, self._at] = v[:, :, 0]
         return ck[:self.batch], cv[:self.batch]
 
-    def attn_mask(self, new: int, device: torch.device | str) -> torch.Tensor:
-        return self._mask
+    def attn_mask(self, new: int, device: torch.device | str, window: int = 0) -> torch.Tensor:
+        """[n, 1, 1, max_len]: row r sees keys 0..pos[r], with a window w >= 1 only the w most recent."""
+        if not window:
+            return self._mask
+        # From the clamped position: a free row's pos runs on past max_len, and a window past every key
+        # would leave it none (a fully masked row: NaN on some kernels); a live row's pos is below max_len.
+        return self._mask & (self._keys[None, :] > (self._at - window)[:, None])[:, None, None, :]
 
     def advance(self, new: int) -> None:
         pass

@@ -7,7 +7,9 @@ metadata under the "spotlm" key. `config.json` is written last, so a directory w
 unfinished export. `vocab_size` there is the padded size (the embedding rows); the tokenizer's true
 size is `spotlm.model.vocab_size`. A model with a retrieval-match table (`lmatch_vocab > 0`) exports
 too, its table as `model.lmatch_embed.weight`; transformers then ignores that tensor, so its Llama
-forward differs from ours: load such exports with `load_exported`, not transformers.
+forward differs from ours: load such exports with `load_exported`, not transformers. So with sliding
+attention windows (`attn_windows`): Llama has no per-layer windows, so transformers runs every layer as
+full causal attention; the windows live in the "spotlm" section, which `load_exported` restores.
 """
 from __future__ import annotations
 
@@ -74,6 +76,10 @@ def export_model(model: GPT, out_dir: str, tokenizer_file: str, meta: dict[str, 
     storage.write_bytes(storage.join(out_dir, TOKENIZER), storage.read_bytes(tokenizer_file))
     storage.write_json(storage.join(out_dir, GENERATION), {"bos_token_id": eot, "eos_token_id": eot})
     storage.write_json(storage.join(out_dir, CONFIG), hf_config(model.cfg, eot, dtype, meta))
+    if any(0 < model.cfg.window(i) < model.cfg.max_seq_len for i in range(model.cfg.n_layer)):
+        log.warning("%s: this model attends through sliding windows (attn_windows=%s), which Hugging Face "
+                    "transformers ignores (its Llama runs every layer as full attention, so it computes another "
+                    "function): load it with app.export.load_exported", out_dir, model.cfg.attn_windows)
     log.info("exported %.1fM parameters (%s) to %s", model.num_params() / 1e6, dtype, out_dir)
 
 

@@ -7,13 +7,15 @@ when the retrieval-match feature is on). Shapes in comments: B batch, T tokens, 
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from app import kernels
 from app.config import ConfigError
@@ -71,6 +73,10 @@ class ModelConfig:
     dropout: float = 0.0  # training-only dropout on embeddings, attention weights and residual branches
     lmatch_vocab: int = 0  # rows of the retrieval-match embedding (>= vocab_size + 1; id vocab_size = no match); 0 = off
     fp8: bool = False  # training matmuls (blocks, lm_head) in FP8 with per-tensor scales on sm89+ CUDA; else as usual
+    # Sliding attention windows, cycled over the layers (layer i: attn_windows[i % len]); 0 = full causal, w >= 1 =
+    # the w most recent positions (itself included); [] = all full. [1, 64, 0] is TScale's mix. On the command
+    # line: --model.attn_windows=1,64,0 (or the YAML/JSON list [1,64,0]).
+    attn_windows: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,6 +89,11 @@ class ModelConfig:
         for name in ("n_kv_head", "ffn_hidden", "lmatch_vocab"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ModelConfig.{name}={getattr(self, name)} must be >= 0 (0 = default)")
+        if not isinstance(self.attn_windows, (list, tuple)) or not all(
+                isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in self.attn_windows):
+            raise ConfigError(f"ModelConfig.attn_windows={self.attn_windows} must be integers >= 0 "
+                              "(0 = full causal attention, w = the w most recent positions)")
+        self.attn_windows = list(self.attn_windows)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"ModelConfig.dropout={self.dropout} must be in [0, 1)")
         for name in ("rope_theta", "norm_eps", "init_std"):
@@ -98,6 +109,10 @@ class ModelConfig:
         if self.lmatch_vocab and self.lmatch_vocab <= self.vocab_size:
             raise ConfigError(f"ModelConfig: lmatch_vocab={self.lmatch_vocab} must be >= vocab_size + 1 = "
                               f"{self.vocab_size + 1} (id vocab_size means 'no match'), or 0 for off")
+
+    def window(self, layer: int) -> int:
+        """Layer `layer`'s attention window: 0 = full causal, w >= 1 = the w most recent positions."""
+        return self.attn_windows[layer % len(self.attn_windows)] if self.attn_windows else 0
 
     @property
     def head_dim(self) -> int:
@@ -195,6 +210,56 @@ def project(x: torch.Tensor, linears: Sequence[nn.Linear], fp8: bool) -> list[to
     return list(linear(x, weight, fp8).split([m.out_features for m in linears], dim=-1))
 
 
+AttnMask = torch.Tensor | BlockMask | None  # a boolean SDPA mask, a flex_attention block mask, None = plain causal
+
+
+def window_mask(pos: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
+    """Which of keys 0..n_keys-1 the queries at absolute positions `pos` [..., T] attend: bool [..., T, n_keys],
+    causal (key <= pos) and, for a window w >= 1, among the w most recent (key > pos - w)."""
+    keys = torch.arange(n_keys, device=pos.device)
+    mask = keys <= pos[..., None]
+    if window:
+        mask &= keys > pos[..., None] - window
+    return mask
+
+
+# Built eagerly (a graph break under torch.compile, before any traced op: the mask enters the graph as an input)
+# and cached, so each (T, window, device) is built once per process, not per step or per layer.
+@torch.compiler.disable
+@functools.lru_cache(maxsize=32)
+def sliding_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
+    """flex_attention's block-sparse mask of causal attention within `window` over T positions: key blocks
+    wholly outside every query's window are skipped, not computed."""
+    def in_window(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (kv <= q) & (q - kv < window)
+    return create_block_mask(in_window, None, None, T, T, device=device)
+
+
+@functools.cache
+def _compiled_flex() -> Any:
+    return torch.compile(flex_attention)
+
+
+def sliding_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask,
+                           gqa: bool) -> torch.Tensor:
+    """flex_attention of q [B, H, T, D] over k, v [B, Hkv, T, D] under `block_mask`; compiled on its own
+    when not already inside torch.compile (eager flex_attention materialises every score)."""
+    fn = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+def masks_for_windows(windows: Sequence[int], T: int, device: torch.device, cache: KVCache | KVSlots | None,
+                      flex: bool) -> dict[int, AttnMask]:
+    """The mask of each of `windows` (0 = full causal; window 1 needs none, see `Attention`) for a forward of
+    T new tokens. With a cache: the cache's mask. Without: for 1 < w < T a flex_attention block mask when
+    `flex` (CUDA, no dropout), else a boolean [T, T] mask; windows 0 and >= T are plain causal (no entry)."""
+    windows = set(windows) - {1}
+    if cache is not None:
+        return {w: cache.attn_mask(T, device, w) for w in windows}
+    return {w: sliding_block_mask(T, w, device) if flex else window_mask(torch.arange(T, device=device), T, w)
+            for w in windows if 1 < w < T}
+
+
 class KVCache:
     """Preallocated keys and values of every layer, [B, n_kv_head, max_len, head_dim] each, and how many
     positions are filled. The model appends to it; dropping the object frees the memory."""
@@ -228,12 +293,13 @@ class KVCache:
         """Count `new` more filled positions (after every layer has stored them)."""
         self.length += new
 
-    def attn_mask(self, new: int, device: torch.device | str) -> torch.Tensor | None:
-        """The attention mask [new, length + new] of `new` queries after the cached positions, or None
-        when causal attention is exact (a prefill, or one new token seeing everything cached)."""
-        if self.length and new > 1:  # a chunk after cached positions: query i sees keys up to length + i
-            return torch.ones(new, self.length + new, dtype=torch.bool, device=device).tril(self.length)
-        return None
+    def attn_mask(self, new: int, device: torch.device | str, window: int = 0) -> torch.Tensor | None:
+        """The attention mask [new, length + new] of `new` queries after the cached positions (query i sees
+        keys up to length + i, and with a window w >= 1 only the w most recent of them), or None when plain
+        causal attention is exact (a prefill, or one new token seeing everything cached, no window cutting)."""
+        if (self.length == 0 or new == 1) and not 0 < window < self.length + new:
+            return None
+        return window_mask(self.positions(new, device), self.length + new, window)
 
     def check_room(self, batch: int, new: int) -> None:
         """Raise a ValueError unless `new` more positions of a `batch`-row input fit."""
@@ -253,8 +319,9 @@ class KVCache:
 class KVSlots:
     """Rows `rows` of a KVCache run as independent sequences in one batch: input row i is cache row
     rows[i], at its own position cache.lengths[rows[i]]; its queries see only that row's own keys up to
-    their position. Right-padded prefills (every row starting at 0) are plain causal attention; keys
-    written past a row's true length are overwritten by its next tokens before anything attends them."""
+    their position. Right-padded prefills (every row starting at 0) are plain causal attention (within
+    the layer's window, if it has one); keys written past a row's true length are overwritten by its next
+    tokens before anything attends them."""
 
     def __init__(self, cache: KVCache, rows: Sequence[int]):
         rows = [int(r) for r in rows]
@@ -268,7 +335,6 @@ class KVSlots:
         self._span = slice(lo, lo + len(rows)) if rows == list(range(lo, lo + len(rows))) else None
         self._rows = torch.tensor(rows, device=device)
         self._starts = torch.tensor(self.starts, device=device)
-        self._mask: torch.Tensor | None = None
 
     def check_room(self, batch: int, new: int) -> None:
         if batch != self.batch:
@@ -296,15 +362,12 @@ class KVSlots:
             return ck[self._span, :, :end], cv[self._span, :, :end]
         return ck[:, :, :end].index_select(0, self._rows), cv[:, :, :end].index_select(0, self._rows)
 
-    def attn_mask(self, new: int, device: torch.device | str) -> torch.Tensor | None:
-        """[B, 1, new, length + new]: row b's query i sees keys up to starts[b] + i (None: plain causal)."""
-        if self.length == 0 or (self.batch == 1 and new == 1):
+    def attn_mask(self, new: int, device: torch.device | str, window: int = 0) -> torch.Tensor | None:
+        """[B, 1, new, length + new]: row b's query i sees keys up to starts[b] + i, and with a window
+        w >= 1 only the w most recent of them (None: plain causal attention is exact)."""
+        if (self.length == 0 or (self.batch == 1 and new == 1)) and not 0 < window < self.length + new:
             return None
-        if self._mask is None or self._mask.size(2) != new:  # built once per forward, shared by the layers
-            pos = self._starts.to(device)[:, None] + torch.arange(new, device=device)  # [B, T]
-            keys = torch.arange(self.length + new, device=device)
-            self._mask = (keys[None, None, :] <= pos[:, :, None])[:, None]
-        return self._mask
+        return window_mask(self.positions(new, device), self.length + new, window)[:, None]
 
     def advance(self, new: int) -> None:
         for r in self.rows:
@@ -312,17 +375,23 @@ class KVSlots:
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with grouped-query K/V heads and rotary positions."""
+    """Causal multi-head attention with grouped-query K/V heads and rotary positions, over the layer's
+    window (`ModelConfig.window`): full, or the w most recent positions."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.cfg, self.layer = cfg, layer
+        self.cfg, self.layer, self.window = cfg, layer, cfg.window(layer)
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                masks: dict[int, AttnMask] | None = None) -> torch.Tensor:
+        """x [B, T, d_model] -> [B, T, d_model]. `masks`: `GPT.attention_masks` of this forward, shared
+        by the layers (None: this layer builds its own)."""
+        if self.window == 1:
+            return self.own_value(x)
         B, T, _ = x.shape
         cfg = self.cfg
         q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), cfg.fp8)
@@ -333,17 +402,37 @@ class Attention(nn.Module):
             q, k = kernels.apply_rotary(q, k, cos, sin)
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = None
+        gqa = cfg.n_kv_head != cfg.n_head
+        dropout = cfg.dropout if self.training else 0.0
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, Hkv, start + T, D]
-            mask = cache.attn_mask(T, x.device)  # None when causal attention is exact
-        gqa = cfg.n_kv_head != cfg.n_head
-        if mask is not None:  # a chunk after cached positions, or slots at different positions
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if masks is None:
+            masks = masks_for_windows([self.window], T, x.device, cache, flex=x.is_cuda and not dropout)
+        mask = masks.get(self.window)
+        if isinstance(mask, BlockMask):  # sliding window, training / prefill: block-sparse flex attention
+            y = sliding_flex_attention(q.to(v.dtype), k.to(v.dtype), v, mask, gqa)  # one dtype (autocast's)
+        elif mask is not None:  # a window, a chunk after cached positions, or slots at different positions
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
         else:  # training / prefill (square causal), or one new token seeing everything cached
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa,
-                                               dropout_p=cfg.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout, enable_gqa=gqa)
         return linear(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim), self.o_proj, cfg.fp8)
+
+    def own_value(self, x: torch.Tensor) -> torch.Tensor:
+        """A window-1 layer: softmax over one key is exactly 1, so each token's output is its own value,
+        whatever the path: no attention, no q/k projections, and the cache is not written (no later query
+        reads this layer's keys). q_proj / k_proj still get a (zero) gradient: DDP expects one for every
+        parameter."""
+        B, T, _ = x.shape
+        cfg = self.cfg
+        y = linear(x, self.v_proj, cfg.fp8).view(B, T, cfg.n_kv_head, cfg.head_dim)
+        if cfg.n_kv_head != cfg.n_head:  # query head h reads kv head h // group
+            y = y.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=2)  # [B, T, H, D]
+        if self.training and cfg.dropout:  # attention dropout of that one weight, as SDPA would apply it
+            y = y * F.dropout(y.new_ones(B, T, cfg.n_head, 1), cfg.dropout)
+        y = linear(y.reshape(B, T, cfg.n_head * cfg.head_dim), self.o_proj, cfg.fp8)
+        if torch.is_grad_enabled():
+            y = y + 0.0 * (self.q_proj.weight.sum() + self.k_proj.weight.sum())
+        return y
 
 
 class MLP(nn.Module):
@@ -372,8 +461,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)  # identity at dropout=0 and in eval()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                masks: dict[int, AttnMask] | None = None) -> torch.Tensor:
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, masks))
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -432,7 +522,10 @@ class GPT(nn.Module):
         exactly when the model has an lmatch table. With `kv_cache`, positions continue after the cached
         ones, attention covers them, and the new keys/values are appended."""
         self._check_inputs(idx, targets, lmatch, kv_cache)
-        h = self.model.norm(self.trunk(idx, lmatch, kv_cache))
+        # Before any tensor op: under torch.compile, building a flex block mask breaks the graph here, where
+        # the part before the break is empty.
+        masks = self.attention_masks(idx.size(1), idx.device, kv_cache)
+        h = self.model.norm(self.trunk(idx, lmatch, kv_cache, masks))
         if targets is not None and KERNELS.loss and h.is_cuda:  # the [B, T, vocab] logits are never made
             return None, kernels.fused_linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=-1)
         logits = linear(h, self.lm_head, self.cfg.fp8)  # [B, T, padded_vocab]
@@ -450,17 +543,27 @@ class GPT(nn.Module):
             cos, sin = cos.view(*positions.shape, -1)[:, None], sin.view(*positions.shape, -1)[:, None]
         return cos, sin
 
+    def attention_masks(self, T: int, device: torch.device,
+                        kv_cache: KVCache | KVSlots | None = None) -> dict[int, AttnMask]:
+        """The attention masks of a forward of T new tokens (`masks_for_windows`), one per distinct window."""
+        windows = {self.cfg.window(i) for i in range(self.cfg.n_layer)}
+        flex = device.type == "cuda" and not (self.training and self.cfg.dropout > 0)
+        return masks_for_windows(sorted(windows), T, device, kv_cache, flex)
+
     def trunk(self, idx: torch.Tensor, lmatch: torch.Tensor | None = None,
-              kv_cache: KVCache | KVSlots | None = None) -> torch.Tensor:
+              kv_cache: KVCache | KVSlots | None = None, masks: dict[int, AttnMask] | None = None) -> torch.Tensor:
         """The residual stream after the last block, [B, T, d_model] (before the final norm); appends the
-        new keys/values to `kv_cache`. Inputs are not checked here: `forward` checks them."""
+        new keys/values to `kv_cache`. `masks`: `attention_masks(T, ...)` when the caller built them.
+        Inputs are not checked here: `forward` checks them."""
         T = idx.size(1)
+        if masks is None:
+            masks = self.attention_masks(T, idx.device, kv_cache)
         x = self.model.embed_tokens(idx)  # [B, T, d_model]
         if lmatch is not None:
             x = x + self.model.lmatch_embed(lmatch)
         cos, sin = self.rotary(T, kv_cache, x.dtype, idx.device)
         for block in self.model.layers:
-            x = block(x, cos, sin, kv_cache)
+            x = block(x, cos, sin, kv_cache, masks)
         if kv_cache is not None:
             kv_cache.advance(T)
         return x
@@ -495,9 +598,15 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) for MFU: 6 x the parameters used in matmuls
-        (everything but the lookup tables, lm_head included even when tied) + attention 12 L d T."""
+        (everything but the lookup tables, lm_head included even when tied; not the q/k projections of
+        window-1 layers, which never run) + attention 12 d x each layer's context: T = seq_len for a full
+        layer, min(w, T) for a window w >= 2, 0 for w = 1 (no attention runs), so that MFU counts what is
+        computed."""
         c = self.cfg
         matmul_params = self.num_params(exclude_embedding=True)
         if c.tie_embeddings:
             matmul_params += self.lm_head.weight.numel()
-        return 6.0 * matmul_params + 12.0 * c.n_layer * c.d_model * seq_len
+        windows = [c.window(i) for i in range(c.n_layer)]
+        matmul_params -= windows.count(1) * (c.n_head + c.n_kv_head) * c.head_dim * c.d_model
+        context = sum(seq_len if w == 0 else 0 if w == 1 else min(w, seq_len) for w in windows)
+        return 6.0 * matmul_params + 12.0 * c.d_model * context

@@ -262,6 +262,9 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     "loss_fp8": {"kernels": "loss", **FP8},
     "loss_proj": {"kernels": "loss,proj"},
     "loss_norm_rotary_fp8": {"kernels": "loss,norm,rotary", **FP8},
+    # TScale's attention-window mix (layers cycle window 1 / 64 / full): flex_attention block-sparse windows
+    "windows": {"kernels": "loss", "model": {"attn_windows": [1, 64, 0]}},
+    "windows_graph": {"kernels": "loss", "cuda_graph": True, "model": {"attn_windows": [1, 64, 0]}},
 }
 
 
@@ -302,7 +305,8 @@ def _rows(preset: str, variants: list[str], argv: list[str], jobs: int) -> list[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", default="gpt2-124m,gpt2-350m")
-    p.add_argument("--variants", default="plain,fused_loss,fp8,loss_fp8", help=f"of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="plain,fused_loss,fp8,loss_fp8",
+                   help=f"of {', '.join(VARIANTS)} (windows*: the model with attn_windows [1, 64, 0])")
     p.add_argument("--seq_len", type=int, default=1024)
     p.add_argument("--micro_batch", type=int, default=16)
     p.add_argument("--accum", type=int, default=4, help="micro-batches per step (tokens/step = micro x seq x accum)")

@@ -1,0 +1,328 @@
+"""Sliding attention windows (ModelConfig.attn_windows): the attention equals a masked-softmax reference, and
+every path (training forward, KV-cache prefill and chunks, KV slots, the engine's decode) computes the same
+model; FLOP counts, config parsing, export round trip; on CUDA the compiled flex path against masked SDPA."""
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+
+from app import model as model_mod
+from app.config import ConfigError, from_dict, parse_config, to_dict
+from app.engine import DecodeSlots, Engine, SamplingParams
+from app.export import export_model, load_exported
+from app.generate import forward_last, generate
+from app.model import (GPT, KVCache, ModelConfig, apply_rotary, masks_for_windows, rotary_tables, sliding_block_mask,
+                       window_mask)
+from app.tokenizer import train_bpe
+from app.trainer import TrainConfig, model_config
+
+V = 300
+WINDOWS = [1, 3, 0, 5]  # a w = 1 layer, two windows shorter than the test sequences, a full layer
+
+
+def tiny(device: str = "cpu", **kw) -> GPT:
+    torch.manual_seed(0)
+    m = GPT(ModelConfig.preset("tiny", vocab_size=V, **kw))
+    m.init_weights()
+    return m.to(device).eval()
+
+
+def reference_attention(attn: model_mod.Attention, x: torch.Tensor, window: int) -> torch.Tensor:
+    """The layer's output by explicit masked softmax over [T, T] scores (query t sees keys t-w+1 .. t)."""
+    cfg = attn.cfg
+    B, T, _ = x.shape
+    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+    cos, sin = rotary_tables(cfg, torch.arange(T), x.dtype)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    t = torch.arange(T)
+    allowed = t[None, :] <= t[:, None]
+    if window:
+        allowed &= t[:, None] - t[None, :] < window
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~allowed, float("-inf"))
+    y = scores.softmax(-1) @ v
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+def _layer_input(cfg: ModelConfig, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    cos, sin = rotary_tables(cfg, torch.arange(T), torch.float32)
+    return torch.randn(2, T, cfg.d_model), cos, sin
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+@pytest.mark.parametrize("window", [1, 2, 5, 24, 40, 0])  # 24 = T, 40 > T: full causal
+def test_windowed_attention_equals_reference(window, n_kv_head):
+    m = tiny(attn_windows=[window], n_layer=1, n_kv_head=n_kv_head)
+    attn = m.model.layers[0].self_attn
+    x, cos, sin = _layer_input(m.cfg, 24)
+    with torch.no_grad():
+        ref = reference_attention(attn, x, window)
+        assert torch.allclose(attn(x, cos, sin, None), ref, atol=1e-5)  # masks built by the layer
+        masks = m.attention_masks(24, x.device)  # ... or by the model, once per forward
+        assert torch.allclose(attn(x, cos, sin, None, masks), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_window_one_is_the_tokens_own_value(n_kv_head):
+    m = tiny(attn_windows=[1], n_layer=1, n_kv_head=n_kv_head)
+    attn = m.model.layers[0].self_attn
+    x, cos, sin = _layer_input(m.cfg, 10)
+    with torch.no_grad():
+        v = attn.v_proj(x).view(2, 10, n_kv_head, -1).repeat_interleave(4 // n_kv_head, dim=2)
+        own = attn.o_proj(v.reshape(2, 10, -1))
+        assert torch.allclose(attn(x, cos, sin, None), own, atol=1e-6)
+        assert torch.allclose(reference_attention(attn, x, 1), own, atol=1e-5)
+    attn(x, cos, sin, None).sum().backward()  # q/k do not run, yet get a gradient (zeros): DDP needs one
+    assert not attn.q_proj.weight.grad.any() and not attn.k_proj.weight.grad.any() and attn.v_proj.weight.grad.any()
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+@pytest.mark.parametrize("window", [2, 5, 64, 150])
+def test_flex_block_mask_equals_reference(window, n_kv_head, monkeypatch):
+    """The CUDA training path's block mask, run through eager flex_attention on the CPU (T = 300 spans three
+    128-position blocks, so whole key blocks fall outside short windows and are skipped)."""
+    monkeypatch.setattr(model_mod, "_compiled_flex", lambda: flex_attention)  # CPU: eager flex, not compiled
+    m = tiny(attn_windows=[window], n_layer=1, n_kv_head=n_kv_head, max_seq_len=512)
+    attn = m.model.layers[0].self_attn
+    x, cos, sin = _layer_input(m.cfg, 300)
+    block_mask = sliding_block_mask(300, window, torch.device("cpu"))
+    assert block_mask is sliding_block_mask(300, window, torch.device("cpu"))  # built once, then cached
+    with torch.no_grad():
+        assert torch.allclose(attn(x, cos, sin, None, {window: block_mask}), reference_attention(attn, x, window),
+                              atol=1e-5)
+    if window < 128:  # a query block far from the first key block skips it
+        assert block_mask.to_dense()[0, 0, 2, 0] == 0
+
+
+def test_masks_are_built_once_per_window():
+    m = tiny(attn_windows=[1, 3, 0, 3], n_layer=4)
+    masks = m.attention_masks(8, torch.device("cpu"))
+    assert set(masks) == {3} and torch.equal(masks[3], window_mask(torch.arange(8), 8, 3))
+    assert m.attention_masks(2, torch.device("cpu")) == {}  # every window >= T: plain causal
+    cache = KVCache(m.cfg, 1, 16)
+    assert set(m.attention_masks(8, torch.device("cpu"), cache)) == {0, 3}  # one per window, 1 needs none
+    assert masks_for_windows([0, 3], 8, torch.device("cpu"), cache, flex=False)[0] is None  # a plain prefill
+
+
+# ------------------------------------------------------------------ the KV-cache paths compute the same model
+
+
+def windowed(**kw) -> GPT:
+    return tiny(attn_windows=WINDOWS, n_layer=4, n_kv_head=2, **kw)
+
+
+def _full_logits(m: GPT, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return m(ids)[0]
+
+
+@pytest.mark.parametrize("chunks", [[20], [7] + [1] * 13, [6, 5, 1, 8], [1] * 20])
+def test_kv_cache_prefill_chunks_and_decode_equal_full_forward(chunks):
+    m = windowed()
+    ids = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(2))
+    full = _full_logits(m, ids)
+    cache = KVCache(m.cfg, 2, 20)
+    out, start = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out.append(m(ids[:, start:start + n], kv_cache=cache)[0])
+            start += n
+    assert torch.allclose(torch.cat(out, dim=1), full, atol=1e-5)
+
+
+def test_kv_slots_at_different_positions_equal_full_forward():
+    m = windowed()
+    g = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randint(0, V, (1, 18), generator=g) for _ in range(3))
+    cache = KVCache(m.cfg, 4, 18)
+    got = {0: [], 2: [], 3: []}
+    with torch.no_grad():
+        # Right-padded prefill of rows 0 and 3 together (true lengths 4 and 9), then row 2 alone.
+        pad = torch.cat([torch.cat([a[:, :4], a[:, :5] * 0], 1), b[:, :9]])
+        logits = m(pad, kv_cache=cache.slots([0, 3]))[0]
+        got[0].append(logits[:1, :4])
+        got[3].append(logits[1:, :9])
+        cache.lengths[0] = 4  # the slot's true length (the padding's keys are overwritten before being read)
+        got[2].append(m(c[:, :6], kv_cache=cache.slots([2]))[0])
+        # A chunk of 3 for rows at positions 4, 9 and 6, in a non-contiguous order, then single tokens.
+        chunk = torch.cat([b[:, 9:12], a[:, 4:7], c[:, 6:9]])
+        logits = m(chunk, kv_cache=cache.slots([3, 0, 2]))[0]
+        for i, r in enumerate([3, 0, 2]):
+            got[r].append(logits[i:i + 1])
+        for _ in range(4):
+            pos = {r: cache.lengths[r] for r in (0, 2, 3)}
+            step = torch.cat([a[:, pos[0]:pos[0] + 1], c[:, pos[2]:pos[2] + 1], b[:, pos[3]:pos[3] + 1]])
+            logits = m(step, kv_cache=cache.slots([0, 2, 3]))[0]
+            for i, r in enumerate([0, 2, 3]):
+                got[r].append(logits[i:i + 1])
+    for r, ids in ((0, a), (2, c), (3, b)):
+        seen = torch.cat(got[r], dim=1)
+        assert torch.allclose(seen, _full_logits(m, ids[:, :seen.size(1)]), atol=1e-5), r
+
+
+def test_engine_decode_slots_equal_full_forward():
+    """The engine's graph-capturable decode step (DecodeSlots: the whole cache length under a mask), with a
+    free row whose position has run past max_len."""
+    m = windowed()
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, V, (1, 16), generator=g) for _ in range(2)]
+    cache = KVCache(m.cfg, 3, 16)
+    with torch.no_grad():
+        for row, (s, n) in enumerate(zip(seqs, (3, 8))):
+            m(s[:, :n], kv_cache=cache.slots([row]))
+        pos = torch.tensor([3, 8, 40])  # row 2 is free (as the engine leaves it), far past max_len
+        got = [[], []]
+        for _ in range(6):
+            tok = torch.cat([seqs[0][:, pos[0]], seqs[1][:, pos[1]], torch.zeros(1, dtype=torch.long)])
+            logits, _ = forward_last(m, tok[:, None], DecodeSlots(cache, pos), torch.zeros(3, dtype=torch.long))
+            assert not logits.isnan().any()
+            got[0].append(logits[0])
+            got[1].append(logits[1])
+            pos = pos + 1
+    for i, (s, n) in enumerate(zip(seqs, (3, 8))):
+        full = _full_logits(m, s[:, :n + 6])[0, n:]
+        assert torch.allclose(torch.stack(got[i]), full, atol=1e-5)
+
+
+def test_engine_and_generate_equal_full_recompute():
+    m = windowed()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, V, (int(n),), generator=g).tolist() for n in (2, 9, 5, 13)]
+    for p in prompts[:2]:  # greedy generate (KV cache) = argmax of a full forward per step
+        out = list(generate(m, p, 8, temperature=0.0))
+        ids = list(p)
+        for t in out:
+            assert t == int(_full_logits(m, torch.tensor([ids]))[0, -1, :V].argmax())
+            ids.append(t)
+    engine = Engine(m, eot_id=None, max_batch=4)
+    params = [SamplingParams(max_tokens=10, temperature=[0.0, 1.0][i % 2], seed=i) for i in range(4)]
+    seqs = [engine.submit(p, q) for p, q in zip(prompts, params)]
+    engine.step()
+    seqs[1].cancel()  # a free row inside the next steps' bucket
+    while not all(s.done for s in seqs):
+        engine.step()
+    for i in (0, 2, 3):
+        q = params[i]
+        assert seqs[i].tokens == list(generate(m, prompts[i], q.max_tokens, q.temperature, seed=q.seed))
+
+
+# ------------------------------------------------------------------ FLOPs, config, export
+
+
+def test_flops_per_token_count_each_layers_context():
+    full, win = tiny(n_layer=3), tiny(n_layer=3, attn_windows=[1, 64, 0])
+    n = full.num_params(exclude_embedding=True)
+    d = full.cfg.d_model
+    qk = 2 * d * d  # the q and k projections, which a window-1 layer does not run
+    assert full.flops_per_token(128) == 6 * n + 12 * d * 3 * 128
+    assert win.flops_per_token(128) == 6 * (n - qk) + 12 * d * (0 + 64 + 128)  # w = 1 runs no attention
+    assert win.flops_per_token(32) == 6 * (n - qk) + 12 * d * (0 + 32 + 32)  # a window >= T: the whole context
+    assert win.flops_per_token(128) < full.flops_per_token(128)
+
+
+def test_config_windows_cycle_and_validate():
+    cfg = ModelConfig.preset("tiny", n_layer=5, attn_windows=[1, 64, 0])
+    assert [cfg.window(i) for i in range(5)] == [1, 64, 0, 1, 64]
+    assert [ModelConfig().window(i) for i in range(2)] == [0, 0]
+    for bad in ([1, -1], [2.5], [True], 64):
+        with pytest.raises(ConfigError, match="attn_windows"):
+            ModelConfig(attn_windows=bad)
+    with pytest.raises(ConfigError, match="attn_windows"):
+        from_dict(ModelConfig, {"attn_windows": "[1,-64]"})
+
+
+@pytest.mark.parametrize("spelling", ["[1,64,0]", "1,64,0", "[1, 64, 0]"])
+def test_cli_and_yaml_set_windows(spelling, tmp_path):
+    assert parse_config(ModelConfig, [f"--attn_windows={spelling}"]).attn_windows == [1, 64, 0]
+    train = parse_config(TrainConfig, [f"--model.attn_windows={spelling}"])
+    assert model_config(train, V).attn_windows == [1, 64, 0]
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  attn_windows: [1, 64, 0]\n")
+    assert model_config(parse_config(TrainConfig, ["--config", str(path)]), V).attn_windows == [1, 64, 0]
+    cfg = ModelConfig(attn_windows=[1, 64, 0])
+    assert from_dict(ModelConfig, to_dict(cfg)) == cfg
+    assert parse_config(ModelConfig, ["--attn_windows=[]"]).attn_windows == []
+
+
+def test_export_keeps_windows_and_warns_about_transformers(tmp_path, caplog):
+    tok = train_bpe(["hello world, the quick brown fox jumps over the lazy dog"] * 50, vocab_size=V)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    m = windowed()
+    spotlm = logging.getLogger("spotlm")
+    spotlm.addHandler(caplog.handler)  # the spotlm logger does not propagate to the root
+    try:
+        export_model(m, str(tmp_path / "e"), str(tmp_path / "tokenizer.json"))
+    finally:
+        spotlm.removeHandler(caplog.handler)
+    assert any("transformers ignores" in r.getMessage() for r in caplog.records)
+    back = load_exported(str(tmp_path / "e"))
+    assert back.config.attn_windows == WINDOWS
+    x = torch.randint(0, V, (1, 12))
+    assert torch.equal(back.model(x)[0], _full_logits(m, x))
+
+
+# ------------------------------------------------------------------ CUDA: the compiled flex path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_flex_matches_masked_sdpa_loss_and_gradients():
+    """Training under torch.compile and bf16 autocast goes through flex_attention with block masks; the same
+    weights through SDPA with boolean window masks give the same loss and gradients (bf16 tolerance)."""
+    torch.manual_seed(0)
+    m = GPT(ModelConfig.preset("tiny", vocab_size=V, n_layer=4, n_head=4, n_kv_head=2, d_model=128,
+                               max_seq_len=512, attn_windows=[1, 64, 0, 200]))
+    m.init_weights()
+    m = m.cuda().train()
+    g = torch.Generator().manual_seed(1)
+    idx, targets = (torch.randint(0, V, (2, 512), generator=g).cuda() for _ in range(2))
+    masks = m.attention_masks(512, idx.device)
+    assert all(type(mk).__name__ == "BlockMask" for mk in masks.values()) and set(masks) == {64, 200}
+
+    def loss_and_grads(fn):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn()
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.float().clone() for n, p in m.named_parameters()}
+
+    def sdpa_masked():  # boolean masks: the CPU / dropout path
+        bool_masks = masks_for_windows([64, 200], 512, idx.device, None, flex=False)
+        h = m.model.norm(m.trunk(idx, masks=bool_masks))
+        return F.cross_entropy(m.lm_head(h).float().flatten(0, 1), targets.flatten())
+
+    compiled = torch.compile(m)
+    flex_loss, flex_grads = loss_and_grads(lambda: compiled(idx, targets)[1])
+    flex_loss2, _ = loss_and_grads(lambda: compiled(idx, targets)[1])  # a second step reuses the graph
+    ref_loss, ref_grads = loss_and_grads(sdpa_masked)
+    assert torch.allclose(flex_loss, ref_loss, rtol=2e-2), (flex_loss, ref_loss)
+    assert torch.allclose(flex_loss2, flex_loss)
+    for name, ref in ref_grads.items():
+        err = (flex_grads[name] - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert err < 5e-2, (name, float(err))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_with_windows_equals_generate():
+    m = tiny("cuda", attn_windows=WINDOWS, n_layer=4, n_kv_head=2)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, V, (int(n),), generator=g).tolist() for n in (2, 9, 5, 13, 1, 20)]
+    params = [SamplingParams(max_tokens=12, temperature=[0.0, 0.9][i % 2], seed=i) for i in range(6)]
+    engine = Engine(m, eot_id=None, max_batch=4, cuda_graphs=True).start()
+    try:
+        seqs = engine.submit_many(list(zip(prompts, params)))
+        assert all(s.wait(120) for s in seqs)
+    finally:
+        engine.close()
+    assert engine.stats()["cuda_graphs"] > 0
+    for s, p, q in zip(seqs, prompts, params):
+        assert s.tokens == list(generate(m, p, q.max_tokens, q.temperature, seed=q.seed)), s.error
