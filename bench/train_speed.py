@@ -305,7 +305,7 @@ def _rows(preset: str, variants: list[str], argv: list[str], jobs: int) -> list[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", default="gpt2-124m,gpt2-350m")
-    p.add_argument("--variants", default="plain,fused_loss,fp8,loss_fp8",
+    p.add_argument("--variants", default="plain,fused_loss,step_graph,windows,windows_graph",
                    help=f"of {', '.join(VARIANTS)} (windows*: the model with attn_windows [1, 64, 0])")
     p.add_argument("--seq_len", type=int, default=1024)
     p.add_argument("--micro_batch", type=int, default=16)
