@@ -16,7 +16,7 @@ Prints JSON: tokens/s, MFU (6N + attention FLOPs per token), peak memory, and ea
 ratio to the baseline. `--profile_dir` also writes a torch.profiler table of one step per row.
 
     python -m bench.train_speed                                   # GPU: gpt2-124m and gpt2-350m
-    python -m bench.train_speed --presets=tiny --steps=3 --quick   # CPU smoke run
+    python -m bench.train_speed --presets=tiny --steps=2 --seq_len=64 --micro_batch=2 --accum=1  # CPU smoke run
 """
 from __future__ import annotations
 
