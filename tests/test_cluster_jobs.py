@@ -40,13 +40,18 @@ def cluster(pids_with):
            "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     env.pop("RAY_ADDRESS", None)
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
-    subprocess.run([BIN / "ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", *common],
-                   env=env, check=True, capture_output=True, timeout=120)
+
+    def ray_start(*args: str) -> None:
+        # Every node's dashboard agent gets its own HTTP port: with Ray's fixed default (52365) two nodes
+        # on one host race for it, and if the worker's agent wins, the head has no agent to take jobs.
+        r = subprocess.run([BIN / "ray", "start", *args, f"--dashboard-agent-listen-port={_free_port()}", *common],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"ray start {' '.join(args)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}"
+
+    ray_start("--head", f"--port={port}", f"--dashboard-port={dash}", "--include-dashboard=true",
+              "--dashboard-host=127.0.0.1", f"--temp-dir={temp}")
     c = {"env": env, "address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{port}", "temp": str(temp)}
-    c["add_node"] = lambda: subprocess.run(
-        [BIN / "ray", "start", f"--address={c['gcs']}", '--resources={"spare_node": 1}', *common],
-        env=env, check=True, capture_output=True, timeout=120)
+    c["add_node"] = lambda: ray_start(f"--address={c['gcs']}", '--resources={"spare_node": 1}')
     c["add_node"]()
     yield c
     for sig in (signal.SIGTERM, signal.SIGKILL):
