@@ -86,7 +86,9 @@ def _add_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden: t
     """grad_weight (fp32) += dlogits.T @ hidden."""
     if hidden.dtype == grad_weight.dtype:
         grad_weight.addmm_(dlogits.t(), hidden)
-    else:  # bf16/fp16: each chunk's product is rounded once, the running sum stays in fp32
+    elif grad_weight.is_cuda:  # bf16/fp16 on CUDA: cuBLAS accumulates the product into the fp32 sum itself
+        torch.addmm(grad_weight, dlogits.t(), hidden, out_dtype=grad_weight.dtype, out=grad_weight)
+    else:  # bf16/fp16 elsewhere: each chunk's product is rounded once, the running sum stays in fp32
         grad_weight.add_(dlogits.t() @ hidden)
 
 
