@@ -73,6 +73,7 @@ class ModelConfig:
     dropout: float = 0.0  # training-only dropout on embeddings, attention weights and residual branches
     lmatch_vocab: int = 0  # rows of the retrieval-match embedding (>= vocab_size + 1; id vocab_size = no match); 0 = off
     fp8: bool = False  # training matmuls (blocks, lm_head) in FP8 with per-tensor scales on sm89+ CUDA; else as usual
+    fp8_head: bool = False  # only the lm_head's training matmuls in FP8 (modded-nanogpt's FP8 head); fp8 implies it
     # Sliding attention windows, cycled over the layers (layer i: attn_windows[i % len]); 0 = full causal, w >= 1 =
     # the w most recent positions (itself included); [] = all full. [1, 64, 0] is TScale's mix. On the command
     # line: --model.attn_windows=1,64,0 (or the YAML/JSON list [1,64,0]).
@@ -526,9 +527,11 @@ class GPT(nn.Module):
         # the part before the break is empty.
         masks = self.attention_masks(idx.size(1), idx.device, kv_cache)
         h = self.model.norm(self.trunk(idx, lmatch, kv_cache, masks))
+        fp8_head = self.cfg.fp8 or self.cfg.fp8_head
         if targets is not None and KERNELS.loss and h.is_cuda:  # the [B, T, vocab] logits are never made
-            return None, kernels.fused_linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=-1)
-        logits = linear(h, self.lm_head, self.cfg.fp8)  # [B, T, padded_vocab]
+            return None, kernels.fused_linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index=-1,
+                                                            fp8=fp8_head and torch.is_grad_enabled())
+        logits = linear(h, self.lm_head, fp8_head)  # [B, T, padded_vocab]
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)

@@ -1,7 +1,7 @@
 """Benchmark: the Triton kernels against their PyTorch baselines on one CUDA GPU, printed as JSON.
 
-Fused linear + cross-entropy vs `F.cross_entropy(h @ W.T, y)` (bf16): peak memory above the inputs and
-forward+backward time, with their ratios; RMSNorm and rotary vs their eager references (time).
+Fused linear + cross-entropy (bf16, and with FP8 products) vs `F.cross_entropy(h @ W.T, y)` (bf16): peak
+memory above the inputs and forward+backward time, with their ratios; RMSNorm and rotary vs their eager references (time).
 
     python -m bench.kernels                      # every case (an H100: about a minute)
     python -m bench.kernels --quick              # the smaller cases only
@@ -89,12 +89,15 @@ def bench_linear_ce(N: int, D: int, V: int, args: argparse.Namespace) -> dict:
         return run
 
     fused = _measure(step("fused", lambda: fused_linear_cross_entropy(hidden, weight, targets)), args)
+    fp8 = _measure(step("fused_fp8", lambda: fused_linear_cross_entropy(hidden, weight, targets, fp8=True)), args)
     baseline = _measure(step("baseline", lambda: F.cross_entropy(hidden @ weight.T, targets)), args)
-    result = {"N": N, "D": D, "V": V, "fused": fused, "baseline": baseline,
+    result = {"N": N, "D": D, "V": V, "fused": fused, "fused_fp8": fp8, "baseline": baseline,
               "speedup": _ratio(baseline, fused, "ms"), "memory_ratio": _ratio(baseline, fused, "peak_mib"),
+              "fp8_speedup": _ratio(baseline, fp8, "ms"), "fp8_memory_ratio": _ratio(baseline, fp8, "peak_mib"),
               "logits_mib": round(N * V * 2 / 2**20, 1)}
-    if len(losses) == 2:
-        result["loss_abs_diff"] = abs(losses["fused"].float() - losses["baseline"].float()).item()
+    for name in ("fused", "fused_fp8"):
+        if name in losses and "baseline" in losses:
+            result[f"{name}_loss_abs_diff"] = abs(losses[name].float() - losses["baseline"].float()).item()
     return result
 
 

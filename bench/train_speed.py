@@ -265,6 +265,9 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     # TScale's attention-window mix (layers cycle window 1 / 64 / full): flex_attention block-sparse windows
     "windows": {"kernels": "loss", "model": {"attn_windows": [1, 64, 0]}},
     "windows_graph": {"kernels": "loss", "cuda_graph": True, "model": {"attn_windows": [1, 64, 0]}},
+    "fp8_head": {"kernels": "loss", "model": {"fp8_head": True}},  # modded-nanogpt's FP8 lm_head
+    "windows_graph_fp8_head": {"kernels": "loss", "cuda_graph": True,
+                               "model": {"attn_windows": [1, 64, 0], "fp8_head": True}},
 }
 
 
@@ -305,7 +308,7 @@ def _rows(preset: str, variants: list[str], argv: list[str], jobs: int) -> list[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", default="gpt2-124m,gpt2-350m")
-    p.add_argument("--variants", default="plain,fused_loss,step_graph,windows,windows_graph",
+    p.add_argument("--variants", default="fused_loss,fp8_head,windows_graph,windows_graph_fp8_head",
                    help=f"of {', '.join(VARIANTS)} (windows*: the model with attn_windows [1, 64, 0])")
     p.add_argument("--seq_len", type=int, default=1024)
     p.add_argument("--micro_batch", type=int, default=16)

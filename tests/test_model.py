@@ -245,10 +245,11 @@ def test_concatenated_projections_compute_the_same_model():
         torch.testing.assert_close(grads_proj[name], g, msg=name)
 
 
-def test_fp8_option_is_plain_off_cuda():
-    """ModelConfig.fp8 changes nothing where FP8 cannot run (CPU): same logits as without it."""
+@pytest.mark.parametrize("option", ["fp8", "fp8_head"])
+def test_fp8_option_is_plain_off_cuda(option):
+    """ModelConfig.fp8 / fp8_head change nothing where FP8 cannot run (CPU): same logits as without it."""
     idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(tiny(fp8=True)(idx)[0], tiny()(idx)[0])
-    logits, loss = tiny(fp8=True)(idx, idx)
+        torch.testing.assert_close(tiny(**{option: True})(idx)[0], tiny()(idx)[0])
+    logits, loss = tiny(**{option: True})(idx, idx)
     loss.backward()  # gradients on: still the plain path off CUDA

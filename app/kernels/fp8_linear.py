@@ -31,7 +31,7 @@ def fp8_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
         fp8_supported(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
-def _to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """t cast to `dtype` after scaling its absolute max to dtype's max, and the inverse scale (fp32, 0-dim)."""
     top = torch.finfo(dtype).max
     amax = t.detach().abs().amax().float().clamp(min=1e-12)
@@ -42,8 +42,8 @@ def _to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Te
 class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        x8, x_inv = _to_fp8(x, E4M3)  # [M, K]
-        w8, w_inv = _to_fp8(weight, E4M3)  # [N, K]
+        x8, x_inv = to_fp8(x, E4M3)  # [M, K]
+        w8, w_inv = to_fp8(weight, E4M3)  # [N, K]
         ctx.save_for_backward(x8, x_inv, w8, w_inv)
         ctx.dtypes = x.dtype, weight.dtype
         # _scaled_mm wants its first operand row-major and its second column-major: w8.t() is.
@@ -53,7 +53,7 @@ class _Fp8Matmul(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x8, x_inv, w8, w_inv = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
-        g8, g_inv = _to_fp8(grad_out, E5M2)  # [M, N]
+        g8, g_inv = to_fp8(grad_out, E5M2)  # [M, N]
         grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv, out_dtype=x_dtype)
         grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_inv, scale_b=x_inv,
                                   out_dtype=torch.float32)
