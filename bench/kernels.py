@@ -1,7 +1,8 @@
 """Benchmark: the Triton kernels against their PyTorch baselines on one CUDA GPU, printed as JSON.
 
 Fused linear + cross-entropy (bf16, and with FP8 products) vs `F.cross_entropy(h @ W.T, y)` (bf16): peak
-memory above the inputs and forward+backward time, with their ratios; RMSNorm and rotary vs their eager references (time).
+memory above the inputs and forward+backward time, with their ratios; RMSNorm and rotary vs their eager
+references (time).
 
     python -m bench.kernels                      # every case (an H100: about a minute)
     python -m bench.kernels --quick              # the smaller cases only

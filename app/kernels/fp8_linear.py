@@ -21,14 +21,18 @@ def fp8_supported(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
+def on_fp8_gpu(t: torch.Tensor) -> bool:
+    """True when t lives on a CUDA device with FP8 tensor cores (`fp8_supported`); t must be on CUDA."""
+    return fp8_supported(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def fp8_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when `fp8_linear` can run: a CUDA device with FP8 and every matmul dimension a multiple of 16
     (cuBLASLt's rule; the token count is an inner dimension of the weight-gradient product)."""
     if not (x.is_cuda and weight.is_cuda):
         return False
     tokens = x.numel() // x.shape[-1]
-    return all(n % 16 == 0 for n in (tokens, *weight.shape)) and \
-        fp8_supported(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return all(n % 16 == 0 for n in (tokens, *weight.shape)) and on_fp8_gpu(x)
 
 
 def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

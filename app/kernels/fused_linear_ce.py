@@ -3,9 +3,10 @@
 Liger-Kernel's chunked approach: per chunk of tokens, cuBLAS computes the logits, one Triton program per
 row computes the logsumexp and the loss and overwrites the logits with d loss / d logits, and two more
 matmuls turn those into the chunk's hidden gradient and its share of the weight gradient. The gradients
-(of the summed loss) are computed during forward and only scaled by incoming gradient / tokens in backward. Chunks are thousands
-of tokens (a fixed logits budget), not Liger's hidden-sized ones: a chunk of a few hundred tokens makes
-the weight-gradient product (K = chunk) slow and rewrites the whole [V, D] gradient once per chunk.
+(of the summed loss) are computed during forward and only scaled by incoming gradient / tokens in backward.
+Chunks are thousands of tokens (a fixed logits budget), not Liger's hidden-sized ones: a chunk of a few
+hundred tokens makes the weight-gradient product (K = chunk) slow and rewrites the whole [V, D] gradient
+once per chunk.
 
 With `fp8` (modded-nanogpt's FP8 head) the three products run in FP8 through `torch._scaled_mm`: hidden and
 weight in e4m3 under per-tensor scales, d loss / d logits in e5m2 under a fixed scale (its entries lie in
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from app.kernels.backend import jit, next_power_of_2, num_warps_for, tl, triton, use_triton
-from app.kernels.fp8_linear import E4M3, E5M2, fp8_supported, to_fp8
+from app.kernels.fp8_linear import E4M3, E5M2, on_fp8_gpu, to_fp8
 
 _MAX_BLOCK_V = 32768  # vocabulary columns one program holds at a time (Liger-Kernel's limit)
 _CHUNK_LOGITS = 1 << 28  # logits elements per chunk (512 MiB in bf16): 4096 tokens of a 50k vocabulary
@@ -300,8 +301,7 @@ def fp8_head_fits(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     cores on CUDA (sm89+); on CPU (Triton's interpreter, tests) `torch._scaled_mm` has a kernel."""
     if hidden.shape[1] % 16 or weight.shape[0] % 16:
         return False
-    return not hidden.is_cuda or fp8_supported(hidden.device.index if hidden.device.index is not None
-                                                else torch.cuda.current_device())
+    return not hidden.is_cuda or on_fp8_gpu(hidden)
 
 
 # Run eagerly even inside a compiled model: the chunk loop is a handful of cuBLAS calls and kernel
