@@ -54,6 +54,16 @@ def _softcap(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @jit
+def _dlogits(z, lse, is_target, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """scale * d loss / d logits at the (softcapped) logits z: softmax - onehot, times d tanh when capped."""
+    grad = (tl.exp(z - lse) - tl.where(is_target, 1.0, 0.0)) * scale
+    if HAS_SOFTCAP:
+        capped = z / softcap
+        grad = grad * (1.0 - capped * capped)  # d tanh = 1 - tanh^2
+    return grad
+
+
+@jit
 def _round_to_e5m2(x):
     # x rounded to e5m2's 2 mantissa bits (ties to even) while still fp32, so that the cast after it is exact:
     # Triton 3.9's interpreter loses the carry when its own cast rounds up into the next power of two.
@@ -99,10 +109,7 @@ def _ce_rows_kernel(logits_ptr, logits_stride, targets_ptr, loss_ptr, lse_ptr, V
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
         z = _softcap(tl.load(logits_ptr + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
-        grad = (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
-        if HAS_SOFTCAP:
-            capped = z / softcap
-            grad = grad * (1.0 - capped * capped)  # d tanh = 1 - tanh^2
+        grad = _dlogits(z, lse, cols == target, scale, softcap, HAS_SOFTCAP)
         tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -123,10 +130,7 @@ def _ce_grad_fp8_kernel(logits_ptr, logits_stride, lse_ptr, targets_ptr, grad_pt
         mask = row_ok[:, None] & (cols[None, :] < V)
         z = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * logits_stride + cols[None, :], mask=mask, other=0.0)
         z = _softcap(z.to(tl.float32), softcap, HAS_SOFTCAP)
-        grad = (tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * scale[:, None]
-        if HAS_SOFTCAP:
-            capped = z / softcap
-            grad = grad * (1.0 - capped * capped)
+        grad = _dlogits(z, lse[:, None], cols[None, :] == target[:, None], scale[:, None], softcap, HAS_SOFTCAP)
         grad = _round_to_e5m2(grad).to(grad_ptr.dtype.element_ty)
         tl.store(grad_ptr + rows.to(tl.int64)[:, None] * grad_stride + cols[None, :], grad, mask=mask)
         tl.store(grad_t_ptr + cols.to(tl.int64)[:, None] * grad_t_stride + rows[None, :], tl.trans(grad),
