@@ -73,7 +73,9 @@ class ModelConfig:
     dropout: float = 0.0  # training-only dropout on embeddings, attention weights and residual branches
     lmatch_vocab: int = 0  # rows of the retrieval-match embedding (>= vocab_size + 1; id vocab_size = no match); 0 = off
     fp8: bool = False  # training matmuls (blocks, lm_head) in FP8 with per-tensor scales on sm89+ CUDA; else as usual
-    fp8_head: bool = False  # only the lm_head's training matmuls in FP8 (modded-nanogpt's FP8 head); fp8 implies it
+    # Only the lm_head's training matmuls in FP8 (modded-nanogpt's FP8 head); under the fused loss only its logits
+    # product (the gradient products stay bf16: faster on an H100). fp8 implies it.
+    fp8_head: bool = False
     # Sliding attention windows, cycled over the layers (layer i: attn_windows[i % len]); 0 = full causal, w >= 1 =
     # the w most recent positions (itself included); [] = all full. [1, 64, 0] is TScale's mix. On the command
     # line: --model.attn_windows=1,64,0 (or the YAML/JSON list [1,64,0]).

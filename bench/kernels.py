@@ -1,6 +1,6 @@
 """Benchmark: the Triton kernels against their PyTorch baselines on one CUDA GPU, printed as JSON.
 
-Fused linear + cross-entropy (bf16, and with FP8 products) vs `F.cross_entropy(h @ W.T, y)` (bf16): peak
+Fused linear + cross-entropy (bf16, and with the FP8 logits product) vs `F.cross_entropy(h @ W.T, y)` (bf16): peak
 memory above the inputs and forward+backward time, with their ratios; RMSNorm and rotary vs their eager
 references (time).
 

@@ -329,7 +329,7 @@ def main() -> None:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "seq_len": args.seq_len, "tokens_per_step": args.tokens_per_step,
-              "micro_batch": args.micro_batch, "accum": args.accum, "results": {}}
+              "micro_batch": args.micro_batch, "accum": args.accum, "jobs": args.jobs, "results": {}}
     if args.one:
         mcfg = ModelConfig.preset(args.presets)
         batches = _batches(mcfg.vocab_size, args.micro_batch, args.seq_len, args.accum, seed=0)

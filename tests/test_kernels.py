@@ -136,7 +136,7 @@ def _ce_inputs(N: int, D: int, V: int, dtype: torch.dtype, device="cpu", seed: i
 @DTYPES
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
 def test_fused_linear_ce_matches_reference(monkeypatch, dtype, softcap):
-    monkeypatch.setattr(fused_linear_ce, "_MAX_BLOCK_V", 128)  # several vocab blocks per row: online softmax
+    monkeypatch.setattr(fused_linear_ce, "_row_block", lambda V: 128)  # several vocab blocks per row: online softmax
     hidden, weight, targets = _ce_inputs(N=45, D=32, V=300, dtype=dtype)  # 45 = 2 chunks of 16 + 13
 
     def scaled_loss(fn, **kw):
@@ -162,10 +162,10 @@ def test_fused_linear_ce_fp8_matches_reference_within_fp8_precision(softcap):
     exact = _run(loss_fn(chunk_size=16), [hidden, weight])
     ref = _run(lambda h, w: fused_linear_ce.linear_cross_entropy_reference(h, w, targets, softcap=softcap) * 2.5,
                [hidden, weight])
-    # e4m3 operands, e5m2 d loss / d logits: a few percent per gradient, far less on the mean loss.
-    for name, a, b, exact_a, tol in (("loss", fp8[0][0], ref[0][0], exact[0][0], 2e-3),
-                                     ("dhidden", fp8[1][0], ref[1][0], exact[1][0], 0.12),
-                                     ("dweight", fp8[1][1], ref[1][1], exact[1][1], 0.12)):
+    # Logits from e4m3 operands (the gradients follow them): under a percent here, far less on the mean loss.
+    for name, a, b, exact_a, tol in (("loss", fp8[0][0], ref[0][0], exact[0][0], 1e-3),
+                                     ("dhidden", fp8[1][0], ref[1][0], exact[1][0], 0.03),
+                                     ("dweight", fp8[1][1], ref[1][1], exact[1][1], 0.03)):
         err = ((a.double() - b.double()).norm() / b.double().norm()).item()
         exact_err = ((exact_a.double() - b.double()).norm() / b.double().norm()).item()
         assert a.dtype == b.dtype and err < tol, f"fp8 fused CE {name}: relative error {err:.3f} >= {tol}"
@@ -343,9 +343,9 @@ def test_gpu_fused_linear_ce(N, D, V, fp8):
     loss = app.kernels.fused_linear_cross_entropy(h, w, targets, fp8=fp8)
     loss.backward()
     peak = torch.cuda.max_memory_allocated() - base
-    # bf16: less than the bf16 logits alone (the fp32 weight gradient, V x D, is the largest buffer). fp8: the
-    # transposed e5m2 gradient (N x V bytes) and the chunk's buffers, less than the unfused path's fp32 logits.
-    limit = N * V * (3 if fp8 else 2)
+    # Less than the bf16 logits alone (the fp32 weight gradient, V x D, is the largest buffer; fp8 adds e4m3
+    # copies of hidden and weight).
+    limit = N * V * 2
     assert peak < limit, f"fused CE peaked at {peak / 2**20:.0f} MiB, over {limit / 2**20:.0f} MiB"
     # Oracle: the same bf16 matmul, fp32 softmax.
     h_ref, w_ref = _leaf(hidden), _leaf(weight)
@@ -356,7 +356,7 @@ def test_gpu_fused_linear_ce(N, D, V, fp8):
             _assert_close(a.detach(), b.detach(), torch.bfloat16, name)
             continue
         err = ((a.double() - b.double()).norm() / b.double().norm()).item()
-        assert err < (2e-3 if name == "loss" else 0.12), f"fp8 fused CE {name}: relative error {err:.3f}"
+        assert err < (2e-3 if name == "loss" else 0.05), f"fp8 fused CE {name}: relative error {err:.3f}"
 
 
 @pytest.mark.gpu

@@ -8,25 +8,23 @@ Chunks are thousands of tokens (a fixed logits budget), not Liger's hidden-sized
 hundred tokens makes the weight-gradient product (K = chunk) slow and rewrites the whole [V, D] gradient
 once per chunk.
 
-With `fp8` (modded-nanogpt's FP8 head) the three products run in FP8 through `torch._scaled_mm`: hidden and
-weight in e4m3 under per-tensor scales, d loss / d logits in e5m2 under a fixed scale (its entries lie in
-(-1, 1)). The row kernel then only finds each row's logsumexp, and a kernel over tiles of rows writes the
-e5m2 gradient both ways: [chunk, V] for the hidden gradient and transposed into [V, N] for the whole call, so
-that the weight gradient is one FP8 product over every token (cuBLASLt's FP8 wants both operands K-major).
-That costs N x V bytes more memory than the bf16 path.
+With `fp8` (modded-nanogpt's FP8 head, forward product only) the logits come from `torch._scaled_mm` over
+e4m3 hidden and weight under per-tensor scales; the two gradient products stay bf16, over d loss / d logits
+written in place as before. Doing those in FP8 too (e5m2 gradients) measured no faster on an H100: cuBLASLt's
+FP8 wants both operands K-major, so the weight-gradient product needs the [chunk, V] gradient transposed, and
+writing it transposed (N x V bytes more memory) cost what the faster products saved.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from app.kernels.backend import jit, next_power_of_2, num_warps_for, tl, triton, use_triton
-from app.kernels.fp8_linear import E4M3, E5M2, on_fp8_gpu, to_fp8
+from app.kernels.backend import jit, next_power_of_2, num_warps_for, tl, use_triton
+from app.kernels.fp8_linear import E4M3, on_fp8_gpu, to_fp8
 
-_MAX_BLOCK_V = 32768  # vocabulary columns one program holds at a time (Liger-Kernel's limit)
 _CHUNK_LOGITS = 1 << 28  # logits elements per chunk (512 MiB in bf16): 4096 tokens of a 50k vocabulary
-_FP8_GRAD_SCALE = 2.0 ** 15  # d loss / d logits (before 1 / n_valid) lies in (-1, 1); e5m2's max is 57344
-_FP8_BLOCK_M, _FP8_BLOCK_V, _FP8_WARPS = 32, 512, 16  # FP8 gradient tiles (32 rows: a 32-byte sector transposed)
+# The FP8 logits product's operands: e4m3 hidden, its inverse scale, e4m3 weight, its inverse scale.
+Fp8Operands = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -54,29 +52,9 @@ def _softcap(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @jit
-def _dlogits(z, lse, is_target, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """scale * d loss / d logits at the (softcapped) logits z: softmax - onehot, times d tanh when capped."""
-    grad = (tl.exp(z - lse) - tl.where(is_target, 1.0, 0.0)) * scale
-    if HAS_SOFTCAP:
-        capped = z / softcap
-        grad = grad * (1.0 - capped * capped)  # d tanh = 1 - tanh^2
-    return grad
-
-
-@jit
-def _round_to_e5m2(x):
-    # x rounded to e5m2's 2 mantissa bits (ties to even) while still fp32, so that the cast after it is exact:
-    # Triton 3.9's interpreter loses the carry when its own cast rounds up into the next power of two.
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0xFFFFF + ((bits >> 21) & 1)) & 0xFFE00000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@jit
-def _ce_rows_kernel(logits_ptr, logits_stride, targets_ptr, loss_ptr, lse_ptr, V, ignore_index, softcap,
-                    HAS_SOFTCAP: tl.constexpr, IN_PLACE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One row per program: its loss, and either d (sum of losses) / d logits over the logits (IN_PLACE_GRAD)
-    or its logsumexp to lse_ptr (for `_ce_grad_fp8_kernel`)."""
+def _ce_rows_kernel(logits_ptr, logits_stride, targets_ptr, loss_ptr, V, ignore_index, softcap,
+                    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row per program: its loss, and d (sum of losses) / d logits written over the logits."""
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * logits_stride
     target = tl.load(targets_ptr + row)
@@ -99,9 +77,6 @@ def _ce_rows_kernel(logits_ptr, logits_stride, targets_ptr, loss_ptr, lse_ptr, V
     # An out-of-range target makes the loss NaN: visible, and checking it on the host would cost a sync.
     loss = tl.where(in_range, lse - z_target, float("nan"))
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
-    if not IN_PLACE_GRAD:
-        tl.store(lse_ptr + row, lse)
-        return
 
     # Pass 2: overwrite the logits with d loss / d logits = softmax - onehot (0 for an ignored row).
     scale = tl.where(ignored, 0.0, 1.0)
@@ -109,32 +84,11 @@ def _ce_rows_kernel(logits_ptr, logits_stride, targets_ptr, loss_ptr, lse_ptr, V
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
         z = _softcap(tl.load(logits_ptr + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
-        grad = _dlogits(z, lse, cols == target, scale, softcap, HAS_SOFTCAP)
+        grad = (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
+        if HAS_SOFTCAP:
+            capped = z / softcap
+            grad = grad * (1.0 - capped * capped)  # d tanh = 1 - tanh^2
         tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
-
-
-@jit
-def _ce_grad_fp8_kernel(logits_ptr, logits_stride, lse_ptr, targets_ptr, grad_ptr, grad_stride, grad_t_ptr,
-                        grad_t_stride, n_rows, V, ignore_index, softcap, grad_scale, HAS_SOFTCAP: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
-    """BLOCK_M rows per program: grad_scale * (softmax - onehot) in e5m2, to grad [rows, V] and transposed to
-    grad_t [V, rows] (a separate kernel from the logsumexp pass: fused into one, Triton 3.6 on an H100 left some
-    transposed elements unwritten)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index)
-    scale = tl.where(target == ignore_index, 0.0, grad_scale)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = row_ok[:, None] & (cols[None, :] < V)
-        z = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * logits_stride + cols[None, :], mask=mask, other=0.0)
-        z = _softcap(z.to(tl.float32), softcap, HAS_SOFTCAP)
-        grad = _dlogits(z, lse[:, None], cols[None, :] == target[:, None], scale[:, None], softcap, HAS_SOFTCAP)
-        grad = _round_to_e5m2(grad).to(grad_ptr.dtype.element_ty)
-        tl.store(grad_ptr + rows.to(tl.int64)[:, None] * grad_stride + cols[None, :], grad, mask=mask)
-        tl.store(grad_t_ptr + cols.to(tl.int64)[:, None] * grad_t_stride + rows[None, :], tl.trans(grad),
-                 mask=(cols[:, None] < V) & row_ok[None, :])
 
 
 def _add_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -147,28 +101,28 @@ def _add_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden: t
         grad_weight.add_(dlogits.t() @ hidden)
 
 
+def _row_block(V: int) -> int:
+    """Vocabulary columns a row program holds at a time. H100, 4096-row bf16 chunks: 8192 (16 warps) beats
+    Liger-Kernel's 32768 (32 warps) up to 64K columns (V = 50304: 0.41 vs 0.46 ms in the GPT-2 training step's
+    profile; V = 32000: 0.24 vs 0.27 ms), 32768 wins above (V = 128256: 1.01 vs 1.10 ms)."""
+    return min(8192 if V <= 65536 else 32768, next_power_of_2(V))
+
+
 def _ce_rows(z: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor, ignore_index: int,
-             softcap: float | None, fp8_grads: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-    """The losses of the logits z [rows, V] into loss_rows, and d (sum of losses) / d z: over z in place, or with
-    `fp8_grads` = (grad [rows, V], grad_t [V, rows]) in e5m2 times _FP8_GRAD_SCALE (z is left as it was)."""
+             softcap: float | None) -> None:
+    """The losses of the logits z [rows, V] into loss_rows, and d (sum of losses) / d z over z in place."""
     rows, V = z.shape
-    block = min(_MAX_BLOCK_V, next_power_of_2(V))
-    lse = torch.empty_like(loss_rows) if fp8_grads else loss_rows  # (unused when the gradient goes in place)
+    block = _row_block(V)
     cap = 0.0 if softcap is None else softcap
-    _ce_rows_kernel[(rows,)](z, z.stride(0), targets, loss_rows, lse, V, ignore_index, cap,
-                             HAS_SOFTCAP=softcap is not None, IN_PLACE_GRAD=fp8_grads is None, BLOCK_V=block,
-                             num_warps=num_warps_for(block))
-    if fp8_grads:
-        grad, grad_t = fp8_grads
-        _ce_grad_fp8_kernel[(triton.cdiv(rows, _FP8_BLOCK_M),)](
-            z, z.stride(0), lse, targets, grad, grad.stride(0), grad_t, grad_t.stride(0), rows, V, ignore_index, cap,
-            _FP8_GRAD_SCALE, HAS_SOFTCAP=softcap is not None, BLOCK_M=_FP8_BLOCK_M, BLOCK_V=_FP8_BLOCK_V,
-            num_warps=_FP8_WARPS)
+    _ce_rows_kernel[(rows,)](z, z.stride(0), targets, loss_rows, V, ignore_index, cap, HAS_SOFTCAP=softcap is not None,
+                             BLOCK_V=block, num_warps=num_warps_for(block))
 
 
-def _chunks_bf16(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor,
-                 ignore_index: int, chunk: int, softcap: float | None, need_hidden: bool, need_weight: bool):
-    """(d sum / d hidden, d sum / d weight in fp32) of the summed loss, the loss rows written to loss_rows."""
+def _chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor,
+            ignore_index: int, chunk: int, softcap: float | None, need_hidden: bool, need_weight: bool,
+            fp8: Fp8Operands | None):
+    """(d sum / d hidden, d sum / d weight in fp32) of the summed loss, the loss rows written to loss_rows.
+    `fp8`: the logits from these e4m3 copies of hidden and weight instead, the rest in bf16."""
     N, D = hidden.shape
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     grad_weight = torch.zeros((weight.shape[0], D), dtype=torch.float32, device=weight.device) if need_weight else None
@@ -176,7 +130,12 @@ def _chunks_bf16(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     for start in range(0, N, chunk):
         h = hidden[start:start + chunk]
         z = logits[:h.shape[0]]
-        torch.mm(h, weight.t(), out=z)
+        if fp8:
+            h8, h_inv, w8, w_inv = fp8
+            torch._scaled_mm(h8[start:start + chunk], w8.t(), scale_a=h_inv, scale_b=w_inv, out_dtype=z.dtype,
+                             use_fast_accum=True, out=z)
+        else:
+            torch.mm(h, weight.t(), out=z)
         _ce_rows(z, targets[start:start + chunk], loss_rows[start:start + chunk], ignore_index, softcap)
         if need_hidden:
             torch.mm(z, weight, out=grad_hidden[start:start + chunk])
@@ -185,48 +144,15 @@ def _chunks_bf16(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     return grad_hidden, grad_weight
 
 
-def _chunks_fp8(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor,
-                ignore_index: int, chunk: int, softcap: float | None, need_hidden: bool, need_weight: bool):
-    """`_chunks_bf16` with FP8 products: the logits from e4m3 operands, the gradient products from the e5m2
-    d loss / d logits; the weight gradient as one product over all N tokens (N x V bytes held for it)."""
-    N, D = hidden.shape
-    V = weight.shape[0]
-    h8, h_inv = to_fp8(hidden, E4M3)
-    w8, w_inv = to_fp8(weight, E4M3)
-    wt8 = w8.t().contiguous()  # [D, V]: the hidden-gradient product's K-major operand
-    g_inv = torch.full((), 1.0 / _FP8_GRAD_SCALE, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if need_hidden else None
-    grad_t = torch.empty((V, N), dtype=E5M2, device=hidden.device)
-    logits = torch.empty((min(chunk, N), V), dtype=hidden.dtype, device=hidden.device)
-    grad = torch.empty((min(chunk, N), V), dtype=E5M2, device=hidden.device)
-    for start in range(0, N, chunk):
-        rows = min(chunk, N - start)
-        z, g = logits[:rows], grad[:rows]
-        torch._scaled_mm(h8[start:start + rows], w8.t(), scale_a=h_inv, scale_b=w_inv, out_dtype=z.dtype,
-                         use_fast_accum=True, out=z)
-        _ce_rows(z, targets[start:start + rows], loss_rows[start:start + rows], ignore_index, softcap,
-                 (g, grad_t[:, start:start + rows]))
-        if need_hidden:
-            torch._scaled_mm(g, wt8.t(), scale_a=g_inv, scale_b=w_inv, out_dtype=hidden.dtype,
-                             out=grad_hidden[start:start + rows])
-    del logits, grad
-    grad_weight = None
-    if need_weight:
-        grad_weight = torch._scaled_mm(grad_t, h8.t().contiguous().t(), scale_a=g_inv, scale_b=h_inv,
-                                       out_dtype=torch.float32)
-    return grad_hidden, grad_weight
-
-
 class _FusedLinearCEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                chunk_size: int, softcap: float | None, fp8: bool) -> torch.Tensor:
+                chunk_size: int, softcap: float | None, fp8: Fp8Operands | None) -> torch.Tensor:
         # Device tensors, not Python ints: no host sync in the training step.
         n_valid = (targets != ignore_index).sum().clamp_(min=1).to(torch.float32)
         loss_rows = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        chunks = _chunks_fp8 if fp8 else _chunks_bf16
-        grad_hidden, grad_weight = chunks(hidden, weight, targets, loss_rows, ignore_index, chunk_size, softcap,
-                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        grad_hidden, grad_weight = _chunks(hidden, weight, targets, loss_rows, ignore_index, chunk_size, softcap,
+                                           ctx.needs_input_grad[0], ctx.needs_input_grad[1], fp8)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
@@ -284,8 +210,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     heuristic) and never held whole; otherwise `linear_cross_entropy_reference` runs. Differentiable w.r.t.
     hidden and weight; 0 (with zero gradients) when every target is ignored. A target outside [0, V) that is
     not ignore_index raises on the reference path and gives a NaN loss on the Triton path. `fp8`: the Triton
-    path's products in FP8 where they can run (`fp8_head_fits`), with FP8's precision (e4m3 logits, e5m2
-    gradients: a few percent of relative error per element)."""
+    path's logits product in FP8 where it can run (`fp8_head_fits`), with e4m3's precision (the gradients
+    follow those logits: a few percent of relative error per element)."""
     if hidden.dim() > 2:
         if targets.shape != hidden.shape[:-1]:
             raise ValueError(f"fused_linear_cross_entropy: targets {tuple(targets.shape)} must be hidden "
@@ -296,12 +222,18 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     if not use_triton(hidden, weight, targets):
         return linear_cross_entropy_reference(hidden, weight, targets, ignore_index, softcap)
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
-    fp8 = fp8 and fp8_head_fits(hidden, weight)
-    return _fused(hidden.contiguous(), weight, targets.contiguous(), ignore_index, chunk, softcap, fp8)
+    hidden = hidden.contiguous()
+    # Cast here, not in `_fused`: under torch.compile Inductor fuses each amax and cast (the weight's straight
+    # from its fp32 master), where eager casts took ~0.5 ms per call at GPT-2's 50k x 768 head.
+    operands = None
+    if fp8 and fp8_head_fits(hidden, weight):
+        with torch.no_grad():
+            operands = (*to_fp8(hidden, E4M3), *to_fp8(weight, E4M3))
+    return _fused(hidden, weight, targets.contiguous(), ignore_index, chunk, softcap, operands)
 
 
 def fp8_head_fits(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True when the FP8 path can run: D and V multiples of 16 (cuBLASLt's rule for K and N) and FP8 tensor
+    """True when the FP8 logits product can run: D and V multiples of 16 (cuBLASLt's rule for K and N) and FP8 tensor
     cores on CUDA (sm89+); on CPU (Triton's interpreter, tests) `torch._scaled_mm` has a kernel."""
     if hidden.shape[1] % 16 or weight.shape[0] % 16:
         return False
@@ -312,6 +244,6 @@ def fp8_head_fits(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
 # launches, nothing for Inductor to fuse; a clean graph break beats tracing `out=` slices per chunk.
 @torch.compiler.disable
 def _fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk: int,
-           softcap: float | None, fp8: bool) -> torch.Tensor:
+           softcap: float | None, fp8: Fp8Operands | None) -> torch.Tensor:
     with torch.autocast(hidden.device.type, enabled=False):
         return _FusedLinearCEFn.apply(hidden, weight, targets, ignore_index, chunk, softcap, fp8)
