@@ -233,8 +233,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
 
 
 def fp8_head_fits(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True when the FP8 logits product can run: D and V multiples of 16 (cuBLASLt's rule for K and N) and FP8 tensor
-    cores on CUDA (sm89+); on CPU (Triton's interpreter, tests) `torch._scaled_mm` has a kernel."""
+    """True when the FP8 logits product can run: D and V multiples of 16 (cuBLASLt's rule for K and N) and FP8
+    tensor cores on CUDA (sm89+); on CPU (Triton's interpreter, tests) `torch._scaled_mm` has a kernel."""
     if hidden.shape[1] % 16 or weight.shape[0] % 16:
         return False
     return not hidden.is_cuda or on_fp8_gpu(hidden)
