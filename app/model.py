@@ -72,7 +72,9 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init (output projections get /sqrt(2 n_layer))
     dropout: float = 0.0  # training-only dropout on embeddings, attention weights and residual branches
     lmatch_vocab: int = 0  # rows of the retrieval-match embedding (>= vocab_size + 1; id vocab_size = no match); 0 = off
-    fp8: bool = False  # training matmuls (blocks, lm_head) in FP8 with per-tensor scales on sm89+ CUDA; else as usual
+    # Training matmuls in FP8 on sm89+ CUDA (else as usual): the blocks' forward and input-gradient products with
+    # per-row scales (weight gradients bf16, `kernels.fp8_linear`), and the FP8 head.
+    fp8: bool = False
     # Only the lm_head's training matmuls in FP8 (modded-nanogpt's FP8 head); under the fused loss only its logits
     # product (the gradient products stay bf16: faster on an H100). fp8 implies it.
     fp8_head: bool = False

@@ -268,6 +268,7 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     "fp8_head": {"kernels": "loss", "model": {"fp8_head": True}},  # modded-nanogpt's FP8 lm_head
     "windows_graph_fp8_head": {"kernels": "loss", "cuda_graph": True,
                                "model": {"attn_windows": [1, 64, 0], "fp8_head": True}},
+    "windows_graph_fp8": {"kernels": "loss", "cuda_graph": True, "model": {"attn_windows": [1, 64, 0], "fp8": True}},
 }
 
 

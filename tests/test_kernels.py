@@ -263,10 +263,25 @@ def test_fp8_linear_matches_reference_forward_and_backward(x_dtype):
     (y, ), (dx, dw) = _run(app.kernels.fp8_linear, [x, w])
     (y_ref, ), (dx_ref, dw_ref) = _run(lambda a, b: app.kernels.fp8_linear_reference(a.float(), b), [x, w])
     assert (y.dtype, dx.dtype, dw.dtype) == (x_dtype, x_dtype, torch.float32)
-    # e4m3 keeps 3 mantissa bits, e5m2 2: a few percent of relative error, not more.
-    for name, a, b, tol in (("y", y, y_ref, 0.06), ("dx", dx, dx_ref, 0.12), ("dweight", dw, dw_ref, 0.12)):
+    # e4m3 keeps 3 mantissa bits: ~4% relative error in the FP8 products (more than 1% shows they ran in FP8,
+    # bf16 would give ~0.3%); the weight gradient is a bf16 product.
+    for name, a, b, low, tol in (("y", y, y_ref, 0.01, 0.05), ("dx", dx, dx_ref, 0.01, 0.05),
+                                 ("dweight", dw, dw_ref, 0.0, 0.01)):
         err = ((a.double() - b.double()).norm() / b.double().norm()).item()
-        assert err < tol, f"fp8_linear {name}: relative error {err:.3f} >= {tol}"
+        assert low <= err < tol, f"fp8_linear {name}: relative error {err:.3f} not in [{low}, {tol})"
+
+
+@no_interpreter
+def test_fp8_linear_scales_each_row_so_an_outlier_token_costs_only_its_own_precision():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 64, generator=gen)
+    x[0] *= 1e5  # with one scale for the whole tensor the other rows would fall into e4m3's subnormals
+    w = 0.1 * torch.randn(48, 64, generator=gen)
+    (y, ), (dx, _) = _run(app.kernels.fp8_linear, [x, w])
+    (y_ref, ), (dx_ref, _) = _run(app.kernels.fp8_linear_reference, [x, w])
+    for name, a, b in (("y", y, y_ref), ("dx", dx, dx_ref)):
+        err = ((a[1:] - b[1:]).norm(dim=-1) / b[1:].norm(dim=-1)).max().item()
+        assert err < 0.1, f"fp8_linear {name}: a row next to an outlier has relative error {err:.3f}"
 
 
 @no_interpreter
@@ -398,3 +413,33 @@ def test_kernels_under_triton_interpreter():
                           cwd=this.parents[1], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"kernel tests under the interpreter failed:\n{proc.stdout[-6000:]}{proc.stderr[-2000:]}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.gpu
+@no_interpreter
+def test_gpu_fp8_linear_compiled_gradients_match_eager():
+    """Under torch.compile on CUDA the FP8 linear's gradients are its eager gradients (an earlier form of its
+    autograd.Function compiled into a backward that returned zeros on an H100, and trained 40% 'faster')."""
+    torch.manual_seed(0)
+    M, K, N = 4096, 768, 2048
+    x, w, nw = torch.randn(M, K, device="cuda"), 0.02 * torch.randn(N, K, device="cuda"), torch.ones(K, device="cuda")
+    grad_y = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+
+    def block(x, w, nw, linear):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return torch.nn.functional.silu(linear(torch.nn.functional.rms_norm(x, (K,), nw), w))
+
+    def grads(fn, linear):
+        leaves = [_leaf(t) for t in (x, w, nw)]
+        fn(*leaves, linear).backward(grad_y)
+        return [t.grad for t in leaves]
+
+    torch._dynamo.reset()
+    exact = grads(block, lambda h, w: torch.nn.functional.linear(h.float(), w))
+    eager = grads(block, app.kernels.fp8_linear)
+    compiled = grads(torch.compile(block), app.kernels.fp8_linear)
+    for name, c, e, r in zip(("dx", "dweight", "dnorm"), compiled, eager, exact):
+        rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert rel(e, r) < 0.06, f"eager fp8 {name}: relative error {rel(e, r):.3f} vs fp32"
+        # Inductor's fused norm rounds a few inputs differently, and e4m3 turns that into ~1.7% (H100)
+        assert rel(c, e) < 0.03, f"compiled fp8 {name} differs from eager by {rel(c, e):.3f}"
