@@ -56,9 +56,10 @@ def to_fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """x [M, K] @ weight [N, K].T in bf16 (the rowwise FP8 kernels' output type). Its only inputs are the
-    two tensors: an extra non-tensor argument (the output dtype) made Inductor's compiled backward return
-    zero gradients on an H100 (torch 2.11), so the caller casts the output."""
+    """x [M, K] @ weight [N, K].T in bf16 (the rowwise FP8 kernels' output type). The caller casts the
+    output: an earlier form that took the output dtype as an argument and returned `y.to(out_dtype)` (the
+    same tensor, for bf16) compiled into a backward that returned zero gradients on an H100 (torch 2.11);
+    which of the two did it was not isolated. `tests/test_kernels.py` checks compiled against eager."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
