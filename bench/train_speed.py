@@ -13,7 +13,8 @@ The compiling children still take CPU from the timed one: rows whose step is par
 fused loss's eager chunk loop) read slow under --jobs > 1, so record final numbers with --jobs=1 and
 use the profiles' GPU-time sums (which CPU contention does not change) to check parallel runs.
 Prints JSON: tokens/s, MFU (6N + attention FLOPs per token), peak memory, and each variant's
-ratio to the baseline. `--profile_dir` also writes a torch.profiler table of one step per row.
+ratio to the baseline. After timing, every row checks its compiled gradients against the eager model's
+on one micro-batch (`grad_check`); a row whose gradients disagree gets an "error" and no ratio. `--profile_dir` also writes a torch.profiler table of one step per row.
 
     python -m bench.train_speed                                   # GPU: gpt2-124m and gpt2-350m
     python -m bench.train_speed --presets=tiny --steps=2 --seq_len=64 --micro_batch=2 --accum=1  # CPU smoke run
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 
 from app.data import Batch
 from app.model import GPT, ModelConfig
-from app.trainer import (PEAK_FLOPS, CosineSchedule, TrainConfig, build_model, compiled, make_optimizer,
-                         step_function)
+from app.trainer import (PEAK_FLOPS, CosineSchedule, TrainConfig, build_model, compiled, forward_backward,
+                         make_optimizer, step_function)
 
 # ------------------------------------------------------------------ the baseline (nanoGPT / llm.c style)
 
@@ -179,6 +180,40 @@ def _profile(step, device: torch.device, args) -> None:
                                     "calls": e.count, "kind": _kind(e.key)} for e in top]}, f, indent=1)
 
 
+GRAD_CHECK_MIN_COS = 0.99  # FP8 / bf16 rounding keeps honest rows above 0.9999; a lost gradient is 0
+
+
+def grad_check(fwd, model: nn.Module, batch: Batch, device: torch.device, autocast) -> dict:
+    """The lowest per-parameter cosine similarity between the gradients of `batch` through `fwd` (the row's
+    compiled model) and through the eager `model`, and its parameter. A compiler bug that drops gradients
+    makes a step look fast (a first FP8 version measured 1.5x with a backward that returned zeros), so
+    every row is checked; parameters whose eager gradient is zero (by design) are skipped."""
+    grads = []
+    for f in (fwd, model):
+        model.zero_grad(set_to_none=True)
+        forward_backward(f, [batch], device, autocast)
+        grads.append({n: p.grad.detach().double().flatten() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    got, want = grads
+    worst = (1.0, "")
+    for name, w in want.items():
+        if w.norm() == 0:
+            continue
+        g = got.get(name, torch.zeros_like(w))
+        cos = float(torch.dot(g, w) / (g.norm() * w.norm()).clamp(min=1e-300))
+        worst = min(worst, (cos, name))
+    return {"min_cos": round(worst[0], 5), "param": worst[1]}
+
+
+def _checked(row: dict, check: dict) -> dict:
+    """`row` with its gradient check; an "error" when the compiled gradients disagree with eager."""
+    row["grad_check"] = check
+    if check["min_cos"] < GRAD_CHECK_MIN_COS:
+        row["error"] = (f"compiled gradients disagree with eager: {check['param']} cosine {check['min_cos']} "
+                        f"< {GRAD_CHECK_MIN_COS}; the timing is not a training step's")
+    return row
+
+
 def _result(name: str, tokens_per_step: int, warm: float, dt: float, losses: list[float], fpt: float,
             n_params: int, device: torch.device) -> dict:
     tps = tokens_per_step / dt
@@ -216,6 +251,7 @@ def run_baseline(mcfg: ModelConfig, batches: list[Batch], args, device: torch.de
     warm, dt, losses = _time_steps(step, device, args)
     n = sum(p.numel() for p in model.parameters())
     out = _result("baseline", args.tokens_per_step, warm, dt, losses, model.flops_per_token(args.seq_len), n, device)
+    out = _checked(out, grad_check(fwd, model, batches[0], device, autocast))
     del model, opt, fwd
     _reset()
     return out
@@ -242,6 +278,7 @@ def run_spotlm(preset: str, variant: dict, batches: list[Batch], args, device: t
     name = "spotlm " + args.one
     out = _result(name, args.tokens_per_step, warm, dt, losses, model.flops_per_token(args.seq_len),
                   model.num_params(), device)
+    out = _checked(out, grad_check(fwd, model, batches[0], device, autocast))
     del model, opt, fwd
     _reset()
     return out
@@ -351,12 +388,12 @@ def main() -> None:
         rows = _rows(preset, variants, passthrough, jobs[min(i, len(jobs) - 1)])
         if args.profile_dir:
             _merge_profiles(args.profile_dir, preset, variants)
-        if "tokens_per_s" not in rows[0]:
+        if "tokens_per_s" not in rows[0] or "error" in rows[0]:
             report["results"][preset] = rows
             continue
         base = rows[0]["tokens_per_s"]
         for r in rows[1:]:
-            if "tokens_per_s" in r:
+            if "tokens_per_s" in r and "error" not in r:
                 r["speedup_vs_baseline"] = round(r["tokens_per_s"] / base, 3)
                 if r["peak_mem_GiB"] is not None:
                     r["mem_ratio_vs_baseline"] = round(r["peak_mem_GiB"] / rows[0]["peak_mem_GiB"], 3)

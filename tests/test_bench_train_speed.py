@@ -1,0 +1,41 @@
+"""bench.train_speed's gradient check: a row whose compiled step loses gradients is reported as an error."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from app.model import GPT, ModelConfig
+from bench.train_speed import GRAD_CHECK_MIN_COS, _batches, _checked, grad_check
+
+
+class _ZeroGradients(nn.Module):
+    """The model's loss with its gradient multiplied by zero, as the broken compiled FP8 backward had it."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets, lmatch=None):
+        _, loss = self.model(idx, targets)
+        return None, loss.detach() + 0.0 * loss
+
+
+def _tiny():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=16))
+    return model, _batches(64, micro=2, seq_len=16, accum=1, seed=0)[0]
+
+
+def test_grad_check_passes_the_same_gradients_and_flags_lost_ones():
+    model, batch = _tiny()
+    cpu, autocast = torch.device("cpu"), contextlib.nullcontext
+    same = grad_check(model, model, batch, cpu, autocast)
+    assert same["min_cos"] > 0.9999
+    assert "error" not in _checked({"tokens_per_s": 1}, same)
+    lost = grad_check(_ZeroGradients(model), model, batch, cpu, autocast)
+    assert lost["min_cos"] < GRAD_CHECK_MIN_COS and lost["param"]
+    row = _checked({"tokens_per_s": 1}, lost)
+    assert lost["param"] in row["error"] and row["grad_check"] is lost
+    assert all(p.grad is None for p in model.parameters())  # it leaves no gradients behind
