@@ -419,7 +419,7 @@ def test_kernels_under_triton_interpreter():
 @no_interpreter
 def test_gpu_fp8_linear_compiled_gradients_match_eager():
     """Under torch.compile on CUDA the FP8 linear's gradients are its eager gradients (an earlier form of its
-    autograd.Function compiled into a backward that returned zeros on an H100, and trained 40% 'faster')."""
+    autograd.Function compiled into a backward that returned zeros on an H100 and timed at 1.5x the baseline)."""
     torch.manual_seed(0)
     M, K, N = 4096, 768, 2048
     x, w, nw = torch.randn(M, K, device="cuda"), 0.02 * torch.randn(N, K, device="cuda"), torch.ones(K, device="cuda")
@@ -435,11 +435,11 @@ def test_gpu_fp8_linear_compiled_gradients_match_eager():
         return [t.grad for t in leaves]
 
     torch._dynamo.reset()
-    exact = grads(block, lambda h, w: torch.nn.functional.linear(h.float(), w))
+    plain = grads(block, torch.nn.functional.linear)  # autocast's bf16 matmul
     eager = grads(block, app.kernels.fp8_linear)
     compiled = grads(torch.compile(block), app.kernels.fp8_linear)
-    for name, c, e, r in zip(("dx", "dweight", "dnorm"), compiled, eager, exact):
+    for name, c, e, r in zip(("dx", "dweight", "dnorm"), compiled, eager, plain):
         rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
-        assert rel(e, r) < 0.06, f"eager fp8 {name}: relative error {rel(e, r):.3f} vs fp32"
+        assert rel(e, r) < 0.06, f"eager fp8 {name}: relative error {rel(e, r):.3f} vs the bf16 matmul"
         # Inductor's fused norm rounds a few inputs differently, and e4m3 turns that into ~1.7% (H100)
         assert rel(c, e) < 0.03, f"compiled fp8 {name} differs from eager by {rel(c, e):.3f}"
