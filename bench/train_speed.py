@@ -14,7 +14,8 @@ fused loss's eager chunk loop) read slow under --jobs > 1, so record final numbe
 use the profiles' GPU-time sums (which CPU contention does not change) to check parallel runs.
 Prints JSON: tokens/s, MFU (6N + attention FLOPs per token), peak memory, and each variant's
 ratio to the baseline. After timing, every row checks its compiled gradients against the eager model's
-on one micro-batch (`grad_check`); a row whose gradients disagree gets an "error" and no ratio. `--profile_dir` also writes a torch.profiler table of one step per row.
+on one micro-batch (`grad_check`); a row whose gradients disagree gets an "error" and no ratio.
+`--profile_dir` also writes a torch.profiler table of one step per row.
 
     python -m bench.train_speed                                   # GPU: gpt2-124m and gpt2-350m
     python -m bench.train_speed --presets=tiny --steps=2 --seq_len=64 --micro_batch=2 --accum=1  # CPU smoke run
@@ -188,20 +189,19 @@ def grad_check(fwd, model: nn.Module, batch: Batch, device: torch.device, autoca
     compiled model) and through the eager `model`, and its parameter. A compiler bug that drops gradients
     makes a step look fast (a first FP8 version measured 1.5x with a backward that returned zeros), so
     every row is checked; parameters whose eager gradient is zero (by design) are skipped."""
-    grads = []
-    for f in (fwd, model):
+    def gradients(f) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
         forward_backward(f, [batch], device, autocast)
-        grads.append({n: p.grad.detach().double().flatten() for n, p in model.named_parameters() if p.grad is not None})
-    model.zero_grad(set_to_none=True)
-    got, want = grads
+        out = {n: p.grad.detach().float().flatten() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    got, want = gradients(fwd), gradients(model)
     worst = (1.0, "")
     for name, w in want.items():
-        if w.norm() == 0:
-            continue
-        g = got.get(name, torch.zeros_like(w))
-        cos = float(torch.dot(g, w) / (g.norm() * w.norm()).clamp(min=1e-300))
-        worst = min(worst, (cos, name))
+        w, g = w.double(), got.get(name, torch.zeros_like(w)).double()
+        if w.norm() > 0:  # zero by design (a window-1 layer's q/k) in both
+            worst = min(worst, (float(torch.dot(g, w) / (g.norm() * w.norm()).clamp(min=1e-300)), name))
     return {"min_cos": round(worst[0], 5), "param": worst[1]}
 
 
