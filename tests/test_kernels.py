@@ -32,6 +32,11 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
     assert err < _TOL[dtype], f"{what}: relative error {err:.2e} >= {_TOL[dtype]:.0e}"
 
 
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in double."""
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
 def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_()
 
@@ -166,8 +171,8 @@ def test_fused_linear_ce_fp8_matches_reference_within_fp8_precision(softcap):
     for name, a, b, exact_a, tol in (("loss", fp8[0][0], ref[0][0], exact[0][0], 1e-3),
                                      ("dhidden", fp8[1][0], ref[1][0], exact[1][0], 0.03),
                                      ("dweight", fp8[1][1], ref[1][1], exact[1][1], 0.03)):
-        err = ((a.double() - b.double()).norm() / b.double().norm()).item()
-        exact_err = ((exact_a.double() - b.double()).norm() / b.double().norm()).item()
+        err = _rel_err(a, b)
+        exact_err = _rel_err(exact_a, b)
         assert a.dtype == b.dtype and err < tol, f"fp8 fused CE {name}: relative error {err:.3f} >= {tol}"
         assert err > 10 * exact_err, f"fp8 fused CE {name}: as exact as the bf16 path: FP8 did not run"
 
@@ -267,7 +272,7 @@ def test_fp8_linear_matches_reference_forward_and_backward(x_dtype):
     # bf16 would give ~0.3%); the weight gradient is a bf16 product.
     for name, a, b, low, tol in (("y", y, y_ref, 0.01, 0.05), ("dx", dx, dx_ref, 0.01, 0.05),
                                  ("dweight", dw, dw_ref, 0.0, 0.01)):
-        err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        err = _rel_err(a, b)
         assert low <= err < tol, f"fp8_linear {name}: relative error {err:.3f} not in [{low}, {tol})"
 
 
@@ -370,7 +375,7 @@ def test_gpu_fused_linear_ce(N, D, V, fp8):
         if not fp8:
             _assert_close(a.detach(), b.detach(), torch.bfloat16, name)
             continue
-        err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        err = _rel_err(a, b)
         assert err < (2e-3 if name == "loss" else 0.05), f"fp8 fused CE {name}: relative error {err:.3f}"
 
 
@@ -439,7 +444,6 @@ def test_gpu_fp8_linear_compiled_gradients_match_eager():
     eager = grads(block, app.kernels.fp8_linear)
     compiled = grads(torch.compile(block), app.kernels.fp8_linear)
     for name, c, e, r in zip(("dx", "dweight", "dnorm"), compiled, eager, plain):
-        rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
-        assert rel(e, r) < 0.06, f"eager fp8 {name}: relative error {rel(e, r):.3f} vs the bf16 matmul"
+        assert _rel_err(e, r) < 0.06, f"eager fp8 {name}: relative error {_rel_err(e, r):.3f} vs the bf16 matmul"
         # Inductor's fused norm rounds a few inputs differently, and e4m3 turns that into ~1.7% (H100)
-        assert rel(c, e) < 0.03, f"compiled fp8 {name} differs from eager by {rel(c, e):.3f}"
+        assert _rel_err(c, e) < 0.03, f"compiled fp8 {name} differs from eager by {_rel_err(c, e):.3f}"
