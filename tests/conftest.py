@@ -46,6 +46,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _log_tail(log: Path) -> str:
+    """'the end of <log>:' and its last 2000 characters, for a failure message."""
+    return f"the end of {log}:\n{log.read_text(errors='replace')[-2000:]}"
+
+
 def _start_weed(weed: str, d: Path, config: Path) -> tuple[subprocess.Popen, str] | None:
     """`weed server -s3` on fresh loopback ports with its data and `weed.log` in d (created), and its endpoint
     once a bucket write works; None when the server exited first (e.g. a port another process took between
@@ -77,8 +82,7 @@ def _start_weed(weed: str, d: Path, config: Path) -> tuple[subprocess.Popen, str
                 return None
             if time.time() > deadline:
                 proc.kill()
-                tail = (d / "weed.log").read_text(errors="replace")[-2000:]
-                pytest.fail(f"SeaweedFS did not answer within 90 s; the end of {d / 'weed.log'}:\n{tail}")
+                pytest.fail(f"SeaweedFS did not answer within 90 s; {_log_tail(d / 'weed.log')}")
             time.sleep(0.5)
 
 
@@ -102,8 +106,7 @@ def s3_server(tmp_path_factory):
             break
     else:
         log = d / f"try{attempt}" / "weed.log"
-        tail = log.read_text(errors="replace")[-2000:]
-        pytest.fail(f"SeaweedFS exited at start three times; the end of {log}:\n{tail}")
+        pytest.fail(f"SeaweedFS exited at start three times; {_log_tail(log)}")
     proc, endpoint = started
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "spotlm", "AWS_SECRET_ACCESS_KEY": "spotlm",
            "AWS_DEFAULT_REGION": "us-east-1"}
