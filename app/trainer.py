@@ -18,6 +18,7 @@ from app.config import ConfigError, from_dict, to_dict
 from app.data import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches, match_stream
 from app.ema import WeightEMA
 from app.log import get_logger
+from app.master import MasterAdamW
 from app.memory_plan import MemoryConfig
 from app.model import GPT, ModelConfig, use_kernels
 from app.muon import Muon, muon_params
@@ -60,6 +61,9 @@ class TrainConfig:
     muon_lr: float = 0.02  # peak learning rate of the Muon matrices (same schedule as `lr`)
     muon_momentum: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 = off
+    # bf16 weights and gradients, AdamW on fp32 master copies (app/master.py): auto = on CUDA with AdamW, unless
+    # memory.fsdp / memory.offload_optimizer (their own mixed precision) or ema_decay (it averages fp32 weights)
+    bf16_weights: str = "auto"  # auto | true | false
     ema_decay: float = 0.0  # > 0: keep an average of the weights (app/ema.py); evaluation and export use it
     eval_every: int = 50  # steps between validation passes; 0 = only at the end
     eval_tokens: int = 65536  # validation tokens per pass; 0 = the whole validation split
@@ -96,8 +100,8 @@ class TrainConfig:
             raise ConfigError("lr must be > 0 and min_lr_ratio in [0, 1]")
         if self.min_workers > self.num_workers:
             raise ConfigError(f"min_workers={self.min_workers} is more than num_workers={self.num_workers}")
-        if self.use_gpu not in ("auto", "true", "false") or self.compile not in ("auto", "true", "false"):
-            raise ConfigError("use_gpu and compile take auto | true | false")
+        if any(v not in ("auto", "true", "false") for v in (self.use_gpu, self.compile, self.bf16_weights)):
+            raise ConfigError("use_gpu, compile and bf16_weights take auto | true | false")
         if self.eval_tokens < 0:
             raise ConfigError(f"eval_tokens must be >= 0 (0 = the whole split), got {self.eval_tokens}")
         if self.compile_mode not in COMPILE_MODES:
@@ -114,6 +118,10 @@ class TrainConfig:
         if self.ema_decay and (self.memory.fsdp or self.memory.offload_optimizer):
             raise ConfigError("ema_decay averages whole fp32 weights on the GPU: not with memory.fsdp or "
                               "memory.offload_optimizer")
+        if self.bf16_weights == "true" and (self.optimizer != "adamw" or self.ema_decay or self.memory.fsdp
+                                            or self.memory.offload_optimizer):
+            raise ConfigError("bf16_weights=true steps fp32 master weights with AdamW: not with optimizer=muon, "
+                              "ema_decay, memory.fsdp or memory.offload_optimizer")
         if self.cuda_graph and self.compile_mode in ("reduce-overhead", "max-autotune"):
             raise ConfigError(f"cuda_graph captures the whole step itself: compile_mode={self.compile_mode} "
                               "(which graphs the model on its own) does not nest in it")
@@ -155,8 +163,17 @@ class CosineSchedule:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def uses_bf16_weights(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the run keeps bf16 weights with fp32 masters (`cfg.bf16_weights`, "auto" resolved on `device`)."""
+    if cfg.bf16_weights != "auto":
+        return cfg.bf16_weights == "true"
+    return device.type == "cuda" and cfg.optimizer == "adamw" and not (
+        cfg.ema_decay or cfg.memory.fsdp or cfg.memory.offload_optimizer)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (weight decay on matrices only), its CPU-offloaded form, or Muon + AdamW (`cfg.optimizer`)."""
+    """AdamW (weight decay on matrices only), its CPU-offloaded form, AdamW over fp32 masters of bf16 weights
+    (`uses_bf16_weights`: casts the model's weights), or Muon + AdamW (`cfg.optimizer`)."""
     if cfg.optimizer == "muon":
         hidden, rest = muon_params(model)
         # The same per-step shrink (1 - lr * wd) as AdamW applies, whatever muon_lr is.
@@ -170,6 +187,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     if cfg.memory.offload_optimizer:  # AdamW on the CPU (fp32 master); the model's weights become bf16 on CUDA
         return make_offload_optimizer(model, groups, cfg.memory, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                       weight_decay=cfg.weight_decay)
+    if uses_bf16_weights(cfg, device):
+        return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
 
@@ -469,10 +488,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def _final_weights(model: GPT, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The trained weights as a full fp32 CPU state dict: gathered from the shards under FSDP, the fp32
-    master copy when the optimizer is offloaded (the GPU copy is bf16)."""
+    master copy when the optimizer keeps one (offloaded, or `bf16_weights`: the model's copy is bf16)."""
     if cfg.memory.fsdp:
         sd = full_state_dicts(model, optimizer)[0]
-    elif cfg.memory.offload_optimizer:
+    elif hasattr(optimizer, "master_state_dict"):
         sd = optimizer.master_state_dict(model)
     else:
         sd = model.state_dict()

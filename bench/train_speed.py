@@ -289,6 +289,7 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     "plain": {"kernels": "none"},
     "proj": {"kernels": "proj"},
     "fused_loss": {"kernels": "loss"},
+    "fused_loss_fp32_weights": {"kernels": "loss", "bf16_weights": "false"},  # fp32 weights under autocast
     "norm_rotary": {"kernels": "norm,rotary"},
     "fp8": {"kernels": "none", **FP8},
     "cuda_graphs": {"kernels": "none", "compile_mode": "reduce-overhead"},
@@ -306,6 +307,9 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     "windows_graph_fp8_head": {"kernels": "loss", "cuda_graph": True,
                                "model": {"attn_windows": [1, 64, 0], "fp8_head": True}},
     "windows_graph_fp8": {"kernels": "loss", "cuda_graph": True, "model": {"attn_windows": [1, 64, 0], "fp8": True}},
+    # the same as windows_graph with fp32 weights under autocast (bf16_weights=auto keeps them bf16 on GPU)
+    "windows_graph_fp32_weights": {"kernels": "loss", "cuda_graph": True, "bf16_weights": "false",
+                                   "model": {"attn_windows": [1, 64, 0]}},
 }
 
 

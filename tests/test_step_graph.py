@@ -51,11 +51,16 @@ def test_cuda_graph_does_not_nest_in_a_graphing_compile_mode():
     cfg(cuda_graph=True, compile_mode="max-autotune-no-cudagraphs").validate()
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_cuda_graph_off_cuda_steps_eagerly_and_equals_the_plain_step(optimizer):
+# AdamW on fp32 weights, AdamW over fp32 masters of bf16 weights (app/master.py), Muon
+OPTIMIZERS = [dict(optimizer="adamw", bf16_weights="false"), dict(optimizer="adamw", bf16_weights="true"),
+              dict(optimizer="muon")]
+
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_cuda_graph_off_cuda_steps_eagerly_and_equals_the_plain_step(opt):
     steps = batches(4, accum=2, device="cpu")
-    a = run(cfg(optimizer=optimizer), "cpu", steps)
-    b = run(cfg(optimizer=optimizer, cuda_graph=True), "cpu", steps)
+    a = run(cfg(**opt), "cpu", steps)
+    b = run(cfg(**opt, cuda_graph=True), "cpu", steps)
     assert not isinstance(b[3], StepGraph)
     assert a[0] == b[0] and a[1] == b[1]
     assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
@@ -63,14 +68,14 @@ def test_cuda_graph_off_cuda_steps_eagerly_and_equals_the_plain_step(optimizer):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_cuda_graph_step_matches_the_eager_step(optimizer):
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_cuda_graph_step_matches_the_eager_step(opt):
     """Replays of the captured step (warm-up undone, LR from the scheduler each step, accumulation
     over 2 micro-batches) follow the eager step's losses and weights."""
     steps = batches(8, accum=2, device="cuda")
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    eager = run(cfg(optimizer=optimizer), "cuda", steps, autocast)
-    graph = run(cfg(optimizer=optimizer, cuda_graph=True), "cuda", steps, autocast)
+    eager = run(cfg(**opt), "cuda", steps, autocast)
+    graph = run(cfg(**opt, cuda_graph=True), "cuda", steps, autocast)
     assert isinstance(graph[3], StepGraph)
     # the first step must see the initial weights: the warm-up steps were undone
     assert graph[0][0] == pytest.approx(eager[0][0], rel=1e-3)

@@ -83,6 +83,22 @@ def test_existing_run_needs_resume_and_resume_continues(shakespeare_shards, tmp_
     assert result.error is None and result.metrics["step"] == 20 and result.metrics["resumes"] == 1
 
 
+def test_bf16_weights_checkpoint_bf16_and_export_fp32_masters(shakespeare_shards, tmp_path):
+    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=20, checkpoint_every=10, eval_every=0, bf16_weights="true")
+    result = train(cfg)
+    assert result.error is None and result.metrics["train_loss"] < math.log(1024) - 0.5  # it learns
+    last = list_checkpoints(cfg.run_dir)[-1]
+    weights = torch.load(os.path.join(last, "model.pt"), map_location="cpu")
+    exported = load_exported(cfg.export_dir).model.state_dict()
+    assert all(w.dtype == torch.bfloat16 for w in weights.values())
+    assert all(exported[k].dtype == torch.float32 and torch.equal(exported[k].to(torch.bfloat16), w)
+               for k, w in weights.items())  # the export is the masters the checkpoint's weights round from
+    assert any(not torch.equal(exported[k], w.float()) for k, w in weights.items())  # with the bits bf16 drops
+    cfg.resume, cfg.max_steps = True, 30
+    result = train(cfg)
+    assert result.error is None and result.metrics["step"] == 30 and result.metrics["resumes"] == 1
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="manifest"):
         train(train_cfg(str(tmp_path / "nothing"), tmp_path, max_steps=1))
