@@ -7,7 +7,7 @@ accumulate in bf16 (as llm.c's do): GPT-2 124M on an H100 (bench/train_speed.py)
 11% less peak memory. The optimizer keeps the fp32 copy that the updates are applied to, since a bf16 weight
 would round away any update below 1/256 of its magnitude, and writes the rounded result back into the model
 after each step. Per parameter the GPU holds 2 (weight) + 2 (gradient) + 4 (master) + 8 (moments) bytes: the
-same 16 as fp32 weights with fp32 gradients.
+16 of fp32 weights with fp32 gradients, less autocast's bf16 copy of every weight during the forward.
 
 The update is torch.optim.AdamW's own (the functional `adam` with decoupled weight decay, fused kernels), run
 on the masters with the gradients cast to fp32, so a step from the same master and gradient is bitwise the

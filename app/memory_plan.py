@@ -146,14 +146,17 @@ def layer_activation_bytes(cfg, checkpointing: str, residual_bytes: int) -> floa
 
 
 def estimate(preset_or_cfg, seq_len: int, batch: int = 1, mem: MemoryConfig | None = None, *,
-             fused_loss: bool = True, world_size: int = 1) -> Estimate:
-    """Peak GPU bytes (and host bytes) of one training step (forward, backward, AdamW step) under `mem`."""
+             fused_loss: bool = True, world_size: int = 1, master_weights: bool = False) -> Estimate:
+    """Peak GPU bytes (and host bytes) of one training step (forward, backward, AdamW step) under `mem`.
+    `master_weights`: bf16 weights and gradients with fp32 masters on the GPU (app/master.py) where `mem`
+    has neither the CPU optimizer nor FSDP (which bring their own mixed precision)."""
     cfg = _shape(preset_or_cfg)
     mem = mem or MemoryConfig()
     P = num_params(cfg)
     T = seq_len * batch
     d, f, L, V = cfg.d_model, cfg.ffn_hidden, cfg.n_layer, cfg.padded_vocab_size
-    bf16_params = mem.offload_optimizer or mem.fsdp  # FSDP2 unshards to bf16 (mixed precision)
+    master_weights = master_weights and not (mem.offload_optimizer or mem.fsdp)
+    bf16_params = mem.offload_optimizer or mem.fsdp or master_weights  # FSDP2 unshards to bf16 (mixed precision)
     r = 2 if bf16_params else 4
     host = 0.0
     block_params = P - V * d * (1 if cfg.tie_embeddings else 2)
@@ -169,6 +172,8 @@ def estimate(preset_or_cfg, seq_len: int, batch: int = 1, mem: MemoryConfig | No
             weights, grads, optimizer, host = unsharded, 2 * 2 * block_params, 0.0, host + sharded
         else:
             weights, grads, optimizer = 4 * P / n + unsharded, 4 * P / n, 8 * P / n
+    elif master_weights:
+        weights, grads, optimizer = 2 * P + 4 * P, 2 * P, 8 * P  # bf16 + fp32 masters, bf16 grads, Adam
     else:
         weights, grads, optimizer = 4 * P + 2 * P, 4 * P, 8 * P  # fp32 + autocast's bf16 copies, fp32 grads, Adam
 
@@ -252,14 +257,15 @@ def candidates(world_size: int = 1) -> list[MemoryConfig]:
 
 
 def plan(preset_or_cfg, gpu_gb: float, seq_len: int, batch: int = 1, *, host_gb: float = 100.0,
-         fused_loss: bool = True, world_size: int = 1, headroom_gb: float = 1.0) -> Plan:
+         fused_loss: bool = True, world_size: int = 1, headroom_gb: float = 1.0, master_weights: bool = False) -> Plan:
     """The fastest (by `step_seconds`) option set whose estimated peak fits in `gpu_gb` (less the CUDA context and
     `headroom_gb`) and whose host memory fits in `host_gb`; ties go to the lower peak. When nothing fits,
-    the set with the lowest peak, with fits=False."""
+    the set with the lowest peak, with fits=False. `master_weights`: as in `estimate`."""
     budget = (gpu_gb - CUDA_CONTEXT_GB - headroom_gb) * GB
     rows = []
     for mem in candidates(world_size):
-        e = estimate(preset_or_cfg, seq_len, batch, mem, fused_loss=fused_loss, world_size=world_size)
+        e = estimate(preset_or_cfg, seq_len, batch, mem, fused_loss=fused_loss, world_size=world_size,
+                     master_weights=master_weights)
         ok = e.peak <= budget and e.host <= host_gb * GB
         rows.append((mem, e, ok, step_seconds(preset_or_cfg, seq_len, batch, mem, e)))
     fitting = [r for r in rows if r[2]]

@@ -163,12 +163,13 @@ class CosineSchedule:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def uses_bf16_weights(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether the run keeps bf16 weights with fp32 masters (`cfg.bf16_weights`, "auto" resolved on `device`)."""
+def uses_bf16_weights(cfg: TrainConfig, device: torch.device, memory: MemoryConfig | None = None) -> bool:
+    """Whether the run keeps bf16 weights with fp32 masters (`cfg.bf16_weights`, "auto" resolved on `device`),
+    under `memory` (default: the run's)."""
     if cfg.bf16_weights != "auto":
         return cfg.bf16_weights == "true"
-    return device.type == "cuda" and cfg.optimizer == "adamw" and not (
-        cfg.ema_decay or cfg.memory.fsdp or cfg.memory.offload_optimizer)
+    mem = cfg.memory if memory is None else memory
+    return device.type == "cuda" and cfg.optimizer == "adamw" and not (cfg.ema_decay or mem.fsdp or mem.offload_optimizer)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -363,7 +364,8 @@ def train_loop(config: dict[str, Any]) -> None:
     val = eval_batches(TokenStream(manifest, "val"), seq_len, cfg.micro_batch, cfg.eval_tokens, rank, world,
                        index_stream(manifest, "val") if cfg.index else None) if has_val else []
     raw = build_model(cfg, mcfg, device)
-    cfg.memory = resolve_memory(cfg.memory, mcfg, seq_len, cfg.micro_batch, device, world)
+    cfg.memory = resolve_memory(cfg.memory, mcfg, seq_len, cfg.micro_batch, device, world,
+                                master_weights=uses_bf16_weights(cfg, device, MemoryConfig()))
     per_block = compiles_per_block(cfg.memory)  # before the optimizer: FSDP2 replaces the parameters
     parallelize(raw, cfg.memory, device=device, world_size=world, compile_mode=cfg.compile_mode,
                 compile=per_block and _resolve(cfg.compile, device.type == "cuda"))

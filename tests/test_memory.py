@@ -261,3 +261,19 @@ def test_planner_monotonic_and_tiny_needs_nothing():
     assert p8.fits and p8.memory.offload_optimizer and p8.memory.checkpointing == "full"
     p15 = plan("gpt2-1.5b", 80, 32768)
     assert p15.fits and not p15.memory.offload_optimizer and not p15.memory.offload_activations
+
+
+def test_estimate_with_bf16_master_weights():
+    """bf16 weights with fp32 masters (app/master.py): 16 bytes per parameter (fp32 weights hold 18 with
+    autocast's bf16 copies), the bf16 residual stream's activations (the CPU optimizer's count), and no
+    effect where offload or FSDP decide."""
+    P = num_params(ModelConfig.preset("gpt2-1.5b"))
+    plain = estimate("gpt2-1.5b", 16384, 1)
+    master = estimate("gpt2-1.5b", 16384, 1, master_weights=True)
+    assert master.weights + master.grads + master.optimizer == 16 * P
+    assert plain.weights + plain.grads + plain.optimizer == 18 * P
+    assert master.grads == 2 * P and master.activations < 0.9 * plain.activations
+    assert master.activations == estimate("gpt2-1.5b", 16384, 1, MemoryConfig(offload_optimizer=True)).activations
+    for mem in (MemoryConfig(offload_optimizer=True), MemoryConfig(fsdp=True)):
+        assert estimate("gpt2-1.5b", 16384, 1, mem, master_weights=True) == estimate("gpt2-1.5b", 16384, 1, mem)
+    assert plan("gpt2-1.5b", 80, 65536, master_weights=True).estimate.peak < plan("gpt2-1.5b", 80, 65536).estimate.peak
