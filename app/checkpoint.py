@@ -2,7 +2,8 @@
 
 A checkpoint directory holds `model.pt`, `optimizer.pt`, `scheduler.pt`, `rng.pt` and
 `state.json` (step, data position, config), `ema.pt` when the run averages its weights, then `DONE`, written last: a directory without it is
-incomplete and is never loaded.
+incomplete and is never loaded. When the optimizer keeps fp32 master weights of bf16 ones (app/master.py,
+app/offload.py), `model.pt` holds the masters, so a run resumed without them continues from the exact weights.
 """
 from __future__ import annotations
 
@@ -78,7 +79,12 @@ def snapshot(model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | d
              ema: WeightEMA | None = None) -> dict[str, Any]:
     """All resumable state, copied to CPU now: cheap next to writing it, so training can go on
     while `write` puts it on disk. Model and optimizer may be given as their (full) state dicts."""
-    model_sd = model if isinstance(model, dict) else model.state_dict()
+    if isinstance(model, dict):
+        model_sd = model
+    elif hasattr(optimizer, "master_state_dict"):  # bf16 weights: their fp32 masters
+        model_sd = optimizer.master_state_dict(model)
+    else:
+        model_sd = model.state_dict()
     optim_sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     snap = {"model.pt": _to_cpu(model_sd), "optimizer.pt": _to_cpu(optim_sd),
             "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state(),
@@ -125,6 +131,9 @@ def load(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
         else:
             model.load_state_dict(model_sd)
             if optimizer is not None:
+                if not hasattr(optimizer, "master_state_dict"):  # model.pt already gave it the masters
+                    for st in optim_sd.get("state", {}).values():
+                        st.pop("master", None)
                 optimizer.load_state_dict(optim_sd)
         if scheduler is not None:
             scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt")))

@@ -6,8 +6,8 @@ is fp32. With the weights stored in bf16 those casts are gone, the residual stre
 accumulate in bf16 (as llm.c's do): GPT-2 124M on an H100 (bench/train_speed.py) runs 7.6% more tokens/s in
 11% less peak memory. The optimizer keeps the fp32 copy that the updates are applied to, since a bf16 weight
 would round away any update below 1/256 of its magnitude, and writes the rounded result back into the model
-after each step. Per parameter the GPU holds 2 (weight) + 2 (gradient) + 4 (master) + 8 (moments) bytes: the
-16 of fp32 weights with fp32 gradients, less autocast's bf16 copy of every weight during the forward.
+after each step. Per parameter the GPU holds 2 (weight) + 2 (gradient) + 4 (master) + 8 (moments) bytes, as
+many as fp32 weights and gradients hold, and no autocast copy of every weight in bf16 during the forward.
 
 The update is torch.optim.AdamW's own (the functional `adam` with decoupled weight decay, fused kernels), run
 on the masters with the gradients cast to fp32, so a step from the same master and gradient is bitwise the
@@ -70,8 +70,9 @@ class MasterAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load this optimizer's state dict (masters stay fp32, unlike torch's default load, which casts the
-        state to the parameter's dtype), or a torch.optim.AdamW one (master = the current weights). Each
-        parameter is then set to its master rounded."""
+        state to the parameter's dtype), or a torch.optim.AdamW one (master = the current weights, so a run
+        that switches to bf16 weights rounds its weights once). Each parameter is then set to its master
+        rounded."""
         params = self._params()
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(

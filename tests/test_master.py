@@ -137,3 +137,31 @@ def test_trainer_choice_and_conflicts():
     for bad in (dict(optimizer="muon"), dict(ema_decay=0.9), dict(bf16_weights="yes")):
         with pytest.raises(ConfigError, match="bf16_weights"):
             TrainConfig(**{"bf16_weights": "true", **bad}).validate()
+
+
+def test_checkpoint_holds_the_masters_and_resumes_with_or_without_them(tmp_path):
+    """model.pt holds the fp32 masters: a MasterAdamW run resumes bitwise, and an fp32 AdamW run resumes from
+    exactly the masters (not their bf16 rounding) with no stale master state."""
+    from app import checkpoint
+
+    batches = _batches(3)
+    m = _model()
+    opt = MasterAdamW(_groups(m), **HYPER)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    _step(m, opt, *batches[0])
+    checkpoint.write(str(tmp_path / "c"), checkpoint.snapshot(m, opt, sched, checkpoint.TrainState()))
+    masters = opt.master_state_dict(m)
+    saved = torch.load(tmp_path / "c" / "model.pt")
+    assert all(saved[k].dtype == torch.float32 and torch.equal(saved[k], v) for k, v in masters.items())
+    after = [_step(m, opt, x, y) for x, y in batches[1:]]
+
+    m2 = _model(seed=5)
+    opt2 = MasterAdamW(_groups(m2), **HYPER)
+    checkpoint.load(str(tmp_path / "c"), m2, opt2, restore_rng=False)
+    assert [_step(m2, opt2, x, y) for x, y in batches[1:]] == after
+
+    m3 = _model(seed=5)
+    opt3 = torch.optim.AdamW(_groups(m3), **HYPER)
+    checkpoint.load(str(tmp_path / "c"), m3, opt3, restore_rng=False)
+    assert all(torch.equal(p, saved[k]) for k, p in m3.state_dict().items())
+    assert all("master" not in st for st in opt3.state.values())

@@ -83,18 +83,19 @@ def test_existing_run_needs_resume_and_resume_continues(shakespeare_shards, tmp_
     assert result.error is None and result.metrics["step"] == 20 and result.metrics["resumes"] == 1
 
 
-def test_bf16_weights_checkpoint_bf16_and_export_fp32_masters(shakespeare_shards, tmp_path):
+def test_bf16_weights_checkpoint_and_export_the_fp32_masters(shakespeare_shards, tmp_path):
     cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=20, checkpoint_every=10, eval_every=0, bf16_weights="true")
     result = train(cfg)
     assert result.error is None and result.metrics["train_loss"] < math.log(1024) - 0.5  # it learns
     last = list_checkpoints(cfg.run_dir)[-1]
     weights = torch.load(os.path.join(last, "model.pt"), map_location="cpu")
+    masters = torch.load(os.path.join(last, "optimizer.pt"), map_location="cpu")["state"]
     exported = load_exported(cfg.export_dir).model.state_dict()
-    assert all(w.dtype == torch.bfloat16 for w in weights.values())
-    assert all(exported[k].dtype == torch.float32 and torch.equal(exported[k].to(torch.bfloat16), w)
-               for k, w in weights.items())  # the export is the masters the checkpoint's weights round from
-    assert any(not torch.equal(exported[k], w.float()) for k, w in weights.items())  # with the bits bf16 drops
-    cfg.resume, cfg.max_steps = True, 30
+    assert all(w.dtype == torch.float32 and torch.equal(exported[k], w) for k, w in weights.items())
+    assert {i: st["master"] for i, st in masters.items()}  # the optimizer state keeps them too (exact resume)
+    # masters, not bf16 weights: they carry the bits bf16 drops
+    assert any(not torch.equal(w.to(torch.bfloat16).float(), w) for w in weights.values())
+    cfg.resume, cfg.max_steps, cfg.bf16_weights = True, 30, "false"  # resumes with fp32 weights from the masters
     result = train(cfg)
     assert result.error is None and result.metrics["step"] == 30 and result.metrics["resumes"] == 1
 
