@@ -52,10 +52,8 @@ class MasterAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.enable_grad():
+            loss = closure() if closure is not None else None
         for group in self.param_groups:
             live = [p for p in group["params"] if p.grad is not None]
             for chunk in _chunks(live, CAST_CHUNK):

@@ -165,3 +165,19 @@ def test_checkpoint_holds_the_masters_and_resumes_with_or_without_them(tmp_path)
     checkpoint.load(str(tmp_path / "c"), m3, opt3, restore_rng=False)
     assert all(torch.equal(p, saved[k]) for k, p in m3.state_dict().items())
     assert all("master" not in st for st in opt3.state.values())
+
+
+def test_step_runs_a_closure_with_gradients_on():
+    m = _model()
+    opt = MasterAdamW(_groups(m), **HYPER)
+    x, y = _batches(1)[0]
+    before = [p.detach().clone() for p in m.parameters()]
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = m(x, y)[1]
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() > 0 and all(not torch.equal(p, b) for p, b in zip(m.parameters(), before))
