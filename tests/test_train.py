@@ -100,6 +100,19 @@ def test_bf16_weights_checkpoint_and_export_the_fp32_masters(shakespeare_shards,
     assert result.error is None and result.metrics["step"] == 30 and result.metrics["resumes"] == 1
 
 
+def test_bf16_weights_under_ddp_two_workers(shakespeare_shards, tmp_path):
+    """Two DDP workers train with bf16 gradients all-reduced (gloo here, NCCL on GPUs); the checkpoint and the
+    export hold rank 0's fp32 masters."""
+    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=10, checkpoint_every=10, eval_every=0, num_workers=2,
+                    bf16_weights="true")
+    result = train(cfg)
+    assert result.error is None and result.metrics["step"] == 10
+    assert math.isfinite(result.metrics["train_loss"]) and result.metrics["train_loss"] < math.log(1024)
+    exported = load_exported(cfg.export_dir).model.state_dict()
+    weights = torch.load(os.path.join(list_checkpoints(cfg.run_dir)[-1], "model.pt"), map_location="cpu")
+    assert all(v.dtype == torch.float32 and torch.equal(exported[k], v) for k, v in weights.items())
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="manifest"):
         train(train_cfg(str(tmp_path / "nothing"), tmp_path, max_steps=1))
