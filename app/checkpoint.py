@@ -74,17 +74,20 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
+def model_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
+    """The model's state dict, with the optimizer's fp32 master weights in place of bf16 ones where it keeps
+    them (app/master.py, app/offload.py)."""
+    if hasattr(optimizer, "master_state_dict"):
+        return optimizer.master_state_dict(model)
+    return model.state_dict()
+
+
 def snapshot(model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | dict,
              scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState,
              ema: WeightEMA | None = None) -> dict[str, Any]:
     """All resumable state, copied to CPU now: cheap next to writing it, so training can go on
     while `write` puts it on disk. Model and optimizer may be given as their (full) state dicts."""
-    if isinstance(model, dict):
-        model_sd = model
-    elif hasattr(optimizer, "master_state_dict"):  # bf16 weights: their fp32 masters
-        model_sd = optimizer.master_state_dict(model)
-    else:
-        model_sd = model.state_dict()
+    model_sd = model if isinstance(model, dict) else model_weights(model, optimizer)
     optim_sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     snap = {"model.pt": _to_cpu(model_sd), "optimizer.pt": _to_cpu(optim_sd),
             "scheduler.pt": scheduler.state_dict(), "rng.pt": rng_state(),

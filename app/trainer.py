@@ -491,12 +491,7 @@ def train_loop(config: dict[str, Any]) -> None:
 def _final_weights(model: GPT, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The trained weights as a full fp32 CPU state dict: gathered from the shards under FSDP, the fp32
     master copy when the optimizer keeps one (offloaded, or `bf16_weights`: the model's copy is bf16)."""
-    if cfg.memory.fsdp:
-        sd = full_state_dicts(model, optimizer)[0]
-    elif hasattr(optimizer, "master_state_dict"):
-        sd = optimizer.master_state_dict(model)
-    else:
-        sd = model.state_dict()
+    sd = full_state_dicts(model, optimizer)[0] if cfg.memory.fsdp else checkpoint.model_weights(model, optimizer)
     # A copy even on CPU: the live parameters change after this (the weight average swaps back out).
     return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in sd.items()}
 

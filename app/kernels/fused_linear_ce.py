@@ -224,7 +224,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
     hidden = hidden.contiguous()
     # Cast here, not in `_fused`: under torch.compile Inductor fuses each amax and cast (the weight's straight
-    # from its fp32 master), where eager casts took ~0.5 ms per call at GPT-2's 50k x 768 head.
+    # from the parameter), where eager casts took ~0.5 ms per call at GPT-2's 50k x 768 head.
     operands = None
     if fp8 and fp8_head_fits(hidden, weight):
         with torch.no_grad():
