@@ -29,9 +29,9 @@ class KernelChoice:
     """Which faster paths replace plain PyTorch ops (a runtime choice, not part of the model's shape).
     `loss`: training forwards return (None, loss) from the fused linear + cross-entropy, no logits (CUDA).
     `norm`, `rotary`: the Triton RMSNorm / rotary kernels (CUDA). `proj`: q/k/v and gate/up each run as one
-    matmul over their concatenated weights (any device; parameters and state dict unchanged; measured ~4%
-    slower at GPT-2 124M on an H100 under torch.compile: the split/concatenated gradients cost more than
-    the larger GEMMs save, so it is not in the default set).
+    matmul over their concatenated weights (any device; parameters and state dict unchanged; measured 4-5%
+    slower at GPT-2 124M on an H100 under torch.compile, with fp32 and with bf16 weights: the
+    split/concatenated gradients cost more than the larger GEMMs save, so it is not in the default set).
     (No attention choice: on H100, torch 2.11's SDPA already runs cuDNN's flash kernels, the fastest.)"""
 
     loss: bool = False

@@ -7,11 +7,10 @@ own step (`build_model`, `compiled`, `make_optimizer`, `step_function`: what
 variant (kernel set, compile mode, model option such as fp8). Each measurement runs in a fresh child
 process (same data, same GPU), so compile caches and allocator state never leak between them. With
 `--jobs N` up to N children compile at once; each one's first (compiling) step runs unlocked, then
-it takes a file lock for its remaining warmup and timed steps, so timed steps run alone on the GPU
-except where another child's single compiling step overlaps them (the median step absorbs that).
-The compiling children still take CPU from the timed one: rows whose step is partly CPU-bound (the
-fused loss's eager chunk loop) read slow under --jobs > 1, so record final numbers with --jobs=1 and
-use the profiles' GPU-time sums (which CPU contention does not change) to check parallel runs.
+it takes a file lock for its remaining warmup and timed steps. Another child's gradient check and
+compiling step still overlap the timed steps, and compilation takes the CPU: the 350M baseline read
+169K tok/s under --jobs=3 against 183K alone. So --jobs > 1 is for exploring; record final numbers
+with --jobs=1, and use the profiles' GPU-time sums (which contention does not change) to check parallel runs.
 Prints JSON: tokens/s, MFU (6N + attention FLOPs per token), peak memory, and each variant's
 ratio to the baseline. Before timing, at the initial weights, every row checks its compiled gradients against
 the eager model's on one micro-batch (`grad_check`); a row whose gradients disagree gets an "error" and no
@@ -170,6 +169,7 @@ def _profile(step, device: torch.device, args) -> None:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+    os.makedirs(args.profile_dir, exist_ok=True)  # also for a single `--one` row
     stem = os.path.join(args.profile_dir, f"{args.presets}.{args.one}")
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     with open(stem + ".txt", "w") as f:
@@ -185,7 +185,11 @@ def _profile(step, device: torch.device, args) -> None:
                                     "calls": e.count, "kind": _kind(e.key)} for e in top]}, f, indent=1)
 
 
-GRAD_CHECK_MIN_COS = 0.99  # FP8 / bf16 rounding keeps honest rows above 0.9999; a lost gradient is 0
+# bf16 rounding keeps honest rows above 0.999; a lost gradient is 0. With FP8 blocks (e4m3: ~2^-4 per element)
+# compiled and eager round differently enough to read 0.982 apart on the smallest gradients (layer 10's q_proj at
+# 124M, bf16 weights), so their floor is lower, still far above a dropped or garbled gradient.
+GRAD_CHECK_MIN_COS = 0.99
+GRAD_CHECK_MIN_COS_FP8 = 0.95
 
 
 def grad_check(fwd, model: nn.Module, batch: Batch, device: torch.device, autocast) -> dict:
@@ -209,12 +213,13 @@ def grad_check(fwd, model: nn.Module, batch: Batch, device: torch.device, autoca
     return {"min_cos": round(worst[0], 5), "param": worst[1]}
 
 
-def _checked(row: dict, check: dict) -> dict:
+def _checked(row: dict, check: dict, fp8_blocks: bool = False) -> dict:
     """`row` with its gradient check; an "error" when the compiled gradients disagree with eager."""
     row["grad_check"] = check
-    if check["min_cos"] < GRAD_CHECK_MIN_COS:
+    floor = GRAD_CHECK_MIN_COS_FP8 if fp8_blocks else GRAD_CHECK_MIN_COS
+    if check["min_cos"] < floor:
         row["error"] = (f"compiled gradients disagree with eager: {check['param']} cosine {check['min_cos']} "
-                        f"< {GRAD_CHECK_MIN_COS}; the timing is not a training step's")
+                        f"< {floor}; the timing is not a training step's")
     return row
 
 
@@ -284,7 +289,7 @@ def run_spotlm(preset: str, variant: dict, batches: list[Batch], args, device: t
     name = "spotlm " + args.one
     out = _result(name, args.tokens_per_step, warm, dt, losses, model.flops_per_token(args.seq_len),
                   model.num_params(), device)
-    out = _checked(out, check)
+    out = _checked(out, check, fp8_blocks=mcfg.fp8)
     del model, opt, fwd
     _reset()
     return out
@@ -313,6 +318,10 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     "windows_graph_fp8_head": {"kernels": "loss", "cuda_graph": True,
                                "model": {"attn_windows": [1, 64, 0], "fp8_head": True}},
     "windows_graph_fp8": {"kernels": "loss", "cuda_graph": True, "model": {"attn_windows": [1, 64, 0], "fp8": True}},
+    # q/k/v and gate/up each as one GEMM over their concatenated (bf16) weights
+    "windows_graph_proj": {"kernels": "loss,proj", "cuda_graph": True, "model": {"attn_windows": [1, 64, 0]}},
+    "windows_graph_proj_fp8_head": {"kernels": "loss,proj", "cuda_graph": True,
+                                    "model": {"attn_windows": [1, 64, 0], "fp8_head": True}},
     # the same as windows_graph with fp32 weights under autocast (bf16_weights=auto keeps them bf16 on GPU)
     "windows_graph_fp32_weights": {"kernels": "loss", "cuda_graph": True, "bf16_weights": "false",
                                    "model": {"attn_windows": [1, 64, 0]}},
