@@ -6,11 +6,11 @@ own step (`build_model`, `compiled`, `make_optimizer`, `step_function`: what
 `jobs/train.py` runs) at the same parameter count, sequence length and tokens per step, once per
 variant (kernel set, compile mode, model option such as fp8). Each measurement runs in a fresh child
 process (same data, same GPU), so compile caches and allocator state never leak between them. With
-`--jobs N` up to N children compile at once; each one's first (compiling) step runs unlocked, then
-it takes a file lock for its remaining warmup and timed steps. Another child's gradient check and
-compiling step still overlap the timed steps, and compilation takes the CPU: the 350M baseline read
-169K tok/s under --jobs=3 against 183K alone. So --jobs > 1 is for exploring; record final numbers
-with --jobs=1, and use the profiles' GPU-time sums (which contention does not change) to check parallel runs.
+`--jobs N` up to N children run at once and take turns on a file lock (`Turns`): setup, the gradient
+check and the first (compiling) step hold it shared, so children compile side by side; the rest of the
+warmup, the timed steps and the profile hold it exclusively, so no other child's compilation (which
+takes every CPU) or GPU work overlaps them. (Before the turns the timed steps ran beside other children's
+compilation: the 350M baseline read 169K tok/s under --jobs=3 against 183K alone.)
 Prints JSON: tokens/s, MFU (6N + attention FLOPs per token), peak memory, and each variant's
 ratio to the baseline. Before timing, at the initial weights, every row checks its compiled gradients against
 the eager model's on one micro-batch (`grad_check`); a row whose gradients disagree gets an "error" and no
@@ -123,32 +123,50 @@ def _peak_flops() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+class Turns:
+    """The children of one run share a lock file: a child holds it shared from its setup through its first
+    (compiling) step and exclusively for its timed steps, so timed steps never run beside another child's
+    compilation or GPU work. No path: no lock (a single process)."""
+
+    def __init__(self, path: str):
+        self.file = open(path, "a") if path else None
+
+    def take(self, op: int) -> None:
+        """flock `op` (LOCK_SH, LOCK_EX, LOCK_UN); converting a held lock may release it first."""
+        if self.file:
+            fcntl.flock(self.file, op)
+
+
 def _time_steps(step, device: torch.device, args) -> tuple[float, float, list[float]]:
     """(compile + warmup seconds, median step seconds, losses) of `step()` run warmup + steps times; the
-    first step (compilation) runs before taking `args.lock`, the rest under it; then the optional profile.
-    Peak memory spans all of it: a CUDA graph's pool is allocated while capturing, in the first step."""
+    first step (compilation) under the shared turn, the rest and the optional profile under the exclusive one
+    (`args.turns`). Peak memory spans all of it: a CUDA graph's pool is allocated while capturing, in the
+    first step."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     step()
-    with open(args.lock, "a") if args.lock else contextlib.nullcontext() as lock:
-        if lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        for _ in range(args.warmup - 1):
-            step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    args.turns.take(fcntl.LOCK_EX)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup - 1):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    warm = first + time.perf_counter() - t0  # without the wait for the turn
+    times, losses = [], []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        loss = step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        warm = time.perf_counter() - t0
-        times, losses = [], []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            loss = step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-            losses.append(float(loss))
-        if args.profile_dir:
-            _profile(step, device, args)
+        times.append(time.perf_counter() - t)
+        losses.append(float(loss))
+    if args.profile_dir:
+        _profile(step, device, args)
+    args.turns.take(fcntl.LOCK_UN)
     return warm, statistics.median(times), losses
 
 
@@ -387,7 +405,9 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "seq_len": args.seq_len, "tokens_per_step": args.tokens_per_step,
               "micro_batch": args.micro_batch, "accum": args.accum, "jobs": args.jobs, "results": {}}
+    args.turns = Turns(args.lock)
     if args.one:
+        args.turns.take(fcntl.LOCK_SH)
         mcfg = ModelConfig.preset(args.presets)
         batches = _batches(mcfg.vocab_size, args.micro_batch, args.seq_len, args.accum, seed=0)
         row = run_baseline(mcfg, batches, args, device, autocast) if args.one == "baseline" else \

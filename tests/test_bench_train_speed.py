@@ -1,13 +1,15 @@
 """bench.train_speed's gradient check: a row whose compiled step loses gradients is reported as an error."""
 from __future__ import annotations
 
+import argparse
 import contextlib
+import fcntl
 
 import torch
 import torch.nn as nn
 
 from app.model import GPT, ModelConfig
-from bench.train_speed import GRAD_CHECK_MIN_COS, _batches, _checked, grad_check
+from bench.train_speed import GRAD_CHECK_MIN_COS, Turns, _batches, _checked, _time_steps, grad_check
 
 
 class _ZeroGradients(nn.Module):
@@ -47,3 +49,30 @@ def test_fp8_rows_have_a_lower_floor_than_bf16_rows():
     check = {"min_cos": 0.97, "param": "model.layers.10.self_attn.q_proj.weight"}
     assert "error" not in _checked({"tokens_per_s": 1}, dict(check), fp8_blocks=True)
     assert "0.97" in _checked({"tokens_per_s": 1}, dict(check))["error"]
+
+
+def _other_child_could(path: str, op: int) -> bool:
+    """Whether another child (another open file description) could take the lock with `op` right now."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, op | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+
+def test_timed_steps_hold_the_turn_alone_and_compiling_steps_share_it(tmp_path):
+    lock = str(tmp_path / "turns.lock")
+    args = argparse.Namespace(warmup=2, steps=3, profile_dir="", turns=Turns(lock))
+    args.turns.take(fcntl.LOCK_SH)  # as a child does from its start
+    seen = []
+
+    def step():
+        seen.append((_other_child_could(lock, fcntl.LOCK_SH), _other_child_could(lock, fcntl.LOCK_EX)))
+        return torch.tensor(1.0)
+
+    warm, dt, losses = _time_steps(step, torch.device("cpu"), args)
+    assert seen[0] == (True, False)  # the compiling step: others may compile beside it, none may time
+    assert seen[1:] == [(False, False)] * (args.warmup - 1 + args.steps)  # warmup and timed steps: alone
+    assert _other_child_could(lock, fcntl.LOCK_EX)  # released for the next child
+    assert losses == [1.0] * args.steps and warm >= 0 and dt >= 0
