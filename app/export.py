@@ -37,10 +37,15 @@ FORMAT_VERSION = 1  # of the "spotlm" section of config.json
 
 
 def hf_config(cfg: ModelConfig, eot: int, dtype: torch.dtype, meta: dict[str, Any]) -> dict[str, Any]:
-    """A Hugging Face `LlamaConfig` dict for this model, with spotlm's own config under "spotlm".
+    """A Hugging Face `LlamaConfig` dict for this model, with spotlm's own config under "spotlm"; only the
+    "spotlm" section for a GELU / ReLU^2 MLP, which Llama (always gated) cannot hold: transformers then
+    refuses the export instead of loading it with a randomly initialised gate_proj.
 
     rope_theta and the dtype are written in both the transformers 4.x and 5.x spellings."""
     dtype_name = str(dtype).removeprefix("torch.")
+    spotlm = {"format_version": FORMAT_VERSION, "model": to_dict(cfg), "meta": meta}
+    if cfg.mlp != "swiglu":
+        return {"spotlm": spotlm}
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden, "num_hidden_layers": cfg.n_layer,
@@ -52,7 +57,7 @@ def hf_config(cfg: ModelConfig, eot: int, dtype: torch.dtype, meta: dict[str, An
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
         "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": dtype_name, "dtype": dtype_name,
         "use_cache": True,
-        "spotlm": {"format_version": FORMAT_VERSION, "model": to_dict(cfg), "meta": meta},
+        "spotlm": spotlm,
     }
 
 
@@ -80,6 +85,9 @@ def export_model(model: GPT, out_dir: str, tokenizer_file: str, meta: dict[str, 
         log.warning("%s: this model attends through sliding windows (attn_windows=%s), which Hugging Face "
                     "transformers ignores (its Llama runs every layer as full attention, so it computes another "
                     "function): load it with app.export.load_exported", out_dir, model.cfg.attn_windows)
+    if model.cfg.mlp != "swiglu":
+        log.warning("%s: this model's MLP is %s, not Llama's gated SwiGLU, so its config.json has no Hugging Face "
+                    "architecture: load it with app.export.load_exported", out_dir, model.cfg.mlp)
     log.info("exported %.1fM parameters (%s) to %s", model.num_params() / 1e6, dtype, out_dir)
 
 

@@ -66,7 +66,9 @@ class MemoryConfig:
 
 # Working memory of backward beyond the saved activations, per token: gradients of the residual stream
 # and of one block's widest intermediates (multiples of d_model and ffn_hidden, in bytes).
-TRANSIENT_D, TRANSIENT_F = 12, 6  # 3 residual-wide grads (x r bytes / 4 here: 12 -> 3 r d); 3 ffn-wide bf16 grads
+# TRANSIENT_F: bytes of one ffn-wide bf16 gradient; the MLP's backward holds mlp_inputs + 1 of them (SwiGLU: dgate,
+# dup, dproduct).
+TRANSIENT_D, TRANSIENT_F = 12, 2  # 3 residual-wide grads (x r bytes / 4 here: 12 -> 3 r d)
 ALLOCATOR_SLACK = 1.08  # caching-allocator fragmentation on top of the live bytes
 OFFLOAD_RING_BYTES = 4 * 16 * 2**20 * 2 * 2  # app.offload: 4 pinned slots x 16M bf16 elements, grads + params
 CUDA_CONTEXT_GB = 0.6  # CUDA context + cuBLAS workspaces are outside max_memory_allocated, but not outside the GPU
@@ -117,7 +119,7 @@ def num_params(cfg) -> int:
     """Parameters of GPT(cfg) (a tied matrix once), without building it."""
     d, f, hd = cfg.d_model, cfg.ffn_hidden, cfg.head_dim
     V = cfg.padded_vocab_size
-    block = d * cfg.n_head * hd * 2 + d * cfg.n_kv_head * hd * 2 + 3 * d * f + 2 * d
+    block = d * cfg.n_head * hd * 2 + d * cfg.n_kv_head * hd * 2 + (cfg.mlp_inputs + 1) * d * f + 2 * d
     emb = V * d + (cfg.lmatch_vocab * d if cfg.lmatch_vocab else 0)
     return emb + cfg.n_layer * block + d + (0 if cfg.tie_embeddings else V * d)
 
@@ -129,17 +131,19 @@ def layer_activation_bytes(cfg, checkpointing: str, residual_bytes: int) -> floa
     kv = n_kv_head * head_dim, h = n_head, f = ffn_hidden. Attention saves q, k, v, out (bf16) and the fp32
     logsumexp: 4q + 4kv + 4h. Each RMSNorm saves its fp32 input copy, the fp32 rsqrt and the normalised
     value: 4d + 4 + r d; its output is saved by the projections that read it (once as bf16 when r = 2;
-    once per projection as an autocast cast when r = 4: 3 in attention, 2 in the MLP). SwiGLU saves
-    gate, up, silu(gate) and their product: 8f."""
+    once per projection as an autocast cast when r = 4: 3 in attention, mlp_inputs in the MLP). SwiGLU saves
+    gate, up, silu(gate) and their product: 8f; GELU / ReLU^2 their input and output: 4f (so 4 f x
+    mlp_inputs; selective checkpointing keeps only the input projections: half that)."""
     d, f, h = cfg.d_model, cfg.ffn_hidden, cfg.n_head
+    g = cfg.mlp_inputs
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     r = residual_bytes
     attn = 4 * q + 4 * kv + 4 * h
-    proj_in = 2 * 2 * d if r == 2 else 5 * 2 * d  # the norm outputs as the projections save them
+    proj_in = 2 * 2 * d if r == 2 else (3 + g) * 2 * d  # the norm outputs as the projections save them
     if checkpointing == "none":
-        return 2 * (4 * d + 4 + r * d) + proj_in + attn + 8 * f
+        return 2 * (4 * d + 4 + r * d) + proj_in + attn + 4 * g * f
     if checkpointing == "selective":
-        return 2 * r * d + proj_in + attn + 4 * f
+        return 2 * r * d + proj_in + attn + 2 * g * f
     if checkpointing == "full":
         return r * d
     raise ValueError(checkpointing)
@@ -183,15 +187,17 @@ def estimate(preset_or_cfg, seq_len: int, batch: int = 1, mem: MemoryConfig | No
         host += acts
         acts = min(acts, 2 * per_layer + 2 * GiB)  # the copies in flight and the prefetch window
     acts += 2 * T * cfg.head_dim * r + 8 * T  # rotary tables, token ids
-    # backward of one block: gradients of the residual, of q/k/v/out and of the SwiGLU (per MLP tile when
-    # tiled), plus what that block recomputes (selective: norms and the SwiGLU product; full: its selective set)
+    # backward of one block: gradients of the residual, of q/k/v/out and of the MLP (per MLP tile when
+    # tiled), plus what that block recomputes (selective: norms and the MLP's activation; full: its selective set)
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    g = cfg.mlp_inputs
     tile = min(T, mem.mlp_chunk) if mem.checkpointing == "full" and mem.mlp_chunk else T
-    transient = T * (TRANSIENT_D * r * d // 4 + 4 * q + 4 * kv) + tile * TRANSIENT_F * f
+    transient = T * (TRANSIENT_D * r * d // 4 + 4 * q + 4 * kv) + tile * TRANSIENT_F * (g + 1) * f
     if mem.checkpointing == "selective":
-        transient += T * (8 * d + 4 * f)
+        transient += T * (8 * d + 2 * g * f)
     elif mem.checkpointing == "full":
-        transient += layer_activation_bytes(cfg, "selective", r) * T - 4 * f * (T - tile) + T * (8 * d + 4 * f)
+        transient += (layer_activation_bytes(cfg, "selective", r) * T - 2 * g * f * (T - tile)
+                      + T * (8 * d + 2 * g * f))
     # final norm and the loss
     loss = T * (4 * d + 4 + r * d + 2 * d)
     if fused_loss:  # grad_weight (fp32) and grad_hidden kept from forward, one chunk of logits
@@ -218,7 +224,7 @@ def step_seconds(preset_or_cfg, seq_len: int, batch: int, mem: MemoryConfig, est
     if mem.checkpointing == "full":
         flops *= 4 / 3
         if mem.mlp_chunk:
-            flops += 2 * 3 * d * f * L * T  # the MLP forward once more (tiles are checkpointed again)
+            flops += 2 * (cfg.mlp_inputs + 1) * d * f * L * T  # the MLP forward again (tiles are checkpointed)
     elif mem.checkpointing == "selective":
         flops *= 1.02
     t = flops / GPU_FLOPS

@@ -1,4 +1,5 @@
 """A GPT in the Llama layout (RMSNorm, rotary embeddings, SwiGLU, no biases), single-device PyTorch.
+`ModelConfig.mlp` can swap SwiGLU for GPT-2's GELU or modded-nanogpt's ReLU^2 feed-forward.
 
 Module names match Hugging Face `LlamaForCausalLM`, so an export is a straight state-dict copy:
 `model.embed_tokens`, `model.layers.{i}.self_attn.{q,k,v,o}_proj`, `model.layers.{i}.mlp.{gate,up,down}_proj`,
@@ -22,6 +23,7 @@ from app.config import ConfigError
 
 VOCAB_MULTIPLE = 128  # embedding / lm_head rows are padded to this multiple: faster matmuls
 FFN_MULTIPLE = 256  # the Llama rule rounds the SwiGLU width up to this multiple
+MLP_KINDS = ("swiglu", "gelu", "relu2")
 
 
 @dataclass
@@ -64,7 +66,10 @@ class ModelConfig:
     n_head: int = 4  # query heads
     n_kv_head: int = 0  # key/value heads (grouped-query attention); 0 = n_head
     d_model: int = 64  # residual stream width
-    ffn_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3 * d_model rounded up to a multiple of 256
+    ffn_hidden: int = 0  # MLP hidden width; 0 = SwiGLU's 8/3 d_model rounded up to a multiple of 256, else 4 d_model
+    # Feed-forward: swiglu = down(silu(gate(x)) * up(x)) (Llama); gelu = down(gelu_tanh(up(x))) (GPT-2); relu2 =
+    # down(relu(up(x))^2) (modded-nanogpt). At the default widths all three hold ~8 d_model^2 parameters.
+    mlp: str = "swiglu"
     max_seq_len: int = 128  # longest context in tokens (rotary positions, KV cache)
     rope_theta: float = 10000.0  # rotary base wavelength
     norm_eps: float = 1e-5  # RMSNorm epsilon
@@ -105,7 +110,10 @@ class ModelConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"ModelConfig.{name}={getattr(self, name)} must be > 0")
         self.n_kv_head = self.n_kv_head or self.n_head
-        self.ffn_hidden = self.ffn_hidden or FFN_MULTIPLE * math.ceil(8 * self.d_model / 3 / FFN_MULTIPLE)
+        if self.mlp not in MLP_KINDS:
+            raise ConfigError(f"ModelConfig.mlp={self.mlp!r} must be one of {', '.join(MLP_KINDS)}")
+        self.ffn_hidden = self.ffn_hidden or (FFN_MULTIPLE * math.ceil(8 * self.d_model / 3 / FFN_MULTIPLE)
+                                              if self.mlp == "swiglu" else 4 * self.d_model)
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
             raise ConfigError(f"ModelConfig: d_model={self.d_model} must split into n_head={self.n_head} "
                               "heads of even size (rotary embeddings rotate pairs)")
@@ -122,6 +130,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def mlp_inputs(self) -> int:
+        """The MLP's input projections: 2 for SwiGLU (gate, up), 1 for the others (up)."""
+        return 2 if self.mlp == "swiglu" else 1
 
     @property
     def padded_vocab_size(self) -> int:
@@ -441,18 +454,30 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """The feed-forward `cfg.mlp`: down(activate(*project_in(x))); SwiGLU has gate_proj and up_proj, the others
+    up_proj only."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fp8 = cfg.fp8
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.fp8, self.kind = cfg.fp8, cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
+    def project_in(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[gate(x), up(x)] for SwiGLU, [up(x)] otherwise."""
+        return project(x, (self.gate_proj, self.up_proj) if self.kind == "swiglu" else (self.up_proj,), self.fp8)
+
+    def activate(self, *h: torch.Tensor) -> torch.Tensor:
+        """The hidden activation of `project_in`'s outputs."""
+        if self.kind == "swiglu":
+            gate, up = h
+            return F.silu(gate) * up
+        return F.gelu(h[0], approximate="tanh") if self.kind == "gelu" else F.relu(h[0]).square()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, (self.gate_proj, self.up_proj), self.fp8)
-        return linear(F.silu(gate) * up, self.down_proj, self.fp8)
+        return linear(self.activate(*self.project_in(x)), self.down_proj, self.fp8)
 
 
 class Block(nn.Module):

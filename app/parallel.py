@@ -4,8 +4,9 @@ Everything here changes how a step uses memory, never what it computes: paramete
 and the loss are the same as the plain model's (checkpointed forwards are patched on the module instances,
 so checkpoints and exports keep the Hugging Face layout).
 
-- checkpointing="selective": per block, the two RMSNorms and the SwiGLU product + down projection are
-  recomputed in backward (saved: the norm inputs, gate and up outputs); matmul and attention outputs are kept.
+- checkpointing="selective": per block, the two RMSNorms and the MLP's activation (the SwiGLU product) + down
+  projection are recomputed in backward (saved: the norm inputs, the MLP's input projections: gate and up);
+  matmul and attention outputs are kept.
 - checkpointing="full": each block runs under `torch.utils.checkpoint` (non-reentrant); only its input is kept;
   its recompute in backward is itself selective, and with `mlp_chunk` the MLP runs in checkpointed token tiles.
 - offload_activations: each block's saved tensors go to pinned CPU memory on a side CUDA stream while the
@@ -24,7 +25,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from app.memory_plan import MemoryConfig
@@ -38,8 +38,7 @@ def _ckpt(fn, *args):
 
 
 def _selective_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    g, u = mlp.gate_proj(x), mlp.up_proj(x)
-    return _ckpt(lambda g_, u_: mlp.down_proj(F.silu(g_) * u_), g, u)
+    return _ckpt(lambda *h: mlp.down_proj(mlp.activate(*h)), *mlp.project_in(x))
 
 
 def _patch(module: nn.Module, new_forward) -> None:

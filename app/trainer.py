@@ -142,8 +142,8 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     """The run's ModelConfig: the preset, the tokenizer's vocabulary (and its retrieval-match table
     with `index`: vocab_size + 1 rows, the last meaning "no match"), then the overrides."""
     data = to_dict(ModelConfig.preset(cfg.preset, vocab_size=vocab_size, lmatch_vocab=vocab_size + 1 if cfg.index else 0))
-    # Derived widths follow an overridden shape unless they are overridden too.
-    if "d_model" in cfg.model:
+    # Derived widths follow an overridden shape (or MLP kind) unless they are overridden too.
+    if "d_model" in cfg.model or "mlp" in cfg.model:
         data["ffn_hidden"] = 0
     if "n_head" in cfg.model:
         data["n_kv_head"] = 0

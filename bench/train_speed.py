@@ -340,6 +340,11 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     "windows_graph_proj": {"kernels": "loss,proj", "cuda_graph": True, "model": {"attn_windows": [1, 64, 0]}},
     "windows_graph_proj_fp8_head": {"kernels": "loss,proj", "cuda_graph": True,
                                     "model": {"attn_windows": [1, 64, 0], "fp8_head": True}},
+    # the fastest row with an ungated MLP (`ModelConfig.mlp`) of SwiGLU's parameters at 124M
+    "windows_graph_fp8_head_gelu": {"kernels": "loss", "cuda_graph": True,
+                                    "model": {"attn_windows": [1, 64, 0], "fp8_head": True, "mlp": "gelu"}},
+    "windows_graph_fp8_head_relu2": {"kernels": "loss", "cuda_graph": True,
+                                     "model": {"attn_windows": [1, 64, 0], "fp8_head": True, "mlp": "relu2"}},
     # the same as windows_graph with fp32 weights under autocast (bf16_weights=auto keeps them bf16 on GPU)
     "windows_graph_fp32_weights": {"kernels": "loss", "cuda_graph": True, "bf16_weights": "false",
                                    "model": {"attn_windows": [1, 64, 0]}},

@@ -115,3 +115,16 @@ def test_export_rejects_bad_arguments(tmp_path, tokenizer_file):
     with pytest.raises(ValueError, match="tokenizer file not found"):
         export_model(_model(), str(tmp_path / "c"), str(tmp_path / "missing.json"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_ungated_mlp_export_round_trips_without_claiming_llama(tmp_path, tokenizer_file, caplog):
+    """A GELU MLP has no gate_proj: the config names no Hugging Face architecture (transformers would load it
+    as Llama with a random gate), and load_exported computes the same logits."""
+    m = _model(mlp="gelu")
+    export_model(m, str(tmp_path / "e"), tokenizer_file)
+    config = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert "architectures" not in config and config["spotlm"]["model"]["mlp"] == "gelu"
+    assert "load it with app.export.load_exported" in caplog.text
+    back = load_exported(str(tmp_path / "e"))
+    x = torch.randint(0, V, (1, 12))
+    assert back.config == m.cfg and torch.equal(back.model(x)[0], m(x)[0])

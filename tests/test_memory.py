@@ -98,6 +98,19 @@ def test_options_train_like_the_plain_model(mem):
             assert off.packed_bytes == CFG["n_layer"] * 2 * 32 * 64 * 4
 
 
+@pytest.mark.parametrize("mem", [MemoryConfig(checkpointing="selective"),
+                                 MemoryConfig(checkpointing="full", mlp_chunk=16)], ids=lambda m: m.label())
+def test_checkpointing_an_ungated_mlp_trains_like_the_plain_model(mem):
+    data = _data()
+    runs = []
+    for options in (None, mem):
+        m = _model(mlp="gelu")
+        opt = torch.optim.AdamW(_groups(m), lr=1e-2, betas=(0.9, 0.95))
+        runs.append(_train(parallelize(m, options, device="cpu") if options else m, m, opt, data))
+    _close(runs[1][0], runs[0][0])
+    _close(runs[1][1], runs[0][1])
+
+
 @pytest.mark.parametrize("bf16", [True, False], ids=["bf16-params", "fp32-autocast"])
 def test_offload_moves_each_saved_activation_once(bf16):
     """No checkpointing: the offloader moves exactly the bytes the planner counts (each storage once, views of
@@ -217,7 +230,8 @@ def test_fsdp2_single_process_gloo(tmp_path):
 def test_activation_formula_matches_saved_tensors():
     """The planner's per-layer bytes equal what autograd saves in one block (bf16 params: r = 2)."""
     for kw in (dict(d_model=128, n_head=4, n_kv_head=2, ffn_hidden=384), dict(d_model=96, n_head=6, n_kv_head=6,
-                                                                           ffn_hidden=256)):
+                                                                           ffn_hidden=256),
+               dict(d_model=64, n_head=4, mlp="gelu"), dict(d_model=64, n_head=4, mlp="relu2")):
         cfg = ModelConfig(**{**CFG, **kw, "n_layer": 1})
         for mode in ("none", "selective", "full"):
             torch.manual_seed(0)
@@ -256,7 +270,9 @@ def test_planner_monotonic_and_tiny_needs_nothing():
         assert seqs == sorted(seqs) and seqs[0] < seqs[-1]
     p = plan("tiny", 80, 128)
     assert p.fits and p.memory == MemoryConfig()
-    assert num_params(ModelConfig.preset("gpt2-124m")) == GPT(ModelConfig.preset("gpt2-124m")).num_params()
+    for mlp in ("swiglu", "gelu"):
+        cfg = ModelConfig.preset("gpt2-350m", mlp=mlp)
+        assert num_params(cfg) == GPT(cfg).num_params()
     p8 = plan("llama3-8b", 80, 131072, host_gb=100)
     assert p8.fits and p8.memory.offload_optimizer and p8.memory.checkpointing == "full"
     p15 = plan("gpt2-1.5b", 80, 32768)

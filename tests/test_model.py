@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.config import ConfigError
+from app.config import ConfigError, parse_config
 from app.generate import generate
 from app.model import GPT, KVCache, ModelConfig, use_kernels
+from app.trainer import TrainConfig, model_config
 
 V = 300  # true vocabulary of the test models; padded to 384
 
@@ -101,6 +102,7 @@ def test_derived_widths_follow_overrides():
     ({"norm_eps": 0.0}, "norm_eps=0.0 must be > 0"),
     ({"ffn_hidden": -1}, "ffn_hidden=-1"),
     ({"vocab_size": 300, "lmatch_vocab": 300}, "lmatch_vocab=300 must be >= vocab_size \\+ 1"),
+    ({"mlp": "geglu"}, "mlp='geglu' must be one of swiglu, gelu, relu2"),
 ])
 def test_config_validation(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -138,8 +140,9 @@ def test_lmatch_embedding_changes_output():
         tiny()(x, lmatch=x)
 
 
-def test_tiny_model_overfits_a_batch():
-    m = tiny()
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu", "relu2"])
+def test_tiny_model_overfits_a_batch(mlp):
+    m = tiny(mlp=mlp)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     x = torch.randint(0, V, (4, 33))
     losses = []
@@ -253,3 +256,24 @@ def test_fp8_option_is_plain_off_cuda(option):
         torch.testing.assert_close(tiny(**{option: True})(idx)[0], tiny()(idx)[0])
     logits, loss = tiny(**{option: True})(idx, idx)
     loss.backward()  # gradients on: still the plain path off CUDA
+
+
+@pytest.mark.parametrize("kind", ["gelu", "relu2"])
+def test_ungated_mlps_compute_their_formula_at_swiglus_size(kind):
+    """GELU / ReLU^2 MLPs: down(act(up(x))) with a 4 d_model hidden layer, no gate_proj; at GPT-2 124M's width
+    they hold exactly SwiGLU's parameters (8/3 d is a multiple of 256 there), so they train like-for-like."""
+    m = tiny(mlp=kind)
+    assert m.cfg.ffn_hidden == 4 * 64 and m.cfg.mlp_inputs == 1
+    mlp = m.model.layers[0].mlp
+    assert not hasattr(mlp, "gate_proj") and mlp.up_proj.weight.shape == (256, 64)
+    x = torch.randn(2, 5, 64)
+    h = x @ mlp.up_proj.weight.T
+    act = F.gelu(h, approximate="tanh") if kind == "gelu" else F.relu(h) ** 2
+    assert torch.allclose(mlp(x), act @ mlp.down_proj.weight.T, atol=1e-6)
+    train = parse_config(TrainConfig, ["--preset=gpt2-124m", f"--model.mlp={kind}"])
+    assert model_config(train, 50257).ffn_hidden == 4 * 768  # the preset's SwiGLU width is re-derived
+    sizes = {k: GPT(ModelConfig.preset("gpt2-124m", mlp=k)).num_params() for k in ("swiglu", kind)}
+    assert sizes["swiglu"] == sizes[kind]
+    swiglu = tiny()
+    assert swiglu.model.layers[0].mlp.project_in(x)[0].shape == (2, 5, 256)  # gate(x), then up(x)
+    assert len(swiglu.model.layers[0].mlp.project_in(x)) == 2
