@@ -38,8 +38,8 @@ FORMAT_VERSION = 1  # of the "spotlm" section of config.json
 
 def hf_config(cfg: ModelConfig, eot: int, dtype: torch.dtype, meta: dict[str, Any]) -> dict[str, Any]:
     """A Hugging Face `LlamaConfig` dict for this model, with spotlm's own config under "spotlm"; only the
-    "spotlm" section for a GELU / ReLU^2 MLP, which Llama (always gated) cannot hold: transformers then
-    refuses the export instead of loading it with a randomly initialised gate_proj.
+    "spotlm" section for a GELU / ReLU^2 MLP, which Llama (always gated) cannot hold: transformers' Auto
+    classes then refuse the export (no model_type) instead of loading a Llama with a random gate_proj.
 
     rope_theta and the dtype are written in both the transformers 4.x and 5.x spellings."""
     dtype_name = str(dtype).removeprefix("torch.")
