@@ -74,10 +74,15 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
+def keeps_masters(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether the optimizer keeps fp32 master weights of the model's bf16 ones (app/master.py, app/offload.py)."""
+    return hasattr(optimizer, "master_state_dict")
+
+
 def model_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
     """The model's state dict, with the optimizer's fp32 master weights in place of bf16 ones where it keeps
-    them (app/master.py, app/offload.py)."""
-    if hasattr(optimizer, "master_state_dict"):
+    them (`keeps_masters`)."""
+    if keeps_masters(optimizer):
         return optimizer.master_state_dict(model)
     return model.state_dict()
 
@@ -134,7 +139,7 @@ def load(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
         else:
             model.load_state_dict(model_sd)
             if optimizer is not None:
-                if not hasattr(optimizer, "master_state_dict"):  # model.pt already gave it the masters
+                if not keeps_masters(optimizer):  # model.pt already gave it the masters
                     for st in optim_sd.get("state", {}).values():
                         st.pop("master", None)
                 optimizer.load_state_dict(optim_sd)

@@ -118,8 +118,7 @@ class TrainConfig:
         if self.ema_decay and (self.memory.fsdp or self.memory.offload_optimizer):
             raise ConfigError("ema_decay averages whole fp32 weights on the GPU: not with memory.fsdp or "
                               "memory.offload_optimizer")
-        if self.bf16_weights == "true" and (self.optimizer != "adamw" or self.ema_decay or self.memory.fsdp
-                                            or self.memory.offload_optimizer):
+        if self.bf16_weights == "true" and self.masters_excluded(self.memory):
             raise ConfigError("bf16_weights=true steps fp32 master weights with AdamW: not with optimizer=muon, "
                               "ema_decay, memory.fsdp or memory.offload_optimizer")
         if self.cuda_graph and self.compile_mode in ("reduce-overhead", "max-autotune"):
@@ -130,6 +129,11 @@ class TrainConfig:
     @property
     def run_dir(self) -> str:
         return storage.join(storage.absolute(self.storage), self.name)
+
+    def masters_excluded(self, memory: MemoryConfig) -> bool:
+        """Whether these options rule out bf16 weights with fp32 masters under `memory`: Muon, the weight
+        average (it averages fp32 weights), FSDP and the CPU optimizer (their own mixed precision)."""
+        return self.optimizer != "adamw" or bool(self.ema_decay) or memory.fsdp or memory.offload_optimizer
 
     @property
     def export_dir(self) -> str | None:
@@ -168,8 +172,7 @@ def uses_bf16_weights(cfg: TrainConfig, device: torch.device, memory: MemoryConf
     under `memory` (default: the run's)."""
     if cfg.bf16_weights != "auto":
         return cfg.bf16_weights == "true"
-    mem = cfg.memory if memory is None else memory
-    return device.type == "cuda" and cfg.optimizer == "adamw" and not (cfg.ema_decay or mem.fsdp or mem.offload_optimizer)
+    return device.type == "cuda" and not cfg.masters_excluded(cfg.memory if memory is None else memory)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
