@@ -34,12 +34,15 @@ class KernelChoice:
     matmul over their concatenated weights (any device; parameters and state dict unchanged; measured 4-5%
     slower at GPT-2 124M on an H100 under torch.compile, with fp32 and with bf16 weights: the
     split/concatenated gradients cost more than the larger GEMMs save, so it is not in the default set).
+    `rows`: torch.compile keeps rows up to 8192 wide in registers for row reductions (`kernels.wide_rows`; for
+    the FP8 casts of the MLP's hidden rows under `ModelConfig.fp8`).
     (No attention choice: on H100, torch 2.11's SDPA already runs cuDNN's flash kernels, the fastest.)"""
 
     loss: bool = False
     norm: bool = False
     rotary: bool = False
     proj: bool = False
+    rows: bool = False
 
 
 KERNELS = KernelChoice()  # set once per process by the trainer (`use_kernels`)
@@ -52,8 +55,13 @@ def use_kernels(spec: str) -> KernelChoice:
     unknown = names - set(KERNEL_NAMES)
     if unknown:
         raise ConfigError(f"kernels: unknown {sorted(unknown)}; use none, all, or a comma list of {','.join(KERNEL_NAMES)}")
+    rows_before = KERNELS.rows
     for name in KERNEL_NAMES:
         setattr(KERNELS, name, name in names)
+    if KERNELS.rows or rows_before:  # (importing Inductor only where it matters)
+        from app.kernels.wide_rows import use_wide_rows
+
+        use_wide_rows(KERNELS.rows)
     return KERNELS
 
 

@@ -35,6 +35,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 DRAIN_CHECK_EVERY = 10  # steps between queries of Ray's node-drain notice (a barrier over the workers)
 AUTO_KERNELS = "loss"  # what kernels=auto picks on GPU: the fastest set bench/train_speed.py measured
+AUTO_KERNELS_FP8 = "loss,rows"  # the same under ModelConfig.fp8 (one-pass casts of the MLP's hidden rows)
 
 
 @dataclass
@@ -199,7 +200,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 def build_model(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device) -> GPT:
     """The run's model, initialised from `cfg.seed` on `device`, with the run's kernel choice set."""
-    use_kernels(AUTO_KERNELS if cfg.kernels == "auto" else cfg.kernels)
+    auto = AUTO_KERNELS_FP8 if mcfg.fp8 else AUTO_KERNELS
+    use_kernels(auto if cfg.kernels == "auto" else cfg.kernels)
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg)
     model.init_weights()

@@ -336,6 +336,11 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     "windows_graph_fp8_head": {"kernels": "loss", "cuda_graph": True,
                                "model": {"attn_windows": [1, 64, 0], "fp8_head": True}},
     "windows_graph_fp8": {"kernels": "loss", "cuda_graph": True, "model": {"attn_windows": [1, 64, 0], "fp8": True}},
+    # FP8 blocks with their hidden rows' amax and cast in one pass (`kernels.wide_rows`), SwiGLU or ReLU^2
+    "windows_graph_fp8_rows": {"kernels": "loss,rows", "cuda_graph": True,
+                               "model": {"attn_windows": [1, 64, 0], "fp8": True}},
+    "windows_graph_fp8_relu2_rows": {"kernels": "loss,rows", "cuda_graph": True,
+                                     "model": {"attn_windows": [1, 64, 0], "fp8": True, "mlp": "relu2"}},
     # q/k/v and gate/up each as one GEMM over their concatenated (bf16) weights
     "windows_graph_proj": {"kernels": "loss,proj", "cuda_graph": True, "model": {"attn_windows": [1, 64, 0]}},
     "windows_graph_proj_fp8_head": {"kernels": "loss,proj", "cuda_graph": True,

@@ -447,3 +447,76 @@ def test_gpu_fp8_linear_compiled_gradients_match_eager():
         assert _rel_err(e, r) < 0.06, f"eager fp8 {name}: relative error {_rel_err(e, r):.3f} vs the bf16 matmul"
         # Inductor's fused norm rounds a few inputs differently, and e4m3 turns that into ~1.7% (H100)
         assert _rel_err(c, e) < 0.03, f"compiled fp8 {name} differs from eager by {_rel_err(c, e):.3f}"
+
+
+class _RowFeatures:
+    """The two things Inductor's persistent-reduction choice reads of a kernel."""
+
+    def __init__(self, width: int):
+        import sympy
+        from torch._inductor.runtime.hints import ReductionHint
+
+        self.reduction_numel, self._hint = sympy.Integer(width), ReductionHint.INNER
+
+    def get_reduction_hint(self):
+        return self._hint
+
+
+@no_interpreter
+def test_wide_rows_choice_is_installed_and_removed_with_the_kernel_choice():
+    """kernels=rows makes rows up to WIDE_ROW_LIMIT one-pass and no wider; turning it off restores Inductor's
+    own choices; a choices class someone else installed is left alone."""
+    from torch._inductor import config
+    from torch._inductor.virtualized import V
+
+    from app.kernels.wide_rows import WIDE_ROW_LIMIT
+    from app.model import use_kernels
+
+    assert config.inductor_choices_class is None
+    try:
+        use_kernels("loss,rows")
+        choices = config.inductor_choices_class
+        assert choices is not None and type(V.choices) is choices
+        assert choices.should_use_persistent_reduction(_RowFeatures(4096), False)
+        assert choices.should_use_persistent_reduction(_RowFeatures(WIDE_ROW_LIMIT), False)
+        assert not choices.should_use_persistent_reduction(_RowFeatures(2 * WIDE_ROW_LIMIT), False)
+        use_kernels("loss")
+        assert config.inductor_choices_class is None and type(V.choices).__name__ == "InductorChoices"
+        config.inductor_choices_class = foreign = type("Foreign", (type(V.choices),), {})
+        use_kernels("rows")
+        use_kernels("none")
+        assert config.inductor_choices_class is foreign
+    finally:
+        config.inductor_choices_class = None
+        use_kernels("none")
+
+
+@pytest.mark.gpu
+@no_interpreter
+def test_gpu_wide_rows_cast_is_one_pass_and_exact():
+    """Under kernels=rows a 4096-wide row's amax and FP8 cast compile to one persistent kernel (Inductor's default:
+    a looped reduction) whose result dequantises to the activation within e4m3's precision."""
+    from torch._inductor.utils import run_and_get_code
+
+    from app.kernels.fp8_linear import to_fp8_rows
+    from app.model import use_kernels
+
+    g, u = (torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ref = torch.nn.functional.silu(g.float()) * u.float()
+    row_max = ref.abs().amax(dim=-1, keepdim=True)
+
+    def act_cast(g, u):
+        return to_fp8_rows(torch.nn.functional.silu(g) * u)
+
+    try:
+        for spec, persistent in (("none", False), ("rows", True)):
+            use_kernels(spec)
+            torch._dynamo.reset()
+            (h8, inv), codes = run_and_get_code(torch.compile(act_cast), g, u)
+            assert ("persistent_reduction" in "".join(codes)) is persistent, spec
+            # e4m3 keeps 3 mantissa bits (relative error <= 2^-4) plus bf16's rounding of the product
+            err = ((h8.float() * inv - ref).abs() / row_max).max().item()
+            assert err < 0.07, f"{spec}: dequantised error {err:.3f} of the row's max"
+    finally:
+        use_kernels("none")
+        torch._dynamo.reset()
