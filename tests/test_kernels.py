@@ -491,6 +491,24 @@ def test_wide_rows_choice_is_installed_and_removed_with_the_kernel_choice():
         use_kernels("none")
 
 
+@no_interpreter
+def test_auto_kernels_add_wide_rows_only_for_fp8_models():
+    """kernels=auto: the fused loss, plus one-pass wide rows when the blocks run in FP8 (their casts need it)."""
+    from torch._inductor import config
+
+    from app.model import KERNELS, ModelConfig, use_kernels
+    from app.trainer import TrainConfig, build_model
+
+    try:
+        for fp8 in (False, True):
+            mcfg = ModelConfig.preset("tiny", n_layer=1, d_model=32, n_head=2, max_seq_len=16, fp8=fp8)
+            build_model(TrainConfig(kernels="auto"), mcfg, torch.device("cpu"))
+            assert KERNELS.loss and KERNELS.rows is fp8
+            assert (config.inductor_choices_class is not None) is fp8
+    finally:
+        use_kernels("none")
+
+
 @pytest.mark.gpu
 @no_interpreter
 def test_gpu_wide_rows_cast_is_one_pass_and_exact():
