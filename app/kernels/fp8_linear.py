@@ -8,8 +8,9 @@ through `torch._scaled_mm` (CUTLASS/cuBLASLt on sm89+ CUDA; PyTorch's CPU kernel
 use). The weight-gradient product stays in the compute dtype: in FP8 it would need transposed copies of
 x and the output gradient with per-column scales, which cost about what the faster product saves at
 GPT-2 widths (measured with torchao's tensorwise recipe: 0.87-0.93x), and it is the product whose
-precision the optimizer sees directly. Under torch.compile each row's amax and cast is one pass fused
-into the kernel that produces the row (a norm, an activation, a gradient).
+precision the optimizer sees directly. Under torch.compile each row's amax and cast is fused into the
+kernel that produces the row (a norm, an activation, a gradient); in one pass for rows up to 1024 wide,
+and up to 8192 under `kernels=rows` (`wide_rows`), which the MLP's hidden rows need.
 """
 from __future__ import annotations
 
