@@ -334,7 +334,7 @@ def _eval_due(cfg: TrainConfig, step: int) -> bool:
     return bool(cfg.eval_every) and step % cfg.eval_every == 0
 
 
-def _synced_seconds(since: float, device: torch.device) -> float:
+def synced_seconds(since: float, device: torch.device) -> float:
     """Seconds since `since`, after the queued GPU work has finished."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -412,7 +412,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if ema is not None:
             ema.update()
         if state.step == start_step:  # the first step of each start compiles: timed apart
-            first_step_s = _synced_seconds(t_last, device)
+            first_step_s = synced_seconds(t_last, device)
             t_last, steps_since = time.perf_counter(), -1
         state.step += 1
         state.samples += plan.global_batch
@@ -425,7 +425,7 @@ def train_loop(config: dict[str, Any]) -> None:
                                    "preemptions": state.preemptions}
         progress_from = None  # set when this step logs
         if state.step % cfg.log_every == 0 or last or (val and _eval_due(cfg, state.step)):
-            dt = _synced_seconds(t_last, device)
+            dt = synced_seconds(t_last, device)
             state.train_time_s += dt
             (train_loss,) = _all_reduce_mean([mean_loss.item()], device)
             tps = steps_since * plan.global_batch * seq_len / dt if steps_since > 0 else 0.0

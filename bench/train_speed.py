@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from app.data import Batch
 from app.model import GPT, ModelConfig
 from app.trainer import (PEAK_FLOPS, CosineSchedule, TrainConfig, build_model, compiled, forward_backward,
-                         make_optimizer, step_function)
+                         make_optimizer, step_function, synced_seconds)
 
 # ------------------------------------------------------------------ the baseline (nanoGPT / llm.c style)
 
@@ -146,23 +146,17 @@ def _time_steps(step, device: torch.device, args) -> tuple[float, float, list[fl
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    first = time.perf_counter() - t0
+    first = synced_seconds(t0, device)
     args.turns.take(fcntl.LOCK_EX)
     t0 = time.perf_counter()
     for _ in range(args.warmup - 1):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    warm = first + time.perf_counter() - t0  # without the wait for the turn
+    warm = first + synced_seconds(t0, device)  # without the wait for the turn
     times, losses = [], []
     for _ in range(args.steps):
         t = time.perf_counter()
         loss = step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        times.append(synced_seconds(t, device))
         losses.append(float(loss))
     if args.profile_dir:
         _profile(step, device, args)
