@@ -35,14 +35,16 @@ class KernelChoice:
     slower at GPT-2 124M on an H100 under torch.compile, with fp32 and with bf16 weights: the
     split/concatenated gradients cost more than the larger GEMMs save, so it is not in the default set).
     `rows`: torch.compile keeps rows up to 8192 wide in registers for row reductions (`kernels.wide_rows`; for
-    the FP8 casts of the MLP's hidden rows under `ModelConfig.fp8`).
-    (No attention choice: on H100, torch 2.11's SDPA already runs cuDNN's flash kernels, the fastest.)"""
+    the FP8 casts of the MLP's hidden rows under `ModelConfig.fp8`). `window`: sliding-window layers (1 < w < T)
+    run the Triton window kernel (`kernels.window_attention`) instead of flex_attention's block-sparse one (CUDA).
+    (No full-attention choice: on H100, torch 2.11's SDPA already runs cuDNN's flash kernels, the fastest.)"""
 
     loss: bool = False
     norm: bool = False
     rotary: bool = False
     proj: bool = False
     rows: bool = False
+    window: bool = False
 
 
 KERNELS = KernelChoice()  # set once per process by the trainer (`use_kernels`)
@@ -236,7 +238,8 @@ def project(x: torch.Tensor, linears: Sequence[nn.Linear], fp8: bool) -> list[to
     return list(linear(x, weight, fp8).split([m.out_features for m in linears], dim=-1))
 
 
-AttnMask = torch.Tensor | BlockMask | None  # a boolean SDPA mask, a flex_attention block mask, None = plain causal
+# A boolean SDPA mask, a flex_attention block mask, an int w (the window kernel over w), None = plain causal
+AttnMask = torch.Tensor | BlockMask | int | None
 
 
 def window_mask(pos: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
@@ -277,13 +280,15 @@ def sliding_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
 def masks_for_windows(windows: Sequence[int], T: int, device: torch.device, cache: KVCache | KVSlots | None,
                       flex: bool) -> dict[int, AttnMask]:
     """The mask of each of `windows` (0 = full causal; window 1 needs none, see `Attention`) for a forward of
-    T new tokens. With a cache: the cache's mask. Without: for 1 < w < T a flex_attention block mask when
-    `flex` (CUDA, no dropout), else a boolean [T, T] mask; windows 0 and >= T are plain causal (no entry)."""
+    T new tokens. With a cache: the cache's mask. Without: for 1 < w < T, when `flex` (CUDA, no dropout), w
+    itself under KERNELS.window (the window kernel needs no mask) or else a flex_attention block mask, and
+    without `flex` a boolean [T, T] mask; windows 0 and >= T are plain causal (no entry)."""
     windows = set(windows) - {1}
     if cache is not None:
         return {w: cache.attn_mask(T, device, w) for w in windows}
-    return {w: sliding_block_mask(T, w, device) if flex else window_mask(torch.arange(T, device=device), T, w)
-            for w in windows if 1 < w < T}
+    if flex:
+        return {w: w if KERNELS.window else sliding_block_mask(T, w, device) for w in windows if 1 < w < T}
+    return {w: window_mask(torch.arange(T, device=device), T, w) for w in windows if 1 < w < T}
 
 
 class KVCache:
@@ -435,7 +440,9 @@ class Attention(nn.Module):
         if masks is None:
             masks = masks_for_windows([self.window], T, x.device, cache, flex=x.is_cuda and not dropout)
         mask = masks.get(self.window)
-        if isinstance(mask, BlockMask):  # sliding window, training / prefill: block-sparse flex attention
+        if isinstance(mask, int):  # sliding window under KERNELS.window, training / prefill
+            y = kernels.window_attention(q.to(v.dtype), k.to(v.dtype), v, mask)
+        elif isinstance(mask, BlockMask):  # sliding window, training / prefill: block-sparse flex attention
             y = sliding_flex_attention(q.to(v.dtype), k.to(v.dtype), v, mask, gqa)  # one dtype (autocast's)
         elif mask is not None:  # a window, a chunk after cached positions, or slots at different positions
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)

@@ -34,8 +34,8 @@ log = get_logger(__name__)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 DRAIN_CHECK_EVERY = 10  # steps between queries of Ray's node-drain notice (a barrier over the workers)
-AUTO_KERNELS = "loss"  # what kernels=auto picks on GPU: the fastest set bench/train_speed.py measured
-AUTO_KERNELS_FP8 = "loss,rows"  # the same under ModelConfig.fp8 (one-pass casts of the MLP's hidden rows)
+AUTO_KERNELS = "loss,window"  # what kernels=auto picks on GPU: the fastest set bench/train_speed.py measured
+AUTO_KERNELS_FP8 = "loss,rows,window"  # the same under ModelConfig.fp8 (one-pass casts of the MLP's hidden rows)
 
 
 @dataclass

@@ -335,6 +335,9 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
                                "model": {"attn_windows": [1, 64, 0], "fp8": True}},
     "windows_graph_fp8_relu2_rows": {"kernels": "loss,rows", "cuda_graph": True,
                                      "model": {"attn_windows": [1, 64, 0], "fp8": True, "mlp": "relu2"}},
+    # the same with the window-64 layers in the Triton window kernel instead of flex_attention
+    "windows_graph_fp8_relu2_rows_window": {"kernels": "loss,rows,window", "cuda_graph": True,
+                                            "model": {"attn_windows": [1, 64, 0], "fp8": True, "mlp": "relu2"}},
     # q/k/v and gate/up each as one GEMM over their concatenated (bf16) weights
     "windows_graph_proj": {"kernels": "loss,proj", "cuda_graph": True, "model": {"attn_windows": [1, 64, 0]}},
     "windows_graph_proj_fp8_head": {"kernels": "loss,proj", "cuda_graph": True,

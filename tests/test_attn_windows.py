@@ -112,6 +112,23 @@ def test_masks_are_built_once_per_window():
     assert masks_for_windows([0, 3], 8, torch.device("cpu"), cache, flex=False)[0] is None  # a plain prefill
 
 
+def test_window_kernel_choice_takes_the_window_layers():
+    """Under KERNELS.window the sparse path's entry is the window itself, and the model's output through it (the
+    kernel's PyTorch reference on CPU) is the boolean-mask model's."""
+    m = tiny(attn_windows=WINDOWS, n_layer=4)
+    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    model_mod.use_kernels("window")
+    try:
+        masks = masks_for_windows(WINDOWS, 12, cpu, None, flex=True)
+        assert masks == {3: 3, 5: 5}
+        out = m.trunk(idx, masks=masks)
+    finally:
+        model_mod.use_kernels("none")
+    assert all(isinstance(mk, torch.Tensor) for mk in masks_for_windows(WINDOWS, 12, cpu, None, flex=False).values())
+    torch.testing.assert_close(out, m.trunk(idx, masks=masks_for_windows(WINDOWS, 12, cpu, None, flex=False)))
+
+
 # ------------------------------------------------------------------ the KV-cache paths compute the same model
 
 
@@ -274,9 +291,19 @@ def test_export_keeps_windows_and_warns_about_transformers(tmp_path, caplog):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_flex_matches_masked_sdpa_loss_and_gradients():
-    """Training under torch.compile and bf16 autocast goes through flex_attention with block masks; the same
-    weights through SDPA with boolean window masks give the same loss and gradients (bf16 tolerance)."""
+@pytest.mark.parametrize("kernel", ["none", "window"])
+def test_compiled_flex_matches_masked_sdpa_loss_and_gradients(kernel):
+    """Training under torch.compile and bf16 autocast goes through flex_attention with block masks (or, under
+    kernels=window, the Triton window kernel); the same weights through SDPA with boolean window masks give
+    the same loss and gradients (bf16 tolerance)."""
+    model_mod.use_kernels(kernel)
+    try:
+        _compiled_sparse_matches_masked_sdpa(kernel)
+    finally:
+        model_mod.use_kernels("none")
+
+
+def _compiled_sparse_matches_masked_sdpa(kernel: str) -> None:
     torch.manual_seed(0)
     m = GPT(ModelConfig.preset("tiny", vocab_size=V, n_layer=4, n_head=4, n_kv_head=2, d_model=128,
                                max_seq_len=512, attn_windows=[1, 64, 0, 200]))
@@ -285,7 +312,8 @@ def test_compiled_flex_matches_masked_sdpa_loss_and_gradients():
     g = torch.Generator().manual_seed(1)
     idx, targets = (torch.randint(0, V, (2, 512), generator=g).cuda() for _ in range(2))
     masks = m.attention_masks(512, idx.device)
-    assert all(type(mk).__name__ == "BlockMask" for mk in masks.values()) and set(masks) == {64, 200}
+    expected = {64: 64, 200: 200} if kernel == "window" else {64: "BlockMask", 200: "BlockMask"}
+    assert {w: mk if kernel == "window" else type(mk).__name__ for w, mk in masks.items()} == expected
 
     def loss_and_grads(fn):
         m.zero_grad(set_to_none=True)

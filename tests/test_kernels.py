@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import app.kernels
-from app.kernels import backend, fused_linear_ce, rmsnorm, rotary
+from app.kernels import backend, fused_linear_ce, rmsnorm, rotary, sliding_attention
 
 _TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative error ||a - b|| / ||b||
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -297,6 +297,41 @@ def test_fp8_linear_follows_autocast_and_needs_cuda_fp8():
     assert not app.kernels.fp8_fits(x, w)  # CPU tensors: the model keeps its plain matmuls
 
 
+# ---- Sliding-window attention ----------------------------------------------------------------------
+
+def _qkv(B: int, H: int, H_kv: int, T: int, D: int, dtype: torch.dtype, device="cpu") -> list[torch.Tensor]:
+    """q [B, H, T, D], k, v [B, H_kv, T, D], laid out as the model's projections leave them ([B, T, H, D])."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(B, T, h, D, generator=gen, device=device).to(dtype).transpose(1, 2) for h in (H, H_kv, H_kv)]
+
+
+@interpreted
+@pytest.mark.parametrize("window", [1, 5, 64, 100, 300])
+@pytest.mark.parametrize("H_kv", [4, 2], ids=["mha", "gqa"])
+def test_window_attention_matches_reference(window, H_kv):
+    # T = 150 is not a multiple of the 64-position blocks; window 300 > T is plain causal attention.
+    inputs = _qkv(2, 4, H_kv, 150, 16, torch.float32)
+    outs, grads = _run(lambda q, k, v: sliding_attention.window_attention(q, k, v, window), inputs)
+    ref_outs, ref_grads = _run(lambda q, k, v: sliding_attention.window_attention_reference(q, k, v, window), inputs)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), outs + grads, ref_outs + ref_grads):
+        if window == 1 and name in ("dq", "dk"):  # one key: the softmax is constant, dq and dk are ~0
+            assert a.abs().max() < 1e-5 and b.abs().max() < 1e-5
+            continue
+        _assert_close(a, b, torch.float32, f"window {window} {name}")
+
+
+@interpreted
+def test_window_attention_ignores_keys_outside_the_window():
+    # (fp32: Triton 3.x's interpreter computes tl.dot of bf16 operands wrongly; bf16 is checked on the GPU)
+    q, k, v = _qkv(1, 2, 2, 130, 32, torch.float32)
+    v2 = v.clone()
+    v2[:, :, 10] += 100.0
+    a = sliding_attention.window_attention(q, k, v, 64)
+    b = sliding_attention.window_attention(q, k, v2, 64)
+    assert torch.equal(a[:, :, 74:], b[:, :, 74:]) and torch.equal(a[:, :, :10], b[:, :, :10])
+    assert (a[:, :, 10:74] - b[:, :, 10:74]).abs().amin(dim=-1).gt(0).all()  # every query that sees it moves
+
+
 # ---- Dispatch and input checks -------------------------------------------------------------------
 
 def test_without_triton_the_reference_runs(monkeypatch):
@@ -405,6 +440,20 @@ def test_gpu_rotary(dtype):
         _assert_close(a, b, dtype, f"rotary {name}")
 
 
+@pytest.mark.gpu
+@no_interpreter
+@pytest.mark.parametrize("H_kv", [12, 4], ids=["mha", "gqa"])
+def test_gpu_window_attention(H_kv):
+    """bf16 at the 124M model's shape against an fp32 reference, eager and under torch.compile."""
+    inputs = _qkv(2, 12, H_kv, 1024, 64, torch.bfloat16, device="cuda")
+    ref_outs, ref_grads = _run(lambda q, k, v: sliding_attention.window_attention_reference(q, k, v, 64),
+                               [t.float() for t in inputs])
+    for fn in (sliding_attention.window_attention, torch.compile(sliding_attention.window_attention)):
+        outs, grads = _run(lambda q, k, v: fn(q, k, v, 64), inputs)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), outs + grads, ref_outs + ref_grads):
+            _assert_close(a.float(), b, torch.bfloat16, f"window attention {name}")
+
+
 # ---- The interpreter child -----------------------------------------------------------------------
 
 @no_interpreter
@@ -493,7 +542,7 @@ def test_wide_rows_choice_is_installed_and_removed_with_the_kernel_choice():
 
 @no_interpreter
 def test_auto_kernels_add_wide_rows_only_for_fp8_models():
-    """kernels=auto: the fused loss, plus one-pass wide rows when the blocks run in FP8 (their casts need it)."""
+    """kernels=auto: the fused loss and the window kernel, plus one-pass wide rows when the blocks run in FP8."""
     from torch._inductor import config
 
     from app.model import KERNELS, ModelConfig, use_kernels
@@ -503,7 +552,7 @@ def test_auto_kernels_add_wide_rows_only_for_fp8_models():
         for fp8 in (False, True):
             mcfg = ModelConfig.preset("tiny", n_layer=1, d_model=32, n_head=2, max_seq_len=16, fp8=fp8)
             build_model(TrainConfig(kernels="auto"), mcfg, torch.device("cpu"))
-            assert KERNELS.loss and KERNELS.rows is fp8
+            assert KERNELS.loss and KERNELS.window and KERNELS.rows is fp8
             assert (config.inductor_choices_class is not None) is fp8
     finally:
         use_kernels("none")

@@ -1,4 +1,5 @@
-"""Kernels for the model's hot spots (Triton: fused linear + cross-entropy, RMSNorm, rotary; FP8 matmuls), each with a PyTorch reference.
+"""Kernels for the model's hot spots (Triton: fused linear + cross-entropy, RMSNorm, rotary, sliding-window
+attention; FP8 matmuls), each with a PyTorch reference.
 
 Every Triton-backed function runs its Triton kernels when its tensors are on CUDA (or on CPU under Triton's
 interpreter: TRITON_INTERPRET=1 or SPOTLM_TRITON_INTERPRET_TEST=1 set before import) and its reference otherwise.
@@ -12,6 +13,7 @@ from app.kernels.fused_linear_ce import (
 from app.kernels.fp8_linear import fp8_fits, fp8_linear, fp8_linear_reference
 from app.kernels.rmsnorm import rms_norm, rms_norm_reference
 from app.kernels.rotary import apply_rotary, rotary_reference
+from app.kernels.sliding_attention import window_attention, window_attention_reference
 
 __all__ = [
     "apply_rotary",
@@ -24,4 +26,6 @@ __all__ = [
     "rms_norm",
     "rms_norm_reference",
     "rotary_reference",
+    "window_attention",
+    "window_attention_reference",
 ]
