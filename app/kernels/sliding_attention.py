@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from app.kernels.backend import jit, tl, use_triton
+from app.kernels.backend import jit, tl, triton, use_triton
 
 BLOCK = 64  # queries per program and keys per step, both passes
 HEAD_DIMS = (16, 32, 64, 128)  # head sizes the kernels take (tl.arange needs a power of two; >= 16 for tl.dot)
@@ -37,26 +37,48 @@ def _scores(q, k, offs_m, offs_n, T, WINDOW, scale_log2):
 
 
 @jit
+def _load_tile(base, offs, stride_t, offs_d, T):
+    """Rows `offs` (zeros past T) of the [T, D] matrix at `base` with row stride `stride_t`."""
+    return tl.load(base + offs[:, None] * stride_t + offs_d[None, :], mask=offs[:, None] < T, other=0.0)
+
+
+@jit
+def _store_tile(base, offs, stride_t, offs_d, T, tile):
+    """`tile` into rows `offs` (those before T) of the [T, D] matrix at `base`, in its element type."""
+    tl.store(base + offs[:, None] * stride_t + offs_d[None, :], tile.to(base.dtype.element_ty), mask=offs[:, None] < T)
+
+
+@jit
+def _load_row_stats(base, offs, T):
+    """Per-query floats (log-sum-exp or delta) of rows `offs`, zeros past T."""
+    return tl.load(base + offs, mask=offs < T, other=0.0)
+
+
+@jit
+def _key_range(m_blk, T, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi): the keys that query block m_blk's windows touch, lo aligned to BLOCK_N."""
+    lo = tl.maximum(m_blk * BLOCK_M - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    return lo, tl.minimum((m_blk + 1) * BLOCK_M, T)
+
+
+@jit
 def _attention_window_fwd(Q, K, V, O, LSE, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, so_b, so_h, so_t,
                 H, GROUP, T, WINDOW, scale_log2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
     m_blk, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    rows = offs_m[:, None] < T
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=rows, other=0.0)
-    k_base = K + b * sk_b + (h // GROUP) * sk_h + offs_d[None, :]
-    v_base = V + b * sk_b + (h // GROUP) * sk_h + offs_d[None, :]
+    q = _load_tile(Q + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T)
+    k_base = K + b * sk_b + (h // GROUP) * sk_h
+    v_base = V + b * sk_b + (h // GROUP) * sk_h
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    lo = tl.maximum(m_blk * BLOCK_M - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum((m_blk + 1) * BLOCK_M, T)
+    lo, hi = _key_range(m_blk, T, WINDOW, BLOCK_M, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        cols = offs_n[:, None] < T
-        k = tl.load(k_base + offs_n[:, None] * sk_t, mask=cols, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * sk_t, mask=cols, other=0.0)
+        k = _load_tile(k_base, offs_n, sk_t, offs_d, T)
+        v = _load_tile(v_base, offs_n, sk_t, offs_d, T)
         s = _scores(q, k, offs_m, offs_n, T, WINDOW, scale_log2)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep zeros, not NaNs
@@ -66,8 +88,7 @@ def _attention_window_fwd(Q, K, V, O, LSE, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, s
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # (rows past T only: every real row sees itself)
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
-             (acc / l_i[:, None]).to(O.dtype.element_ty), mask=rows)
+    _store_tile(O + b * so_b + h * so_h, offs_m, so_t, offs_d, T, acc / l_i[:, None])
     tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=offs_m < T)
 
 
@@ -81,9 +102,8 @@ def _attention_window_bwd_kv(Q, K, V, DO, LSE, DELTA, DK, DV, sq_b, sq_h, sq_t, 
     b, hk = bhk // Hkv, bhk % Hkv
     offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    cols = offs_n[:, None] < T
-    k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_t + offs_d[None, :], mask=cols, other=0.0)
-    v = tl.load(V + b * sk_b + hk * sk_h + offs_n[:, None] * sk_t + offs_d[None, :], mask=cols, other=0.0)
+    k = _load_tile(K + b * sk_b + hk * sk_h, offs_n, sk_t, offs_d, T)
+    v = _load_tile(V + b * sk_b + hk * sk_h, offs_n, sk_t, offs_d, T)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     lo = n_blk * BLOCK_N // BLOCK_M * BLOCK_M
@@ -92,19 +112,16 @@ def _attention_window_bwd_kv(Q, K, V, DO, LSE, DELTA, DK, DV, sq_b, sq_h, sq_t, 
         h = hk * GROUP + g
         for start in range(lo, hi, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            rows = offs_m[:, None] < T
-            q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=rows, other=0.0)
-            do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_t + offs_d[None, :], mask=rows, other=0.0)
-            lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=offs_m < T, other=0.0)
-            delta = tl.load(DELTA + (b * H + h) * T + offs_m, mask=offs_m < T, other=0.0)
+            q = _load_tile(Q + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T)
+            do = _load_tile(DO + b * sd_b + h * sd_h, offs_m, sd_t, offs_d, T)
+            lse = _load_row_stats(LSE + (b * H + h) * T, offs_m, T)
+            delta = _load_row_stats(DELTA + (b * H + h) * T, offs_m, T)
             p = tl.exp2(_scores(q, k, offs_m, offs_n, T, WINDOW, scale_log2) - lse[:, None])
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(DK + b * sg_b + hk * sg_h + offs_n[:, None] * sg_t + offs_d[None, :],
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
-    tl.store(DV + b * sg_b + hk * sg_h + offs_n[:, None] * sg_t + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=cols)
+    _store_tile(DK + b * sg_b + hk * sg_h, offs_n, sg_t, offs_d, T, dk * sm_scale)
+    _store_tile(DV + b * sg_b + hk * sg_h, offs_n, sg_t, offs_d, T, dv)
 
 
 @jit
@@ -115,30 +132,22 @@ def _attention_window_bwd_q(Q, K, V, DO, LSE, DELTA, DQ, sq_b, sq_h, sq_t, sk_b,
     b, h = bh // H, bh % H
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
-    rows = offs_m[:, None] < T
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=rows, other=0.0)
-    do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_t + offs_d[None, :], mask=rows, other=0.0)
-    lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
-    delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
-    k_base = K + b * sk_b + (h // GROUP) * sk_h + offs_d[None, :]
-    v_base = V + b * sk_b + (h // GROUP) * sk_h + offs_d[None, :]
+    q = _load_tile(Q + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T)
+    do = _load_tile(DO + b * sd_b + h * sd_h, offs_m, sd_t, offs_d, T)
+    lse = _load_row_stats(LSE + bh * T, offs_m, T)
+    delta = _load_row_stats(DELTA + bh * T, offs_m, T)
+    k_base = K + b * sk_b + (h // GROUP) * sk_h
+    v_base = V + b * sk_b + (h // GROUP) * sk_h
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    lo = tl.maximum(m_blk * BLOCK_M - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum((m_blk + 1) * BLOCK_M, T)
+    lo, hi = _key_range(m_blk, T, WINDOW, BLOCK_M, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        cols = offs_n[:, None] < T
-        k = tl.load(k_base + offs_n[:, None] * sk_t, mask=cols, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * sk_t, mask=cols, other=0.0)
+        k = _load_tile(k_base, offs_n, sk_t, offs_d, T)
+        v = _load_tile(v_base, offs_n, sk_t, offs_d, T)
         p = tl.exp2(_scores(q, k, offs_m, offs_n, T, WINDOW, scale_log2) - lse[:, None])
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    _store_tile(DQ + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T, dq * sm_scale)
 
 
 def _unit_last(*ts: torch.Tensor) -> list[torch.Tensor]:
@@ -160,7 +169,7 @@ class _WindowAttentionFn(torch.autograd.Function):
         o = q.new_empty(B, T, H, D).transpose(1, 2)  # [B, H, T, D] over [B, T, H, D]: the o_proj input, no copy
         lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
         sm_scale = 1.0 / math.sqrt(D)
-        _attention_window_fwd[(_cdiv(T, BLOCK), B * H)](
+        _attention_window_fwd[(triton.cdiv(T, BLOCK), B * H)](
             q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(o), H, group, T, window,
             sm_scale * math.log2(math.e), BLOCK_M=BLOCK, BLOCK_N=BLOCK, D=D, num_warps=4, num_stages=2)
         ctx.save_for_backward(q, k, v, o, lse)
@@ -178,10 +187,10 @@ class _WindowAttentionFn(torch.autograd.Function):
         sm_scale = 1.0 / math.sqrt(D)
         scale_log2 = sm_scale * math.log2(math.e)
         common = dict(BLOCK_M=BLOCK, BLOCK_N=BLOCK, D=D, num_warps=4, num_stages=2)
-        _attention_window_bwd_kv[(_cdiv(T, BLOCK), B * k.size(1))](
+        _attention_window_bwd_kv[(triton.cdiv(T, BLOCK), B * k.size(1))](
             q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(do), *_strides(dk),
             H, group, T, window, scale_log2, sm_scale, **common)
-        _attention_window_bwd_q[(_cdiv(T, BLOCK), B * H)](
+        _attention_window_bwd_q[(triton.cdiv(T, BLOCK), B * H)](
             q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(do),
             H, group, T, window, scale_log2, sm_scale, **common)
         return dq, dk, dv, None
