@@ -498,6 +498,18 @@ def test_gpu_fp8_linear_compiled_gradients_match_eager():
         assert _rel_err(c, e) < 0.03, f"compiled fp8 {name} differs from eager by {_rel_err(c, e):.3f}"
 
 
+@pytest.mark.gpu
+@no_interpreter
+@pytest.mark.parametrize("K", [768, 3072])
+def test_gpu_fp8_linear_forward_keeps_e4m3_precision_under_fast_accumulation(K):
+    """The forward product accumulates without fp32 promotion on CUDA: its error stays e4m3's, at the
+    contraction widths of GPT-2's blocks."""
+    torch.manual_seed(0)
+    x, w = torch.randn(4096, K, device="cuda"), torch.randn(1024, K, device="cuda") / K ** 0.5
+    err = _rel_err(app.kernels.fp8_linear(x, w).float(), app.kernels.fp8_linear_reference(x, w))
+    assert 0.01 <= err < 0.05, f"fp8_linear forward at K={K}: relative error {err:.4f}"
+
+
 class _RowFeatures:
     """The two things Inductor's persistent-reduction choice reads of a kernel."""
 

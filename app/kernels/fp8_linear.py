@@ -67,8 +67,11 @@ class _Fp8Matmul(torch.autograd.Function):
         x8, x_inv = to_fp8_rows(x)  # [M, K], [M, 1]
         w8, w_inv = to_fp8_rows(weight)  # [N, K], [N, 1]
         ctx.save_for_backward(x, weight)
-        # _scaled_mm wants its first operand row-major and its second column-major (w8.t() is)
-        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.reshape(1, -1), out_dtype=torch.bfloat16)
+        # _scaled_mm wants its first operand row-major and its second column-major (w8.t() is). Fast
+        # accumulation (no periodic fp32 promotion) in this product only, as torchao does: 10-15% faster at
+        # GPT-2's shapes on an H200 (qkv 891 -> 1013 TFLOP/s, MLP up 899 -> 1037), the gradient keeps fp32 sums.
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.reshape(1, -1), out_dtype=torch.bfloat16,
+                                use_fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
