@@ -4,6 +4,7 @@ result, and an elastic run that loses a node and carries on with one worker."""
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -36,7 +37,9 @@ def cluster(pids_with):
     # Short: Ray's AF_UNIX socket paths under the temp dir must stay within 107 bytes.
     temp = tempfile.mkdtemp(prefix="spotlm-rc-", dir="/tmp")
     port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+    # Token auth, with this cluster's own token: `ray start` does not create one, and on a fresh machine
+    # ~/.ray/auth_token may not exist yet (some ray.init() writes it), which failed the head's start in CI.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     env.pop("RAY_ADDRESS", None)
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
