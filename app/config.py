@@ -74,6 +74,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if str(value).lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is str and isinstance(value, bool):  # YAML's `true` for an auto | true | false field
+        return "true" if value else "false"
     if tp in (int, float, str):
         try:
             if tp is int and isinstance(value, str):

@@ -33,6 +33,7 @@ log = get_logger(__name__)
 # Dense bf16 peak FLOP/s per GPU, for MFU (H100/H200 SXM; A100).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+GRAPHING_COMPILE_MODES = ("max-autotune", "reduce-overhead")  # torch.compile modes that capture CUDA graphs themselves
 DRAIN_CHECK_EVERY = 10  # steps between queries of Ray's node-drain notice (a barrier over the workers)
 AUTO_KERNELS = "loss,window"  # what kernels=auto picks on GPU: the fastest set bench/train_speed.py measured
 AUTO_KERNELS_FP8 = "loss,rows,window"  # the same under ModelConfig.fp8 (one-pass casts of the MLP's hidden rows)
@@ -84,7 +85,9 @@ class TrainConfig:
     seed: int = 1337  # model init and data order
     compile: str = "auto"  # torch.compile: auto (on GPU) | true | false
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
-    cuda_graph: bool = False  # the whole step (fwd, bwd, clip, optimizer) as one CUDA graph (app/step_graph.py): small models, one GPU
+    # The whole step (fwd, bwd, clip, optimizer) as one CUDA graph (app/step_graph.py): auto | true | false.
+    # auto = wherever it runs (`graph_fits`); true also warns where it cannot.
+    cuda_graph: str = "auto"
     kernels: str = "auto"  # Triton kernels on GPU: auto (the fastest measured set) | none | all | comma list of loss,norm,rotary,proj
     deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs (CPU)
     resume: bool = False  # continue an existing run (its latest checkpoint)
@@ -101,8 +104,9 @@ class TrainConfig:
             raise ConfigError("lr must be > 0 and min_lr_ratio in [0, 1]")
         if self.min_workers > self.num_workers:
             raise ConfigError(f"min_workers={self.min_workers} is more than num_workers={self.num_workers}")
-        if any(v not in ("auto", "true", "false") for v in (self.use_gpu, self.compile, self.bf16_weights)):
-            raise ConfigError("use_gpu, compile and bf16_weights take auto | true | false")
+        if any(v not in ("auto", "true", "false") for v in (self.use_gpu, self.compile, self.bf16_weights,
+                                                           self.cuda_graph)):
+            raise ConfigError("use_gpu, compile, bf16_weights and cuda_graph take auto | true | false")
         if self.eval_tokens < 0:
             raise ConfigError(f"eval_tokens must be >= 0 (0 = the whole split), got {self.eval_tokens}")
         if self.compile_mode not in COMPILE_MODES:
@@ -122,7 +126,7 @@ class TrainConfig:
         if self.bf16_weights == "true" and self.masters_excluded(self.memory):
             raise ConfigError("bf16_weights=true steps fp32 master weights with AdamW: not with optimizer=muon, "
                               "ema_decay, memory.fsdp or memory.offload_optimizer")
-        if self.cuda_graph and self.compile_mode in ("reduce-overhead", "max-autotune"):
+        if self.cuda_graph == "true" and self.compile_mode in GRAPHING_COMPILE_MODES:
             raise ConfigError(f"cuda_graph captures the whole step itself: compile_mode={self.compile_mode} "
                               "(which graphs the model on its own) does not nest in it")
         self.memory.validate()
@@ -241,6 +245,14 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, gra
     return grad_norm
 
 
+def graph_fits(cfg: TrainConfig, device: torch.device, world: int) -> bool:
+    """Whether the step can run as one CUDA graph: one CUDA device holding the weights, the optimizer and
+    every activation (no FSDP, offload or activation checkpointing), and a compile mode without graphs of its own."""
+    mem = cfg.memory
+    return (device.type == "cuda" and world == 1 and cfg.compile_mode not in GRAPHING_COMPILE_MODES
+            and not (mem.fsdp or mem.offload_optimizer or mem.offload_activations or mem.checkpointing != "none"))
+
+
 def step_function(cfg: TrainConfig, fwd, model, raw: GPT, optimizer, device: torch.device, autocast, world: int):
     """batches -> (mean loss, pre-clip grad norm) of one optimizer step (gradients zeroed after it):
     eager, or replayed as one CUDA graph (`cuda_graph`, one CUDA device, weights and optimizer on it)."""
@@ -249,11 +261,10 @@ def step_function(cfg: TrainConfig, fwd, model, raw: GPT, optimizer, device: tor
     def body(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         return forward_backward(fwd, batches, device, autocast, no_sync), optimizer_step(raw, optimizer, cfg.grad_clip)
 
-    mem = cfg.memory
-    if cfg.cuda_graph and device.type == "cuda" and world == 1 and not (
-            mem.fsdp or mem.offload_optimizer or mem.offload_activations or mem.checkpointing != "none"):
+    if cfg.cuda_graph != "false" and graph_fits(cfg, device, world):
+        log.info("the training step runs as one CUDA graph (cuda_graph=%s)", cfg.cuda_graph)
         return StepGraph(body, raw, optimizer, device)  # its gradients stay in the graph's pool
-    if cfg.cuda_graph:
+    if cfg.cuda_graph == "true":
         log.warning("cuda_graph needs one CUDA device and no FSDP, offload or activation checkpointing: "
                     "stepping eagerly")
 

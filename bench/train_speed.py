@@ -281,7 +281,8 @@ def run_baseline(mcfg: ModelConfig, batches: list[Batch], args, device: torch.de
 
 def run_spotlm(preset: str, variant: dict, batches: list[Batch], args, device: torch.device, autocast) -> dict:
     cfg = TrainConfig(preset=preset, lr=args.lr, seq_len=args.seq_len, micro_batch=args.micro_batch,
-                      compile="true" if device.type == "cuda" or args.compile_cpu else "false", **variant)
+                      compile="true" if device.type == "cuda" or args.compile_cpu else "false",
+                      **{"cuda_graph": "false", **variant})  # rows graph the step only where they say so
     cfg.validate()
     mcfg = ModelConfig.preset(preset, max_seq_len=max(args.seq_len, ModelConfig.preset(preset).max_seq_len),
                               **cfg.model)
@@ -316,7 +317,7 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     "norm_rotary": {"kernels": "norm,rotary"},
     "fp8": {"kernels": "none", **FP8},
     "cuda_graphs": {"kernels": "none", "compile_mode": "reduce-overhead"},
-    "step_graph": {"kernels": "loss", "cuda_graph": True},
+    "step_graph": {"kernels": "loss", "cuda_graph": "true"},
     "max_autotune": {"kernels": "none", "compile_mode": "max-autotune-no-cudagraphs"},
     "all_kernels": {"kernels": "all"},
     "loss_norm_rotary": {"kernels": "loss,norm,rotary"},
@@ -325,30 +326,30 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     "loss_norm_rotary_fp8": {"kernels": "loss,norm,rotary", **FP8},
     # TScale's attention-window mix (layers cycle window 1 / 64 / full): flex_attention block-sparse windows
     "windows": {"kernels": "loss", "model": {"attn_windows": [1, 64, 0]}},
-    "windows_graph": {"kernels": "loss", "cuda_graph": True, "model": {"attn_windows": [1, 64, 0]}},
+    "windows_graph": {"kernels": "loss", "cuda_graph": "true", "model": {"attn_windows": [1, 64, 0]}},
     "fp8_head": {"kernels": "loss", "model": {"fp8_head": True}},  # modded-nanogpt's FP8 lm_head
-    "windows_graph_fp8_head": {"kernels": "loss", "cuda_graph": True,
+    "windows_graph_fp8_head": {"kernels": "loss", "cuda_graph": "true",
                                "model": {"attn_windows": [1, 64, 0], "fp8_head": True}},
-    "windows_graph_fp8": {"kernels": "loss", "cuda_graph": True, "model": {"attn_windows": [1, 64, 0], "fp8": True}},
+    "windows_graph_fp8": {"kernels": "loss", "cuda_graph": "true", "model": {"attn_windows": [1, 64, 0], "fp8": True}},
     # FP8 blocks with their hidden rows' amax and cast in one pass (`kernels.wide_rows`), SwiGLU or ReLU^2
-    "windows_graph_fp8_rows": {"kernels": "loss,rows", "cuda_graph": True,
+    "windows_graph_fp8_rows": {"kernels": "loss,rows", "cuda_graph": "true",
                                "model": {"attn_windows": [1, 64, 0], "fp8": True}},
-    "windows_graph_fp8_relu2_rows": {"kernels": "loss,rows", "cuda_graph": True,
+    "windows_graph_fp8_relu2_rows": {"kernels": "loss,rows", "cuda_graph": "true",
                                      "model": {"attn_windows": [1, 64, 0], "fp8": True, "mlp": "relu2"}},
     # the same with the window-64 layers in the Triton window kernel instead of flex_attention
-    "windows_graph_fp8_relu2_rows_window": {"kernels": "loss,rows,window", "cuda_graph": True,
+    "windows_graph_fp8_relu2_rows_window": {"kernels": "loss,rows,window", "cuda_graph": "true",
                                             "model": {"attn_windows": [1, 64, 0], "fp8": True, "mlp": "relu2"}},
     # q/k/v and gate/up each as one GEMM over their concatenated (bf16) weights
-    "windows_graph_proj": {"kernels": "loss,proj", "cuda_graph": True, "model": {"attn_windows": [1, 64, 0]}},
-    "windows_graph_proj_fp8_head": {"kernels": "loss,proj", "cuda_graph": True,
+    "windows_graph_proj": {"kernels": "loss,proj", "cuda_graph": "true", "model": {"attn_windows": [1, 64, 0]}},
+    "windows_graph_proj_fp8_head": {"kernels": "loss,proj", "cuda_graph": "true",
                                     "model": {"attn_windows": [1, 64, 0], "fp8_head": True}},
     # the fastest row with an ungated MLP (`ModelConfig.mlp`) of SwiGLU's parameters at 124M
-    "windows_graph_fp8_head_gelu": {"kernels": "loss", "cuda_graph": True,
+    "windows_graph_fp8_head_gelu": {"kernels": "loss", "cuda_graph": "true",
                                     "model": {"attn_windows": [1, 64, 0], "fp8_head": True, "mlp": "gelu"}},
-    "windows_graph_fp8_head_relu2": {"kernels": "loss", "cuda_graph": True,
+    "windows_graph_fp8_head_relu2": {"kernels": "loss", "cuda_graph": "true",
                                      "model": {"attn_windows": [1, 64, 0], "fp8_head": True, "mlp": "relu2"}},
     # the same as windows_graph with fp32 weights under autocast (bf16_weights=auto keeps them bf16 on GPU)
-    "windows_graph_fp32_weights": {"kernels": "loss", "cuda_graph": True, "bf16_weights": "false",
+    "windows_graph_fp32_weights": {"kernels": "loss", "cuda_graph": "true", "bf16_weights": "false",
                                    "model": {"attn_windows": [1, 64, 0]}},
 }
 

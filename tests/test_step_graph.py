@@ -9,7 +9,7 @@ from app.config import ConfigError, from_dict
 from app.data import Batch
 from app.model import ModelConfig
 from app.step_graph import StepGraph
-from app.trainer import CosineSchedule, TrainConfig, build_model, make_optimizer, step_function
+from app.trainer import CosineSchedule, TrainConfig, build_model, graph_fits, make_optimizer, step_function
 
 V, T, B = 96, 32, 4
 
@@ -47,8 +47,25 @@ def cfg(**kw) -> TrainConfig:
 
 def test_cuda_graph_does_not_nest_in_a_graphing_compile_mode():
     with pytest.raises(ConfigError, match="cuda_graph"):
-        cfg(cuda_graph=True, compile_mode="reduce-overhead").validate()
-    cfg(cuda_graph=True, compile_mode="max-autotune-no-cudagraphs").validate()
+        cfg(cuda_graph="true", compile_mode="reduce-overhead").validate()
+    cfg(cuda_graph="true", compile_mode="max-autotune-no-cudagraphs").validate()
+
+
+def test_auto_graphs_the_step_wherever_it_fits():
+    cuda = torch.device("cuda")
+    assert cfg().cuda_graph == "auto"  # the default: the graphed step on one GPU
+    assert graph_fits(cfg(), cuda, world=1)
+    assert not graph_fits(cfg(), torch.device("cpu"), world=1)
+    assert not graph_fits(cfg(), cuda, world=2)
+    assert not graph_fits(cfg(memory={"fsdp": True}), cuda, world=1)
+    assert not graph_fits(cfg(memory={"checkpointing": "full"}), cuda, world=1)
+    assert not graph_fits(cfg(compile_mode="reduce-overhead"), cuda, world=1)  # and auto does not raise there
+
+
+def test_cuda_graph_takes_auto_true_false_and_yaml_booleans():
+    assert cfg(cuda_graph=True).cuda_graph == "true" and cfg(cuda_graph=False).cuda_graph == "false"
+    with pytest.raises(ConfigError, match="cuda_graph"):
+        cfg(cuda_graph="sometimes")
 
 
 # AdamW on fp32 weights, AdamW over fp32 masters of bf16 weights (app/master.py), Muon
@@ -60,7 +77,7 @@ OPTIMIZERS = [dict(optimizer="adamw", bf16_weights="false"), dict(optimizer="ada
 def test_cuda_graph_off_cuda_steps_eagerly_and_equals_the_plain_step(opt):
     steps = batches(4, accum=2, device="cpu")
     a = run(cfg(**opt), "cpu", steps)
-    b = run(cfg(**opt, cuda_graph=True), "cpu", steps)
+    b = run(cfg(**opt, cuda_graph="true"), "cpu", steps)
     assert not isinstance(b[3], StepGraph)
     assert a[0] == b[0] and a[1] == b[1]
     assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
@@ -75,7 +92,7 @@ def test_cuda_graph_step_matches_the_eager_step(opt):
     steps = batches(8, accum=2, device="cuda")
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
     eager = run(cfg(**opt), "cuda", steps, autocast)
-    graph = run(cfg(**opt, cuda_graph=True), "cuda", steps, autocast)
+    graph = run(cfg(**opt, cuda_graph="true"), "cuda", steps, autocast)
     assert isinstance(graph[3], StepGraph)
     # the first step must see the initial weights: the warm-up steps were undone
     assert graph[0][0] == pytest.approx(eager[0][0], rel=1e-3)
