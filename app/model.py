@@ -90,8 +90,8 @@ class ModelConfig:
     # Training matmuls in FP8 on sm89+ CUDA (else as usual): the blocks' forward and input-gradient products with
     # per-row scales (weight gradients bf16, `kernels.fp8_linear`), and the FP8 head.
     fp8: bool = False
-    # Only the lm_head's training matmuls in FP8 (modded-nanogpt's FP8 head); under the fused loss only its logits
-    # product (the gradient products stay bf16: faster on an H100). fp8 implies it.
+    # Only the lm_head's training matmuls in FP8 (modded-nanogpt's FP8 head: e4m3 logits product, e5m2 gradient
+    # products under the fused loss). fp8 implies it.
     fp8_head: bool = False
     # Sliding attention windows, cycled over the layers (layer i: attn_windows[i % len]); 0 = full causal, w >= 1 =
     # the w most recent positions (itself included); [] = all full. [1, 64, 0] is TScale's mix. On the command

@@ -8,21 +8,28 @@ Chunks are thousands of tokens (a fixed logits budget), not Liger's hidden-sized
 hundred tokens makes the weight-gradient product (K = chunk) slow and rewrites the whole [V, D] gradient
 once per chunk.
 
-With `fp8` (modded-nanogpt's FP8 head, forward product only) the logits come from `torch._scaled_mm` over
-e4m3 hidden and weight under per-tensor scales; the two gradient products stay bf16, over d loss / d logits
-written in place as before. Doing those in FP8 too (e5m2 gradients) measured no faster on an H100: cuBLASLt's
-FP8 wants both operands K-major, so the weight-gradient product needs the [chunk, V] gradient transposed, and
-writing it transposed (N x V bytes more memory) cost what the faster products saved.
+With `fp8` (modded-nanogpt's FP8 head) all three products run in FP8: the logits from e4m3 hidden and weight
+under per-tensor scales, and both gradient products from d loss / d logits in e5m2. Those gradients lie in
+[-1, 1], so one fixed scale (`_GRAD_SCALE`) fits them without an amax pass; a tiled kernel writes them twice,
+as [chunk, V] for the hidden gradient and transposed into [V, tokens] for the weight gradient (cuBLASLt's FP8
+wants both operands K-major), one byte each where the bf16 path writes two bytes once. The transposed copy
+holds up to `_FP8_WGRAD_TOKENS` tokens (V bytes each), so one weight-gradient product covers a GPT-2
+micro-batch instead of one per chunk.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from app.kernels.backend import jit, next_power_of_2, num_warps_for, tl, use_triton
+from app.kernels.backend import jit, next_power_of_2, num_warps_for, tl, triton, use_triton
 from app.kernels.fp8_linear import E4M3, on_fp8_gpu, to_fp8
 
+E5M2 = torch.float8_e5m2
+
 _CHUNK_LOGITS = 1 << 28  # logits elements per chunk (512 MiB in bf16): 4096 tokens of a 50k vocabulary
+# d loss / d logits is in [-1, 1]: times 2^15 it stays under e5m2's max (57344) and keeps values down to 2^-31
+_GRAD_SCALE = 2.0 ** 15
+_FP8_WGRAD_TOKENS = 1 << 14  # tokens per FP8 weight-gradient product (its transposed e5m2 input: V bytes each)
 # The FP8 logits product's operands: e4m3 hidden, its inverse scale, e4m3 weight, its inverse scale.
 Fp8Operands = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -52,9 +59,10 @@ def _softcap(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @jit
-def _ce_rows_kernel(logits_ptr, logits_stride, targets_ptr, loss_ptr, V, ignore_index, softcap,
-                    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One row per program: its loss, and d (sum of losses) / d logits written over the logits."""
+def _ce_rows_kernel(logits_ptr, logits_stride, targets_ptr, loss_ptr, lse_ptr, V, ignore_index, softcap,
+                    HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One row per program: its loss, and d (sum of losses) / d logits written over the logits (WRITE_GRAD),
+    else the row's logsumexp into lse."""
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * logits_stride
     target = tl.load(targets_ptr + row)
@@ -77,6 +85,9 @@ def _ce_rows_kernel(logits_ptr, logits_stride, targets_ptr, loss_ptr, V, ignore_
     # An out-of-range target makes the loss NaN: visible, and checking it on the host would cost a sync.
     loss = tl.where(in_range, lse - z_target, float("nan"))
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+    if not WRITE_GRAD:
+        tl.store(lse_ptr + row, lse)
+        return
 
     # Pass 2: overwrite the logits with d loss / d logits = softmax - onehot (0 for an ignored row).
     scale = tl.where(ignored, 0.0, 1.0)
@@ -89,6 +100,40 @@ def _ce_rows_kernel(logits_ptr, logits_stride, targets_ptr, loss_ptr, V, ignore_
             capped = z / softcap
             grad = grad * (1.0 - capped * capped)  # d tanh = 1 - tanh^2
         tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _e5m2_bits(x):
+    """x (fp32, |x| < 57344) rounded to float8 e5m2, as its byte. e5m2 is fp16's top byte: round to fp16, then
+    drop the low byte rounding to nearest, ties to even. Integer arithmetic, because Triton's interpreter rounds
+    fp32 -> e5m2 wrongly where the rounding carries into the exponent (7.9 -> 4.0); on GPUs both agree."""
+    bits = x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return ((bits + 0x7F + ((bits >> 8) & 1)) >> 8).to(tl.uint8)
+
+
+@jit
+def _ce_grad_e5m2_kernel(z_ptr, z_stride, targets_ptr, lse_ptr, g_ptr, gt_ptr, gt_stride, rows, V, ignore_index,
+                         softcap, scale, HAS_SOFTCAP: tl.constexpr, WRITE_T: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One [BLOCK_R, BLOCK_V] tile of d (sum of losses) / d logits times `scale`, as e5m2 bytes into g [rows, V]
+    and (WRITE_T) transposed into gt [V, >= rows] (row stride gt_stride)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_rows = r < rows
+    mask = in_rows[:, None] & (c < V)[None, :]
+    z = tl.load(z_ptr + r.to(tl.int64)[:, None] * z_stride + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = _softcap(z, softcap, HAS_SOFTCAP)
+    target = tl.load(targets_ptr + r, mask=in_rows, other=ignore_index)
+    lse = tl.load(lse_ptr + r, mask=in_rows, other=0.0)
+    row_scale = tl.where(target == ignore_index, 0.0, scale)
+    grad = (tl.exp(z - lse[:, None]) - tl.where(c[None, :] == target[:, None], 1.0, 0.0)) * row_scale[:, None]
+    if HAS_SOFTCAP:
+        capped = z / softcap
+        grad = grad * (1.0 - capped * capped)
+    byte = _e5m2_bits(grad)
+    tl.store(g_ptr + r.to(tl.int64)[:, None] * V + c[None, :], byte, mask=mask)
+    if WRITE_T:  # Triton gives each store its own coalesced layout: this one runs along the rows
+        tl.store(gt_ptr + c.to(tl.int64)[None, :] * gt_stride + r[:, None], byte, mask=mask)
 
 
 def _add_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -109,20 +154,33 @@ def _row_block(V: int) -> int:
 
 
 def _ce_rows(z: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor, ignore_index: int,
-             softcap: float | None) -> None:
-    """The losses of the logits z [rows, V] into loss_rows, and d (sum of losses) / d z over z in place."""
+             softcap: float | None, lse: torch.Tensor | None = None) -> None:
+    """The losses of the logits z [rows, V] into loss_rows, and d (sum of losses) / d z over z in place; with
+    `lse`, each row's logsumexp into it instead of the gradients."""
     rows, V = z.shape
     block = _row_block(V)
     cap = 0.0 if softcap is None else softcap
-    _ce_rows_kernel[(rows,)](z, z.stride(0), targets, loss_rows, V, ignore_index, cap, HAS_SOFTCAP=softcap is not None,
-                             BLOCK_V=block, num_warps=num_warps_for(block))
+    _ce_rows_kernel[(rows,)](z, z.stride(0), targets, loss_rows, loss_rows if lse is None else lse, V, ignore_index,
+                             cap, HAS_SOFTCAP=softcap is not None, WRITE_GRAD=lse is None, BLOCK_V=block,
+                             num_warps=num_warps_for(block))
+
+
+def _ce_grad_e5m2(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                  gt: torch.Tensor | None, ignore_index: int, softcap: float | None) -> None:
+    """d (sum of losses) / d z [rows, V] times `_GRAD_SCALE` in e5m2 bytes: into g [rows, V] and, unless None,
+    transposed into gt [V, rows] (a column slice of a wider buffer is fine)."""
+    rows, V = z.shape
+    block_r, block_v = 64, 128
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(V, block_v))
+    _ce_grad_e5m2_kernel[grid](z, z.stride(0), targets, lse, g, g if gt is None else gt,
+                               0 if gt is None else gt.stride(0), rows, V, ignore_index,
+                               0.0 if softcap is None else softcap, _GRAD_SCALE, HAS_SOFTCAP=softcap is not None,
+                               WRITE_T=gt is not None, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4)
 
 
 def _chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor,
-            ignore_index: int, chunk: int, softcap: float | None, need_hidden: bool, need_weight: bool,
-            fp8: Fp8Operands | None):
-    """(d sum / d hidden, d sum / d weight in fp32) of the summed loss, the loss rows written to loss_rows.
-    `fp8`: the logits from these e4m3 copies of hidden and weight instead, the rest in bf16."""
+            ignore_index: int, chunk: int, softcap: float | None, need_hidden: bool, need_weight: bool):
+    """(d sum / d hidden, d sum / d weight) of the summed loss, the loss rows written to loss_rows."""
     N, D = hidden.shape
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     grad_weight = torch.zeros((weight.shape[0], D), dtype=torch.float32, device=weight.device) if need_weight else None
@@ -130,18 +188,52 @@ def _chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, l
     for start in range(0, N, chunk):
         h = hidden[start:start + chunk]
         z = logits[:h.shape[0]]
-        if fp8:
-            h8, h_inv, w8, w_inv = fp8
-            torch._scaled_mm(h8[start:start + chunk], w8.t(), scale_a=h_inv, scale_b=w_inv, out_dtype=z.dtype,
-                             use_fast_accum=True, out=z)
-        else:
-            torch.mm(h, weight.t(), out=z)
+        torch.mm(h, weight.t(), out=z)
         _ce_rows(z, targets[start:start + chunk], loss_rows[start:start + chunk], ignore_index, softcap)
         if need_hidden:
             torch.mm(z, weight, out=grad_hidden[start:start + chunk])
         if need_weight:
             _add_weight_grad(grad_weight, z, h)
-    return grad_hidden, grad_weight
+    return grad_hidden, grad_weight if grad_weight is None else grad_weight.to(weight.dtype)
+
+
+def _fp8_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor,
+                ignore_index: int, chunk: int, softcap: float | None, need_hidden: bool, need_weight: bool,
+                fp8: Fp8Operands):
+    """`_chunks` with every product in FP8: the logits from the e4m3 `fp8` operands, the gradients from e5m2
+    d loss / d logits (`_ce_grad_e5m2`); one weight-gradient product per group of `_FP8_WGRAD_TOKENS` tokens."""
+    h8, h_inv, w8, w_inv = fp8
+    (N, D), V = hidden.shape, weight.shape[0]
+    dev = hidden.device
+    grad_scale = torch.full((), 1.0 / _GRAD_SCALE, dtype=torch.float32, device=dev)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    wt8 = w8.t().contiguous() if need_hidden else None  # [D, V]: the hidden-gradient product's K-major weight
+    ht8 = h8.t().contiguous() if need_weight else None  # [D, N]: the weight-gradient product's K-major hidden
+    grad_weight = None
+    z = torch.empty((min(chunk, N), V), dtype=hidden.dtype, device=dev)
+    g = torch.empty(z.shape, dtype=torch.uint8, device=dev)
+    lse = torch.empty(z.shape[0], dtype=torch.float32, device=dev)
+    # groups of whole chunks, each a multiple of 16 tokens (K of their product), or one group
+    group = max(chunk, _FP8_WGRAD_TOKENS // chunk * chunk) if chunk % 16 == 0 else N
+    for first in range(0, N, group):
+        last = min(first + group, N)
+        gt = torch.empty((V, last - first), dtype=torch.uint8, device=dev) if need_weight else None
+        for start in range(first, last, chunk):
+            stop = min(start + chunk, last)
+            zc, gc, rows = z[:stop - start], g[:stop - start], slice(start, stop)
+            torch._scaled_mm(h8[rows], w8.t(), scale_a=h_inv, scale_b=w_inv, out_dtype=z.dtype, use_fast_accum=True,
+                             out=zc)
+            _ce_rows(zc, targets[rows], loss_rows[rows], ignore_index, softcap, lse=lse)
+            _ce_grad_e5m2(zc, targets[rows], lse, gc, None if gt is None else gt[:, start - first:stop - first],
+                          ignore_index, softcap)
+            if need_hidden:
+                torch._scaled_mm(gc.view(E5M2), wt8.t(), scale_a=grad_scale, scale_b=w_inv, out_dtype=hidden.dtype,
+                                 out=grad_hidden[rows])
+        if need_weight:
+            part = torch._scaled_mm(gt.view(E5M2), ht8[:, first:last].contiguous().t(), scale_a=grad_scale, scale_b=h_inv,
+                                    out_dtype=weight.dtype if last - first == N else torch.float32)
+            grad_weight = part if grad_weight is None else grad_weight.add_(part)
+    return grad_hidden, grad_weight if grad_weight is None else grad_weight.to(weight.dtype)
 
 
 class _FusedLinearCEFn(torch.autograd.Function):
@@ -151,10 +243,11 @@ class _FusedLinearCEFn(torch.autograd.Function):
         # Device tensors, not Python ints: no host sync in the training step.
         n_valid = (targets != ignore_index).sum().clamp_(min=1).to(torch.float32)
         loss_rows = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad_hidden, grad_weight = _chunks(hidden, weight, targets, loss_rows, ignore_index, chunk_size, softcap,
-                                           ctx.needs_input_grad[0], ctx.needs_input_grad[1], fp8)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        grad_hidden, grad_weight = (_fp8_chunks(hidden, weight, targets, loss_rows, ignore_index, chunk_size, softcap,
+                                                *needs, fp8) if fp8 else
+                                    _chunks(hidden, weight, targets, loss_rows, ignore_index, chunk_size, softcap,
+                                            *needs))
         ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
         return loss_rows.sum() / n_valid
 
@@ -210,8 +303,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     heuristic) and never held whole; otherwise `linear_cross_entropy_reference` runs. Differentiable w.r.t.
     hidden and weight; 0 (with zero gradients) when every target is ignored. A target outside [0, V) that is
     not ignore_index raises on the reference path and gives a NaN loss on the Triton path. `fp8`: the Triton
-    path's logits product in FP8 where it can run (`fp8_head_fits`), with e4m3's precision (the gradients
-    follow those logits: a few percent of relative error per element)."""
+    path's three products in FP8 where they can run (`fp8_head_fits`): e4m3 logits (a few percent of relative
+    error per element, which the gradients follow) and e5m2 d loss / d logits in the gradient products."""
     if hidden.dim() > 2:
         if targets.shape != hidden.shape[:-1]:
             raise ValueError(f"fused_linear_cross_entropy: targets {tuple(targets.shape)} must be hidden "
@@ -233,11 +326,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
 
 
 def fp8_head_fits(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True when the FP8 logits product can run: D and V multiples of 16 (cuBLASLt's rule for K and N) and FP8
-    tensor cores on CUDA (sm89+); on CPU (Triton's interpreter, tests) `torch._scaled_mm` has a kernel."""
+    """True when the FP8 products can run: D and V multiples of 16 (cuBLASLt's rule for K and N), and on CUDA
+    FP8 tensor cores (sm89+) and a token count that is one too (K of the weight-gradient product); on CPU
+    (Triton's interpreter, tests) `torch._scaled_mm` has a kernel without those rules."""
     if hidden.shape[1] % 16 or weight.shape[0] % 16:
         return False
-    return not hidden.is_cuda or on_fp8_gpu(hidden)
+    return not hidden.is_cuda or (hidden.shape[0] % 16 == 0 and on_fp8_gpu(hidden))
 
 
 # Run eagerly even inside a compiled model: the chunk loop is a handful of cuBLAS calls and kernel
