@@ -179,6 +179,21 @@ def test_fused_linear_ce_fp8_matches_reference_within_fp8_precision(softcap):
 
 
 @interpreted
+def test_fused_linear_ce_fp8_weight_gradient_sums_groups_of_tokens(monkeypatch):
+    hidden, weight, targets = _ce_inputs(N=45, D=32, V=304, dtype=torch.float32)
+
+    def run():
+        return _run(lambda h, w: fused_linear_ce.fused_linear_cross_entropy(h, w, targets, chunk_size=16, fp8=True),
+                    [hidden, weight])
+
+    (loss, ), (dh, dw) = run()  # one weight-gradient product over all 45 tokens
+    monkeypatch.setattr(fused_linear_ce, "_FP8_WGRAD_TOKENS", 32)  # two: 32 tokens (two chunks), then 13
+    (loss_g, ), (dh_g, dw_g) = run()
+    assert torch.equal(loss, loss_g) and torch.equal(dh, dh_g)
+    assert 0 < _rel_err(dw_g, dw) < 1e-5  # the same products, summed in another order
+
+
+@interpreted
 @pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
 def test_fp8_loss_gradients_are_e5m2_rounded_in_both_layouts(softcap):
     rows, V = 37, 300  # partial tiles both ways
