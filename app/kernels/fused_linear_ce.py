@@ -60,6 +60,17 @@ def _softcap(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @jit
+def _dlogits(z, lse, is_target, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """d loss / d raw logits times `scale`, from the (softcapped) logits z, their row's logsumexp and the one-hot
+    target mask: (softmax - onehot), times d tanh = 1 - tanh^2 under the softcap."""
+    grad = (tl.exp(z - lse) - tl.where(is_target, 1.0, 0.0)) * scale
+    if HAS_SOFTCAP:
+        capped = z / softcap
+        grad = grad * (1.0 - capped * capped)
+    return grad
+
+
+@jit
 def _ce_rows_kernel(logits_ptr, logits_stride, targets_ptr, loss_ptr, lse_ptr, V, ignore_index, softcap,
                     HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     """One row per program: its loss, and d (sum of losses) / d logits written over the logits (WRITE_GRAD),
@@ -96,10 +107,7 @@ def _ce_rows_kernel(logits_ptr, logits_stride, targets_ptr, loss_ptr, lse_ptr, V
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
         z = _softcap(tl.load(logits_ptr + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
-        grad = (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
-        if HAS_SOFTCAP:
-            capped = z / softcap
-            grad = grad * (1.0 - capped * capped)  # d tanh = 1 - tanh^2
+        grad = _dlogits(z, lse, cols == target, scale, softcap, HAS_SOFTCAP)
         tl.store(logits_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -127,10 +135,7 @@ def _ce_grad_e5m2_kernel(z_ptr, z_stride, targets_ptr, lse_ptr, g_ptr, gt_ptr, g
     target = tl.load(targets_ptr + r, mask=in_rows, other=ignore_index)
     lse = tl.load(lse_ptr + r, mask=in_rows, other=0.0)
     row_scale = tl.where(target == ignore_index, 0.0, scale)
-    grad = (tl.exp(z - lse[:, None]) - tl.where(c[None, :] == target[:, None], 1.0, 0.0)) * row_scale[:, None]
-    if HAS_SOFTCAP:
-        capped = z / softcap
-        grad = grad * (1.0 - capped * capped)
+    grad = _dlogits(z, lse[:, None], c[None, :] == target[:, None], row_scale[:, None], softcap, HAS_SOFTCAP)
     byte = _e5m2_bits(grad)
     tl.store(g_ptr + r.to(tl.int64)[:, None] * V + c[None, :], byte, mask=mask)
     if WRITE_T:  # Triton gives each store its own coalesced layout: this one runs along the rows
