@@ -8,10 +8,11 @@ when the retrieval-match feature is on). Shapes in comments: B batch, T tokens, 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -225,7 +226,7 @@ def linear(x: torch.Tensor, module: nn.Linear | torch.Tensor, fp8: bool) -> torc
     plain (autocast) matmul, through the module itself so that hooks on it still run."""
     weight = module.weight if isinstance(module, nn.Linear) else module
     if fp8 and torch.is_grad_enabled() and kernels.fp8_fits(x, weight):
-        return kernels.fp8_linear(x, weight)
+        return kernels.fp8_linear(x, weight, getattr(module, "fp8_cast", None))  # see GPT.fp8_weights_cast_once
     return module(x) if isinstance(module, nn.Linear) else F.linear(x, weight)
 
 
@@ -558,6 +559,24 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
+
+    @contextlib.contextmanager
+    def fp8_weights_cast_once(self, cast: Callable[[list[torch.Tensor]], list] = kernels.fp8_weights):
+        """Within: the decoder's FP8 linears (`ModelConfig.fp8`, CUDA) take e4m3 copies of their weights cast
+        here by `cast` (`kernels.fp8_weights`, or a compiled form of it), once, instead of casting each weight
+        in every micro-batch's forward and backward: the same bits, since the weights stay put until the
+        optimizer step, which must come after the block. Elsewhere a no-op."""
+        linears = [m for m in self.model.layers.modules() if isinstance(m, nn.Linear)] if self.cfg.fp8 else []
+        if not linears or not linears[0].weight.is_cuda:
+            yield
+            return
+        for m, c in zip(linears, cast([m.weight for m in linears]), strict=True):
+            m.fp8_cast = c
+        try:
+            yield
+        finally:
+            for m in linears:
+                m.fp8_cast = None
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, lmatch: torch.Tensor | None = None,
                 kv_cache: KVCache | KVSlots | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

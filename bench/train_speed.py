@@ -190,9 +190,15 @@ def _profile(step, device: torch.device, args) -> None:
     by_kind: dict[str, float] = {}
     for e in kernels:
         by_kind[_kind(e.key)] = by_kind.get(_kind(e.key), 0.0) + e.self_device_time_total / 1e3
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:60]
+    # The span from the first kernel's start to the last one's end, against the kernels' summed time: the
+    # difference is the GPU idle between kernels (launch gaps, host waits) within the step.
+    spans = [e.time_range for e in prof.events() if e.device_type.name == "CUDA"]
+    span_ms = (max(r.end for r in spans) - min(r.start for r in spans)) / 1e3 if spans else 0.0
     with open(stem + ".json", "w") as f:
         json.dump({"gpu_ms_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+                   "gpu_busy_ms": round(sum(by_kind.values()), 2), "gpu_span_ms": round(span_ms, 2),
+                   "kernel_launches": sum(e.count for e in kernels),
                    "top_kernels": [{"name": e.key[:160], "ms": round(e.self_device_time_total / 1e3, 3),
                                     "calls": e.count, "kind": _kind(e.key)} for e in top]}, f, indent=1)
 

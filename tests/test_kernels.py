@@ -333,6 +333,17 @@ def test_fp8_linear_scales_each_row_so_an_outlier_token_costs_only_its_own_preci
 
 
 @no_interpreter
+def test_fp8_linear_given_its_weight_copies_equals_casting_them_itself():
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(32, 64, generator=gen), 0.1 * torch.randn(48, 64, generator=gen)
+    (cast, ) = app.kernels.fp8_weights([w])
+    assert cast[0].dtype == cast[2].dtype == torch.float8_e4m3fn and cast[2].shape == (64, 48)
+    itself = _run(app.kernels.fp8_linear, [x, w])
+    given = _run(lambda a, b: app.kernels.fp8_linear(a, b, cast), [x, w])
+    assert all(torch.equal(a, b) for a, b in zip([*itself[0], *itself[1]], [*given[0], *given[1]]))
+
+
+@no_interpreter
 def test_fp8_linear_follows_autocast_and_needs_cuda_fp8():
     x, w = torch.randn(16, 32), torch.randn(16, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

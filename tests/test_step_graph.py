@@ -5,11 +5,14 @@ import contextlib
 import pytest
 import torch
 
+import app.kernels
+
 from app.config import ConfigError, from_dict
 from app.data import Batch
-from app.model import ModelConfig
+from app.model import GPT, ModelConfig
 from app.step_graph import StepGraph
-from app.trainer import CosineSchedule, TrainConfig, build_model, graph_fits, make_optimizer, step_function
+from app.trainer import (CosineSchedule, TrainConfig, add_grads, build_model, forward_backward, graph_fits,
+                         make_optimizer, step_function)
 
 V, T, B = 96, 32, 4
 
@@ -66,6 +69,59 @@ def test_cuda_graph_takes_auto_true_false_and_yaml_booleans():
     assert cfg(cuda_graph=True).cuda_graph == "true" and cfg(cuda_graph=False).cuda_graph == "false"
     with pytest.raises(ConfigError, match="cuda_graph"):
         cfg(cuda_graph="sometimes")
+
+
+def _grads(model: GPT, steps: list[Batch], device: torch.device, autocast=contextlib.nullcontext,
+           params=None) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    forward_backward(model, steps, device, autocast, params=params)
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_foreach_accumulation_equals_autograds_own():
+    """One process sums the micro-batches' gradients with foreach adds: the same bits as autograd's
+    accumulation, the tied embedding (two uses in one micro-batch) included."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=V, max_seq_len=T, tie_embeddings=True))
+    model.init_weights()
+    micro = batches(1, accum=3, device="cpu")[0]
+    own = _grads(model, micro, torch.device("cpu"))
+    foreach = _grads(model, micro, torch.device("cpu"), params=list(model.parameters()))
+    assert len(own) == len(foreach) and all(torch.equal(a, b) for a, b in zip(own, foreach))
+    assert all(g.abs().sum() > 0 for g in own)
+
+
+def test_add_grads_sets_adds_and_skips():
+    a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    a.grad = torch.ones(3)
+    add_grads([a, b, c], (torch.full((3,), 2.0), torch.full((3,), 5.0), None))
+    assert a.grad.tolist() == [3.0] * 3 and b.grad.tolist() == [5.0] * 3 and c.grad is None
+
+
+@pytest.mark.gpu
+def test_fp8_weights_cast_once_per_step_give_the_same_gradients_and_compile_once():
+    """Inside `GPT.fp8_weights_cast_once` the compiled FP8 model's gradients equal those of casting each weight
+    in every micro-batch, and new casts each step are graph inputs, not a reason to recompile."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = GPT(ModelConfig.preset("tiny", vocab_size=V, d_model=128, max_seq_len=T, fp8=True)).to(dev)
+    model.init_weights()
+    fwd, cast = torch.compile(model), torch.compile(app.kernels.fp8_weights)
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    micro = [Batch(b.inputs.to(dev), b.targets.to(dev)) for b in batches(1, accum=2, device="cpu")[0]]
+    inline = _grads(fwd, micro, dev, autocast)
+    with model.fp8_weights_cast_once(cast):
+        once = _grads(fwd, micro, dev, autocast)
+        assert model.model.layers[0].mlp.down_proj.fp8_cast[0].dtype == torch.float8_e4m3fn
+    assert model.model.layers[0].mlp.down_proj.fp8_cast is None  # dropped after the step
+    for a, b in zip(inline, once):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        with model.fp8_weights_cast_once(cast):
+            _grads(fwd, micro, dev, autocast)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 # AdamW on fp32 weights, AdamW over fp32 masters of bf16 weights (app/master.py), Muon

@@ -10,7 +10,10 @@ x and the output gradient with per-column scales, which cost about what the fast
 GPT-2 widths (measured with torchao's tensorwise recipe: 0.87-0.93x), and it is the product whose
 precision the optimizer sees directly. Under torch.compile each row's amax and cast is fused into the
 kernel that produces the row (a norm, an activation, a gradient); in one pass for rows up to 1024 wide,
-and up to 8192 under `kernels=rows` (`wide_rows`), which the MLP's hidden rows need.
+and up to 8192 under `kernels=rows` (`wide_rows`), which the MLP's hidden rows need. A weight's two
+e4m3 copies (`fp8_weight`) can be cast once per optimizer step and passed in (`cached`): the weights do not
+change between the micro-batches of a step, and casting each weight twice per micro-batch cost a 124M step
+~600 small kernels.
 """
 from __future__ import annotations
 
@@ -56,6 +59,22 @@ def to_fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (t.float() * scale).to(E4M3), scale.reciprocal()
 
 
+# A weight's e4m3 copies: w8 [N, K] with inverse scales [N, 1] (one per output channel, the forward's) and
+# wt8 [K, N] with [K, 1] (its transpose, one per input channel, the input gradient's).
+Fp8Weight = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def fp8_weight(weight: torch.Tensor) -> Fp8Weight:
+    """The e4m3 copies of `weight` [N, K] that `fp8_linear` casts when it is not given them."""
+    with torch.no_grad():
+        return (*to_fp8_rows(weight), *to_fp8_rows(weight.t().contiguous()))
+
+
+def fp8_weights(weights: list[torch.Tensor]) -> list[Fp8Weight]:
+    """`fp8_weight` of each of `weights` (one function to compile: Inductor fuses each weight's casts)."""
+    return [fp8_weight(w) for w in weights]
+
+
 class _Fp8Matmul(torch.autograd.Function):
     """x [M, K] @ weight [N, K].T in bf16 (the rowwise FP8 kernels' output type). The caller casts the
     output: an earlier form that took the output dtype as an argument and returned `y.to(out_dtype)` (the
@@ -63,10 +82,13 @@ class _Fp8Matmul(torch.autograd.Function):
     which of the two did it was not isolated. `tests/test_kernels.py` checks compiled against eager."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, w8: torch.Tensor | None, w_inv: torch.Tensor | None,
+                wt8: torch.Tensor | None, wt_inv: torch.Tensor | None) -> torch.Tensor:
         x8, x_inv = to_fp8_rows(x)  # [M, K], [M, 1]
-        w8, w_inv = to_fp8_rows(weight)  # [N, K], [N, 1]
-        ctx.save_for_backward(x, weight)
+        if w8 is None:
+            w8, w_inv, wt8, wt_inv = fp8_weight(weight)
+        ctx.save_for_backward(x, wt8, wt_inv)
+        ctx.weight_dtype = weight.dtype
         # _scaled_mm wants its first operand row-major and its second column-major (w8.t() is). Fast
         # accumulation (no periodic fp32 promotion) in this product only, as torchao does: 10-15% faster at
         # GPT-2's shapes on an H200 (qkv 891 -> 1013 TFLOP/s, MLP up 899 -> 1037), the gradient keeps fp32 sums.
@@ -75,24 +97,24 @@ class _Fp8Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        x, wt8, wt_inv = ctx.saved_tensors
         g8, g_inv = to_fp8_rows(grad_out)  # [M, N], [M, 1]
-        wt8, wt_inv = to_fp8_rows(weight.t().contiguous())  # [K, N], one scale per input channel
         grad_x = torch._scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.reshape(1, -1),
                                   out_dtype=torch.bfloat16)
         grad_w = grad_out.t().mm(x.to(grad_out.dtype))  # the compute dtype's product, as without FP8
-        return grad_x.to(x.dtype), grad_w.to(weight.dtype)
+        return grad_x.to(x.dtype), grad_w.to(ctx.weight_dtype), None, None, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, cached: Fp8Weight | None = None) -> torch.Tensor:
     """`F.linear(x, weight)` (no bias) with FP8 forward and input-gradient products: x [..., K], weight
     [N, K] -> [..., N] in the autocast dtype under autocast, else in x's dtype. Differentiable in x and
-    weight (the weight gradient from a bf16 product). Callers check `fp8_fits` on CUDA (CPU tensors always
-    work)."""
+    weight (the weight gradient from a bf16 product). `cached`: `fp8_weight(weight)` of the weight as it is
+    now (cast earlier, once for several calls); a stale copy is the caller's bug. Callers check `fp8_fits`
+    on CUDA (CPU tensors always work)."""
     device = x.device.type
     out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     with torch.autocast(device, enabled=False):
-        y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), weight)
+        y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), weight, *(cached or (None,) * 4))
     return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype)
 
 
