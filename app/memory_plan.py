@@ -53,6 +53,10 @@ class MemoryConfig:
         if self.fsdp_cpu_offload and not self.fsdp:
             raise ConfigError("memory.fsdp_cpu_offload needs memory.fsdp=true")
 
+    def saving(self) -> bool:
+        """True when an option trades speed for memory: checkpointing, an offload or FSDP."""
+        return self.fsdp or self.offload_optimizer or self.offload_activations or self.checkpointing != "none"
+
     def label(self) -> str:
         parts = [f"ckpt={self.checkpointing}" + (f"/mlp{self.mlp_chunk}" if self.mlp_chunk else "")]
         if self.offload_activations:

@@ -264,16 +264,16 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, gra
 def graph_fits(cfg: TrainConfig, device: torch.device, world: int) -> bool:
     """Whether the step can run as one CUDA graph: one CUDA device holding the weights, the optimizer and
     every activation (no FSDP, offload or activation checkpointing), and a compile mode without graphs of its own."""
-    mem = cfg.memory
     return (device.type == "cuda" and world == 1 and cfg.compile_mode not in GRAPHING_COMPILE_MODES
-            and not (mem.fsdp or mem.offload_optimizer or mem.offload_activations or mem.checkpointing != "none"))
+            and not cfg.memory.saving())
 
 
 def step_function(cfg: TrainConfig, fwd, model, raw: GPT, optimizer, device: torch.device, autocast, world: int):
     """batches -> (mean loss, pre-clip grad norm) of one optimizer step (gradients zeroed after it):
     eager, or replayed as one CUDA graph (`cuda_graph`, one CUDA device, weights and optimizer on it)."""
     no_sync = getattr(model, "no_sync", None) if world > 1 else None
-    params = [p for p in raw.parameters() if p.requires_grad] if world == 1 and not cfg.memory.fsdp else None
+    # The foreach sums hold a micro-batch's gradients until its backward ends: not where memory is being saved
+    params = [p for p in raw.parameters() if p.requires_grad] if world == 1 and not cfg.memory.saving() else None
     # Not ahead of FSDP (each forward gathers the weights from shards) nor of the offloaded optimizer (its
     # forward pre-hooks wait for the weights of the last update)
     cast_once = not (cfg.memory.fsdp or cfg.memory.offload_optimizer)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import app.kernels
-
 from app.config import ConfigError, from_dict
 from app.data import Batch
 from app.model import GPT, ModelConfig
