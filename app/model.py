@@ -21,6 +21,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from app import kernels
 from app.config import ConfigError
+from app.kernels.fp8_linear import on_fp8_gpu
 
 VOCAB_MULTIPLE = 128  # embedding / lm_head rows are padded to this multiple: faster matmuls
 FFN_MULTIPLE = 256  # the Llama rule rounds the SwiGLU width up to this multiple
@@ -567,7 +568,7 @@ class GPT(nn.Module):
         in every micro-batch's forward and backward: the same bits, since the weights stay put until the
         optimizer step, which must come after the block. Elsewhere a no-op."""
         linears = [m for m in self.model.layers.modules() if isinstance(m, nn.Linear)] if self.cfg.fp8 else []
-        if not linears or not linears[0].weight.is_cuda:
+        if not linears or not linears[0].weight.is_cuda or not on_fp8_gpu(linears[0].weight):
             yield
             return
         for m, c in zip(linears, cast([m.weight for m in linears]), strict=True):
