@@ -33,9 +33,10 @@ class KernelChoice:
     """Which faster paths replace plain PyTorch ops (a runtime choice, not part of the model's shape).
     `loss`: training forwards return (None, loss) from the fused linear + cross-entropy, no logits (CUDA).
     `norm`, `rotary`: the Triton RMSNorm / rotary kernels (CUDA). `proj`: q/k/v and gate/up each run as one
-    matmul over their concatenated weights (any device; parameters and state dict unchanged; measured 4-5%
-    slower at GPT-2 124M on an H100 under torch.compile, with fp32 and with bf16 weights: the
-    split/concatenated gradients cost more than the larger GEMMs save, so it is not in the default set).
+    matmul over their concatenated weights (any device; parameters and state dict unchanged; in bf16 measured
+    4-5% slower at GPT-2 124M on an H100 under torch.compile, with fp32 and with bf16 weights: the
+    split/concatenated gradients cost more than the larger GEMMs save; under `ModelConfig.fp8` one FP8
+    product each way and one weight-gradient product over a group cast once per step, `project`).
     `rows`: torch.compile keeps rows up to 8192 wide in registers for row reductions (`kernels.wide_rows`; for
     the FP8 casts of the MLP's hidden rows under `ModelConfig.fp8`). `window`: sliding-window layers (1 < w < T)
     run the Triton window kernel (`kernels.window_attention`) instead of flex_attention's block-sparse one (CUDA).
@@ -231,13 +232,32 @@ def linear(x: torch.Tensor, module: nn.Linear | torch.Tensor, fp8: bool) -> torc
     return module(x) if isinstance(module, nn.Linear) else F.linear(x, weight)
 
 
-def project(x: torch.Tensor, linears: Sequence[nn.Linear], fp8: bool) -> list[torch.Tensor]:
+def project(x: torch.Tensor, linears: Sequence[nn.Linear], fp8: bool,
+            cached: kernels.Fp8Weight | None = None) -> list[torch.Tensor]:
     """Each of the bias-free `linears` applied to x; with KERNELS.proj as one matmul over their concatenated
-    weights (one larger GEMM, x read once), split afterwards into views."""
-    if not KERNELS.proj:
+    weights (one larger GEMM, x read once), split afterwards into views. In FP8 that product takes `cached`,
+    the e4m3 copies of the concatenation (`GPT.fp8_weights_cast_once`), and the weights' gradients come from
+    one product too, where the bf16 path concatenates the weights and splits their gradient."""
+    if not KERNELS.proj or len(linears) == 1:
         return [linear(x, m, fp8) for m in linears]
+    sizes = [m.out_features for m in linears]
+    if fp8 and torch.is_grad_enabled() and all(kernels.fp8_fits(x, m.weight) for m in linears):
+        return list(kernels.fp8_linear(x, [m.weight for m in linears], cached).split(sizes, dim=-1))
     weight = torch.cat([m.weight for m in linears])
-    return list(linear(x, weight, fp8).split([m.out_features for m in linears], dim=-1))
+    return list(linear(x, weight, fp8).split(sizes, dim=-1))
+
+
+# A layer's FP8 weight groups: each the linears of one FP8 product, with the module that takes their e4m3 copies
+# as its `fp8_cast` while `GPT.fp8_weights_cast_once` runs (the linear itself, or the module that projects).
+Fp8Group = tuple[nn.Module, list[nn.Linear]]
+
+
+def fp8_groups(owner: nn.Module, projected: Sequence[nn.Linear], single: Sequence[nn.Linear]) -> list[Fp8Group]:
+    """The groups of a module that `project`s x through `projected` (one group under KERNELS.proj, owned by
+    `owner`) and applies each of `single` on its own."""
+    if KERNELS.proj and len(projected) > 1:
+        return [(owner, list(projected)), *((m, [m]) for m in single)]
+    return [(m, [m]) for m in (*projected, *single)]
 
 
 # A boolean SDPA mask, a flex_attention block mask, an int w (the window kernel over w), None = plain causal
@@ -418,6 +438,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.fp8_cast: kernels.Fp8Weight | None = None  # q/k/v's e4m3 copies within `GPT.fp8_weights_cast_once`
+
+    def fp8_groups(self) -> list[Fp8Group]:
+        """This layer's FP8 weight groups (`fp8_groups`); a window-1 layer runs no q/k products."""
+        projected = (self.v_proj,) if self.window == 1 else (self.q_proj, self.k_proj, self.v_proj)
+        return fp8_groups(self, projected, (self.o_proj,))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
                 masks: dict[int, AttnMask] | None = None) -> torch.Tensor:
@@ -427,7 +453,7 @@ class Attention(nn.Module):
             return self.own_value(x)
         B, T, _ = x.shape
         cfg = self.cfg
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), cfg.fp8)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), cfg.fp8, self.fp8_cast)
         q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
@@ -481,10 +507,18 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+        self.fp8_cast: kernels.Fp8Weight | None = None  # gate/up's e4m3 copies within `GPT.fp8_weights_cast_once`
+
+    def projected(self) -> tuple[nn.Linear, ...]:
+        return (self.gate_proj, self.up_proj) if self.kind == "swiglu" else (self.up_proj,)
+
+    def fp8_groups(self) -> list[Fp8Group]:
+        """This MLP's FP8 weight groups (`fp8_groups`)."""
+        return fp8_groups(self, self.projected(), (self.down_proj,))
 
     def project_in(self, x: torch.Tensor) -> list[torch.Tensor]:
         """[gate(x), up(x)] for SwiGLU, [up(x)] otherwise."""
-        return project(x, (self.gate_proj, self.up_proj) if self.kind == "swiglu" else (self.up_proj,), self.fp8)
+        return project(x, self.projected(), self.fp8, self.fp8_cast)
 
     def activate(self, *h: torch.Tensor) -> torch.Tensor:
         """The hidden activation of `project_in`'s outputs."""
@@ -567,17 +601,19 @@ class GPT(nn.Module):
         here by `cast` (`kernels.fp8_weights`, or a compiled form of it), once, instead of casting each weight
         in every micro-batch's forward and backward: the same bits, since the weights stay put until the
         optimizer step, which must come after the block. Elsewhere a no-op."""
-        linears = [m for m in self.model.layers.modules() if isinstance(m, nn.Linear)] if self.cfg.fp8 else []
-        if not linears or not linears[0].weight.is_cuda or not on_fp8_gpu(linears[0].weight):
+        groups = [g for b in self.model.layers for g in (*b.self_attn.fp8_groups(), *b.mlp.fp8_groups())
+                  ] if self.cfg.fp8 else []
+        first = groups[0][1][0].weight if groups else None
+        if first is None or not first.is_cuda or not on_fp8_gpu(first):
             yield
             return
-        for m, c in zip(linears, cast([m.weight for m in linears]), strict=True):
-            m.fp8_cast = c
+        for (owner, _), c in zip(groups, cast([[m.weight for m in ms] for _, ms in groups]), strict=True):
+            owner.fp8_cast = c
         try:
             yield
         finally:
-            for m in linears:
-                m.fp8_cast = None
+            for owner, _ in groups:
+                owner.fp8_cast = None
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, lmatch: torch.Tensor | None = None,
                 kv_cache: KVCache | KVSlots | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -305,13 +305,24 @@ def parallelize(model: nn.Module, mem: MemoryConfig, *, device: torch.device | s
         apply_fsdp(model, device, cpu_offload=mem.fsdp_cpu_offload,
                    param_dtype=torch.bfloat16 if device.type == "cuda" else None)
     if compile:
-        mode = None if compile_mode in (None, "default") else compile_mode
+        kwargs = compile_kwargs(compile_mode)
         if mem.offload_activations or mem.fsdp:
             for block in model.model.layers:
-                block.compile(mode=mode)
+                block.compile(**kwargs)
             return model
-        return torch.compile(model, mode=mode)
+        return torch.compile(model, **kwargs)
     return model
+
+
+def compile_kwargs(compile_mode: str | None) -> dict:
+    """torch.compile's arguments for a `TrainConfig.compile_mode`: a torch.compile mode, or "tuned", the default
+    mode with Inductor's coordinate-descent tuning (modded-nanogpt's setting: each generated kernel's block
+    sizes and warps timed on the GPU at compile time; no GEMM autotuning, no CUDA graphs of its own)."""
+    if compile_mode in (None, "default"):
+        return {}
+    if compile_mode == "tuned":
+        return {"options": {"coordinate_descent_tuning": True}}
+    return {"mode": compile_mode}
 
 
 def compiles_per_block(mem: MemoryConfig) -> bool:

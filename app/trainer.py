@@ -22,7 +22,7 @@ from app.master import MasterAdamW
 from app.memory_plan import MemoryConfig
 from app.model import GPT, ModelConfig, use_kernels
 from app.muon import Muon, muon_params
-from app.parallel import (compiles_per_block, full_state_dicts, make_offload_optimizer, parallelize,
+from app.parallel import (compile_kwargs, compiles_per_block, full_state_dicts, make_offload_optimizer, parallelize,
                           resolve_memory, set_full_state_dicts)
 from app.preemption import PreemptionWatcher, install_sigterm_handler
 from app.shards import load_manifest
@@ -32,7 +32,7 @@ log = get_logger(__name__)
 
 # Dense bf16 peak FLOP/s per GPU, for MFU (H100/H200 SXM; A100).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+COMPILE_MODES = ("default", "tuned", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 GRAPHING_COMPILE_MODES = ("max-autotune", "reduce-overhead")  # torch.compile modes that capture CUDA graphs themselves
 DRAIN_CHECK_EVERY = 10  # steps between queries of Ray's node-drain notice (a barrier over the workers)
 AUTO_KERNELS = "loss,window"  # what kernels=auto picks on GPU: the fastest set bench/train_speed.py measured
@@ -84,7 +84,9 @@ class TrainConfig:
     catch_sigterm: bool = True  # SIGTERM means "checkpoint at the next step and stop", not "die now"
     seed: int = 1337  # model init and data order
     compile: str = "auto"  # torch.compile: auto (on GPU) | true | false
-    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | max-autotune | reduce-overhead
+    # torch.compile mode: default | tuned (+ Inductor's coordinate-descent tuning) | max-autotune-no-cudagraphs |
+    # max-autotune | reduce-overhead
+    compile_mode: str = "default"
     # The whole step (fwd, bwd, clip, optimizer) as one CUDA graph (app/step_graph.py): auto | true | false.
     # auto = wherever it runs (`graph_fits`); true also warns where it cannot.
     cuda_graph: str = "auto"
@@ -216,7 +218,7 @@ def compiled(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> 
     """`model` under torch.compile when the run compiles (by default: on GPU), else itself."""
     if not _resolve(cfg.compile, device.type == "cuda"):
         return model
-    return torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    return torch.compile(model, **compile_kwargs(cfg.compile_mode))
 
 
 def forward_backward(fwd: torch.nn.Module, batches: list[Batch], device: torch.device, autocast,

@@ -24,6 +24,20 @@ interpreted = pytest.mark.skipif(not INTERPRETING, reason="runs in test_kernels_
 no_interpreter = pytest.mark.skipif(INTERPRETING, reason="not under Triton's interpreter")
 
 
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU `torch._scaled_mm` takes one scale per row (2.13 does; 2.11 only per tensor)."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+cpu_rowwise_fp8 = pytest.mark.skipif(not _cpu_rowwise_scaled_mm(),
+                                     reason="this torch's CPU torch._scaled_mm has no rowwise scales")
+
+
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     actual, expected = actual.double(), expected.double()
@@ -303,6 +317,7 @@ def test_default_chunk_is_thousands_of_tokens_within_the_logits_budget():
 # ---- FP8 matmuls (torch._scaled_mm, which has a CPU kernel too) -------------------------------------
 
 @no_interpreter
+@cpu_rowwise_fp8
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fp8_linear_matches_reference_forward_and_backward(x_dtype):
     gen = torch.Generator().manual_seed(0)
@@ -320,6 +335,7 @@ def test_fp8_linear_matches_reference_forward_and_backward(x_dtype):
 
 
 @no_interpreter
+@cpu_rowwise_fp8
 def test_fp8_linear_scales_each_row_so_an_outlier_token_costs_only_its_own_precision():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(32, 64, generator=gen)
@@ -333,6 +349,7 @@ def test_fp8_linear_scales_each_row_so_an_outlier_token_costs_only_its_own_preci
 
 
 @no_interpreter
+@cpu_rowwise_fp8
 def test_fp8_linear_given_its_weight_copies_equals_casting_them_itself():
     gen = torch.Generator().manual_seed(2)
     x, w = torch.randn(32, 64, generator=gen), 0.1 * torch.randn(48, 64, generator=gen)
@@ -344,6 +361,24 @@ def test_fp8_linear_given_its_weight_copies_equals_casting_them_itself():
 
 
 @no_interpreter
+@cpu_rowwise_fp8
+def test_fp8_linear_over_several_weights_is_the_product_of_their_concatenation():
+    """q/k/v as one FP8 product: the same bits as the concatenated weight's product, and each weight's
+    gradient is its rows of the concatenation's gradient; the e4m3 copies of the group cast once equal those."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 64, generator=gen).bfloat16()
+    ws = [0.1 * torch.randn(n, 64, generator=gen) for n in (48, 16, 32)]
+    (y, ), (dx, *dws) = _run(lambda a, *w: app.kernels.fp8_linear(a, w), [x, *ws])
+    (y_cat, ), (dx_cat, dw_cat) = _run(app.kernels.fp8_linear, [x, torch.cat(ws)])
+    assert y.shape == (32, 96) and torch.equal(y, y_cat) and torch.equal(dx, dx_cat)
+    assert [d.shape for d in dws] == [w.shape for w in ws] and torch.equal(torch.cat(dws), dw_cat)
+    (cast, ) = app.kernels.fp8_weights([ws])
+    given = _run(lambda a, *w: app.kernels.fp8_linear(a, w, cast), [x, *ws])
+    assert all(torch.equal(a, b) for a, b in zip([y, dx, *dws], [*given[0], *given[1]]))
+
+
+@no_interpreter
+@cpu_rowwise_fp8
 def test_fp8_linear_follows_autocast_and_needs_cuda_fp8():
     x, w = torch.randn(16, 32), torch.randn(16, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

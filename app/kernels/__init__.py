@@ -10,12 +10,13 @@ from app.kernels.fused_linear_ce import (
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
 )
-from app.kernels.fp8_linear import fp8_fits, fp8_linear, fp8_linear_reference, fp8_weights
+from app.kernels.fp8_linear import Fp8Weight, fp8_fits, fp8_linear, fp8_linear_reference, fp8_weights
 from app.kernels.rmsnorm import rms_norm, rms_norm_reference
 from app.kernels.rotary import apply_rotary, rotary_reference
 from app.kernels.sliding_attention import window_attention, window_attention_reference
 
 __all__ = [
+    "Fp8Weight",
     "apply_rotary",
     "default_chunk_size",
     "fp8_fits",

@@ -17,6 +17,8 @@ change between the micro-batches of a step, and casting each weight twice per mi
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -64,31 +66,35 @@ def to_fp8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 Fp8Weight = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def fp8_weight(weight: torch.Tensor) -> Fp8Weight:
-    """The e4m3 copies of `weight` [N, K] that `fp8_linear` casts when it is not given them."""
+def fp8_weight(weight: torch.Tensor | Sequence[torch.Tensor]) -> Fp8Weight:
+    """The e4m3 copies of `weight` [N, K] that `fp8_linear` casts when it is not given them; of a sequence of
+    weights [N_i, K], the copies of their concatenation [sum N_i, K]."""
     with torch.no_grad():
-        return (*to_fp8_rows(weight), *to_fp8_rows(weight.t().contiguous()))
+        w = weight if isinstance(weight, torch.Tensor) else torch.cat(list(weight))
+        return (*to_fp8_rows(w), *to_fp8_rows(w.t().contiguous()))
 
 
-def fp8_weights(weights: list[torch.Tensor]) -> list[Fp8Weight]:
+def fp8_weights(weights: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> list[Fp8Weight]:
     """`fp8_weight` of each of `weights` (one function to compile: Inductor fuses each weight's casts)."""
     return [fp8_weight(w) for w in weights]
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """x [M, K] @ weight [N, K].T in bf16 (the rowwise FP8 kernels' output type). The caller casts the
-    output: an earlier form that took the output dtype as an argument and returned `y.to(out_dtype)` (the
-    same tensor, for bf16) compiled into a backward that returned zero gradients on an H100 (torch 2.11);
-    which of the two did it was not isolated. `tests/test_kernels.py` checks compiled against eager."""
+    """x [M, K] @ cat(weights) [N, K].T in bf16 (the rowwise FP8 kernels' output type), for one weight or
+    several that share the input (q/k/v): one product each way, one scale per row across all of them. The
+    caller casts the output: an earlier form that took the output dtype as an argument and returned
+    `y.to(out_dtype)` (the same tensor, for bf16) compiled into a backward that returned zero gradients on an
+    H100 (torch 2.11); which of the two did it was not isolated. `tests/test_kernels.py` checks compiled
+    against eager."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, w8: torch.Tensor | None, w_inv: torch.Tensor | None,
-                wt8: torch.Tensor | None, wt_inv: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w8: torch.Tensor | None, w_inv: torch.Tensor | None,
+                wt8: torch.Tensor | None, wt_inv: torch.Tensor | None, *weights: torch.Tensor) -> torch.Tensor:
         x8, x_inv = to_fp8_rows(x)  # [M, K], [M, 1]
         if w8 is None:
-            w8, w_inv, wt8, wt_inv = fp8_weight(weight)
+            w8, w_inv, wt8, wt_inv = fp8_weight(weights[0] if len(weights) == 1 else weights)
         ctx.save_for_backward(x, wt8, wt_inv)
-        ctx.weight_dtype = weight.dtype
+        ctx.weights = [(w.shape[0], w.dtype) for w in weights]
         # _scaled_mm wants its first operand row-major and its second column-major (w8.t() is). Fast
         # accumulation (no periodic fp32 promotion) in this product only, as torchao does: 10-15% faster at
         # GPT-2's shapes on an H200 (qkv 891 -> 1013 TFLOP/s, MLP up 899 -> 1037), the gradient keeps fp32 sums.
@@ -102,20 +108,24 @@ class _Fp8Matmul(torch.autograd.Function):
         grad_x = torch._scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.reshape(1, -1),
                                   out_dtype=torch.bfloat16)
         grad_w = grad_out.t().mm(x.to(grad_out.dtype))  # the compute dtype's product, as without FP8
-        return grad_x.to(x.dtype), grad_w.to(ctx.weight_dtype), None, None, None, None
+        grads_w = grad_w.split([n for n, _ in ctx.weights])  # rows of one product: contiguous views
+        return grad_x.to(x.dtype), None, None, None, None, *(g.to(dtype) for g, (_, dtype) in zip(grads_w, ctx.weights))
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, cached: Fp8Weight | None = None) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
+               cached: Fp8Weight | None = None) -> torch.Tensor:
     """`F.linear(x, weight)` (no bias) with FP8 forward and input-gradient products: x [..., K], weight
     [N, K] -> [..., N] in the autocast dtype under autocast, else in x's dtype. Differentiable in x and
-    weight (the weight gradient from a bf16 product). `cached`: `fp8_weight(weight)` of the weight as it is
-    now (cast earlier, once for several calls); a stale copy is the caller's bug. Callers check `fp8_fits`
-    on CUDA (CPU tensors always work)."""
+    weight (the weight gradient from a bf16 product). A sequence of weights [N_i, K] acts as their
+    concatenation (one product each way; split the output yourself) and gets one gradient each. `cached`:
+    `fp8_weight(weight)` of the weight as it is now (cast earlier, once for several calls); a stale copy is
+    the caller's bug. Callers check `fp8_fits` on CUDA (CPU tensors always work)."""
+    weights = (weight,) if isinstance(weight, torch.Tensor) else tuple(weight)
     device = x.device.type
     out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     with torch.autocast(device, enabled=False):
-        y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), weight, *(cached or (None,) * 4))
-    return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype)
+        y = _Fp8Matmul.apply(x.reshape(-1, x.shape[-1]), *(cached or (None,) * 4), *weights)
+    return y.view(*x.shape[:-1], y.shape[-1]).to(out_dtype)
 
 
 def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
