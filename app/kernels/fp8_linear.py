@@ -70,7 +70,7 @@ def fp8_weight(weight: torch.Tensor | Sequence[torch.Tensor]) -> Fp8Weight:
     """The e4m3 copies of `weight` [N, K] that `fp8_linear` casts when it is not given them; of a sequence of
     weights [N_i, K], the copies of their concatenation [sum N_i, K]."""
     with torch.no_grad():
-        w = weight if isinstance(weight, torch.Tensor) else torch.cat(list(weight))
+        w = weight if isinstance(weight, torch.Tensor) else weight[0] if len(weight) == 1 else torch.cat(list(weight))
         return (*to_fp8_rows(w), *to_fp8_rows(w.t().contiguous()))
 
 
@@ -92,7 +92,7 @@ class _Fp8Matmul(torch.autograd.Function):
                 wt8: torch.Tensor | None, wt_inv: torch.Tensor | None, *weights: torch.Tensor) -> torch.Tensor:
         x8, x_inv = to_fp8_rows(x)  # [M, K], [M, 1]
         if w8 is None:
-            w8, w_inv, wt8, wt_inv = fp8_weight(weights[0] if len(weights) == 1 else weights)
+            w8, w_inv, wt8, wt_inv = fp8_weight(weights)
         ctx.save_for_backward(x, wt8, wt_inv)
         ctx.weights = [(w.shape[0], w.dtype) for w in weights]
         # _scaled_mm wants its first operand row-major and its second column-major (w8.t() is). Fast
