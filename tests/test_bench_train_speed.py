@@ -1,15 +1,18 @@
-"""bench.train_speed's gradient check: a row whose compiled step loses gradients is reported as an error."""
+"""bench.train_speed: its gradient check (a row whose compiled step loses gradients is reported as an error)
+and its rows' configurations."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import fcntl
 
+import pytest
 import torch
 import torch.nn as nn
 
-from app.model import GPT, ModelConfig
-from bench.train_speed import GRAD_CHECK_MIN_COS, Turns, _batches, _checked, _time_steps, grad_check
+from app.model import GPT, ModelConfig, use_kernels
+from app.trainer import TrainConfig
+from bench.train_speed import GRAD_CHECK_MIN_COS, VARIANTS, Turns, _batches, _checked, _time_steps, grad_check
 
 
 class _ZeroGradients(nn.Module):
@@ -76,3 +79,15 @@ def test_timed_steps_hold_the_turn_alone_and_compiling_steps_share_it(tmp_path):
     assert seen[1:] == [(False, False)] * (args.warmup - 1 + args.steps)  # warmup and timed steps: alone
     assert _other_child_could(lock, fcntl.LOCK_EX)  # released for the next child
     assert losses == [1.0] * args.steps and warm >= 0 and dt >= 0
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_variant_is_a_valid_training_config(name):
+    """Each row's overrides pass the trainer's and the model's validation (as `run_spotlm` builds them), so a
+    misspelt option fails here rather than in a GPU run."""
+    try:
+        cfg = TrainConfig(preset="gpt2-124m", **{"cuda_graph": "false", **VARIANTS[name]})
+        cfg.validate()
+        ModelConfig.preset("gpt2-124m", **cfg.model)
+    finally:
+        use_kernels("none")
