@@ -222,12 +222,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def runs_fp8(x: torch.Tensor, weights: Sequence[torch.Tensor], fp8: bool) -> bool:
+    """Whether x's product with `weights` runs in FP8: asked for (`fp8`), gradients on (training), and the
+    device and every weight's shape allow it (`kernels.fp8_fits`)."""
+    return fp8 and torch.is_grad_enabled() and all(kernels.fp8_fits(x, w) for w in weights)
+
+
 def linear(x: torch.Tensor, module: nn.Linear | torch.Tensor, fp8: bool) -> torch.Tensor:
     """x @ weight.T of a bias-free `module` (or a bare weight): in FP8 (`kernels.fp8_linear`) when `fp8`,
     gradients are on (training) and the device and shapes allow it (`kernels.fp8_fits`); otherwise the
     plain (autocast) matmul, through the module itself so that hooks on it still run."""
     weight = module.weight if isinstance(module, nn.Linear) else module
-    if fp8 and torch.is_grad_enabled() and kernels.fp8_fits(x, weight):
+    if runs_fp8(x, (weight,), fp8):
         return kernels.fp8_linear(x, weight, getattr(module, "fp8_cast", None))  # see GPT.fp8_weights_cast_once
     return module(x) if isinstance(module, nn.Linear) else F.linear(x, weight)
 
@@ -241,7 +247,7 @@ def project(x: torch.Tensor, linears: Sequence[nn.Linear], fp8: bool,
     if not KERNELS.proj or len(linears) == 1:
         return [linear(x, m, fp8) for m in linears]
     sizes = [m.out_features for m in linears]
-    if fp8 and torch.is_grad_enabled() and all(kernels.fp8_fits(x, m.weight) for m in linears):
+    if runs_fp8(x, [m.weight for m in linears], fp8):
         return list(kernels.fp8_linear(x, [m.weight for m in linears], cached).split(sizes, dim=-1))
     weight = torch.cat([m.weight for m in linears])
     return list(linear(x, weight, fp8).split(sizes, dim=-1))
