@@ -459,14 +459,7 @@ class Attention(nn.Module):
             return self.own_value(x)
         B, T, _ = x.shape
         cfg = self.cfg
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), cfg.fp8, self.fp8_cast)
-        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        if KERNELS.rotary and x.is_cuda and cos.dim() == 2:  # per-row tables ([B, 1, T, D]): PyTorch path
-            q, k = kernels.apply_rotary(q, k, cos, sin)
-        else:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project_rotated(x, cos, sin)
         gqa = cfg.n_kv_head != cfg.n_head
         dropout = cfg.dropout if self.training else 0.0
         if cache is not None:
@@ -483,6 +476,22 @@ class Attention(nn.Module):
         else:  # training / prefill (square causal), or one new token seeing everything cached
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout, enable_gqa=gqa)
         return linear(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim), self.o_proj, cfg.fp8)
+
+    def project_rotated(self, x: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, T, D], k and v [B, Hkv, T, D] of x, q and k rotated. Under KERNELS.proj in FP8 one product
+        whose backward joins rotary's and v's gradients in one kernel (`kernels.fp8_qkv_rotary`)."""
+        B, T, _ = x.shape
+        cfg, linears = self.cfg, (self.q_proj, self.k_proj, self.v_proj)
+        if KERNELS.proj and cos.dim() == 2 and runs_fp8(x, [m.weight for m in linears], cfg.fp8):
+            return kernels.fp8_qkv_rotary(x, [m.weight for m in linears], cos, sin, cfg.head_dim, self.fp8_cast)
+        q, k, v = project(x, linears, cfg.fp8, self.fp8_cast)
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if KERNELS.rotary and x.is_cuda and cos.dim() == 2:  # per-row tables ([B, 1, T, D]): PyTorch path
+            return (*kernels.apply_rotary(q, k, cos, sin), v)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def own_value(self, x: torch.Tensor) -> torch.Tensor:
         """A window-1 layer: softmax over one key is exactly 1, so each token's output is its own value,

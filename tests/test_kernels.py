@@ -386,6 +386,88 @@ def test_fp8_linear_follows_autocast_and_needs_cuda_fp8():
     assert not app.kernels.fp8_fits(x, w)  # CPU tensors: the model keeps its plain matmuls
 
 
+# ---- The FP8 q/k/v product with rotary -----------------------------------------------------------------
+
+def _qkv_grads(H: int, H_kv: int, T: int, D: int, layout: str, B: int = 2):
+    """dq [B, H, T, D], dk, dv [B, H_kv, T, D] (bf16): contiguous, or over [B, T, H, D] as cuDNN leaves them."""
+    gen = torch.Generator().manual_seed(4)
+    if layout == "bthd":
+        return [torch.randn(B, T, h, D, generator=gen).bfloat16().transpose(1, 2) for h in (H, H_kv, H_kv)]
+    return [torch.randn(B, h, T, D, generator=gen).bfloat16() for h in (H, H_kv, H_kv)]
+
+
+@interpreted
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+@pytest.mark.parametrize("H_kv", [3, 1], ids=["mha", "gqa"])
+def test_qkv_grad_rows_matches_reference_bit_for_bit(layout, H_kv):
+    """Rotary's backward, the join and the e4m3 cast in one kernel: the same bits as the PyTorch reference,
+    with tables whose halves differ, rows that do not fill the last tile, and values down in e4m3's subnormals."""
+    dq, dk, dv = _qkv_grads(3, H_kv, 7, 8, layout)
+    dv[0, 0, 0, 0] = 3e4  # one large value: its row's small values cast to e4m3 subnormals
+    gen = torch.Generator().manual_seed(5)
+    cos, sin = (torch.randn(7, 8, generator=gen).bfloat16() for _ in range(2))
+    got = app.kernels.qkv_grad_rows(dq, dk, dv, cos, sin, block_t=4, num_warps=4)
+    want = app.kernels.qkv_grad_rows_reference(dq, dk, dv, cos, sin)
+    assert got[0].shape == (14, (3 + 2 * H_kv) * 8) and got[1].dtype == torch.float8_e4m3fn
+    assert (got[1].float().abs() < 2 ** -6).any() and (got[1].float() != 0).sum() > 0.9 * got[1].numel()
+    for name, a, b in zip(("g", "g8", "g_inv"), got, want):
+        assert torch.equal(a.float(), b.float()), f"{name}: {(a.float() != b.float()).sum().item()} elements differ"
+
+
+@no_interpreter
+@cpu_rowwise_fp8
+def test_fp8_qkv_rotary_is_the_projection_then_rotary():
+    """One FP8 q/k/v product with rotary: the outputs of fp8_linear over the three weights then rotary, bit for
+    bit, and gradients within the rounding of rotary's backward (fp32 once here, bf16 per op in eager);
+    given the group's e4m3 copies, the same as casting them itself."""
+    gen = torch.Generator().manual_seed(6)
+    B, T, K, H, H_kv, D = 2, 16, 64, 4, 2, 16
+    x = torch.randn(B, T, K, generator=gen).bfloat16()
+    ws = [(0.1 * torch.randn(h * D, K, generator=gen)).bfloat16() for h in (H, H_kv, H_kv)]
+    cos, sin = _rotary_tables(T, D, torch.bfloat16)
+    from app.model import apply_rotary
+
+    def unfused(x, *w):
+        q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in
+                   app.kernels.fp8_linear(x, w).split([H * D, H_kv * D, H_kv * D], dim=-1))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    fused, want = (_run(lambda x, *w: app.kernels.fp8_qkv_rotary(x, w, cos, sin, D), [x, *ws]),
+                   _run(unfused, [x, *ws]))
+    assert all(torch.equal(a, b) for a, b in zip(fused[0], want[0]))
+    for name, a, b in zip(("dx", "dq_proj", "dk_proj", "dv_proj"), fused[1], want[1]):
+        assert a.dtype == b.dtype and _rel_err(a, b) < 0.02, f"{name}: relative error {_rel_err(a, b):.4f}"
+    (cast, ) = app.kernels.fp8_weights([ws])
+    given = _run(lambda x, *w: app.kernels.fp8_qkv_rotary(x, w, cos, sin, D, cast), [x, *ws])
+    assert all(torch.equal(a, b) for a, b in zip([*fused[0], *fused[1]], [*given[0], *given[1]]))
+
+
+@pytest.mark.gpu
+@no_interpreter
+def test_gpu_fp8_qkv_rotary_kernel_is_exact_and_compiles():
+    """On CUDA the join kernel gives the reference's bits (GPT-2 124M's heads, both gradient layouts), and the
+    compiled q/k/v product's gradients are its eager ones."""
+    torch.manual_seed(0)
+    cos, sin = _rotary_tables(256, 64, torch.bfloat16, "cuda")
+    for layout in ("bhtd", "bthd"):
+        dq, dk, dv = (t.cuda() for t in _qkv_grads(12, 12, 256, 64, layout, B=4))
+        got = app.kernels.qkv_grad_rows(dq, dk, dv, cos, sin)
+        want = app.kernels.qkv_grad_rows_reference(dq, dk, dv, cos, sin)
+        assert all(torch.equal(a.float(), b.float()) for a, b in zip(got, want)), layout
+    x = torch.randn(4, 256, 768, device="cuda", dtype=torch.bfloat16)
+    ws = [0.02 * torch.randn(768, 768, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+
+    def attend(x, *w):
+        q, k, v = app.kernels.fp8_qkv_rotary(x, w, cos, sin, 64)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    torch._dynamo.reset()
+    (_, ), eager = _run(attend, [x, *ws])
+    (_, ), compiled = _run(torch.compile(attend), [x, *ws])
+    for name, c, e in zip(("dx", "dq_proj", "dk_proj", "dv_proj"), compiled, eager):
+        assert _rel_err(c, e) < 0.03, f"compiled {name} differs from eager by {_rel_err(c, e):.3f}"
+
+
 # ---- Sliding-window attention ----------------------------------------------------------------------
 
 def _qkv(B: int, H: int, H_kv: int, T: int, D: int, dtype: torch.dtype, device="cpu") -> list[torch.Tensor]:

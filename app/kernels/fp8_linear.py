@@ -79,6 +79,31 @@ def fp8_weights(weights: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> lis
     return [fp8_weight(w) for w in weights]
 
 
+def fp8_forward(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                cached: Fp8Weight | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] @ cat(weights).T in bf16 from e4m3 operands, and what `fp8_backward` needs of the weight:
+    (y, wt8, wt_inv). `cached`: the weights' `fp8_weight` (None: cast them here)."""
+    x8, x_inv = to_fp8_rows(x)  # [M, K], [M, 1]
+    w8, w_inv, wt8, wt_inv = cached if cached is not None else fp8_weight(weights)
+    # _scaled_mm wants its first operand row-major and its second column-major (w8.t() is). Fast
+    # accumulation (no periodic fp32 promotion) in this product only, as torchao does: 10-15% faster at
+    # GPT-2's shapes on an H200 (qkv 891 -> 1013 TFLOP/s, MLP up 899 -> 1037), the gradient keeps fp32 sums.
+    y = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.reshape(1, -1), out_dtype=torch.bfloat16,
+                         use_fast_accum=True)
+    return y, wt8, wt_inv
+
+
+def fp8_backward(x: torch.Tensor, wt8: torch.Tensor, wt_inv: torch.Tensor, grad_out: torch.Tensor,
+                 g8: torch.Tensor, g_inv: torch.Tensor, weights: Sequence[tuple[int, torch.dtype]]):
+    """The gradients of `fp8_forward`'s product given its output gradient grad_out [M, N] and that gradient's
+    rowwise e4m3 cast (g8, g_inv): x's (in x's dtype) from an e4m3 product, and one per weight (`weights`:
+    each one's (rows, dtype)) from one product in grad_out's dtype, as without FP8."""
+    grad_x = torch._scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.reshape(1, -1), out_dtype=torch.bfloat16)
+    grad_w = grad_out.t().mm(x.to(grad_out.dtype))
+    grads_w = grad_w.split([n for n, _ in weights])  # rows of one product: contiguous views
+    return grad_x.to(x.dtype), [g.to(dtype) for g, (_, dtype) in zip(grads_w, weights)]
+
+
 class _Fp8Matmul(torch.autograd.Function):
     """x [M, K] @ cat(weights) [N, K].T in bf16 (the rowwise FP8 kernels' output type), for one weight or
     several that share the input (q/k/v): one product each way, one scale per row across all of them. The
@@ -90,26 +115,16 @@ class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w8: torch.Tensor | None, w_inv: torch.Tensor | None,
                 wt8: torch.Tensor | None, wt_inv: torch.Tensor | None, *weights: torch.Tensor) -> torch.Tensor:
-        x8, x_inv = to_fp8_rows(x)  # [M, K], [M, 1]
-        if w8 is None:
-            w8, w_inv, wt8, wt_inv = fp8_weight(weights)
+        y, wt8, wt_inv = fp8_forward(x, weights, None if w8 is None else (w8, w_inv, wt8, wt_inv))
         ctx.save_for_backward(x, wt8, wt_inv)
         ctx.weights = [(w.shape[0], w.dtype) for w in weights]
-        # _scaled_mm wants its first operand row-major and its second column-major (w8.t() is). Fast
-        # accumulation (no periodic fp32 promotion) in this product only, as torchao does: 10-15% faster at
-        # GPT-2's shapes on an H200 (qkv 891 -> 1013 TFLOP/s, MLP up 899 -> 1037), the gradient keeps fp32 sums.
-        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.reshape(1, -1), out_dtype=torch.bfloat16,
-                                use_fast_accum=True)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, wt8, wt_inv = ctx.saved_tensors
-        g8, g_inv = to_fp8_rows(grad_out)  # [M, N], [M, 1]
-        grad_x = torch._scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.reshape(1, -1),
-                                  out_dtype=torch.bfloat16)
-        grad_w = grad_out.t().mm(x.to(grad_out.dtype))  # the compute dtype's product, as without FP8
-        grads_w = grad_w.split([n for n, _ in ctx.weights])  # rows of one product: contiguous views
-        return grad_x.to(x.dtype), None, None, None, None, *(g.to(dtype) for g, (_, dtype) in zip(grads_w, ctx.weights))
+        grad_x, grads_w = fp8_backward(x, wt8, wt_inv, grad_out, *to_fp8_rows(grad_out), ctx.weights)
+        return grad_x, None, None, None, None, *grads_w
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor],
