@@ -2,7 +2,8 @@
 
 Fused linear + cross-entropy (bf16, and with the FP8 logits product) vs `F.cross_entropy(h @ W.T, y)` (bf16): peak
 memory above the inputs and forward+backward time, with their ratios; RMSNorm and rotary vs their eager
-references (time).
+references (time); the FP8 q/k/v product's gradient join (`qkv_grad_rows`) vs the same computation compiled by
+Inductor as the training graph ran it before (time).
 
     python -m bench.kernels                      # every case (an H100: about a minute)
     python -m bench.kernels --quick              # the smaller cases only
@@ -20,7 +21,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from app.kernels import apply_rotary, fused_linear_cross_entropy, rms_norm, rms_norm_reference, rotary_reference
+from app.kernels import (apply_rotary, fused_linear_cross_entropy, qkv_grad_rows, qkv_grad_rows_reference, rms_norm,
+                         rms_norm_reference, rotary_reference)
 from app.kernels import backend
 from app.log import get_logger
 
@@ -30,6 +32,7 @@ log = get_logger(__name__)
 CE_CASES = [(8192, 768, 50304), (32768, 768, 50304), (8192, 4096, 128256), (32768, 4096, 128256)]
 NORM_CASES = [(32768, 768), (32768, 4096)]  # (rows, D)
 ROTARY_CASES = [(8, 12, 12, 1024, 64), (4, 32, 8, 4096, 128)]  # (B, H, H_kv, T, head_dim)
+QKV_CASES = [(64, 12, 12, 1024, 64)]  # GPT-2 124M's q/k/v gradients at 64 x 1024 tokens (B, H, H_kv, T, head_dim)
 
 
 def _time_ms(fn: Callable[[], None], warmup: int, iters: int) -> float:
@@ -141,17 +144,53 @@ def bench_rms_norm(M: int, D: int, args: argparse.Namespace) -> dict:
                                           lambda a, b: rms_norm_reference(a, b, 1e-5), [x, w], args)}
 
 
+def _rotary_tables(T: int, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, device="cuda").float() / hd))
+    emb = torch.outer(torch.arange(T, device="cuda").float(), inv_freq).repeat(1, 2)
+    return emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+
+
 def bench_rotary(B: int, H: int, H_kv: int, T: int, hd: int, args: argparse.Namespace) -> dict:
     # q and k as the model makes them: transposed views of [B, T, H, hd] projections.
     q = torch.randn(B, T, H, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2).detach().requires_grad_()
     k = torch.randn(B, T, H_kv, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2).detach().requires_grad_()
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, device="cuda").float() / hd))
-    freqs = torch.outer(torch.arange(T, device="cuda").float(), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+    cos, sin = _rotary_tables(T, hd)
     return {"B": B, "H": H, "H_kv": H_kv, "T": T, "head_dim": hd,
             **_compare(lambda a, b: apply_rotary(a, b, cos, sin),
                        lambda a, b: rotary_reference(a, b, cos, sin), [q, k], args)}
+
+
+def bench_qkv_grad_rows(B: int, H: int, H_kv: int, T: int, hd: int, args: argparse.Namespace) -> dict:
+    """The join kernel against Inductor's one-pass wide-row reduction of the same reference (`kernels=rows`,
+    what the q/k/v backward compiled to before), for gradients laid out as cuDNN's attention backward leaves
+    them ([B, T, H, D] memory) and as the window kernel's ([B, H, T, D]); with GB/s of the bytes it must move."""
+    from app.kernels.wide_rows import use_wide_rows
+
+    cos, sin = _rotary_tables(T, hd)
+    moved = B * T * (H + 2 * H_kv) * hd * (2 + 2 + 1)  # read bf16, write bf16 + e4m3
+    result = {"B": B, "H": H, "H_kv": H_kv, "T": T, "head_dim": hd}
+    use_wide_rows(True)
+    try:
+        for layout in ("bthd", "bhtd"):
+            def grads(h: int) -> torch.Tensor:
+                if layout == "bthd":
+                    return torch.randn(B, T, h, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                return torch.randn(B, h, T, hd, device="cuda", dtype=torch.bfloat16)
+            inputs = (grads(H), grads(H_kv), grads(H_kv), cos, sin)
+            torch._dynamo.reset()
+            compiled = torch.compile(qkv_grad_rows_reference)
+            row = {"triton": _measure(lambda: qkv_grad_rows(*inputs), args),
+                   "compiled": _measure(lambda: compiled(*inputs), args)}
+            for timed in (row["triton"], row["compiled"]):
+                if "ms" in timed:
+                    timed["GB_per_s"] = round(moved / timed["ms"] / 1e6)
+            row["speedup_vs_compiled"] = _ratio(row["compiled"], row["triton"], "ms")
+            row["exact"] = all(torch.equal(a.float(), b.float()) for a, b in
+                               zip(qkv_grad_rows(*inputs), qkv_grad_rows_reference(*inputs)))
+            result[layout] = row
+    finally:
+        use_wide_rows(False)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         report["linear_cross_entropy"].append(bench_linear_ce(*case, args))
     report["rms_norm"] = [bench_rms_norm(*case, args) for case in pick(NORM_CASES)]
     report["rotary"] = [bench_rotary(*case, args) for case in pick(ROTARY_CASES)]
+    report["qkv_grad_rows"] = [bench_qkv_grad_rows(*case, args) for case in pick(QKV_CASES)]
     print(json.dumps(report, indent=2))
 
 

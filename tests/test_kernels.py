@@ -414,32 +414,55 @@ def test_qkv_grad_rows_matches_reference_bit_for_bit(layout, H_kv):
         assert torch.equal(a.float(), b.float()), f"{name}: {(a.float() != b.float()).sum().item()} elements differ"
 
 
+def _qkv_product_inputs(B: int = 2, T: int = 16, K: int = 64, H: int = 4, H_kv: int = 2, D: int = 16):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(B, T, K, generator=gen).bfloat16()
+    ws = [(0.1 * torch.randn(h * D, K, generator=gen)).bfloat16() for h in (H, H_kv, H_kv)]
+    return x, ws, *_rotary_tables(T, D, torch.bfloat16)
+
+
 @no_interpreter
 @cpu_rowwise_fp8
 def test_fp8_qkv_rotary_is_the_projection_then_rotary():
-    """One FP8 q/k/v product with rotary: the outputs of fp8_linear over the three weights then rotary, bit for
-    bit, and gradients within the rounding of rotary's backward (fp32 once here, bf16 per op in eager);
-    given the group's e4m3 copies, the same as casting them itself."""
-    gen = torch.Generator().manual_seed(6)
-    B, T, K, H, H_kv, D = 2, 16, 64, 4, 2, 16
-    x = torch.randn(B, T, K, generator=gen).bfloat16()
-    ws = [(0.1 * torch.randn(h * D, K, generator=gen)).bfloat16() for h in (H, H_kv, H_kv)]
-    cos, sin = _rotary_tables(T, D, torch.bfloat16)
+    """One FP8 q/k/v product with rotary: fp8_linear over the three weights then rotary (fp32 math, one
+    rounding) bit for bit, and gradients within the rounding of rotary's backward of the unfused eager path
+    (bf16 per op there); given the group's e4m3 copies, the same as casting them itself."""
+    x, ws, cos, sin = _qkv_product_inputs()
+    B, T, D = 2, 16, 16
+    from app.kernels.fp8_qkv import rotary_fp32
     from app.model import apply_rotary
 
-    def unfused(x, *w):
-        q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in
-                   app.kernels.fp8_linear(x, w).split([H * D, H_kv * D, H_kv * D], dim=-1))
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+    def unfused(rotate):
+        def run(x, *w):
+            q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in app.kernels.fp8_linear(x, w).split([64, 32, 32], -1))
+            return rotate(q, cos, sin), rotate(k, cos, sin), v
+        return run
 
-    fused, want = (_run(lambda x, *w: app.kernels.fp8_qkv_rotary(x, w, cos, sin, D), [x, *ws]),
-                   _run(unfused, [x, *ws]))
-    assert all(torch.equal(a, b) for a, b in zip(fused[0], want[0]))
-    for name, a, b in zip(("dx", "dq_proj", "dk_proj", "dv_proj"), fused[1], want[1]):
+    fused = _run(lambda x, *w: app.kernels.fp8_qkv_rotary(x, w, cos, sin, D), [x, *ws])
+    assert all(torch.equal(a, b) for a, b in zip(fused[0], _run(unfused(rotary_fp32), [x, *ws])[0]))
+    for name, a, b in zip(("dx", "dq_proj", "dk_proj", "dv_proj"), fused[1], _run(unfused(apply_rotary), [x, *ws])[1]):
         assert a.dtype == b.dtype and _rel_err(a, b) < 0.02, f"{name}: relative error {_rel_err(a, b):.4f}"
     (cast, ) = app.kernels.fp8_weights([ws])
     given = _run(lambda x, *w: app.kernels.fp8_qkv_rotary(x, w, cos, sin, D, cast), [x, *ws])
     assert all(torch.equal(a, b) for a, b in zip([*fused[0], *fused[1]], [*given[0], *given[1]]))
+
+
+@no_interpreter
+@cpu_rowwise_fp8
+def test_fp8_qkv_rotary_compiled_gradients_are_its_eager_ones():
+    """Under torch.compile (one graph) every weight gets its gradient: with torch 2.11 an output of the
+    autograd.Function that was a no-op `.to()` of an intermediate compiled into zero q/k gradients (H200)."""
+    x, ws, cos, sin = _qkv_product_inputs()
+
+    def attend(x, *w):
+        q, k, v = app.kernels.fp8_qkv_rotary(x, w, cos, sin, 16)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    torch._dynamo.reset()
+    (_, ), eager = _run(attend, [x, *ws])
+    (_, ), compiled = _run(torch.compile(attend, fullgraph=True), [x, *ws])
+    for name, c, e in zip(("dx", "dq_proj", "dk_proj", "dv_proj"), compiled, eager):
+        assert e.norm() > 0 and _rel_err(c, e) < 0.03, f"compiled {name} differs from eager by {_rel_err(c, e):.3f}"
 
 
 @pytest.mark.gpu

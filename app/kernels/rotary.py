@@ -6,7 +6,8 @@ import torch
 from app.kernels.backend import jit, next_power_of_2, num_warps_for, tl, use_triton
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[-x2, x1] of x's halves x1, x2 along the last dimension."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
@@ -14,8 +15,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Hugging Face Llama `apply_rotary_pos_emb`: x * cos + rotate_half(x) * sin for q and k, in their dtypes."""
-    return ((q * cos + _rotate_half(q) * sin).to(q.dtype),
-            (k * cos + _rotate_half(k) * sin).to(k.dtype))
+    return ((q * cos + rotate_half(q) * sin).to(q.dtype),
+            (k * cos + rotate_half(k) * sin).to(k.dtype))
 
 
 @jit
