@@ -36,7 +36,8 @@ class KernelChoice:
     matmul over their concatenated weights (any device; parameters and state dict unchanged; in bf16 measured
     4-5% slower at GPT-2 124M on an H100 under torch.compile, with fp32 and with bf16 weights: the
     split/concatenated gradients cost more than the larger GEMMs save; under `ModelConfig.fp8` one FP8
-    product each way and one weight-gradient product over a group cast once per step, `project`).
+    product each way and one weight-gradient product over a group cast once per step, `project`; for q/k/v with
+    rotary inside and the backward's gradient join in one Triton kernel, `kernels.fp8_qkv_rotary`).
     `rows`: torch.compile keeps rows up to 8192 wide in registers for row reductions (`kernels.wide_rows`; for
     the FP8 casts of the MLP's hidden rows under `ModelConfig.fp8`). `window`: sliding-window layers (1 < w < T)
     run the Triton window kernel (`kernels.window_attention`) instead of flex_attention's block-sparse one (CUDA).

@@ -8,7 +8,8 @@ scale per row for the input gradient. torch.compile fuses rotary's backward, the
 persistent row reduction over the 2304-wide rows of GPT-2 124M. This kernel reads each gradient once and writes
 both copies, `block_t` tokens per program. H200, 64 x 1024 tokens of GPT-2 124M: 0.34 ms (1 token, 4 warps; the
 fastest of 15 shapes) against Inductor's 0.53 ms (gradients in [B, T, H, D] memory, as cuDNN leaves them) and
-0.63 ms ([B, H, T, D], the window kernel's); the same bits as the PyTorch reference (measured by the probe that is now `bench.kernels`' qkv_grad_rows case).
+0.63 ms ([B, H, T, D], the window kernel's), with the reference's bits (measured by the probe that is now
+`bench.kernels`' qkv_grad_rows case).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def rotary_backward_reference(d: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 
 def rotary_fp32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [..., D] (bf16) rotated by cos, sin (rotate_half layout) in fp32 math, rounded once to x's dtype, as
-    torch.compile's fused rotary computes it. The final cast is a real one (x is never fp32 here): a no-op
+    torch.compile's fused rotary computes it. The final cast is a real one (x is the bf16 product's output): a no-op
     `.to()` inside an autograd.Function's forward returns its input, and torch 2.11's Dynamo then routes that
     output's gradient to the wrong slot (pytorch#180642's mechanism): q and k got zero gradients on an H200."""
     x32 = x.float()
@@ -133,8 +134,9 @@ def _store_pair(G, G8, cols, x, scale, mask):
 def qkv_grad_rows(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   block_t: int = 1, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq [B, Hq, T, D], dk and dv [B, Hkv, T, D] (any strides with a unit last one; gradients of rotated q, k
-    and of v) and the rotary tables cos, sin [T, D] -> (g, g8, g_inv): g [B*T, (Hq + 2 Hkv) D] in dq's dtype (the kernel: bf16),
-    its rows cast to e4m3 g8 with inverse scales g_inv [B*T, 1] (fp32), as `qkv_grad_rows_reference`."""
+    and of v) and the rotary tables cos, sin [T, D] -> (g, g8, g_inv): g [B*T, (Hq + 2 Hkv) D] in dq's dtype
+    (the kernel's: bf16), its rows cast to e4m3 g8 with inverse scales g_inv [B*T, 1] (fp32), as
+    `qkv_grad_rows_reference`."""
     if dq.dtype != torch.bfloat16 or not use_triton(dq, dk, dv, cos, sin):  # (the kernel rounds to bf16)
         return qkv_grad_rows_reference(dq, dk, dv, cos, sin)
     dq, dk, dv = (x if x.stride(-1) == 1 else x.contiguous() for x in (dq, dk, dv))
