@@ -484,8 +484,9 @@ class Attention(nn.Module):
         whose backward joins rotary's and v's gradients in one kernel (`kernels.fp8_qkv_rotary`)."""
         B, T, _ = x.shape
         cfg, linears = self.cfg, (self.q_proj, self.k_proj, self.v_proj)
-        if KERNELS.proj and cos.dim() == 2 and runs_fp8(x, [m.weight for m in linears], cfg.fp8):
-            return kernels.fp8_qkv_rotary(x, [m.weight for m in linears], cos, sin, cfg.head_dim, self.fp8_cast)
+        weights = [m.weight for m in linears]
+        if KERNELS.proj and cos.dim() == 2 and runs_fp8(x, weights, cfg.fp8):
+            return kernels.fp8_qkv_rotary(x, weights, cos, sin, cfg.head_dim, self.fp8_cast)
         q, k, v = project(x, linears, cfg.fp8, self.fp8_cast)
         q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
