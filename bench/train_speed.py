@@ -349,10 +349,11 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     "windows_graph_fp8_relu2_rows_window_tuned": {"kernels": "loss,rows,window", "cuda_graph": "true",
                                                   "compile_mode": "tuned",
                                                   "model": {"attn_windows": [1, 64, 0], "fp8": True, "mlp": "relu2"}},
-    # ... and q/k/v as one FP8 product each way (one cast of their concatenation per step, one weight-gradient GEMM)
+    # ... and q/k/v as one FP8 product each way (one cast of their concatenation per step, one weight-gradient GEMM,
+    # rotary's backward, the gradients' join and their e4m3 cast in one Triton kernel: `kernels.fp8_qkv_rotary`)
     "windows_graph_fp8_relu2_rows_window_proj": {"kernels": "loss,rows,window,proj", "cuda_graph": "true",
                                                  "model": {"attn_windows": [1, 64, 0], "fp8": True, "mlp": "relu2"}},
-    # both: the tuning may fix the slow 2304-wide join-and-cast kernels of the q/k/v backward (not measured yet)
+    # both (not measured yet)
     "windows_graph_fp8_relu2_rows_window_proj_tuned": {"kernels": "loss,rows,window,proj", "cuda_graph": "true",
                                                        "compile_mode": "tuned",
                                                        "model": {"attn_windows": [1, 64, 0], "fp8": True,

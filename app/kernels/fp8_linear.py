@@ -109,8 +109,8 @@ class _Fp8Matmul(torch.autograd.Function):
     several that share the input (q/k/v): one product each way, one scale per row across all of them. The
     caller casts the output: an earlier form that took the output dtype as an argument and returned
     `y.to(out_dtype)` (the same tensor, for bf16) compiled into a backward that returned zero gradients on an
-    H100 (torch 2.11); which of the two did it was not isolated. `tests/test_kernels.py` checks compiled
-    against eager."""
+    H100 (torch 2.11); most likely the no-op `.to()`, the mechanism isolated later in `fp8_qkv_rotary` (see
+    `fp8_qkv.rotary_fp32`). `tests/test_kernels.py` checks compiled against eager."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w8: torch.Tensor | None, w_inv: torch.Tensor | None,
