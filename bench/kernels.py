@@ -3,11 +3,13 @@
 Fused linear + cross-entropy (bf16, and with the FP8 logits product) vs `F.cross_entropy(h @ W.T, y)` (bf16): peak
 memory above the inputs and forward+backward time, with their ratios; RMSNorm and rotary vs their eager
 references (time); the FP8 q/k/v product's gradient join (`qkv_grad_rows`) vs the same computation compiled by
-Inductor as the training graph ran it before (time).
+Inductor as the training graph ran it before (time); the sliding-window attention backward's one-kernel walk vs
+its two-kernel form (time), with cuDNN's full causal backward for scale.
 
     python -m bench.kernels                      # every case (an H100: about a minute)
     python -m bench.kernels --quick              # the smaller cases only
     python -m bench.kernels --compile-baselines  # RMSNorm/rotary baselines through torch.compile too
+    python -m bench.kernels --only=window_attention  # one section
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 from app.kernels import (apply_rotary, fused_linear_cross_entropy, qkv_grad_rows, qkv_grad_rows_reference, rms_norm,
                          rms_norm_reference, rotary_reference)
-from app.kernels import backend
+from app.kernels import backend, sliding_attention
 from app.log import get_logger
 
 log = get_logger(__name__)
@@ -33,6 +35,9 @@ CE_CASES = [(8192, 768, 50304), (32768, 768, 50304), (8192, 4096, 128256), (3276
 NORM_CASES = [(32768, 768), (32768, 4096)]  # (rows, D)
 ROTARY_CASES = [(8, 12, 12, 1024, 64), (4, 32, 8, 4096, 128)]  # (B, H, H_kv, T, head_dim)
 QKV_CASES = [(64, 12, 12, 1024, 64)]  # GPT-2 124M's q/k/v gradients at 64 x 1024 tokens (B, H, H_kv, T, head_dim)
+# (B, H, H_kv, T, head_dim, window): 124M at micro-batch 64 and 16, head size 128, GQA at 4k positions
+WINDOW_CASES = [(64, 12, 12, 1024, 64, 64), (16, 12, 12, 1024, 64, 64), (32, 16, 16, 1024, 128, 64),
+                (8, 32, 8, 4096, 128, 64)]
 
 
 def _time_ms(fn: Callable[[], None], warmup: int, iters: int) -> float:
@@ -193,12 +198,40 @@ def bench_qkv_grad_rows(B: int, H: int, H_kv: int, T: int, hd: int, args: argpar
     return result
 
 
+def bench_window_backward(B: int, H: int, H_kv: int, T: int, hd: int, window: int, args: argparse.Namespace) -> dict:
+    """The window attention backward's one-kernel walk against its two-kernel form (key/value gradients, then
+    query gradients, and the delta rows before them in eager PyTorch; in a compiled step Inductor fuses those
+    into a neighbouring kernel), on the same forward; cuDNN's full causal SDPA backward on the same shape says
+    what the window saves."""
+    def layout(h: int) -> torch.Tensor:  # as the model's projections leave them: [B, T, h, hd] memory
+        return torch.randn(B, T, h, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    q, k, v = layout(H), layout(H_kv), layout(H_kv)
+    do = torch.randn(B, T, H, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    o, lse = sliding_attention.window_forward(q, k, v, window)
+    one = _measure(lambda: sliding_attention.window_backward(q, k, v, o, lse, do, window, one_pass=True), args)
+    two = _measure(lambda: sliding_attention.window_backward(q, k, v, o, lse, do, window, one_pass=False), args)
+    moved = (3 * B * H + 4 * B * H_kv) * T * hd * 2  # read q, o, do, k, v; write dq, dk, dv (bf16)
+    for timed in (one, two):
+        if "ms" in timed:
+            timed["GB_per_s"] = round(moved / timed["ms"] / 1e6)
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(
+        sliding_attention.window_backward(q, k, v, o, lse, do, window, one_pass=True),
+        sliding_attention.window_backward(q, k, v, o, lse, do, window, one_pass=False)))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=H != H_kv)
+    full = _measure(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True), args)
+    return {"B": B, "H": H, "H_kv": H_kv, "T": T, "head_dim": hd, "window": window, "one_kernel": one,
+            "two_kernels": two, "speedup_vs_two_kernels": _ratio(two, one, "ms"), "max_abs_diff": diff,
+            "sdpa_full_causal_backward": full}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the smaller case of each kind")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
     parser.add_argument("--iters", type=int, default=10, help="timed runs (the median is reported)")
     parser.add_argument("--compile-baselines", action="store_true", help="also time torch.compile'd references")
+    parser.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench.kernels needs a CUDA GPU (torch.cuda.is_available() is False); "
@@ -210,13 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     pick = (lambda cases: cases[:1]) if args.quick else (lambda cases: cases)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": backend.triton.__version__, "dtype": "bfloat16", "warmup": args.warmup, "iters": args.iters}
-    report["linear_cross_entropy"] = []
-    for case in pick(CE_CASES):
-        log.info("linear cross-entropy N=%d D=%d V=%d", *case)
-        report["linear_cross_entropy"].append(bench_linear_ce(*case, args))
-    report["rms_norm"] = [bench_rms_norm(*case, args) for case in pick(NORM_CASES)]
-    report["rotary"] = [bench_rotary(*case, args) for case in pick(ROTARY_CASES)]
-    report["qkv_grad_rows"] = [bench_qkv_grad_rows(*case, args) for case in pick(QKV_CASES)]
+    sections = {"linear_cross_entropy": (bench_linear_ce, CE_CASES), "rms_norm": (bench_rms_norm, NORM_CASES),
+                "rotary": (bench_rotary, ROTARY_CASES), "qkv_grad_rows": (bench_qkv_grad_rows, QKV_CASES),
+                "window_attention": (bench_window_backward, WINDOW_CASES)}
+    only = set(args.only.split(",")) if args.only else set(sections)
+    if only - set(sections):
+        sys.exit(f"bench.kernels: --only names unknown sections {sorted(only - set(sections))}; "
+                 f"they are {sorted(sections)}")
+    for name, (bench, cases) in sections.items():
+        if name in only:
+            log.info("%s: %d cases", name, len(pick(cases)))
+            report[name] = [bench(*case, args) for case in pick(cases)]
     print(json.dumps(report, indent=2))
 
 

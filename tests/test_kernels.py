@@ -517,6 +517,21 @@ def test_window_attention_matches_reference(window, H_kv):
 
 
 @interpreted
+@pytest.mark.parametrize("window", [3, 64])
+def test_window_backward_one_pass_matches_two_kernels(window):
+    # The one-kernel walk (the default for windows <= BLOCK) against the two-kernel backward on the same forward.
+    q, k, v = [t.contiguous() for t in _qkv(2, 4, 2, 200, 32, torch.float32)]
+    do = torch.randn_like(q)
+    o, lse = sliding_attention.window_forward(q, k, v, window)
+    one = sliding_attention.window_backward(q, k, v, o, lse, do, window, one_pass=True)
+    two = sliding_attention.window_backward(q, k, v, o, lse, do, window, one_pass=False)
+    for name, a, b in zip(("dq", "dk", "dv"), one, two):
+        _assert_close(a, b, torch.float32, f"window {window} {name}")
+    with pytest.raises(ValueError, match="one-pass"):
+        sliding_attention.window_backward(q, k, v, o, lse, do, sliding_attention.BLOCK + 1, one_pass=True)
+
+
+@interpreted
 def test_window_attention_ignores_keys_outside_the_window():
     # (fp32: Triton 3.x's interpreter computes tl.dot of bf16 operands wrongly; bf16 is checked on the GPU)
     q, k, v = _qkv(1, 2, 2, 130, 32, torch.float32)

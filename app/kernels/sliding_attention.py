@@ -5,8 +5,11 @@ FlashAttention's loop restricted to the window: a block of 64 queries reads only
 touches (two for a window of 64), so the cost grows with the window, not the sequence. FlexAttention's
 128-position sparse blocks read 256 keys per query for a window of 64 and, on an H100 in a 124M training
 step, cost as much as a full causal cuDNN layer; its smaller sparse blocks find no kernel configuration in
-torch 2.11's backward. The backward is two deterministic kernels (key/value gradients, then query
-gradients), no atomics.
+torch 2.11's backward. The backward is deterministic, no atomics: for a window of at most one block (the
+model's 64) and head sizes up to 64, one kernel walks each (batch, kv head) along the sequence, where each
+key block meets only its own and the next query block, so it reads q, k, v, o and the output gradient once
+and holds the two live key blocks' gradients in registers; otherwise two kernels (key/value gradients, then
+query gradients), which read each key block once per query block that sees it.
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ from app.kernels.backend import jit, tl, triton, use_triton
 
 BLOCK = 64  # queries per program and keys per step, both passes
 HEAD_DIMS = (16, 32, 64, 128)  # head sizes the kernels take (tl.arange needs a power of two; >= 16 for tl.dot)
+# The one-kernel backward's launch: best of 4/8 warps x 1-3 stages on an H200 (124M's 64 x 12 x 1024 x 64, both
+# layouts: 0.54-0.55 ms; 8 warps 0.67-0.79)
+ONE_PASS_LAUNCH = dict(num_warps=4, num_stages=2)
 
 
 def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
@@ -150,6 +156,58 @@ def _attention_window_bwd_q(Q, K, V, DO, LSE, DELTA, DQ, sq_b, sq_h, sq_t, sk_b,
     _store_tile(DQ + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T, dq * sm_scale)
 
 
+@jit
+def _attention_window_bwd_seq(Q, K, V, O, DO, LSE, DQ, DK, DV, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, so_b, so_h, so_t,
+                              sd_b, sd_h, sd_t, sg_b, sg_h, sg_t, H, GROUP, T, WINDOW, scale_log2, sm_scale,
+                              BLOCK: tl.constexpr, D: tl.constexpr):
+    # One program per (batch, kv head), query block by query block: with WINDOW <= BLOCK, query block m sees
+    # only key blocks m - 1 and m, so key block m - 1's gradients are complete once block m is done.
+    bhk = tl.program_id(0).to(tl.int64)
+    Hkv = H // GROUP
+    b, hk = bhk // Hkv, bhk % Hkv
+    offs_d = tl.arange(0, D)
+    k_base, v_base = K + b * sk_b + hk * sk_h, V + b * sk_b + hk * sk_h
+    dk_base, dv_base = DK + b * sg_b + hk * sg_h, DV + b * sg_b + hk * sg_h
+    k_prev = tl.zeros([BLOCK, D], K.dtype.element_ty)
+    v_prev = tl.zeros([BLOCK, D], V.dtype.element_ty)
+    dk_prev = tl.zeros([BLOCK, D], tl.float32)
+    dv_prev = tl.zeros([BLOCK, D], tl.float32)
+    for start in range(0, T, BLOCK):
+        offs_m = start + tl.arange(0, BLOCK)
+        offs_p = offs_m - BLOCK  # the previous key block (negative before the first: no keys)
+        k = _load_tile(k_base, offs_m, sk_t, offs_d, T)
+        v = _load_tile(v_base, offs_m, sk_t, offs_d, T)
+        dk = tl.zeros([BLOCK, D], tl.float32)
+        dv = tl.zeros([BLOCK, D], tl.float32)
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            q = _load_tile(Q + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T)
+            do = _load_tile(DO + b * sd_b + h * sd_h, offs_m, sd_t, offs_d, T)
+            o = _load_tile(O + b * so_b + h * so_h, offs_m, so_t, offs_d, T)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            lse = _load_row_stats(LSE + (b * H + h) * T, offs_m, T)
+            p = tl.exp2(_scores(q, k, offs_m, offs_m, T, WINDOW, scale_log2) - lse[:, None])
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dq = tl.dot(ds.to(k.dtype), k)
+            s = _scores(q, k_prev, offs_m, offs_p, T, WINDOW, scale_log2)
+            p = tl.exp2(tl.where(offs_p[None, :] >= 0, s, float("-inf")) - lse[:, None])
+            dv_prev += tl.dot(tl.trans(p.to(do.dtype)), do)
+            ds = p * (tl.dot(do, tl.trans(v_prev)) - delta[:, None])
+            dk_prev += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dq += tl.dot(ds.to(k.dtype), k_prev)
+            _store_tile(DQ + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T, dq * sm_scale)
+        done = offs_p[:, None] >= 0
+        tl.store(dk_base + offs_p[:, None] * sg_t + offs_d[None, :], (dk_prev * sm_scale).to(DK.dtype.element_ty),
+                 mask=done)
+        tl.store(dv_base + offs_p[:, None] * sg_t + offs_d[None, :], dv_prev.to(DV.dtype.element_ty), mask=done)
+        k_prev, v_prev, dk_prev, dv_prev = k, v, dk, dv
+    last = (T - 1) // BLOCK * BLOCK + tl.arange(0, BLOCK)
+    _store_tile(dk_base, last, sg_t, offs_d, T, dk_prev * sm_scale)
+    _store_tile(dv_base, last, sg_t, offs_d, T, dv_prev)
+
+
 def _unit_last(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
@@ -158,20 +216,57 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's forward: (o [B, H, T, D] laid out as [B, T, H, D], the rows' log2-sum-exp [B * H, T]);
+    q, k, v with unit last strides, k and v of one layout."""
+    B, H, T, D = q.shape
+    o = q.new_empty(B, T, H, D).transpose(1, 2)  # the o_proj input, no copy
+    lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
+    sm_scale = 1.0 / math.sqrt(D)
+    _attention_window_fwd[(triton.cdiv(T, BLOCK), B * H)](
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(o), H, H // k.size(1), T, window,
+        sm_scale * math.log2(math.e), BLOCK_M=BLOCK, BLOCK_N=BLOCK, D=D, num_warps=4, num_stages=2)
+    return o, lse
+
+
+def window_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                    do: torch.Tensor, window: int, one_pass: bool | None = None) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) from `window_forward`'s o and lse and the output gradient do (unit last stride).
+    `one_pass`: the one-kernel walk (possible for window <= BLOCK) or the two kernels; None picks the walk
+    where it is possible and the head size at most 64 (H200, `bench.kernels`: 1.76-1.88x the two kernels at
+    head size 64, 0.63-0.76x at 128, where its six live tiles crowd the registers)."""
+    B, H, T, D = q.shape
+    group = H // k.size(1)
+    one_pass = window <= BLOCK and D <= 64 if one_pass is None else one_pass
+    if one_pass and window > BLOCK:
+        raise ValueError(f"window_backward: the one-pass kernel needs window <= {BLOCK}, got {window}")
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    sm_scale = 1.0 / math.sqrt(D)
+    scale_log2 = sm_scale * math.log2(math.e)
+    if one_pass:
+        _attention_window_bwd_seq[(B * k.size(1),)](
+            q, k, v, o, do, lse, dq, dk, dv, *_strides(q), *_strides(k), *_strides(o), *_strides(do),
+            *_strides(dk), H, group, T, window, scale_log2, sm_scale, BLOCK=BLOCK, D=D, **ONE_PASS_LAUNCH)
+        return dq, dk, dv
+    delta = (o.float() * do.float()).sum(-1).reshape(B * H, T)
+    common = dict(BLOCK_M=BLOCK, BLOCK_N=BLOCK, D=D, num_warps=4, num_stages=2)
+    _attention_window_bwd_kv[(triton.cdiv(T, BLOCK), B * k.size(1))](
+        q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(do), *_strides(dk),
+        H, group, T, window, scale_log2, sm_scale, **common)
+    _attention_window_bwd_q[(triton.cdiv(T, BLOCK), B * H)](
+        q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(do),
+        H, group, T, window, scale_log2, sm_scale, **common)
+    return dq, dk, dv
+
+
 class _WindowAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int):
         q, k, v = _unit_last(q, k, v)
         if k.stride() != v.stride():
             k, v = k.contiguous(), v.contiguous()
-        B, H, T, D = q.shape
-        group = H // k.size(1)
-        o = q.new_empty(B, T, H, D).transpose(1, 2)  # [B, H, T, D] over [B, T, H, D]: the o_proj input, no copy
-        lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
-        sm_scale = 1.0 / math.sqrt(D)
-        _attention_window_fwd[(triton.cdiv(T, BLOCK), B * H)](
-            q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(o), H, group, T, window,
-            sm_scale * math.log2(math.e), BLOCK_M=BLOCK, BLOCK_N=BLOCK, D=D, num_warps=4, num_stages=2)
+        o, lse = window_forward(q, k, v, window)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.window = window
         return o
@@ -180,20 +275,7 @@ class _WindowAttentionFn(torch.autograd.Function):
     def backward(ctx, do: torch.Tensor):
         q, k, v, o, lse = ctx.saved_tensors
         (do,) = _unit_last(do)
-        B, H, T, D = q.shape
-        group, window = H // k.size(1), ctx.window
-        delta = (o.float() * do.float()).sum(-1).reshape(B * H, T)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        sm_scale = 1.0 / math.sqrt(D)
-        scale_log2 = sm_scale * math.log2(math.e)
-        common = dict(BLOCK_M=BLOCK, BLOCK_N=BLOCK, D=D, num_warps=4, num_stages=2)
-        _attention_window_bwd_kv[(triton.cdiv(T, BLOCK), B * k.size(1))](
-            q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(do), *_strides(dk),
-            H, group, T, window, scale_log2, sm_scale, **common)
-        _attention_window_bwd_q[(triton.cdiv(T, BLOCK), B * H)](
-            q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(do),
-            H, group, T, window, scale_log2, sm_scale, **common)
-        return dq, dk, dv, None
+        return *window_backward(q, k, v, o, lse, do, ctx.window), None
 
 
 def window_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
