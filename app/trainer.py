@@ -244,11 +244,13 @@ def forward_backward(fwd: torch.nn.Module, batches: list[Batch], device: torch.d
 
 def add_grads(params: list[torch.nn.Parameter], grads: tuple[torch.Tensor | None, ...]) -> None:
     """p.grad += g for each pair (p.grad = g where p has none yet; g None: nothing), the sums as one foreach add.
-    (A 124M step's three later micro-batches cost autograd ~300 add kernels, 1.2 ms on an H200.)"""
+    (A 124M step's three later micro-batches cost autograd ~300 add kernels, 1.2 ms on an H200.) A new p.grad
+    takes p's layout, as autograd's own accumulation gives it: a gradient can come back as a broadcast view (a
+    window-1 layer's zero q/k gradient is an expanded scalar), which the in-place clip and optimizer reject."""
     sums = [(p.grad, g) for p, g in zip(params, grads, strict=True) if g is not None and p.grad is not None]
     for p, g in zip(params, grads):
         if g is not None and p.grad is None:
-            p.grad = g
+            p.grad = g if g.stride() == p.stride() else torch.empty_like(p, dtype=g.dtype).copy_(g)
     if sums:
         torch._foreach_add_([a for a, _ in sums], [g for _, g in sums])
 

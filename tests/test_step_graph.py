@@ -11,7 +11,7 @@ from app.data import Batch
 from app.model import GPT, ModelConfig, use_kernels
 from app.step_graph import StepGraph
 from app.trainer import (CosineSchedule, TrainConfig, add_grads, build_model, forward_backward, graph_fits,
-                         make_optimizer, step_function)
+                         make_optimizer, optimizer_step, step_function)
 
 V, T, B = 96, 32, 4
 
@@ -108,6 +108,24 @@ def test_add_grads_sets_adds_and_skips():
     a.grad = torch.ones(3)
     add_grads([a, b, c], (torch.full((3,), 2.0), torch.full((3,), 5.0), None))
     assert a.grad.tolist() == [3.0] * 3 and b.grad.tolist() == [5.0] * 3 and c.grad is None
+
+
+def test_add_grads_gives_broadcast_gradients_the_parameters_layout():
+    """A window-1 layer's q/k gradient comes back from autograd.grad as an expanded scalar; stored as is, the
+    in-place clip of the first step raised (shakespeare_char with windows [1, 64, 0] on an H200)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=V, max_seq_len=T, n_layer=2, attn_windows=[1, 0]))
+    model.init_weights()
+    micro = batches(1, accum=2, device="cpu")[0]
+    params = list(model.parameters())
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    q_grad = torch.autograd.grad(model(micro[0].inputs, micro[0].targets)[1], [q_proj])[0]
+    assert 0 in q_grad.stride()  # what makes the case: a broadcast view
+    model.zero_grad(set_to_none=True)
+    forward_backward(model, micro, torch.device("cpu"), contextlib.nullcontext, params=params)
+    assert all(p.grad.stride() == p.stride() for p in params)
+    norm = optimizer_step(model, torch.optim.AdamW(params), grad_clip=1e-3)
+    assert norm > 1e-3  # the clip ran, in place over every gradient
 
 
 @pytest.mark.gpu
