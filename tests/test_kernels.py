@@ -517,6 +517,21 @@ def test_window_attention_matches_reference(window, H_kv):
 
 
 @interpreted
+@pytest.mark.parametrize("window", [5, 100])
+def test_window_attention_takes_views_of_one_packed_projection(window):
+    # q, k, v as strided views of one [B, T, 3, H, D] buffer (not dense): each gradient must land in its own view.
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 130, 3, 2, 16, generator=gen)
+
+    def attend(fn):
+        return lambda packed: fn(*(packed[:, :, i].transpose(1, 2) for i in range(3)), window)
+    (out,), (grad,) = _run(attend(sliding_attention.window_attention), [qkv])
+    (ref_out,), (ref_grad,) = _run(attend(sliding_attention.window_attention_reference), [qkv])
+    _assert_close(out, ref_out, torch.float32, f"window {window} out")
+    _assert_close(grad, ref_grad, torch.float32, f"window {window} d qkv")
+
+
+@interpreted
 @pytest.mark.parametrize("window", [3, 64])
 def test_window_backward_one_pass_matches_two_kernels(window):
     # The one-kernel walk (the default for windows <= BLOCK) against the two-kernel backward on the same forward.

@@ -241,7 +241,10 @@ def window_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     one_pass = window <= BLOCK and D <= 64 if one_pass is None else one_pass
     if one_pass and window > BLOCK:
         raise ValueError(f"window_backward: the one-pass kernel needs window <= {BLOCK}, got {window}")
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # dq in q's own strides (the kernels write it with them, and q may be a view of a packed projection); dk and
+    # dv share one layout (the kernels write both with dk's strides), as k and v do
+    dq = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     sm_scale = 1.0 / math.sqrt(D)
     scale_log2 = sm_scale * math.log2(math.e)
     if one_pass:
