@@ -233,6 +233,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-baselines", action="store_true", help="also time torch.compile'd references")
     parser.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
     args = parser.parse_args(argv)
+    sections = {"linear_cross_entropy": (bench_linear_ce, CE_CASES), "rms_norm": (bench_rms_norm, NORM_CASES),
+                "rotary": (bench_rotary, ROTARY_CASES), "qkv_grad_rows": (bench_qkv_grad_rows, QKV_CASES),
+                "window_attention": (bench_window_backward, WINDOW_CASES)}
+    only = set(args.only.split(",")) if args.only else set(sections)
+    if only - set(sections):
+        sys.exit(f"bench.kernels: --only names unknown sections {sorted(only - set(sections))}; "
+                 f"they are {sorted(sections)}")
     if not torch.cuda.is_available():
         sys.exit("bench.kernels needs a CUDA GPU (torch.cuda.is_available() is False); "
                  "the kernels' CPU checks are `pytest tests/test_kernels.py`")
@@ -243,13 +250,6 @@ def main(argv: list[str] | None = None) -> None:
     pick = (lambda cases: cases[:1]) if args.quick else (lambda cases: cases)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": backend.triton.__version__, "dtype": "bfloat16", "warmup": args.warmup, "iters": args.iters}
-    sections = {"linear_cross_entropy": (bench_linear_ce, CE_CASES), "rms_norm": (bench_rms_norm, NORM_CASES),
-                "rotary": (bench_rotary, ROTARY_CASES), "qkv_grad_rows": (bench_qkv_grad_rows, QKV_CASES),
-                "window_attention": (bench_window_backward, WINDOW_CASES)}
-    only = set(args.only.split(",")) if args.only else set(sections)
-    if only - set(sections):
-        sys.exit(f"bench.kernels: --only names unknown sections {sorted(only - set(sections))}; "
-                 f"they are {sorted(sections)}")
     for name, (bench, cases) in sections.items():
         if name in only:
             log.info("%s: %d cases", name, len(pick(cases)))
