@@ -82,6 +82,13 @@ def _ratio(baseline: dict, fused: dict, key: str) -> float | None:
     return None
 
 
+def _add_bandwidth(moved: int, *timed: dict) -> None:
+    """GB/s of `moved` bytes into each `_measure` result that has a time."""
+    for t in timed:
+        if "ms" in t:
+            t["GB_per_s"] = round(moved / t["ms"] / 1e6)
+
+
 def bench_linear_ce(N: int, D: int, V: int, args: argparse.Namespace) -> dict:
     """Fused linear + cross-entropy vs bf16 logits + F.cross_entropy, forward and backward."""
     hidden = torch.randn(N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -186,9 +193,7 @@ def bench_qkv_grad_rows(B: int, H: int, H_kv: int, T: int, hd: int, args: argpar
             compiled = torch.compile(qkv_grad_rows_reference)
             row = {"triton": _measure(lambda: qkv_grad_rows(*inputs), args),
                    "compiled": _measure(lambda: compiled(*inputs), args)}
-            for timed in (row["triton"], row["compiled"]):
-                if "ms" in timed:
-                    timed["GB_per_s"] = round(moved / timed["ms"] / 1e6)
+            _add_bandwidth(moved, row["triton"], row["compiled"])
             row["speedup_vs_compiled"] = _ratio(row["compiled"], row["triton"], "ms")
             row["exact"] = all(torch.equal(a.float(), b.float()) for a, b in
                                zip(qkv_grad_rows(*inputs), qkv_grad_rows_reference(*inputs)))
@@ -211,9 +216,7 @@ def bench_window_backward(B: int, H: int, H_kv: int, T: int, hd: int, window: in
     one = _measure(lambda: sliding_attention.window_backward(q, k, v, o, lse, do, window, one_pass=True), args)
     two = _measure(lambda: sliding_attention.window_backward(q, k, v, o, lse, do, window, one_pass=False), args)
     moved = (3 * B * H + 4 * B * H_kv) * T * hd * 2  # read q, o, do, k, v; write dq, dk, dv (bf16)
-    for timed in (one, two):
-        if "ms" in timed:
-            timed["GB_per_s"] = round(moved / timed["ms"] / 1e6)
+    _add_bandwidth(moved, one, two)
     diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(
         sliding_attention.window_backward(q, k, v, o, lse, do, window, one_pass=True),
         sliding_attention.window_backward(q, k, v, o, lse, do, window, one_pass=False)))

@@ -42,6 +42,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return INTERPRET and all(t.device.type == "cpu" for t in tensors)
 
 
+def unit_last(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """Each of ts as is where its last stride is 1 (what the kernels' row addressing needs), else a contiguous copy."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (n >= 1)."""
     return 1 << (max(n, 1) - 1).bit_length()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from app.kernels.backend import jit, next_power_of_2, tl, use_triton
+from app.kernels.backend import jit, next_power_of_2, tl, unit_last, use_triton
 from app.kernels.fp8_linear import E4M3, Fp8Weight, fp8_backward, fp8_forward, to_fp8_rows
 from app.kernels.rotary import rotate_half
 
@@ -139,7 +139,7 @@ def qkv_grad_rows(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: tor
     `qkv_grad_rows_reference`."""
     if dq.dtype != torch.bfloat16 or not use_triton(dq, dk, dv, cos, sin):  # (the kernel rounds to bf16)
         return qkv_grad_rows_reference(dq, dk, dv, cos, sin)
-    dq, dk, dv = (x if x.stride(-1) == 1 else x.contiguous() for x in (dq, dk, dv))
+    dq, dk, dv = unit_last(dq, dk, dv)
     cos, sin = cos.contiguous(), sin.contiguous()
     B, HQ, T, D = dq.shape
     HKV = dk.shape[1]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from app.kernels.backend import jit, next_power_of_2, num_warps_for, tl, use_triton
+from app.kernels.backend import jit, next_power_of_2, num_warps_for, tl, unit_last, use_triton
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -53,8 +53,7 @@ def _rotary_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr,
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     """Launch the kernel over x [B, H, T, hd] (any strides with a unit last stride); returns a contiguous tensor."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    (x,) = unit_last(x)
     B, H, T, hd = x.shape
     y = torch.empty((B, H, T, hd), dtype=x.dtype, device=x.device)
     block_h, block_half = next_power_of_2(H), next_power_of_2(hd // 2)

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from app.kernels.backend import jit, tl, triton, use_triton
+from app.kernels.backend import jit, tl, triton, unit_last, use_triton
 
 BLOCK = 64  # queries per program and keys per step, both passes
 HEAD_DIMS = (16, 32, 64, 128)  # head sizes the kernels take (tl.arange needs a power of two; >= 16 for tl.dot)
@@ -208,10 +208,6 @@ def _attention_window_bwd_seq(Q, K, V, O, DO, LSE, DQ, DK, DV, sq_b, sq_h, sq_t,
     _store_tile(dv_base, last, sg_t, offs_d, T, dv_prev)
 
 
-def _unit_last(*ts: torch.Tensor) -> list[torch.Tensor]:
-    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
-
-
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -266,7 +262,7 @@ def window_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
 class _WindowAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int):
-        q, k, v = _unit_last(q, k, v)
+        q, k, v = unit_last(q, k, v)
         if k.stride() != v.stride():
             k, v = k.contiguous(), v.contiguous()
         o, lse = window_forward(q, k, v, window)
@@ -277,7 +273,7 @@ class _WindowAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do: torch.Tensor):
         q, k, v, o, lse = ctx.saved_tensors
-        (do,) = _unit_last(do)
+        (do,) = unit_last(do)
         return *window_backward(q, k, v, o, lse, do, ctx.window), None
 
 
