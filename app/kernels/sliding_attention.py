@@ -6,10 +6,11 @@ touches (two for a window of 64), so the cost grows with the window, not the seq
 128-position sparse blocks read 256 keys per query for a window of 64 and, on an H100 in a 124M training
 step, cost as much as a full causal cuDNN layer; its smaller sparse blocks find no kernel configuration in
 torch 2.11's backward. The backward is deterministic, no atomics: for a window of at most one block (the
-model's 64) and head sizes up to 64, one kernel walks each (batch, kv head) along the sequence, where each
-key block meets only its own and the next query block, so it reads q, k, v, o and the output gradient once
-and holds the two live key blocks' gradients in registers; otherwise two kernels (key/value gradients, then
-query gradients), which read each key block once per query block that sees it.
+model's 64), one kernel walks each (batch, query head) along the sequence, key block by key block: each key
+block meets only its own and the next query block, so one step finishes the key block's gradients and its own
+query block's, reading q, k, v, o and the output gradient once and carrying one query block (and its partial
+query gradient) to the next step; for wider windows two kernels (key/value gradients, then query gradients),
+which read each key block once per query block that sees it.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from app.kernels.backend import jit, tl, triton, unit_last, use_triton
 
 BLOCK = 64  # queries per program and keys per step, both passes
 HEAD_DIMS = (16, 32, 64, 128)  # head sizes the kernels take (tl.arange needs a power of two; >= 16 for tl.dot)
-# The one-kernel backward's launch: best of 4/8 warps x 1-3 stages on an H200 (124M's 64 x 12 x 1024 x 64, both
-# layouts: 0.54-0.55 ms; 8 warps 0.67-0.79)
-ONE_PASS_LAUNCH = dict(num_warps=4, num_stages=2)
+# The one-kernel backward's launch by head size: best of 4/8 warps x 1-3 stages on an H200 (64 x 12 x 1024 x 64:
+# 0.31 ms at 4 x 2, 0.34-0.64 otherwise; 32 x 16 x 1024 x 128: 0.98 ms at 8 x 1, 1.11-1.22 otherwise)
+ONE_PASS_LAUNCH = {64: dict(num_warps=4, num_stages=2), 128: dict(num_warps=8, num_stages=1)}
 
 
 def window_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
@@ -99,6 +100,14 @@ def _attention_window_fwd(Q, K, V, O, LSE, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, s
 
 
 @jit
+def _pair_grads(q, do, lse, delta, k, v, offs_m, offs_n, T, WINDOW, scale_log2):
+    """A query block against a key block: the probabilities p = exp2(s - lse) and the score gradients
+    ds = p * (do @ v.T - delta), both [BLOCK_M, BLOCK_N] fp32 (FlashAttention-2's backward)."""
+    p = tl.exp2(_scores(q, k, offs_m, offs_n, T, WINDOW, scale_log2) - lse[:, None])
+    return p, p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+
+
+@jit
 def _attention_window_bwd_kv(Q, K, V, DO, LSE, DELTA, DK, DV, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sd_b, sd_h, sd_t,
                    sg_b, sg_h, sg_t, H, GROUP, T, WINDOW, scale_log2, sm_scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
@@ -122,9 +131,8 @@ def _attention_window_bwd_kv(Q, K, V, DO, LSE, DELTA, DK, DV, sq_b, sq_h, sq_t, 
             do = _load_tile(DO + b * sd_b + h * sd_h, offs_m, sd_t, offs_d, T)
             lse = _load_row_stats(LSE + (b * H + h) * T, offs_m, T)
             delta = _load_row_stats(DELTA + (b * H + h) * T, offs_m, T)
-            p = tl.exp2(_scores(q, k, offs_m, offs_n, T, WINDOW, scale_log2) - lse[:, None])
+            p, ds = _pair_grads(q, do, lse, delta, k, v, offs_m, offs_n, T, WINDOW, scale_log2)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     _store_tile(DK + b * sg_b + hk * sg_h, offs_n, sg_t, offs_d, T, dk * sm_scale)
     _store_tile(DV + b * sg_b + hk * sg_h, offs_n, sg_t, offs_d, T, dv)
@@ -150,62 +158,71 @@ def _attention_window_bwd_q(Q, K, V, DO, LSE, DELTA, DQ, sq_b, sq_h, sq_t, sk_b,
         offs_n = start + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, sk_t, offs_d, T)
         v = _load_tile(v_base, offs_n, sk_t, offs_d, T)
-        p = tl.exp2(_scores(q, k, offs_m, offs_n, T, WINDOW, scale_log2) - lse[:, None])
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        _, ds = _pair_grads(q, do, lse, delta, k, v, offs_m, offs_n, T, WINDOW, scale_log2)
         dq += tl.dot(ds.to(k.dtype), k)
     _store_tile(DQ + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T, dq * sm_scale)
+
+
+@jit
+def _load_block(base, start, stride_t, T, BLOCK: tl.constexpr, D: tl.constexpr):
+    """Rows [start, start + BLOCK) of the [T, D] matrix at `base` (unit last stride), zeros past T."""
+    return _load_tile(base, start + tl.arange(0, BLOCK), stride_t, tl.arange(0, D), T)
+
+
+@jit
+def _store_block(base, start, stride_t, T, tile, BLOCK: tl.constexpr, D: tl.constexpr):
+    """`tile` into rows [start, start + BLOCK) (those before T) of the [T, D] matrix at `base`."""
+    _store_tile(base, start + tl.arange(0, BLOCK), stride_t, tl.arange(0, D), T, tile)
+
+
+@jit
+def _query_block(q_base, do_base, o_base, lse_base, start, sq_t, sd_t, so_t, T, BLOCK: tl.constexpr,
+                 D: tl.constexpr):
+    """What query block [start, start + BLOCK) brings to the backward: q, do, its log2-sum-exp rows and its delta
+    rows (rowsum(o * do)); zeros past T."""
+    q = _load_block(q_base, start, sq_t, T, BLOCK, D)
+    do = _load_block(do_base, start, sd_t, T, BLOCK, D)
+    o = _load_block(o_base, start, so_t, T, BLOCK, D)
+    lse = _load_row_stats(lse_base, start + tl.arange(0, BLOCK), T)
+    return q, do, lse, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
 
 
 @jit
 def _attention_window_bwd_seq(Q, K, V, O, DO, LSE, DQ, DK, DV, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, so_b, so_h, so_t,
                               sd_b, sd_h, sd_t, sg_b, sg_h, sg_t, H, GROUP, T, WINDOW, scale_log2, sm_scale,
                               BLOCK: tl.constexpr, D: tl.constexpr):
-    # One program per (batch, kv head), query block by query block: with WINDOW <= BLOCK, query block m sees
-    # only key blocks m - 1 and m, so key block m - 1's gradients are complete once block m is done.
-    bhk = tl.program_id(0).to(tl.int64)
-    Hkv = H // GROUP
-    b, hk = bhk // Hkv, bhk % Hkv
-    offs_d = tl.arange(0, D)
-    k_base, v_base = K + b * sk_b + hk * sk_h, V + b * sk_b + hk * sk_h
-    dk_base, dv_base = DK + b * sg_b + hk * sg_h, DV + b * sg_b + hk * sg_h
-    k_prev = tl.zeros([BLOCK, D], K.dtype.element_ty)
-    v_prev = tl.zeros([BLOCK, D], V.dtype.element_ty)
-    dk_prev = tl.zeros([BLOCK, D], tl.float32)
-    dv_prev = tl.zeros([BLOCK, D], tl.float32)
+    # One program per (batch, query head), key block by key block: with WINDOW <= BLOCK, key block m meets query
+    # blocks m and m + 1 only. Each step finishes key block m's gradients and query block m's (the part from key
+    # block m - 1 carried over in dq), and hands query block m + 1, loaded once, to the next step. DK/DV are
+    # this head's own gradients (the caller sums a kv group's heads).
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs = tl.arange(0, BLOCK)
+    q_base, do_base, o_base = Q + b * sq_b + h * sq_h, DO + b * sd_b + h * sd_h, O + b * so_b + h * so_h
+    k_base, v_base = K + b * sk_b + (h // GROUP) * sk_h, V + b * sk_b + (h // GROUP) * sk_h
+    dq_base, dk_base, dv_base = DQ + b * sq_b + h * sq_h, DK + b * sg_b + h * sg_h, DV + b * sg_b + h * sg_h
+    lse_base = LSE + bh * T
+    q_n, do_n, lse_n, delta_n = _query_block(q_base, do_base, o_base, lse_base, 0, sq_t, sd_t, so_t, T, BLOCK, D)
+    dq = tl.zeros([BLOCK, D], tl.float32)
     for start in range(0, T, BLOCK):
-        offs_m = start + tl.arange(0, BLOCK)
-        offs_p = offs_m - BLOCK  # the previous key block (negative before the first: no keys)
-        k = _load_tile(k_base, offs_m, sk_t, offs_d, T)
-        v = _load_tile(v_base, offs_m, sk_t, offs_d, T)
-        dk = tl.zeros([BLOCK, D], tl.float32)
-        dv = tl.zeros([BLOCK, D], tl.float32)
-        for g in range(GROUP):
-            h = hk * GROUP + g
-            q = _load_tile(Q + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T)
-            do = _load_tile(DO + b * sd_b + h * sd_h, offs_m, sd_t, offs_d, T)
-            o = _load_tile(O + b * so_b + h * so_h, offs_m, so_t, offs_d, T)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-            lse = _load_row_stats(LSE + (b * H + h) * T, offs_m, T)
-            p = tl.exp2(_scores(q, k, offs_m, offs_m, T, WINDOW, scale_log2) - lse[:, None])
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-            dq = tl.dot(ds.to(k.dtype), k)
-            s = _scores(q, k_prev, offs_m, offs_p, T, WINDOW, scale_log2)
-            p = tl.exp2(tl.where(offs_p[None, :] >= 0, s, float("-inf")) - lse[:, None])
-            dv_prev += tl.dot(tl.trans(p.to(do.dtype)), do)
-            ds = p * (tl.dot(do, tl.trans(v_prev)) - delta[:, None])
-            dk_prev += tl.dot(tl.trans(ds.to(q.dtype)), q)
-            dq += tl.dot(ds.to(k.dtype), k_prev)
-            _store_tile(DQ + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T, dq * sm_scale)
-        done = offs_p[:, None] >= 0
-        tl.store(dk_base + offs_p[:, None] * sg_t + offs_d[None, :], (dk_prev * sm_scale).to(DK.dtype.element_ty),
-                 mask=done)
-        tl.store(dv_base + offs_p[:, None] * sg_t + offs_d[None, :], dv_prev.to(DV.dtype.element_ty), mask=done)
-        k_prev, v_prev, dk_prev, dv_prev = k, v, dk, dv
-    last = (T - 1) // BLOCK * BLOCK + tl.arange(0, BLOCK)
-    _store_tile(dk_base, last, sg_t, offs_d, T, dk_prev * sm_scale)
-    _store_tile(dv_base, last, sg_t, offs_d, T, dv_prev)
+        offs_m = start + offs
+        q, do, lse, delta = q_n, do_n, lse_n, delta_n
+        k = _load_block(k_base, start, sk_t, T, BLOCK, D)
+        v = _load_block(v_base, start, sk_t, T, BLOCK, D)
+        p, ds = _pair_grads(q, do, lse, delta, k, v, offs_m, offs_m, T, WINDOW, scale_log2)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dq += tl.dot(ds.to(k.dtype), k)
+        _store_block(dq_base, start, sq_t, T, dq * sm_scale, BLOCK, D)
+        # query block m + 1 (all masked past T)
+        q_n, do_n, lse_n, delta_n = _query_block(q_base, do_base, o_base, lse_base, start + BLOCK, sq_t, sd_t, so_t,
+                                                 T, BLOCK, D)
+        p, ds = _pair_grads(q_n, do_n, lse_n, delta_n, k, v, offs_m + BLOCK, offs_m, T, WINDOW, scale_log2)
+        dv += tl.dot(tl.trans(p.to(do_n.dtype)), do_n)
+        dk += tl.dot(tl.trans(ds.to(q_n.dtype)), q_n)
+        dq = tl.dot(ds.to(k.dtype), k)
+        _store_block(dk_base, start, sg_t, T, dk * sm_scale, BLOCK, D)
+        _store_block(dv_base, start, sg_t, T, dv, BLOCK, D)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -230,11 +247,11 @@ def window_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
                     do: torch.Tensor, window: int, one_pass: bool | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) from `window_forward`'s o and lse and the output gradient do (unit last stride).
     `one_pass`: the one-kernel walk (possible for window <= BLOCK) or the two kernels; None picks the walk
-    where it is possible and the head size at most 64 (H200, `bench.kernels`: 1.76-1.88x the two kernels at
-    head size 64, 0.63-0.76x at 128, where its six live tiles crowd the registers)."""
+    where it is possible (H200, window 64: 0.31 against 1.09 ms at 64 x 12 x 1024 x 64, 0.74 against 1.33 at
+    8 x 32 (8 kv) x 4096 x 64, 0.98 against 1.23 at 32 x 16 x 1024 x 128)."""
     B, H, T, D = q.shape
     group = H // k.size(1)
-    one_pass = window <= BLOCK and D <= 64 if one_pass is None else one_pass
+    one_pass = window <= BLOCK if one_pass is None else one_pass
     if one_pass and window > BLOCK:
         raise ValueError(f"window_backward: the one-pass kernel needs window <= {BLOCK}, got {window}")
     # dq in q's own strides (the kernels write it with them, and q may be a view of a packed projection); dk and
@@ -244,9 +261,15 @@ def window_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     sm_scale = 1.0 / math.sqrt(D)
     scale_log2 = sm_scale * math.log2(math.e)
     if one_pass:
-        _attention_window_bwd_seq[(B * k.size(1),)](
-            q, k, v, o, do, lse, dq, dk, dv, *_strides(q), *_strides(k), *_strides(o), *_strides(do),
-            *_strides(dk), H, group, T, window, scale_log2, sm_scale, BLOCK=BLOCK, D=D, **ONE_PASS_LAUNCH)
+        # per query head: a kv group's heads write fp32 gradients apart, summed here
+        dkh, dvh = (dk, dv) if group == 1 else (q.new_empty(B, H, T, D, dtype=torch.float32) for _ in range(2))
+        _attention_window_bwd_seq[(B * H,)](
+            q, k, v, o, do, lse, dq, dkh, dvh, *_strides(q), *_strides(k), *_strides(o), *_strides(do),
+            *_strides(dkh), H, group, T, window, scale_log2, sm_scale, BLOCK=BLOCK, D=D,
+            **ONE_PASS_LAUNCH[max(D, 64)])
+        if group > 1:
+            dk.copy_(dkh.view(B, k.size(1), group, T, D).sum(2))
+            dv.copy_(dvh.view(B, k.size(1), group, T, D).sum(2))
         return dq, dk, dv
     delta = (o.float() * do.float()).sum(-1).reshape(B * H, T)
     common = dict(BLOCK_M=BLOCK, BLOCK_N=BLOCK, D=D, num_warps=4, num_stages=2)
