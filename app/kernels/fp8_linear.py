@@ -86,8 +86,8 @@ def fp8_forward(x: torch.Tensor, weights: Sequence[torch.Tensor],
     x8, x_inv = to_fp8_rows(x)  # [M, K], [M, 1]
     w8, w_inv, wt8, wt_inv = cached if cached is not None else fp8_weight(weights)
     # _scaled_mm wants its first operand row-major and its second column-major (w8.t() is). Fast
-    # accumulation (no periodic fp32 promotion) in this product only, as torchao does: 10-15% faster at
-    # GPT-2's shapes on an H200 (qkv 891 -> 1013 TFLOP/s, MLP up 899 -> 1037), the gradient keeps fp32 sums.
+    # accumulation (no periodic fp32 promotion), as torchao does here: 10-15% faster at GPT-2's shapes on an
+    # H200 (qkv 891 -> 1013 TFLOP/s, MLP up 899 -> 1037). The input gradient's product takes it too.
     y = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.reshape(1, -1), out_dtype=torch.bfloat16,
                          use_fast_accum=True)
     return y, wt8, wt_inv
@@ -98,7 +98,10 @@ def fp8_backward(x: torch.Tensor, wt8: torch.Tensor, wt_inv: torch.Tensor, grad_
     """The gradients of `fp8_forward`'s product given its output gradient grad_out [M, N] and that gradient's
     rowwise e4m3 cast (g8, g_inv): x's (in x's dtype) from an e4m3 product, and one per weight (`weights`:
     each one's (rows, dtype)) from one product in grad_out's dtype, as without FP8."""
-    grad_x = torch._scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.reshape(1, -1), out_dtype=torch.bfloat16)
+    # Fast accumulation (see fp8_forward) here too: contractions of 768-3072 like the forward's, and the
+    # weight gradient, which the optimizer sees directly, keeps its bf16 product with fp32 sums.
+    grad_x = torch._scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.reshape(1, -1), out_dtype=torch.bfloat16,
+                               use_fast_accum=True)
     grad_w = grad_out.t().mm(x.to(grad_out.dtype))
     grads_w = grad_w.split([n for n, _ in weights])  # rows of one product: contiguous views
     return grad_x.to(x.dtype), [g.to(dtype) for g, (_, dtype) in zip(grads_w, weights)]

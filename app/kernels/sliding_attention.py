@@ -247,11 +247,12 @@ def window_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
                     do: torch.Tensor, window: int, one_pass: bool | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) from `window_forward`'s o and lse and the output gradient do (unit last stride).
     `one_pass`: the one-kernel walk (possible for window <= BLOCK) or the two kernels; None picks the walk
-    where it is possible (H200, window 64: 0.31 against 1.09 ms at 64 x 12 x 1024 x 64, 0.74 against 1.33 at
-    8 x 32 (8 kv) x 4096 x 64, 0.98 against 1.23 at 32 x 16 x 1024 x 128)."""
+    where it is possible, except for grouped kv heads of size 128 (H200, window 64: 0.31-0.35 against 1.09 ms at
+    64 x 12 x 1024 x 64, 0.74 against 1.33 at 8 x 32 (8 kv) x 4096 x 64, 0.98-1.02 against 1.23-1.26 at
+    32 x 16 x 1024 x 128; but 2.78 against 2.35 at 8 x 32 (8 kv) x 4096 x 128, its fp32 per-head gradients)."""
     B, H, T, D = q.shape
     group = H // k.size(1)
-    one_pass = window <= BLOCK if one_pass is None else one_pass
+    one_pass = window <= BLOCK and (D <= 64 or group == 1) if one_pass is None else one_pass
     if one_pass and window > BLOCK:
         raise ValueError(f"window_backward: the one-pass kernel needs window <= {BLOCK}, got {window}")
     # dq in q's own strides (the kernels write it with them, and q may be a view of a packed projection); dk and
