@@ -163,6 +163,8 @@ def _attention_window_bwd_q(Q, K, V, DO, LSE, DELTA, DQ, sq_b, sq_h, sq_t, sk_b,
     _store_tile(DQ + b * sq_b + h * sq_h, offs_m, sq_t, offs_d, T, dq * sm_scale)
 
 
+# The walk addresses its tiles through these rather than `_load_tile` with offsets it holds: offsets made per
+# call are recomputed, not kept live, and the walk's register spills drop (sm_90 ptxas: 776 -> 560 bytes a thread).
 @jit
 def _load_block(base, start, stride_t, T, BLOCK: tl.constexpr, D: tl.constexpr):
     """Rows [start, start + BLOCK) of the [T, D] matrix at `base` (unit last stride), zeros past T."""
