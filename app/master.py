@@ -59,7 +59,11 @@ class MasterAdamW(torch.optim.Optimizer):
             for chunk in _chunks(live, CAST_CHUNK):
                 st = [self.state[p] for p in chunk]
                 masters = [s["master"] for s in st]
-                adam(masters, [p.grad.to(torch.float32) for p in chunk], [s["exp_avg"] for s in st],
+                # One multi-tensor cast for the chunk: a `.to()` per gradient cost GPT-2 124M ~100 small copy
+                # kernels a step (0.64 ms on an H200, plus their launch gaps in the step's CUDA graph).
+                grads = [torch.empty_like(m) for m in masters]
+                torch._foreach_copy_(grads, [p.grad for p in chunk])
+                adam(masters, grads, [s["exp_avg"] for s in st],
                      [s["exp_avg_sq"] for s in st], [], [s["step"] for s in st], fused=True,
                      decoupled_weight_decay=True, amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
                      lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

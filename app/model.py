@@ -41,6 +41,8 @@ class KernelChoice:
     `rows`: torch.compile keeps rows up to 8192 wide in registers for row reductions (`kernels.wide_rows`; for
     the FP8 casts of the MLP's hidden rows under `ModelConfig.fp8`). `window`: sliding-window layers (1 < w < T)
     run the Triton window kernel (`kernels.window_attention`) instead of flex_attention's block-sparse one (CUDA).
+    `mlp`: under `ModelConfig.fp8` the ReLU² feed-forward runs as one function whose activation passes (and their
+    e4m3 casts) are Triton row kernels (`kernels.fp8_relu2_mlp`; CUDA).
     (No full-attention choice: on H100, torch 2.11's SDPA already runs cuDNN's flash kernels, the fastest.)"""
 
     loss: bool = False
@@ -49,6 +51,7 @@ class KernelChoice:
     proj: bool = False
     rows: bool = False
     window: bool = False
+    mlp: bool = False
 
 
 KERNELS = KernelChoice()  # set once per process by the trainer (`use_kernels`)
@@ -545,7 +548,11 @@ class MLP(nn.Module):
         return F.gelu(h[0], approximate="tanh") if self.kind == "gelu" else F.relu(h[0]).square()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.activate(*self.project_in(x)), self.down_proj, self.fp8)
+        up, down = self.up_proj, self.down_proj
+        if KERNELS.mlp and self.kind == "relu2" and runs_fp8(x, (up.weight, down.weight), self.fp8):
+            return kernels.fp8_relu2_mlp(x, up.weight, down.weight, getattr(up, "fp8_cast", None),
+                                         getattr(down, "fp8_cast", None))
+        return linear(self.activate(*self.project_in(x)), down, self.fp8)
 
 
 class Block(nn.Module):

@@ -36,7 +36,8 @@ COMPILE_MODES = ("default", "tuned", "max-autotune-no-cudagraphs", "max-autotune
 GRAPHING_COMPILE_MODES = ("max-autotune", "reduce-overhead")  # torch.compile modes that capture CUDA graphs themselves
 DRAIN_CHECK_EVERY = 10  # steps between queries of Ray's node-drain notice (a barrier over the workers)
 AUTO_KERNELS = "loss,window"  # what kernels=auto picks on GPU: the fastest set bench/train_speed.py measured
-AUTO_KERNELS_FP8 = "loss,rows,window"  # the same under ModelConfig.fp8 (one-pass casts of the MLP's hidden rows)
+AUTO_KERNELS_FP8 = "loss,rows,window,mlp"  # the same under ModelConfig.fp8: one-pass casts of the MLP's hidden
+# rows (SwiGLU, GELU) and the ReLU² feed-forward's activation passes in Triton
 
 
 @dataclass

@@ -345,6 +345,9 @@ VARIANTS = {  # TrainConfig overrides; `model` holds ModelConfig overrides
     # the same with the window-64 layers in the Triton window kernel instead of flex_attention
     "windows_graph_fp8_relu2_rows_window": {"kernels": "loss,rows,window", "cuda_graph": "true",
                                             "model": {"attn_windows": [1, 64, 0], "fp8": True, "mlp": "relu2"}},
+    # ... and the FP8 ReLU² feed-forward as one function with Triton row kernels for its activation passes
+    "windows_graph_fp8_relu2_rows_window_mlp": {"kernels": "loss,rows,window,mlp", "cuda_graph": "true",
+                                                "model": {"attn_windows": [1, 64, 0], "fp8": True, "mlp": "relu2"}},
     # ... compiled with Inductor's coordinate-descent tuning (compile_mode=tuned)
     "windows_graph_fp8_relu2_rows_window_tuned": {"kernels": "loss,rows,window", "cuda_graph": "true",
                                                   "compile_mode": "tuned",

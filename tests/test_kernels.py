@@ -494,6 +494,78 @@ def test_gpu_fp8_qkv_rotary_kernel_is_exact_and_compiles():
         assert _rel_err(c, e) < 0.03, f"compiled {name} differs from eager by {_rel_err(c, e):.3f}"
 
 
+# ---- The FP8 ReLU² feed-forward --------------------------------------------------------------------
+
+def _relu2_inputs(M: int, N: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """h, da [M, N] (bf16): negatives, a zero row, a row with one large value (its others fall into e4m3's
+    subnormals once scaled) and values whose squares underflow bf16."""
+    gen = torch.Generator(device=device).manual_seed(7)
+    h = (3 * torch.randn(M, N, generator=gen, device=device)).bfloat16()
+    da = torch.randn(M, N, generator=gen, device=device).bfloat16()
+    h[1], h[2, 0], h[3, :9] = 0.0, 300.0, 1e-25
+    da[4, 5] = 4e4
+    return h, da
+
+
+@interpreted
+@pytest.mark.parametrize("N", [96, 3072])
+def test_relu2_rows_match_reference_bit_for_bit(N):
+    """The activation's passes (forward: relu(h)² cast to e4m3 rows; backward: dh, its e4m3 rows and the
+    recomputed activation) give the PyTorch references' bits, rows narrower than their power-of-two block."""
+    from app.kernels import fp8_relu2
+    h, da = _relu2_inputs(9, N)
+    got, want = fp8_relu2.relu2_rows(h), fp8_relu2.relu2_rows_reference(h)
+    assert got[0].dtype == torch.float8_e4m3fn and (got[0].float().abs() < 2 ** -6).any()
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(got, want))
+    got, want = fp8_relu2.relu2_rows_backward(da, h), fp8_relu2.relu2_rows_backward_reference(da, h)
+    for name, a, b in zip(("dh", "dh8", "dh_inv", "a"), got, want):
+        assert a.dtype == b.dtype and torch.equal(a.float(), b.float()), f"{name}: {(a.float() != b.float()).sum()} differ"
+
+
+def _relu2_mlp_unfused(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    h = app.kernels.fp8_linear(x, up)
+    return app.kernels.fp8_linear(torch.nn.functional.relu(h).square(), down)
+
+
+@no_interpreter
+@cpu_rowwise_fp8
+def test_fp8_relu2_mlp_is_two_fp8_linears_around_relu2():
+    """The one-function FP8 ReLU² MLP has the bits of fp8_linear -> relu² -> fp8_linear: output and the
+    gradients of x and both weights; given the weights' e4m3 copies, the same as casting them itself."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 16, 64, generator=gen).bfloat16()
+    up, down = (0.1 * torch.randn(*shape, generator=gen).bfloat16() for shape in ((192, 64), (64, 192)))
+    fused = _run(app.kernels.fp8_relu2_mlp, [x, up, down])
+    unfused = _run(_relu2_mlp_unfused, [x, up, down])
+    for name, a, b in zip(("y", "dx", "dup", "ddown"), [*fused[0], *fused[1]], [*unfused[0], *unfused[1]]):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{name}: relative error {_rel_err(a, b):.2e}"
+    casts = app.kernels.fp8_weights([up, down])
+    given = _run(lambda *t: app.kernels.fp8_relu2_mlp(*t, *casts), [x, up, down])
+    assert all(torch.equal(a, b) for a, b in zip([*fused[0], *fused[1]], [*given[0], *given[1]]))
+
+
+@pytest.mark.gpu
+@no_interpreter
+def test_gpu_fp8_relu2_mlp_is_exact_and_compiles():
+    """On CUDA, at GPT-2 124M's widths: the row kernels give the references' bits, the MLP those of the unfused
+    FP8 path, and its compiled gradients are its eager ones."""
+    from app.kernels import fp8_relu2
+    h, da = _relu2_inputs(4096, 3072, device="cuda")
+    for got, want in ((fp8_relu2.relu2_rows(h), fp8_relu2.relu2_rows_reference(h)),
+                      (fp8_relu2.relu2_rows_backward(da, h), fp8_relu2.relu2_rows_backward_reference(da, h))):
+        assert all(torch.equal(a.float(), b.float()) for a, b in zip(got, want))
+    torch.manual_seed(0)
+    x = torch.randn(8, 512, 768, device="cuda", dtype=torch.bfloat16)
+    up, down = (0.02 * torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in ((3072, 768), (768, 3072)))
+    eager = _run(app.kernels.fp8_relu2_mlp, [x, up, down])
+    unfused = _run(_relu2_mlp_unfused, [x, up, down])
+    assert all(torch.equal(a, b) for a, b in zip([*eager[0], *eager[1]], [*unfused[0], *unfused[1]]))
+    torch._dynamo.reset()
+    compiled = _run(torch.compile(app.kernels.fp8_relu2_mlp), [x, up, down])
+    for name, c, e in zip(("y", "dx", "dup", "ddown"), [*compiled[0], *compiled[1]], [*eager[0], *eager[1]]):
+        assert e.norm() > 0 and _rel_err(c, e) < 0.03, f"compiled {name} differs from eager by {_rel_err(c, e):.3f}"
+
+
 # ---- Sliding-window attention ----------------------------------------------------------------------
 
 def _qkv(B: int, H: int, H_kv: int, T: int, D: int, dtype: torch.dtype, device="cpu") -> list[torch.Tensor]:

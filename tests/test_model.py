@@ -248,6 +248,34 @@ def test_concatenated_projections_compute_the_same_model():
         torch.testing.assert_close(grads_proj[name], g, msg=name)
 
 
+def test_fp8_relu2_mlp_kernel_computes_the_same_model(monkeypatch):
+    """kernels=mlp (the FP8 ReLU² feed-forward as one function) changes neither the loss nor any gradient of an
+    FP8 model; FP8 forced on here, where CPU `torch._scaled_mm` runs it."""
+    import app.kernels
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        pytest.skip("this torch's CPU torch._scaled_mm has no rowwise scales")
+    monkeypatch.setattr(app.kernels, "fp8_fits", lambda x, w: True)
+    calls, mlp = [], app.kernels.fp8_relu2_mlp
+    monkeypatch.setattr(app.kernels, "fp8_relu2_mlp", lambda *a: calls.append(1) or mlp(*a))
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for spec in ("none", "mlp"):
+        use_kernels(spec)
+        m = tiny(fp8=True, mlp="relu2").to(torch.bfloat16)
+        _, loss = m(idx, idx)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
+        assert len(calls) == (m.cfg.n_layer if spec == "mlp" else 0)
+    use_kernels("none")
+    (loss, grads), (loss_mlp, grads_mlp) = results
+    assert torch.equal(loss_mlp, loss)
+    for name, g in grads.items():
+        assert torch.equal(grads_mlp[name], g), name
+
+
 @pytest.mark.parametrize("option", ["fp8", "fp8_head"])
 def test_fp8_option_is_plain_off_cuda(option):
     """ModelConfig.fp8 / fp8_head change nothing where FP8 cannot run (CPU): same logits as without it."""

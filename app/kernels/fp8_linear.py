@@ -98,13 +98,24 @@ def fp8_backward(x: torch.Tensor, wt8: torch.Tensor, wt_inv: torch.Tensor, grad_
     """The gradients of `fp8_forward`'s product given its output gradient grad_out [M, N] and that gradient's
     rowwise e4m3 cast (g8, g_inv): x's (in x's dtype) from an e4m3 product, and one per weight (`weights`:
     each one's (rows, dtype)) from one product in grad_out's dtype, as without FP8."""
+    return fp8_input_grad(g8, g_inv, wt8, wt_inv).to(x.dtype), weight_grads(grad_out, x, weights)
+
+
+def fp8_input_grad(g8: torch.Tensor, g_inv: torch.Tensor, wt8: torch.Tensor, wt_inv: torch.Tensor) -> torch.Tensor:
+    """The input gradient (bf16) of `fp8_forward`'s product from its output gradient's rowwise e4m3 cast (g8, g_inv)
+    and the weight's transposed copy (wt8, wt_inv)."""
     # Fast accumulation (see fp8_forward) here too: contractions of 768-3072 like the forward's, and the
     # weight gradient, which the optimizer sees directly, keeps its bf16 product with fp32 sums.
-    grad_x = torch._scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.reshape(1, -1), out_dtype=torch.bfloat16,
-                               use_fast_accum=True)
+    return torch._scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.reshape(1, -1), out_dtype=torch.bfloat16,
+                            use_fast_accum=True)
+
+
+def weight_grads(grad_out: torch.Tensor, x: torch.Tensor, weights: Sequence[tuple[int, torch.dtype]]):
+    """The gradients of the weights (`weights`: each one's (rows, dtype)) whose concatenation multiplied x [M, K]
+    into an output with gradient grad_out [M, N]: one product in grad_out's dtype, split by rows."""
     grad_w = grad_out.t().mm(x.to(grad_out.dtype))
     grads_w = grad_w.split([n for n, _ in weights])  # rows of one product: contiguous views
-    return grad_x.to(x.dtype), [g.to(dtype) for g, (_, dtype) in zip(grads_w, weights)]
+    return [g.to(dtype) for g, (_, dtype) in zip(grads_w, weights)]
 
 
 class _Fp8Matmul(torch.autograd.Function):

@@ -78,13 +78,10 @@ def _qkv_grad_kernel(DQ, DK, DV, COS, SIN, G, G8, G_INV,
 
     amax = tl.maximum(tl.max(tl.abs(q1), 1), tl.max(tl.abs(q2), 1))
     amax = tl.maximum(amax, tl.maximum(tl.max(tl.abs(k1), 1), tl.max(tl.abs(k2), 1)))
-    amax = tl.maximum(tl.maximum(amax, tl.max(tl.abs(v), 1)), 1e-12)
-    # to_fp8_rows's scale 2^floor(log2(448 / amax)) from amax's bits (exact; amax = m 2^e: 2^(8-e) when
-    # m <= 1.75, else 2^(7-e)), and its exact inverse
-    bits = amax.to(tl.int32, bitcast=True)
-    k = 8 - (((bits >> 23) & 0xFF) - 127) - ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-    tl.store(G_INV + rows, ((127 - k) << 23).to(tl.float32, bitcast=True), mask=row_ok)
-    scale = ((127 + k) << 23).to(tl.float32, bitcast=True)[:, None]
+    amax = tl.maximum(amax, tl.max(tl.abs(v), 1))
+    scale, inv = _row_scale(amax)
+    tl.store(G_INV + rows, inv, mask=row_ok)
+    scale = scale[:, None]
 
     cq = out + hq * D + dq_
     _store_pair(G, G8, cq, q1, scale, mq)
@@ -93,6 +90,15 @@ def _qkv_grad_kernel(DQ, DK, DV, COS, SIN, G, G8, G_INV,
     _store_pair(G, G8, ck, k1, scale, mk)
     _store_pair(G, G8, ck + HALF, k2, scale, mk)
     _store_pair(G, G8, out + (HQ + HKV) * D + jv, v, scale, mv)
+
+
+@jit
+def _row_scale(amax):
+    """`to_fp8_rows`'s scale 2^floor(log2(448 / max(amax, 1e-12))) and its inverse, from amax's bits (exact
+    where log2 and the division are approximate on the GPU; amax = m 2^e: 2^(8-e) when m <= 1.75, else 2^(7-e))."""
+    bits = tl.maximum(amax, 1e-12).to(tl.int32, bitcast=True)
+    k = 8 - (((bits >> 23) & 0xFF) - 127) - ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    return ((127 + k) << 23).to(tl.float32, bitcast=True), ((127 - k) << 23).to(tl.float32, bitcast=True)
 
 
 @jit
