@@ -3,7 +3,8 @@
 Fused linear + cross-entropy (bf16, and with the FP8 logits product) vs `F.cross_entropy(h @ W.T, y)` (bf16): peak
 memory above the inputs and forward+backward time, with their ratios; RMSNorm and rotary vs their eager
 references (time); the FP8 q/k/v product's gradient join (`qkv_grad_rows`) vs the same computation compiled by
-Inductor as the training graph ran it before (time); the sliding-window attention backward's one-kernel walk vs
+Inductor as the training graph ran it before (time); likewise the FP8 ReLU² feed-forward's activation passes
+(`fp8_relu2`); the sliding-window attention backward's one-kernel walk vs
 its two-kernel form (time), with cuDNN's full causal backward for scale.
 
     python -m bench.kernels                      # every case (an H100: about a minute)
@@ -36,6 +37,7 @@ NORM_CASES = [(32768, 768), (32768, 4096)]  # (rows, D)
 ROTARY_CASES = [(8, 12, 12, 1024, 64), (4, 32, 8, 4096, 128)]  # (B, H, H_kv, T, head_dim)
 QKV_CASES = [(64, 12, 12, 1024, 64)]  # GPT-2 124M's q/k/v gradients at 64 x 1024 tokens (B, H, H_kv, T, head_dim)
 # (B, H, H_kv, T, head_dim, window): 124M at micro-batch 64 and 16, head size 128, GQA at 4k positions
+RELU2_CASES = [(65536, 3072), (65536, 4096)]  # hidden rows of GPT-2 124M / 350M at 64 x 1024 tokens (rows, width)
 WINDOW_CASES = [(64, 12, 12, 1024, 64, 64), (16, 12, 12, 1024, 64, 64), (32, 16, 16, 1024, 128, 64),
                 (8, 32, 8, 4096, 128, 64)]
 
@@ -203,6 +205,35 @@ def bench_qkv_grad_rows(B: int, H: int, H_kv: int, T: int, hd: int, args: argpar
     return result
 
 
+def bench_relu2_rows(M: int, N: int, args: argparse.Namespace) -> dict:
+    """The FP8 ReLU² feed-forward's two activation passes (`fp8_relu2.relu2_rows`, `relu2_rows_backward`) against
+    Inductor's one-pass wide-row kernels for the same references (`kernels=rows`, what the MLP compiled to
+    before), with GB/s of the bytes each must move and whether the outputs have the references' bits."""
+    from app.kernels import fp8_relu2
+    from app.kernels.wide_rows import use_wide_rows
+
+    h = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    da = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    passes = {"forward": (fp8_relu2.relu2_rows, fp8_relu2.relu2_rows_reference, (h,), M * N * (2 + 1)),
+              "backward": (fp8_relu2.relu2_rows_backward, fp8_relu2.relu2_rows_backward_reference, (da, h),
+                           M * N * (2 + 2 + 2 + 1 + 2))}  # read bf16 (x2 backward); write e4m3 (+ 2 x bf16)
+    result = {"rows": M, "width": N}
+    use_wide_rows(True)
+    try:
+        for name, (kernel, reference, inputs, moved) in passes.items():
+            torch._dynamo.reset()
+            compiled = torch.compile(reference)
+            row = {"triton": _measure(lambda: kernel(*inputs), args),
+                   "compiled": _measure(lambda: compiled(*inputs), args)}
+            _add_bandwidth(moved, row["triton"], row["compiled"])
+            row["speedup_vs_compiled"] = _ratio(row["compiled"], row["triton"], "ms")
+            row["exact"] = all(torch.equal(a.float(), b.float()) for a, b in zip(kernel(*inputs), reference(*inputs)))
+            result[name] = row
+    finally:
+        use_wide_rows(False)
+    return result
+
+
 def bench_window_backward(B: int, H: int, H_kv: int, T: int, hd: int, window: int, args: argparse.Namespace) -> dict:
     """The window attention backward's one-kernel walk against its two-kernel form (key/value gradients, then
     query gradients, and the delta rows before them in eager PyTorch; in a compiled step Inductor fuses those
@@ -238,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sections = {"linear_cross_entropy": (bench_linear_ce, CE_CASES), "rms_norm": (bench_rms_norm, NORM_CASES),
                 "rotary": (bench_rotary, ROTARY_CASES), "qkv_grad_rows": (bench_qkv_grad_rows, QKV_CASES),
+                "relu2_rows": (bench_relu2_rows, RELU2_CASES),
                 "window_attention": (bench_window_backward, WINDOW_CASES)}
     only = set(args.only.split(",")) if args.only else set(sections)
     if only - set(sections):

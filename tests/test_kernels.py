@@ -848,6 +848,9 @@ def test_wide_rows_choice_is_installed_and_removed_with_the_kernel_choice():
         assert choices.should_use_persistent_reduction(_RowFeatures(4096), False)
         assert choices.should_use_persistent_reduction(_RowFeatures(WIDE_ROW_LIMIT), False)
         assert not choices.should_use_persistent_reduction(_RowFeatures(2 * WIDE_ROW_LIMIT), False)
+        torch._dynamo.reset()  # Inductor compiles with it (torch 2.13 keys its cache on the class's uuid())
+        x = torch.randn(4, 64)
+        assert torch.equal(torch.compile(lambda t: t.abs().amax(-1))(x), x.abs().amax(-1))
         use_kernels("loss")
         assert config.inductor_choices_class is None and type(V.choices).__name__ == "InductorChoices"
         config.inductor_choices_class = foreign = type("Foreign", (type(V.choices),), {})
@@ -861,7 +864,8 @@ def test_wide_rows_choice_is_installed_and_removed_with_the_kernel_choice():
 
 @no_interpreter
 def test_auto_kernels_add_wide_rows_only_for_fp8_models():
-    """kernels=auto: the fused loss and the window kernel, plus one-pass wide rows when the blocks run in FP8."""
+    """kernels=auto: the fused loss and the window kernel, plus one-pass wide rows and the ReLU² feed-forward's row
+    kernels when the blocks run in FP8."""
     from torch._inductor import config
 
     from app.model import KERNELS, ModelConfig, use_kernels
@@ -871,7 +875,7 @@ def test_auto_kernels_add_wide_rows_only_for_fp8_models():
         for fp8 in (False, True):
             mcfg = ModelConfig.preset("tiny", n_layer=1, d_model=32, n_head=2, max_seq_len=16, fp8=fp8)
             build_model(TrainConfig(kernels="auto"), mcfg, torch.device("cpu"))
-            assert KERNELS.loss and KERNELS.window and KERNELS.rows is fp8
+            assert KERNELS.loss and KERNELS.window and KERNELS.rows is fp8 and KERNELS.mlp is fp8
             assert (config.inductor_choices_class is not None) is fp8
     finally:
         use_kernels("none")

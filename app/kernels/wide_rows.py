@@ -19,7 +19,11 @@ WIDE_ROW_LIMIT = 8192
 
 class WideRowChoices(InductorChoices):
     """Inductor's choices, with inner (row) reductions of a static width <= WIDE_ROW_LIMIT persistent.
-    (A module-level class: Inductor pickles it by name into its cache keys.)"""
+    (A module-level class: Inductor pickles it by name into its cache keys, or from torch 2.13 takes `uuid()`.)"""
+
+    def uuid(self) -> str:
+        """What Inductor's compile cache keys on for this choice (torch 2.13 refuses a choices class without it)."""
+        return f"{__name__}.{type(self).__name__}:{WIDE_ROW_LIMIT}"
 
     @staticmethod
     def should_use_persistent_reduction(features, cooperative_reduction) -> bool:
