@@ -79,18 +79,24 @@ def fp8_weights(weights: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> lis
     return [fp8_weight(w) for w in weights]
 
 
+def fp8_product(a8: torch.Tensor, a_inv: torch.Tensor, b8: torch.Tensor, b_inv: torch.Tensor) -> torch.Tensor:
+    """a8 [M, K] @ b8 [N, K].T in bf16 from two rowwise e4m3 operands and their inverse scales [M, 1], [N, 1]:
+    the forward product (x and the weight) and the input gradient's (the output gradient and the weight's
+    transposed copy)."""
+    # _scaled_mm wants its first operand row-major and its second column-major (b8.t() is). Fast accumulation (no
+    # periodic fp32 promotion), as torchao does here: 10-15% faster at GPT-2's shapes on an H200 (qkv 891 -> 1013
+    # TFLOP/s, MLP up 899 -> 1037); the input gradient's contractions are as short (768-3072), and the weight
+    # gradient, which the optimizer sees directly, keeps its bf16 product with fp32 sums.
+    return torch._scaled_mm(a8, b8.t(), scale_a=a_inv, scale_b=b_inv.reshape(1, -1), out_dtype=torch.bfloat16,
+                            use_fast_accum=True)
+
+
 def fp8_forward(x: torch.Tensor, weights: Sequence[torch.Tensor],
                 cached: Fp8Weight | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] @ cat(weights).T in bf16 from e4m3 operands, and what `fp8_backward` needs of the weight:
     (y, wt8, wt_inv). `cached`: the weights' `fp8_weight` (None: cast them here)."""
-    x8, x_inv = to_fp8_rows(x)  # [M, K], [M, 1]
     w8, w_inv, wt8, wt_inv = cached if cached is not None else fp8_weight(weights)
-    # _scaled_mm wants its first operand row-major and its second column-major (w8.t() is). Fast
-    # accumulation (no periodic fp32 promotion), as torchao does here: 10-15% faster at GPT-2's shapes on an
-    # H200 (qkv 891 -> 1013 TFLOP/s, MLP up 899 -> 1037). The input gradient's product takes it too.
-    y = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.reshape(1, -1), out_dtype=torch.bfloat16,
-                         use_fast_accum=True)
-    return y, wt8, wt_inv
+    return fp8_product(*to_fp8_rows(x), w8, w_inv), wt8, wt_inv
 
 
 def fp8_backward(x: torch.Tensor, wt8: torch.Tensor, wt_inv: torch.Tensor, grad_out: torch.Tensor,
@@ -98,16 +104,7 @@ def fp8_backward(x: torch.Tensor, wt8: torch.Tensor, wt_inv: torch.Tensor, grad_
     """The gradients of `fp8_forward`'s product given its output gradient grad_out [M, N] and that gradient's
     rowwise e4m3 cast (g8, g_inv): x's (in x's dtype) from an e4m3 product, and one per weight (`weights`:
     each one's (rows, dtype)) from one product in grad_out's dtype, as without FP8."""
-    return fp8_input_grad(g8, g_inv, wt8, wt_inv).to(x.dtype), weight_grads(grad_out, x, weights)
-
-
-def fp8_input_grad(g8: torch.Tensor, g_inv: torch.Tensor, wt8: torch.Tensor, wt_inv: torch.Tensor) -> torch.Tensor:
-    """The input gradient (bf16) of `fp8_forward`'s product from its output gradient's rowwise e4m3 cast (g8, g_inv)
-    and the weight's transposed copy (wt8, wt_inv)."""
-    # Fast accumulation (see fp8_forward) here too: contractions of 768-3072 like the forward's, and the
-    # weight gradient, which the optimizer sees directly, keeps its bf16 product with fp32 sums.
-    return torch._scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.reshape(1, -1), out_dtype=torch.bfloat16,
-                            use_fast_accum=True)
+    return fp8_product(g8, g_inv, wt8, wt_inv).to(x.dtype), weight_grads(grad_out, x, weights)
 
 
 def weight_grads(grad_out: torch.Tensor, x: torch.Tensor, weights: Sequence[tuple[int, torch.dtype]]):

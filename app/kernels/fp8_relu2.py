@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from app.kernels.backend import INTERPRET, jit, next_power_of_2, tl, use_triton
-from app.kernels.fp8_linear import E4M3, Fp8Weight, fp8_input_grad, fp8_weight, to_fp8_rows, weight_grads
+from app.kernels.fp8_linear import E4M3, Fp8Weight, fp8_forward, fp8_product, fp8_weight, to_fp8_rows, weight_grads
 from app.kernels.fp8_qkv import _e4m3, _round_bits, _row_scale
 
 MAX_WIDTH = 16384  # widest hidden row a program holds in registers; wider rows take the references
@@ -120,14 +120,9 @@ class _Fp8Relu2Mlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *casts: torch.Tensor | None) -> torch.Tensor:
         up_cast, down_cast = casts[:4], casts[4:]  # (flat: the weights' `fp8_weight` copies, or Nones)
-        x8, x_inv = to_fp8_rows(x)
-        w8, w_inv, up_t8, up_t_inv = up_cast if up_cast[0] is not None else fp8_weight(up)
-        h = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.reshape(1, -1), out_dtype=torch.bfloat16,
-                             use_fast_accum=True)
-        a8, a_inv = relu2_rows(h)
+        h, up_t8, up_t_inv = fp8_forward(x, (up,), up_cast if up_cast[0] is not None else None)
         w8, w_inv, down_t8, down_t_inv = down_cast if down_cast[0] is not None else fp8_weight(down)
-        y = torch._scaled_mm(a8, w8.t(), scale_a=a_inv, scale_b=w_inv.reshape(1, -1), out_dtype=torch.bfloat16,
-                             use_fast_accum=True)
+        y = fp8_product(*relu2_rows(h), w8, w_inv)
         ctx.save_for_backward(x, h, up_t8, up_t_inv, down_t8, down_t_inv)
         ctx.weights = [(up.shape[0], up.dtype)], [(down.shape[0], down.dtype)]
         return y
@@ -136,11 +131,11 @@ class _Fp8Relu2Mlp(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, h, up_t8, up_t_inv, down_t8, down_t_inv = ctx.saved_tensors
         up_w, down_w = ctx.weights
-        da = fp8_input_grad(*to_fp8_rows(dy), down_t8, down_t_inv)
+        da = fp8_product(*to_fp8_rows(dy), down_t8, down_t_inv)
         dh, dh8, dh_inv, a = relu2_rows_backward(da, h)
         (grad_down,) = weight_grads(dy, a, down_w)
         (grad_up,) = weight_grads(dh, x, up_w)
-        return fp8_input_grad(dh8, dh_inv, up_t8, up_t_inv).to(x.dtype), grad_up, grad_down, *(None,) * 8
+        return fp8_product(dh8, dh_inv, up_t8, up_t_inv).to(x.dtype), grad_up, grad_down, *(None,) * 8
 
 
 def fp8_relu2_mlp(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, up_cast: Fp8Weight | None = None,
