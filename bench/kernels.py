@@ -174,6 +174,19 @@ def bench_rotary(B: int, H: int, H_kv: int, T: int, hd: int, args: argparse.Name
                        lambda a, b: rotary_reference(a, b, cos, sin), [q, k], args)}
 
 
+def _against_compiled(kernel: Callable, reference: Callable, inputs: tuple, moved: int,
+                      args: argparse.Namespace) -> dict:
+    """A Triton kernel against torch.compile of its reference on the same inputs: both timed, GB/s of the `moved`
+    bytes, the speedup, and whether the kernel's outputs have the reference's bits."""
+    torch._dynamo.reset()
+    compiled = torch.compile(reference)
+    row = {"triton": _measure(lambda: kernel(*inputs), args), "compiled": _measure(lambda: compiled(*inputs), args)}
+    _add_bandwidth(moved, row["triton"], row["compiled"])
+    row["speedup_vs_compiled"] = _ratio(row["compiled"], row["triton"], "ms")
+    row["exact"] = all(torch.equal(a.float(), b.float()) for a, b in zip(kernel(*inputs), reference(*inputs)))
+    return row
+
+
 def bench_qkv_grad_rows(B: int, H: int, H_kv: int, T: int, hd: int, args: argparse.Namespace) -> dict:
     """The join kernel against Inductor's one-pass wide-row reduction of the same reference (`kernels=rows`,
     what the q/k/v backward compiled to before), for gradients laid out as cuDNN's attention backward leaves
@@ -191,15 +204,7 @@ def bench_qkv_grad_rows(B: int, H: int, H_kv: int, T: int, hd: int, args: argpar
                     return torch.randn(B, T, h, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                 return torch.randn(B, h, T, hd, device="cuda", dtype=torch.bfloat16)
             inputs = (grads(H), grads(H_kv), grads(H_kv), cos, sin)
-            torch._dynamo.reset()
-            compiled = torch.compile(qkv_grad_rows_reference)
-            row = {"triton": _measure(lambda: qkv_grad_rows(*inputs), args),
-                   "compiled": _measure(lambda: compiled(*inputs), args)}
-            _add_bandwidth(moved, row["triton"], row["compiled"])
-            row["speedup_vs_compiled"] = _ratio(row["compiled"], row["triton"], "ms")
-            row["exact"] = all(torch.equal(a.float(), b.float()) for a, b in
-                               zip(qkv_grad_rows(*inputs), qkv_grad_rows_reference(*inputs)))
-            result[layout] = row
+            result[layout] = _against_compiled(qkv_grad_rows, qkv_grad_rows_reference, inputs, moved, args)
     finally:
         use_wide_rows(False)
     return result
@@ -221,14 +226,7 @@ def bench_relu2_rows(M: int, N: int, args: argparse.Namespace) -> dict:
     use_wide_rows(True)
     try:
         for name, (kernel, reference, inputs, moved) in passes.items():
-            torch._dynamo.reset()
-            compiled = torch.compile(reference)
-            row = {"triton": _measure(lambda: kernel(*inputs), args),
-                   "compiled": _measure(lambda: compiled(*inputs), args)}
-            _add_bandwidth(moved, row["triton"], row["compiled"])
-            row["speedup_vs_compiled"] = _ratio(row["compiled"], row["triton"], "ms")
-            row["exact"] = all(torch.equal(a.float(), b.float()) for a, b in zip(kernel(*inputs), reference(*inputs)))
-            result[name] = row
+            result[name] = _against_compiled(kernel, reference, inputs, moved, args)
     finally:
         use_wide_rows(False)
     return result
