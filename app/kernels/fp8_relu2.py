@@ -5,9 +5,10 @@ Each pass is one memory-bound sweep over the hidden rows (3072 wide at GPT-2 124
 relu(h)² cast to e4m3 with one power-of-two scale per row (`relu2_rows`); h is saved, the bf16 activation is not.
 Backward: read the activation's gradient and h, write the bf16 hidden gradient (the up projection's weight
 gradient takes it), its e4m3 rows (its input gradient takes them) and the recomputed bf16 activation (the down
-projection's weight gradient takes it) (`relu2_rows_backward`). Under torch.compile Inductor fused the same work
-into two kernels of its own; these hold a row in registers, read each input once and round as eager PyTorch does,
-so their outputs are bit for bit the PyTorch references'.
+projection's weight gradient takes it) (`relu2_rows_backward`). Under torch.compile Inductor fuses the same work
+into two one-pass kernels of its own (`kernels=rows`), which ran at 2.8 and 3.6 TB/s on an H200 where these run at
+4.2 and 4.1 (a plain copy: 4.2; see `_launch`). They round as eager PyTorch does, so their outputs are bit for
+bit the PyTorch references'.
 """
 from __future__ import annotations
 
