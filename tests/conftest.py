@@ -32,6 +32,23 @@ def _cuda() -> bool:
         return False
 
 
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU `torch._scaled_mm` takes one scale per row (2.13 does; 2.11 only per tensor)."""
+    import torch
+
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+# For tests that run the FP8 products on CPU (`app.kernels.fp8_linear`'s rowwise scales)
+cpu_rowwise_fp8 = pytest.mark.skipif(not _cpu_rowwise_scaled_mm(),
+                                     reason="this torch's CPU torch._scaled_mm has no rowwise scales")
+
+
 def pytest_collection_modifyitems(config, items):
     if not _cuda():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")

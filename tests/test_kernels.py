@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import app.kernels
 from app.kernels import backend, fused_linear_ce, rmsnorm, rotary, sliding_attention
+from tests.conftest import cpu_rowwise_fp8
 
 _TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative error ||a - b|| / ||b||
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -22,20 +23,6 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=[
 INTERPRETING = backend.INTERPRET
 interpreted = pytest.mark.skipif(not INTERPRETING, reason="runs in test_kernels_under_triton_interpreter's child")
 no_interpreter = pytest.mark.skipif(INTERPRETING, reason="not under Triton's interpreter")
-
-
-def _cpu_rowwise_scaled_mm() -> bool:
-    """Whether this torch's CPU `torch._scaled_mm` takes one scale per row (2.13 does; 2.11 only per tensor)."""
-    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
-    try:
-        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
-    except RuntimeError:
-        return False
-    return True
-
-
-cpu_rowwise_fp8 = pytest.mark.skipif(not _cpu_rowwise_scaled_mm(),
-                                     reason="this torch's CPU torch._scaled_mm has no rowwise scales")
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:

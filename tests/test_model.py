@@ -7,6 +7,7 @@ from app.config import ConfigError, parse_config
 from app.generate import generate
 from app.model import GPT, KVCache, ModelConfig, use_kernels
 from app.trainer import TrainConfig, model_config
+from tests.conftest import cpu_rowwise_fp8
 
 V = 300  # true vocabulary of the test models; padded to 384
 
@@ -248,15 +249,11 @@ def test_concatenated_projections_compute_the_same_model():
         torch.testing.assert_close(grads_proj[name], g, msg=name)
 
 
+@cpu_rowwise_fp8
 def test_fp8_relu2_mlp_kernel_computes_the_same_model(monkeypatch):
     """kernels=mlp (the FP8 ReLU² feed-forward as one function) changes neither the loss nor any gradient of an
     FP8 model; FP8 forced on here, where CPU `torch._scaled_mm` runs it."""
     import app.kernels
-    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
-    try:
-        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
-    except RuntimeError:
-        pytest.skip("this torch's CPU torch._scaled_mm has no rowwise scales")
     monkeypatch.setattr(app.kernels, "fp8_fits", lambda x, w: True)
     calls, mlp = [], app.kernels.fp8_relu2_mlp
     monkeypatch.setattr(app.kernels, "fp8_relu2_mlp", lambda *a: calls.append(1) or mlp(*a))

@@ -88,8 +88,8 @@ def _launch(N: int, backward: bool) -> dict:
 
 
 def _kernels_fit(*ts: torch.Tensor) -> bool:
-    """Whether the row kernels run: bf16 rows of at most MAX_WIDTH on CUDA (or under the interpreter)."""
-    return ts[0].dtype == torch.bfloat16 and ts[0].shape[-1] <= MAX_WIDTH and use_triton(*ts)
+    """Whether the row kernels run on ts: all bf16, rows of at most MAX_WIDTH, on CUDA (or under the interpreter)."""
+    return all(t.dtype == torch.bfloat16 for t in ts) and ts[0].shape[-1] <= MAX_WIDTH and use_triton(*ts)
 
 
 def relu2_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +106,7 @@ def relu2_rows(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def relu2_rows_backward(da: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`relu2_rows_backward_reference(da, h)` for da, h [M, N] (unit last strides): (dh, dh8, dh_inv, a)."""
-    if not (_kernels_fit(h, da) and da.dtype == h.dtype):
+    if not _kernels_fit(h, da):
         return relu2_rows_backward_reference(da, h)
     M, N = h.shape
     dh, a = torch.empty_like(h), torch.empty_like(h)
