@@ -6,10 +6,10 @@ import time
 from dataclasses import dataclass, field
 
 from app import storage
-from app.corpus import TokenizeConfig, tokenize_corpus
-from app.index_build import IndexConfig, build_index
+from app.data.corpus import TokenizeConfig, tokenize_corpus
+from app.indexing.lmatch_build import IndexConfig, build_index
 from app.log import get_logger
-from app.trainer import TrainConfig, list_checkpoints, train
+from app.train.trainer import TrainConfig, list_checkpoints, train
 
 log = get_logger(__name__)
 
@@ -56,7 +56,7 @@ def run_quickstart(cfg: QuickstartConfig) -> str:
         raise RuntimeError(f"training failed: {result.error}")
 
     log.info("[4/4] serve %s with the index and complete a prompt", tcfg.export_dir)
-    from app.serve import serve_and_complete
+    from app.serve.deployment import serve_and_complete
 
     text = serve_and_complete(tcfg.export_dir, cfg.prompt, max_tokens=cfg.max_tokens, index=shards)
     log.info("quickstart finished in %.0f s", time.perf_counter() - t0)

@@ -8,7 +8,7 @@ same run, is the single-process one-pass build over the whole train stream (`lma
 Two corpora: `small` (--text, split into documents at blank lines, 5% held out as val; the
 numbers of earlier runs) and `large` (every text of ../shared/data concatenated: wikitext-103
 valid, tinyshakespeare, LAMBADA test, HellaSwag val, one item per document; tokenized by the
-project's tokenize stage, `app.corpus.tokenize_corpus`, GPT-2 BPE, 1% tail of each document as
+project's tokenize stage, `app.data.corpus.tokenize_corpus`, GPT-2 BPE, 1% tail of each document as
 val), where the fixed costs of a Ray build (task start, object transfers) weigh less.
 
 Per corpus: the one-pass baseline is the median of 3 runs after a warm-up run; the Ray builds
@@ -50,7 +50,7 @@ def _tokens(text_path: str, tokenizer_path: str, max_docs: int) -> tuple[np.ndar
 
 
 def _dataset(root: str, tokens: np.ndarray, eot: int, vocab: int, shard_tokens: int, val_tokens: int):
-    from app.shards import Manifest, write_shard
+    from app.data.shards import Manifest, write_shard
 
     cut = int(np.flatnonzero(tokens[: len(tokens) - val_tokens] == eot)[-1]) + 1
     shards = {}
@@ -67,7 +67,7 @@ def _dataset(root: str, tokens: np.ndarray, eot: int, vocab: int, shard_tokens: 
 
 def _large_dataset(root: str, names: list[str], tokenizer: str, shard_tokens: int) -> None:
     """Tokenize the shared texts with the tokenize stage into `root` (inputs staged in root/_in)."""
-    from app.corpus import TokenizeConfig, tokenize_corpus
+    from app.data.corpus import TokenizeConfig, tokenize_corpus
 
     stage = os.path.join(root, "_in")
     os.makedirs(stage)
@@ -88,8 +88,8 @@ def _large_dataset(root: str, names: list[str], tokenizer: str, shard_tokens: in
 
 
 def _measure(root: str, workers: list[int], task_tokens: int, queries: int) -> dict:
-    from app.index_build import IndexConfig, build_index
-    from app.shards import load_manifest
+    from app.indexing.lmatch_build import IndexConfig, build_index
+    from app.data.shards import load_manifest
     from index.lmatch import LMatchIndex, SplitStream, lmatch_stream
 
     m = load_manifest(root)

@@ -4,7 +4,7 @@ For each text: tokenize (a BPE trained on it; the first 90% of the text trains, 
 validates), build the LMatch index, train two models of the same shape for the same steps (one
 plain, one reading the LMatch id of every token: `--index`), build a kNN-LM datastore of each
 model's hidden states over the training split, and evaluate both on the validation split with
-and without kNN interpolation (`app.evaluate`). Prints JSON: loss and perplexity per variant.
+and without kNN interpolation (`app.indexing.evaluate`). Prints JSON: loss and perplexity per variant.
 
     python -m bench.index_quality                    # tinyshakespeare and wikitext-103 valid, CPU-sized
     python -m bench.index_quality --steps=100 --texts=tinyshakespeare.txt
@@ -18,12 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from app.corpus import TokenizeConfig, tokenize_corpus
-from app.evaluate import EvalConfig, evaluate
-from app.index_build import IndexConfig, build_index
-from app.knn_build import KnnBuildConfig, build_knn
+from app.data.corpus import TokenizeConfig, tokenize_corpus
+from app.indexing.evaluate import EvalConfig, evaluate
+from app.indexing.lmatch_build import IndexConfig, build_index
+from app.indexing.knn_build import KnnBuildConfig, build_knn
 from app.ray_env import init_ray
-from app.trainer import TrainConfig, train
+from app.train.trainer import TrainConfig, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -24,9 +24,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from app.kernels import (apply_rotary, fused_linear_cross_entropy, qkv_grad_rows, qkv_grad_rows_reference, rms_norm,
+from app.fast.kernels import (apply_rotary, fused_linear_cross_entropy, qkv_grad_rows, qkv_grad_rows_reference, rms_norm,
                          rms_norm_reference, rotary_reference)
-from app.kernels import backend, sliding_attention
+from app.fast.kernels import backend, sliding_attention
 from app.log import get_logger
 
 log = get_logger(__name__)
@@ -191,7 +191,7 @@ def bench_qkv_grad_rows(B: int, H: int, H_kv: int, T: int, hd: int, args: argpar
     """The join kernel against Inductor's one-pass wide-row reduction of the same reference (`kernels=rows`,
     what the q/k/v backward compiled to before), for gradients laid out as cuDNN's attention backward leaves
     them ([B, T, H, D] memory) and as the window kernel's ([B, H, T, D]); with GB/s of the bytes it must move."""
-    from app.kernels.wide_rows import use_wide_rows
+    from app.fast.kernels.wide_rows import use_wide_rows
 
     cos, sin = _rotary_tables(T, hd)
     moved = B * T * (H + 2 * H_kv) * hd * (2 + 2 + 1)  # read bf16, write bf16 + e4m3
@@ -214,8 +214,8 @@ def bench_relu2_rows(M: int, N: int, args: argparse.Namespace) -> dict:
     """The FP8 ReLU² feed-forward's two activation passes (`fp8_relu2.relu2_rows`, `relu2_rows_backward`) against
     Inductor's one-pass wide-row kernels for the same references (`kernels=rows`, what the MLP compiled to
     before), with GB/s of the bytes each must move and whether the outputs have the references' bits."""
-    from app.kernels import fp8_relu2
-    from app.kernels.wide_rows import use_wide_rows
+    from app.fast.kernels import fp8_relu2
+    from app.fast.kernels.wide_rows import use_wide_rows
 
     h = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
     da = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)

@@ -5,7 +5,7 @@ probe): doubling from --min_seq up to --max_seq inside one process until the fir
 (multiples of --granularity) between the longest success and the first failure, one fresh process per probe.
 A probe is one full training step (forward, backward, clip, optimizer step) on random tokens, bf16 autocast,
 fused loss on CUDA; it reports torch.cuda.max_memory_allocated, the planner's prediction
-(app.memory_plan.estimate) and tokens/s of that step. Plus the fused linear+CE against F.cross_entropy on
+(app.train.memory_plan.estimate) and tokens/s of that step. Plus the fused linear+CE against F.cross_entropy on
 full logits (peak memory above the inputs and time), side by side.
 
     python -m bench.memory                                   # GPU: gpt2-1.5b and llama3-8b (~8 min on an H100)
@@ -46,9 +46,9 @@ def _probe(spec: dict) -> None:
     """Run ascending sequence lengths in this process; one JSON line each; stop at the first OOM."""
     import torch
 
-    from app.memory_plan import MemoryConfig, estimate
-    from app.model import GPT, ModelConfig, use_kernels
-    from app.parallel import make_offload_optimizer, parallelize
+    from app.train.memory_plan import MemoryConfig, estimate
+    from app.model.gpt import GPT, ModelConfig, use_kernels
+    from app.train.parallel import make_offload_optimizer, parallelize
 
     dev = torch.device(spec["device"])
     cuda = dev.type == "cuda"
@@ -117,7 +117,7 @@ def _fused_loss(spec: dict) -> None:
     import torch
     import torch.nn.functional as F
 
-    from app.kernels import fused_linear_cross_entropy
+    from app.fast.kernels import fused_linear_cross_entropy
 
     dev = torch.device(spec["device"])
     cuda = dev.type == "cuda"

@@ -19,9 +19,9 @@ import threading
 import time
 
 from app import storage
-from app.corpus import TokenizeConfig, tokenize_corpus
+from app.data.corpus import TokenizeConfig, tokenize_corpus
 from app.ray_env import init_ray
-from app.trainer import TrainConfig, list_checkpoints, train
+from app.train.trainer import TrainConfig, list_checkpoints, train
 
 
 def _progress(cfg: TrainConfig) -> dict:

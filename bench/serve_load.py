@@ -4,7 +4,7 @@
     python -m bench.serve_load --quick         # tiny model on CPU, a few requests per level
     python -m bench.serve_load --http          # also through Ray Serve over HTTP (streamed, TTFT from the first event)
 
-Builds a model of the preset's shape (random init), exports it with app.export, then for each
+Builds a model of the preset's shape (random init), exports it with app.model.export, then for each
 concurrency level c runs c client threads that each submit requests back to back (fixed-length
 random-token prompts, greedy, exactly `max_tokens` new tokens: no stop id) and records throughput
 (generated tokens/s), time to first token and per-token latency (p50/p99) and errors. The baseline,
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from app.engine import Engine, SamplingParams
-from app.export import export_model, load_exported
-from app.model import GPT, ModelConfig
-from app.tokenizer import train_bpe
+from app.serve.engine import Engine, SamplingParams
+from app.model.export import export_model, load_exported
+from app.model.gpt import GPT, ModelConfig
+from app.data.tokenizer import train_bpe
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -272,7 +272,7 @@ def http_levels(a, export: str, levels: list[int], per_level: list[int], vocab: 
     import ray
     from ray import serve
 
-    from app import serve as app_serve
+    from app.serve import deployment as app_serve
 
     ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     port = 18000 + int(time.time()) % 1000

@@ -2,7 +2,7 @@
 
 Character-level vocabulary of tinyshakespeare; the first 90% of the characters train, the last 10%
 validate (nanoGPT's split). spotlm trains through its own code path (tokenize stage with the char
-tokenizer, then `app.trainer.train` on Ray Train with `bench/configs/shakespeare_char.yaml`),
+tokenizer, then `app.train.trainer.train` on Ray Train with `bench/configs/shakespeare_char.yaml`),
 evaluating on the whole validation split and stopping at the target. The baseline, in the same
 run on the same GPU and tokens: nanoGPT's model and `train_shakespeare_char` config (6 x 384,
 dropout 0.2, lr 1e-3, batch 64 x 256, compiled, bf16), evaluated on the whole validation split
@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 from app import storage
 from app.config import parse_config, to_dict
-from app.corpus import TokenizeConfig, tokenize_corpus
+from app.data.corpus import TokenizeConfig, tokenize_corpus
 from app.ray_env import init_ray
-from app.shards import load_manifest, read_shard
-from app.trainer import TrainConfig, train
+from app.data.shards import load_manifest, read_shard
+from app.train.trainer import TrainConfig, train
 from bench.train_speed import BaselineGPT, baseline_optimizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"

@@ -42,9 +42,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from app.data import Batch
-from app.model import GPT, ModelConfig
-from app.trainer import (PEAK_FLOPS, CosineSchedule, TrainConfig, build_model, compiled, forward_backward,
+from app.data.loader import Batch
+from app.model.gpt import GPT, ModelConfig
+from app.train.trainer import (PEAK_FLOPS, CosineSchedule, TrainConfig, build_model, compiled, forward_backward,
                          make_optimizer, step_function, synced_seconds)
 
 # ------------------------------------------------------------------ the baseline (nanoGPT / llm.c style)

@@ -60,7 +60,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from app import storage
-from app.shards import HEADER_BYTES, HEADER_INTS, ShardFormatError, load_manifest, read_header, read_shard
+from app.data.shards import HEADER_BYTES, HEADER_INTS, ShardFormatError, load_manifest, read_header, read_shard
 
 MAX_LEN = 32
 FORMAT_VERSION = 1

@@ -7,8 +7,8 @@ from __future__ import annotations
 import sys
 
 from app.config import parse_config
-from app.index_build import IndexConfig, build_index
-from app.shards import load_manifest
+from app.indexing.lmatch_build import IndexConfig, build_index
+from app.data.shards import load_manifest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,9 @@ import json
 import sys
 
 from app.config import ConfigError, parse_config
-from app.knn_build import KnnBuildConfig, build_knn
+from app.indexing.knn_build import KnnBuildConfig, build_knn
 from app.ray_env import init_ray
-from app.shards import ShardFormatError
+from app.data.shards import ShardFormatError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,8 @@ import sys
 
 from app import storage
 from app.config import ConfigError, parse_config
-from app.evaluate import EvalConfig, evaluate
-from app.shards import ShardFormatError
+from app.indexing.evaluate import EvalConfig, evaluate
+from app.data.shards import ShardFormatError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ServeConfig, argv)
     from ray import serve
 
-    from app import serve as app_serve
+    from app.serve import deployment as app_serve
 
     init_ray()
     args = app_serve.ServeArgs(**{k: getattr(cfg, k) for k in (

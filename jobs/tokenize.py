@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from app.config import parse_config
-from app.corpus import InputError, TokenizeConfig, resolve_inputs, tokenize_corpus
+from app.data.corpus import InputError, TokenizeConfig, resolve_inputs, tokenize_corpus
 from app.ray_env import init_ray
 
 

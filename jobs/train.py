@@ -9,8 +9,8 @@ import sys
 from app.config import ConfigError, parse_config
 from app.log import get_logger
 from app.ray_env import init_ray
-from app.shards import ShardFormatError
-from app.trainer import TrainConfig, train
+from app.data.shards import ShardFormatError
+from app.train.trainer import TrainConfig, train
 
 log = get_logger(__name__)
 

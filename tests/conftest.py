@@ -44,7 +44,7 @@ def _cpu_rowwise_scaled_mm() -> bool:
     return True
 
 
-# For tests that run the FP8 products on CPU (`app.kernels.fp8_linear`'s rowwise scales)
+# For tests that run the FP8 products on CPU (`app.fast.kernels.fp8_linear`'s rowwise scales)
 cpu_rowwise_fp8 = pytest.mark.skipif(not _cpu_rowwise_scaled_mm(),
                                      reason="this torch's CPU torch._scaled_mm has no rowwise scales")
 
@@ -174,7 +174,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def shakespeare_shards(ray_session, shared_data, tmp_path_factory):
     """The first 300 KB of tinyshakespeare, speeches as documents, a 1024-token BPE."""
-    from app.corpus import TokenizeConfig, tokenize_corpus
+    from app.data.corpus import TokenizeConfig, tokenize_corpus
 
     d = tmp_path_factory.mktemp("shakespeare")
     (d / "in.txt").write_text((shared_data / "tinyshakespeare.txt").read_text()[:300_000])

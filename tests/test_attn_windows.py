@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from app import model as model_mod
+from app.model import gpt as model_mod
 from app.config import ConfigError, from_dict, parse_config, to_dict
-from app.engine import DecodeSlots, Engine, SamplingParams
-from app.export import export_model, load_exported
-from app.generate import forward_last, generate
-from app.model import (GPT, KVCache, ModelConfig, apply_rotary, masks_for_windows, rotary_tables, sliding_block_mask,
+from app.serve.engine import DecodeSlots, Engine, SamplingParams
+from app.model.export import export_model, load_exported
+from app.serve.generate import forward_last, generate
+from app.model.gpt import (GPT, KVCache, ModelConfig, apply_rotary, masks_for_windows, rotary_tables, sliding_block_mask,
                        window_mask)
-from app.tokenizer import train_bpe
-from app.trainer import TrainConfig, model_config
+from app.data.tokenizer import train_bpe
+from app.train.trainer import TrainConfig, model_config
 
 V = 300
 WINDOWS = [1, 3, 0, 5]  # a w = 1 layer, two windows shorter than the test sequences, a full layer

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from app.model import GPT, ModelConfig, use_kernels
-from app.trainer import TrainConfig
+from app.model.gpt import GPT, ModelConfig, use_kernels
+from app.train.trainer import TrainConfig
 from bench.train_speed import GRAD_CHECK_MIN_COS, VARIANTS, Turns, _batches, _checked, _time_steps, grad_check
 
 

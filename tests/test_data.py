@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from app import shards
-from app.data import BatchPlan, TokenStream, TrainLoader, eval_batches
+from app.data import shards
+from app.data.loader import BatchPlan, TokenStream, TrainLoader, eval_batches
 
 
 @pytest.fixture

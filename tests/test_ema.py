@@ -1,4 +1,4 @@
-"""The weight average (app/ema.py): its arithmetic, the in-place swap, its checkpoint, and a run that
+"""The weight average (app/train/ema.py): its arithmetic, the in-place swap, its checkpoint, and a run that
 evaluates and exports it through Ray Train (tests/test_resilience.py checks its bitwise resume)."""
 import contextlib
 import os
@@ -6,14 +6,14 @@ import os
 import pytest
 import torch
 
-from app import checkpoint
+from app.train import checkpoint
 from app.config import ConfigError
-from app.ema import WeightEMA
-from app.export import load_exported
-from app.model import GPT, ModelConfig
-from app.data import TokenStream, eval_batches
-from app.shards import load_manifest
-from app.trainer import TrainConfig, evaluate, list_checkpoints, train
+from app.train.ema import WeightEMA
+from app.model.export import load_exported
+from app.model.gpt import GPT, ModelConfig
+from app.data.loader import TokenStream, eval_batches
+from app.data.shards import load_manifest
+from app.train.trainer import TrainConfig, evaluate, list_checkpoints, train
 
 
 def tiny_model(**kw) -> GPT:

@@ -3,9 +3,9 @@ and CUDA-graph decode against eager decode and `generate` (GPU)."""
 import pytest
 import torch
 
-from app.engine import DecodeState, Engine, SamplingParams, Sequence, batch_buckets, bucket_for
-from app.generate import generate, sample_tokens, sampling_kind, uniforms
-from app.model import GPT, ModelConfig
+from app.serve.engine import DecodeState, Engine, SamplingParams, Sequence, batch_buckets, bucket_for
+from app.serve.generate import generate, sample_tokens, sampling_kind, uniforms
+from app.model.gpt import GPT, ModelConfig
 
 V = 300
 

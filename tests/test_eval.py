@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from app.data import TokenStream, eval_batches
-from app.evaluate import EvalConfig, evaluate, load_model
-from app.export import export_model
-from app.knn_build import KnnBuildConfig, build_knn
-from app.model import GPT, ModelConfig
-from app.shards import Manifest, ShardFormatError, load_manifest, write_shard
-from app.tokenizer import train_chars
+from app.data.loader import TokenStream, eval_batches
+from app.indexing.evaluate import EvalConfig, evaluate, load_model
+from app.model.export import export_model
+from app.indexing.knn_build import KnnBuildConfig, build_knn
+from app.model.gpt import GPT, ModelConfig
+from app.data.shards import Manifest, ShardFormatError, load_manifest, write_shard
+from app.data.tokenizer import train_chars
 from index import knn
 from tests.conftest import SHARED_DATA
 
@@ -135,7 +135,7 @@ def test_build_resumes_and_ivfpq_through_ray(ray_session, tiny):
     shard_dir = os.path.join(knn_dir, "keys")
     # a first run that embedded only some windows (as if it was stopped): shards 0 and 2 exist
     os.makedirs(shard_dir)
-    from app.knn_build import embed_shard, plan_windows
+    from app.indexing.knn_build import embed_shard, plan_windows
 
     windows = plan_windows(tiny["manifest"].num_tokens("train"), SEQ, 0)
     groups = [windows[i:i + 80] for i in range(0, len(windows), 80)]
@@ -171,7 +171,7 @@ def test_lmatch_model_variants(tiny, monkeypatch):
     assert res["results"]["lm"]["loss"] == pytest.approx(_direct_mean_ce(model, tiny["data"], "val"), rel=1e-5)
 
     # with the dataset's ids (faked here: the previous token as the "match"), the 'lmatch' variant appears
-    import app.evaluate as ev
+    import app.indexing.evaluate as ev
 
     def fake_stream(m, split):
         arrays = [np.where(np.arange(len(a)) % 3 == 0, V, np.roll(np.asarray(a), 1)).astype(np.int64)
@@ -216,9 +216,9 @@ def test_jobs_print_json_and_fail_clearly(ray_session, tiny, tmp_path, capsys):
 
 
 def test_run_dir_without_export_loads_its_newest_checkpoint(tiny, tmp_path):
-    from app import checkpoint
+    from app.train import checkpoint
     from app.config import to_dict
-    from app.trainer import TrainConfig
+    from app.train.trainer import TrainConfig
 
     model = _train(tiny["manifest"], steps=3)
     opt = torch.optim.AdamW(model.parameters())
@@ -239,11 +239,11 @@ def test_run_dir_without_export_loads_its_newest_checkpoint(tiny, tmp_path):
 
 
 def test_all_four_variants_with_a_real_lmatch_index(ray_session, tiny, tmp_path):
-    """With the dataset's LMatch index (app/index_build.py) and an lmatch model: lm, lmatch, knn, lmatch+knn."""
+    """With the dataset's LMatch index (app/indexing/lmatch_build.py) and an lmatch model: lm, lmatch, knn, lmatch+knn."""
     import shutil
 
-    from app.index_build import IndexConfig
-    from app.index_build import build_index as build_lmatch
+    from app.indexing.lmatch_build import IndexConfig
+    from app.indexing.lmatch_build import build_index as build_lmatch
 
     data = str(tmp_path / "data")
     shutil.copytree(tiny["data"], data)
@@ -256,7 +256,7 @@ def test_all_four_variants_with_a_real_lmatch_index(ray_session, tiny, tmp_path)
     assert meta["lmatch"] == "ids"  # the keys were computed with the train split's match ids
     res = evaluate(EvalConfig(model=export, data=data, seq_len=SEQ, k=8))
     assert set(res["results"]) == {"lm", "lmatch", "knn", "lmatch+knn"}
-    from app.data import match_stream
+    from app.data.loader import match_stream
 
     direct = _direct_mean_ce(model, data, "val", lmatch=match_stream(manifest, "val"))
     assert res["results"]["lmatch"]["loss"] == pytest.approx(direct, rel=1e-5)

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from app import storage
-from app.export import export_model, load_exported
-from app.model import GPT, ModelConfig
-from app.tokenizer import train_bpe
+from app.model.export import export_model, load_exported
+from app.model.gpt import GPT, ModelConfig
+from app.data.tokenizer import train_bpe
 
 V = 300
 
@@ -124,7 +124,7 @@ def test_ungated_mlp_export_round_trips_without_claiming_llama(tmp_path, tokeniz
     export_model(m, str(tmp_path / "e"), tokenizer_file)
     config = json.loads((tmp_path / "e" / "config.json").read_text())
     assert "architectures" not in config and config["spotlm"]["model"]["mlp"] == "gelu"
-    assert "load it with app.export.load_exported" in caplog.text
+    assert "load it with app.model.export.load_exported" in caplog.text
     back = load_exported(str(tmp_path / "e"))
     x = torch.randint(0, V, (1, 12))
     assert back.config == m.cfg and torch.equal(back.model(x)[0], m(x)[0])

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import app.kernels
-from app.kernels import backend, fused_linear_ce, rmsnorm, rotary, sliding_attention
+import app.fast.kernels
+from app.fast.kernels import backend, fused_linear_ce, rmsnorm, rotary, sliding_attention
 from tests.conftest import cpu_rowwise_fp8
 
 _TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative error ||a - b|| / ||b||
@@ -311,8 +311,8 @@ def test_fp8_linear_matches_reference_forward_and_backward(x_dtype):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 8, 64, generator=gen).to(x_dtype)
     w = 0.1 * torch.randn(48, 64, generator=gen)
-    (y, ), (dx, dw) = _run(app.kernels.fp8_linear, [x, w])
-    (y_ref, ), (dx_ref, dw_ref) = _run(lambda a, b: app.kernels.fp8_linear_reference(a.float(), b), [x, w])
+    (y, ), (dx, dw) = _run(app.fast.kernels.fp8_linear, [x, w])
+    (y_ref, ), (dx_ref, dw_ref) = _run(lambda a, b: app.fast.kernels.fp8_linear_reference(a.float(), b), [x, w])
     assert (y.dtype, dx.dtype, dw.dtype) == (x_dtype, x_dtype, torch.float32)
     # e4m3 keeps 3 mantissa bits: ~4% relative error in the FP8 products (more than 1% shows they ran in FP8,
     # bf16 would give ~0.3%); the weight gradient is a bf16 product.
@@ -329,8 +329,8 @@ def test_fp8_linear_scales_each_row_so_an_outlier_token_costs_only_its_own_preci
     x = torch.randn(32, 64, generator=gen)
     x[0] *= 1e5  # with one scale for the whole tensor the other rows would fall into e4m3's subnormals
     w = 0.1 * torch.randn(48, 64, generator=gen)
-    (y, ), (dx, _) = _run(app.kernels.fp8_linear, [x, w])
-    (y_ref, ), (dx_ref, _) = _run(app.kernels.fp8_linear_reference, [x, w])
+    (y, ), (dx, _) = _run(app.fast.kernels.fp8_linear, [x, w])
+    (y_ref, ), (dx_ref, _) = _run(app.fast.kernels.fp8_linear_reference, [x, w])
     for name, a, b in (("y", y, y_ref), ("dx", dx, dx_ref)):
         err = ((a[1:] - b[1:]).norm(dim=-1) / b[1:].norm(dim=-1)).max().item()
         assert err < 0.1, f"fp8_linear {name}: a row next to an outlier has relative error {err:.3f}"
@@ -341,10 +341,10 @@ def test_fp8_linear_scales_each_row_so_an_outlier_token_costs_only_its_own_preci
 def test_fp8_linear_given_its_weight_copies_equals_casting_them_itself():
     gen = torch.Generator().manual_seed(2)
     x, w = torch.randn(32, 64, generator=gen), 0.1 * torch.randn(48, 64, generator=gen)
-    (cast, ) = app.kernels.fp8_weights([w])
+    (cast, ) = app.fast.kernels.fp8_weights([w])
     assert cast[0].dtype == cast[2].dtype == torch.float8_e4m3fn and cast[2].shape == (64, 48)
-    itself = _run(app.kernels.fp8_linear, [x, w])
-    given = _run(lambda a, b: app.kernels.fp8_linear(a, b, cast), [x, w])
+    itself = _run(app.fast.kernels.fp8_linear, [x, w])
+    given = _run(lambda a, b: app.fast.kernels.fp8_linear(a, b, cast), [x, w])
     assert all(torch.equal(a, b) for a, b in zip([*itself[0], *itself[1]], [*given[0], *given[1]]))
 
 
@@ -356,12 +356,12 @@ def test_fp8_linear_over_several_weights_is_the_product_of_their_concatenation()
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(32, 64, generator=gen).bfloat16()
     ws = [0.1 * torch.randn(n, 64, generator=gen) for n in (48, 16, 32)]
-    (y, ), (dx, *dws) = _run(lambda a, *w: app.kernels.fp8_linear(a, w), [x, *ws])
-    (y_cat, ), (dx_cat, dw_cat) = _run(app.kernels.fp8_linear, [x, torch.cat(ws)])
+    (y, ), (dx, *dws) = _run(lambda a, *w: app.fast.kernels.fp8_linear(a, w), [x, *ws])
+    (y_cat, ), (dx_cat, dw_cat) = _run(app.fast.kernels.fp8_linear, [x, torch.cat(ws)])
     assert y.shape == (32, 96) and torch.equal(y, y_cat) and torch.equal(dx, dx_cat)
     assert [d.shape for d in dws] == [w.shape for w in ws] and torch.equal(torch.cat(dws), dw_cat)
-    (cast, ) = app.kernels.fp8_weights([ws])
-    given = _run(lambda a, *w: app.kernels.fp8_linear(a, w, cast), [x, *ws])
+    (cast, ) = app.fast.kernels.fp8_weights([ws])
+    given = _run(lambda a, *w: app.fast.kernels.fp8_linear(a, w, cast), [x, *ws])
     assert all(torch.equal(a, b) for a, b in zip([y, dx, *dws], [*given[0], *given[1]]))
 
 
@@ -370,8 +370,8 @@ def test_fp8_linear_over_several_weights_is_the_product_of_their_concatenation()
 def test_fp8_linear_follows_autocast_and_needs_cuda_fp8():
     x, w = torch.randn(16, 32), torch.randn(16, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert app.kernels.fp8_linear(x, w).dtype == torch.bfloat16
-    assert not app.kernels.fp8_fits(x, w)  # CPU tensors: the model keeps its plain matmuls
+        assert app.fast.kernels.fp8_linear(x, w).dtype == torch.bfloat16
+    assert not app.fast.kernels.fp8_fits(x, w)  # CPU tensors: the model keeps its plain matmuls
 
 
 # ---- The FP8 q/k/v product with rotary -----------------------------------------------------------------
@@ -395,8 +395,8 @@ def test_qkv_grad_rows_matches_reference_bit_for_bit(layout, H_kv, block_t):
     dv[0, 0, 0, 0] = 3e4  # one large value: its row's small values cast to e4m3 subnormals
     gen = torch.Generator().manual_seed(5)
     cos, sin = (torch.randn(7, 8, generator=gen).bfloat16() for _ in range(2))
-    got = app.kernels.qkv_grad_rows(dq, dk, dv, cos, sin, block_t=block_t)
-    want = app.kernels.qkv_grad_rows_reference(dq, dk, dv, cos, sin)
+    got = app.fast.kernels.qkv_grad_rows(dq, dk, dv, cos, sin, block_t=block_t)
+    want = app.fast.kernels.qkv_grad_rows_reference(dq, dk, dv, cos, sin)
     assert got[0].shape == (14, (3 + 2 * H_kv) * 8) and got[1].dtype == torch.float8_e4m3fn
     assert (got[1].float().abs() < 2 ** -6).any() and (got[1].float() != 0).sum() > 0.9 * got[1].numel()
     for name, a, b in zip(("g", "g8", "g_inv"), got, want):
@@ -418,22 +418,22 @@ def test_fp8_qkv_rotary_is_the_projection_then_rotary():
     (bf16 per op there); given the group's e4m3 copies, the same as casting them itself."""
     x, ws, cos, sin = _qkv_product_inputs()
     B, T, D = 2, 16, 16
-    from app.kernels.fp8_qkv import rotary_fp32
-    from app.model import apply_rotary
+    from app.fast.kernels.fp8_qkv import rotary_fp32
+    from app.model.gpt import apply_rotary
 
     def unfused(rotate):
         def run(x, *w):
-            y = app.kernels.fp8_linear(x, w).split([t.shape[0] for t in w], -1)
+            y = app.fast.kernels.fp8_linear(x, w).split([t.shape[0] for t in w], -1)
             q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in y)
             return rotate(q, cos, sin), rotate(k, cos, sin), v
         return run
 
-    fused = _run(lambda x, *w: app.kernels.fp8_qkv_rotary(x, w, cos, sin, D), [x, *ws])
+    fused = _run(lambda x, *w: app.fast.kernels.fp8_qkv_rotary(x, w, cos, sin, D), [x, *ws])
     assert all(torch.equal(a, b) for a, b in zip(fused[0], _run(unfused(rotary_fp32), [x, *ws])[0]))
     for name, a, b in zip(("dx", "dq_proj", "dk_proj", "dv_proj"), fused[1], _run(unfused(apply_rotary), [x, *ws])[1]):
         assert a.dtype == b.dtype and _rel_err(a, b) < 0.02, f"{name}: relative error {_rel_err(a, b):.4f}"
-    (cast, ) = app.kernels.fp8_weights([ws])
-    given = _run(lambda x, *w: app.kernels.fp8_qkv_rotary(x, w, cos, sin, D, cast), [x, *ws])
+    (cast, ) = app.fast.kernels.fp8_weights([ws])
+    given = _run(lambda x, *w: app.fast.kernels.fp8_qkv_rotary(x, w, cos, sin, D, cast), [x, *ws])
     assert all(torch.equal(a, b) for a, b in zip([*fused[0], *fused[1]], [*given[0], *given[1]]))
 
 
@@ -445,7 +445,7 @@ def test_fp8_qkv_rotary_compiled_gradients_are_its_eager_ones():
     x, ws, cos, sin = _qkv_product_inputs()
 
     def attend(x, *w):
-        q, k, v = app.kernels.fp8_qkv_rotary(x, w, cos, sin, 16)
+        q, k, v = app.fast.kernels.fp8_qkv_rotary(x, w, cos, sin, 16)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
     torch._dynamo.reset()
@@ -464,14 +464,14 @@ def test_gpu_fp8_qkv_rotary_kernel_is_exact_and_compiles():
     cos, sin = _rotary_tables(256, 64, torch.bfloat16, "cuda")
     for layout in ("bhtd", "bthd"):
         dq, dk, dv = (t.cuda() for t in _qkv_grads(12, 12, 256, 64, layout, B=4))
-        got = app.kernels.qkv_grad_rows(dq, dk, dv, cos, sin)
-        want = app.kernels.qkv_grad_rows_reference(dq, dk, dv, cos, sin)
+        got = app.fast.kernels.qkv_grad_rows(dq, dk, dv, cos, sin)
+        want = app.fast.kernels.qkv_grad_rows_reference(dq, dk, dv, cos, sin)
         assert all(torch.equal(a.float(), b.float()) for a, b in zip(got, want)), layout
     x = torch.randn(4, 256, 768, device="cuda", dtype=torch.bfloat16)
     ws = [0.02 * torch.randn(768, 768, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
 
     def attend(x, *w):
-        q, k, v = app.kernels.fp8_qkv_rotary(x, w, cos, sin, 64)
+        q, k, v = app.fast.kernels.fp8_qkv_rotary(x, w, cos, sin, 64)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     torch._dynamo.reset()
@@ -499,7 +499,7 @@ def _relu2_inputs(M: int, N: int, device="cpu") -> tuple[torch.Tensor, torch.Ten
 def test_relu2_rows_match_reference_bit_for_bit(N):
     """The activation's passes (forward: relu(h)² cast to e4m3 rows; backward: dh, its e4m3 rows and the
     recomputed activation) give the PyTorch references' bits, rows narrower than their power-of-two block."""
-    from app.kernels import fp8_relu2
+    from app.fast.kernels import fp8_relu2
     h, da = _relu2_inputs(9, N)
     got, want = fp8_relu2.relu2_rows(h), fp8_relu2.relu2_rows_reference(h)
     assert got[0].dtype == torch.float8_e4m3fn and (got[0].float().abs() < 2 ** -6).any()
@@ -510,8 +510,8 @@ def test_relu2_rows_match_reference_bit_for_bit(N):
 
 
 def _relu2_mlp_unfused(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    h = app.kernels.fp8_linear(x, up)
-    return app.kernels.fp8_linear(torch.nn.functional.relu(h).square(), down)
+    h = app.fast.kernels.fp8_linear(x, up)
+    return app.fast.kernels.fp8_linear(torch.nn.functional.relu(h).square(), down)
 
 
 @no_interpreter
@@ -522,12 +522,12 @@ def test_fp8_relu2_mlp_is_two_fp8_linears_around_relu2():
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(2, 16, 64, generator=gen).bfloat16()
     up, down = (0.1 * torch.randn(*shape, generator=gen).bfloat16() for shape in ((192, 64), (64, 192)))
-    fused = _run(app.kernels.fp8_relu2_mlp, [x, up, down])
+    fused = _run(app.fast.kernels.fp8_relu2_mlp, [x, up, down])
     unfused = _run(_relu2_mlp_unfused, [x, up, down])
     for name, a, b in zip(("y", "dx", "dup", "ddown"), [*fused[0], *fused[1]], [*unfused[0], *unfused[1]]):
         assert a.dtype == b.dtype and torch.equal(a, b), f"{name}: relative error {_rel_err(a, b):.2e}"
-    casts = app.kernels.fp8_weights([up, down])
-    given = _run(lambda *t: app.kernels.fp8_relu2_mlp(*t, *casts), [x, up, down])
+    casts = app.fast.kernels.fp8_weights([up, down])
+    given = _run(lambda *t: app.fast.kernels.fp8_relu2_mlp(*t, *casts), [x, up, down])
     assert all(torch.equal(a, b) for a, b in zip([*fused[0], *fused[1]], [*given[0], *given[1]]))
 
 
@@ -536,7 +536,7 @@ def test_fp8_relu2_mlp_is_two_fp8_linears_around_relu2():
 def test_gpu_fp8_relu2_mlp_is_exact_and_compiles():
     """On CUDA, at GPT-2 124M's widths: the row kernels give the references' bits, the MLP those of the unfused
     FP8 path, and its compiled gradients are its eager ones."""
-    from app.kernels import fp8_relu2
+    from app.fast.kernels import fp8_relu2
     h, da = _relu2_inputs(4096, 3072, device="cuda")
     for got, want in ((fp8_relu2.relu2_rows(h), fp8_relu2.relu2_rows_reference(h)),
                       (fp8_relu2.relu2_rows_backward(da, h), fp8_relu2.relu2_rows_backward_reference(da, h))):
@@ -544,11 +544,11 @@ def test_gpu_fp8_relu2_mlp_is_exact_and_compiles():
     torch.manual_seed(0)
     x = torch.randn(8, 512, 768, device="cuda", dtype=torch.bfloat16)
     up, down = (0.02 * torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in ((3072, 768), (768, 3072)))
-    eager = _run(app.kernels.fp8_relu2_mlp, [x, up, down])
+    eager = _run(app.fast.kernels.fp8_relu2_mlp, [x, up, down])
     unfused = _run(_relu2_mlp_unfused, [x, up, down])
     assert all(torch.equal(a, b) for a, b in zip([*eager[0], *eager[1]], [*unfused[0], *unfused[1]]))
     torch._dynamo.reset()
-    compiled = _run(torch.compile(app.kernels.fp8_relu2_mlp), [x, up, down])
+    compiled = _run(torch.compile(app.fast.kernels.fp8_relu2_mlp), [x, up, down])
     for name, c, e in zip(("y", "dx", "dup", "ddown"), [*compiled[0], *compiled[1]], [*eager[0], *eager[1]]):
         assert e.norm() > 0 and _rel_err(c, e) < 0.03, f"compiled {name} differs from eager by {_rel_err(c, e):.3f}"
 
@@ -623,33 +623,33 @@ def test_window_attention_ignores_keys_outside_the_window():
 def test_without_triton_the_reference_runs(monkeypatch):
     monkeypatch.setattr(backend, "triton", None)  # a CPU-only install
     x, w = torch.randn(4, 24), torch.randn(24)
-    assert torch.equal(app.kernels.rms_norm(x, w, 1e-5), rmsnorm.rms_norm_reference(x, w, 1e-5))
+    assert torch.equal(app.fast.kernels.rms_norm(x, w, 1e-5), rmsnorm.rms_norm_reference(x, w, 1e-5))
     hidden, weight, targets = _ce_inputs(N=9, D=8, V=30, dtype=torch.float32)
-    assert torch.equal(app.kernels.fused_linear_cross_entropy(hidden, weight, targets.int(), chunk_size=2),
+    assert torch.equal(app.fast.kernels.fused_linear_cross_entropy(hidden, weight, targets.int(), chunk_size=2),
                        fused_linear_ce.linear_cross_entropy_reference(hidden, weight, targets))
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 6), torch.zeros(4, dtype=torch.long)),
+    (lambda: app.fast.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 6), torch.zeros(4, dtype=torch.long)),
      "must be \\[N, D\\] and \\[V, D\\]"),
-    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long)),
+    (lambda: app.fast.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long)),
      "targets \\(3,\\) must be \\[N\\]"),
-    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4)),
+    (lambda: app.fast.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4)),
      "targets must be integers"),
-    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8).double(), torch.zeros(4, dtype=torch.long)),
+    (lambda: app.fast.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8).double(), torch.zeros(4, dtype=torch.long)),
      "hidden is torch.float32 but weight is torch.float64"),
-    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), chunk_size=0),
+    (lambda: app.fast.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), chunk_size=0),
      "chunk_size must be >= 1"),
-    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), softcap=-1.0),
+    (lambda: app.fast.kernels.fused_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), softcap=-1.0),
      "softcap must be > 0"),
-    (lambda: app.kernels.fused_linear_cross_entropy(torch.randn(2, 4, 8), torch.randn(10, 8), torch.zeros(8, dtype=torch.long)),
+    (lambda: app.fast.kernels.fused_linear_cross_entropy(torch.randn(2, 4, 8), torch.randn(10, 8), torch.zeros(8, dtype=torch.long)),
      "must be hidden \\(2, 4, 8\\) without its last dim"),
-    (lambda: app.kernels.rms_norm(torch.randn(4, 8), torch.randn(6)), "weight \\(6,\\) must be \\[D\\]"),
-    (lambda: app.kernels.apply_rotary(torch.randn(1, 2, 3, 5), torch.randn(1, 2, 3, 5), torch.randn(3, 5), torch.randn(3, 5)),
+    (lambda: app.fast.kernels.rms_norm(torch.randn(4, 8), torch.randn(6)), "weight \\(6,\\) must be \\[D\\]"),
+    (lambda: app.fast.kernels.apply_rotary(torch.randn(1, 2, 3, 5), torch.randn(1, 2, 3, 5), torch.randn(3, 5), torch.randn(3, 5)),
      "head size must be even"),
-    (lambda: app.kernels.apply_rotary(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 4), torch.randn(3, 4), torch.randn(3, 4)),
+    (lambda: app.fast.kernels.apply_rotary(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 4), torch.randn(3, 4), torch.randn(3, 4)),
      "must match q"),
-    (lambda: app.kernels.apply_rotary(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(4, 4), torch.randn(3, 4)),
+    (lambda: app.fast.kernels.apply_rotary(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(4, 4), torch.randn(3, 4)),
      "cos must be \\[T, hd\\]"),
 ])
 def test_bad_inputs_raise_clear_errors(call, message):
@@ -682,7 +682,7 @@ def test_gpu_fused_linear_ce(N, D, V, fp8):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loss = app.kernels.fused_linear_cross_entropy(h, w, targets, fp8=fp8)
+    loss = app.fast.kernels.fused_linear_cross_entropy(h, w, targets, fp8=fp8)
     loss.backward()
     peak = torch.cuda.max_memory_allocated() - base
     # Less than the bf16 logits alone (the fp32 weight gradient, V x D, is the largest buffer); fp8 adds e4m3
@@ -691,7 +691,7 @@ def test_gpu_fused_linear_ce(N, D, V, fp8):
     assert peak < limit, f"fused CE peaked at {peak / 2**20:.0f} MiB, over {limit / 2**20:.0f} MiB"
     # Oracle: the same bf16 matmul, fp32 softmax.
     h_ref, w_ref = _leaf(hidden), _leaf(weight)
-    ref = app.kernels.linear_cross_entropy_reference(h_ref, w_ref, targets)
+    ref = app.fast.kernels.linear_cross_entropy_reference(h_ref, w_ref, targets)
     ref.backward()
     for name, a, b in (("loss", loss, ref), ("dhidden", h.grad, h_ref.grad), ("dweight", w.grad, w_ref.grad)):
         if not fp8:
@@ -707,7 +707,7 @@ def test_gpu_fused_linear_ce(N, D, V, fp8):
 def test_gpu_rms_norm(dtype):
     x = torch.randn(4, 2048, 4096, device="cuda").to(dtype)
     w = (1 + 0.2 * torch.randn(4096, device="cuda")).to(dtype)
-    (y, ), (dx, dw) = _run(lambda a, b: app.kernels.rms_norm(a, b, 1e-5), [x, w])
+    (y, ), (dx, dw) = _run(lambda a, b: app.fast.kernels.rms_norm(a, b, 1e-5), [x, w])
     (y_ref, ), (dx_ref, dw_ref) = _run(lambda a, b: rmsnorm.rms_norm_reference(a, b, 1e-5), [x, w])
     for name, a, b in (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dw, dw_ref)):
         _assert_close(a, b, dtype, f"rms_norm {name}")
@@ -721,7 +721,7 @@ def test_gpu_rotary(dtype):
     q = torch.randn(B, T, H, hd, device="cuda").to(dtype).transpose(1, 2)
     k = torch.randn(B, T, H_kv, hd, device="cuda").to(dtype).transpose(1, 2)
     cos, sin = _rotary_tables(T, hd, dtype, device="cuda")
-    (q_out, k_out), (dq, dk) = _run(lambda a, b: app.kernels.apply_rotary(a, b, cos, sin), [q, k])
+    (q_out, k_out), (dq, dk) = _run(lambda a, b: app.fast.kernels.apply_rotary(a, b, cos, sin), [q, k])
     (q_ref, k_ref), (dq_ref, dk_ref) = _run(lambda a, b: rotary.rotary_reference(a, b, cos, sin), [q, k])
     for name, a, b in (("q", q_out, q_ref), ("k", k_out, k_ref), ("dq", dq, dq_ref), ("dk", dk, dk_ref)):
         _assert_close(a, b, dtype, f"rotary {name}")
@@ -777,8 +777,8 @@ def test_gpu_fp8_linear_compiled_gradients_match_eager():
 
     torch._dynamo.reset()
     plain = grads(block, torch.nn.functional.linear)  # autocast's bf16 matmul
-    eager = grads(block, app.kernels.fp8_linear)
-    compiled = grads(torch.compile(block), app.kernels.fp8_linear)
+    eager = grads(block, app.fast.kernels.fp8_linear)
+    compiled = grads(torch.compile(block), app.fast.kernels.fp8_linear)
     for name, c, e, r in zip(("dx", "dweight", "dnorm"), compiled, eager, plain):
         assert _rel_err(e, r) < 0.06, f"eager fp8 {name}: relative error {_rel_err(e, r):.3f} vs the bf16 matmul"
         # Inductor's fused norm rounds a few inputs differently, and e4m3 turns that into ~1.7% (H100)
@@ -796,7 +796,7 @@ def test_gpu_fp8_linear_keeps_e4m3_precision_under_fast_accumulation(K):
     w = torch.randn(K, K, device="cuda") / K ** 0.5
     g = torch.randn(4096, K, device="cuda")
     x_ref = x.detach().clone().requires_grad_()
-    y, y_ref = app.kernels.fp8_linear(x, w), app.kernels.fp8_linear_reference(x_ref, w)
+    y, y_ref = app.fast.kernels.fp8_linear(x, w), app.fast.kernels.fp8_linear_reference(x_ref, w)
     (y.float() * g).sum().backward()
     (y_ref * g).sum().backward()
     for name, a, b in (("forward", y.float(), y_ref), ("input gradient", x.grad, x_ref.grad)):
@@ -824,8 +824,8 @@ def test_wide_rows_choice_is_installed_and_removed_with_the_kernel_choice():
     from torch._inductor import config
     from torch._inductor.virtualized import V
 
-    from app.kernels.wide_rows import WIDE_ROW_LIMIT
-    from app.model import use_kernels
+    from app.fast.kernels.wide_rows import WIDE_ROW_LIMIT
+    from app.model.gpt import use_kernels
 
     assert config.inductor_choices_class is None
     try:
@@ -855,8 +855,8 @@ def test_auto_kernels_add_wide_rows_only_for_fp8_models():
     kernels when the blocks run in FP8."""
     from torch._inductor import config
 
-    from app.model import KERNELS, ModelConfig, use_kernels
-    from app.trainer import TrainConfig, build_model
+    from app.model.gpt import KERNELS, ModelConfig, use_kernels
+    from app.train.trainer import TrainConfig, build_model
 
     try:
         for fp8 in (False, True):
@@ -875,8 +875,8 @@ def test_gpu_wide_rows_cast_is_one_pass_and_exact():
     a looped reduction) whose result dequantises to the activation within e4m3's precision."""
     from torch._inductor.utils import run_and_get_code
 
-    from app.kernels.fp8_linear import to_fp8_rows
-    from app.model import use_kernels
+    from app.fast.kernels.fp8_linear import to_fp8_rows
+    from app.model.gpt import use_kernels
 
     g, u = (torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     ref = torch.nn.functional.silu(g.float()) * u.float()

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.index_build import IndexConfig, build_index
-from app.shards import Manifest, ShardFormatError, load_manifest, write_shard
+from app.indexing.lmatch_build import IndexConfig, build_index
+from app.data.shards import Manifest, ShardFormatError, load_manifest, write_shard
 from index import lmatch
 from index.lmatch import LMatchIndex, lmatch_against, lmatch_stream, read_lmatch
 

@@ -1,13 +1,13 @@
-"""bf16 weights with fp32 master weights (app/master.py): AdamW's arithmetic, exact checkpoints, the trainer's choice."""
+"""bf16 weights with fp32 master weights (app/train/master.py): AdamW's arithmetic, exact checkpoints, the trainer's choice."""
 import copy
 
 import pytest
 import torch
 
 from app.config import ConfigError
-from app.master import MasterAdamW, _chunks
-from app.model import GPT, ModelConfig
-from app.trainer import TrainConfig, make_optimizer, uses_bf16_weights
+from app.train.master import MasterAdamW, _chunks
+from app.model.gpt import GPT, ModelConfig
+from app.train.trainer import TrainConfig, make_optimizer, uses_bf16_weights
 
 CFG = dict(vocab_size=256, n_layer=2, n_head=4, d_model=64, max_seq_len=32)
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
@@ -142,7 +142,7 @@ def test_trainer_choice_and_conflicts():
 def test_checkpoint_holds_the_masters_and_resumes_with_or_without_them(tmp_path):
     """model.pt holds the fp32 masters: a MasterAdamW run resumes bitwise, and an fp32 AdamW run resumes from
     exactly the masters (not their bf16 rounding) with no stale master state."""
-    from app import checkpoint
+    from app.train import checkpoint
 
     batches = _batches(3)
     m = _model()

@@ -1,4 +1,4 @@
-"""Memory options (app/parallel.py, app/offload.py, app/memory_plan.py): same numbers, less memory."""
+"""Memory options (app/train/parallel.py, app/train/offload.py, app/train/memory_plan.py): same numbers, less memory."""
 import copy
 import copy
 import os
@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from app.memory_plan import MemoryConfig, estimate, layer_activation_bytes, num_params, plan
-from app.model import GPT, ModelConfig, rotary_tables
-from app.offload import CPUOffloadAdamW, build
-from app.parallel import (ActivationOffloader, apply_activation_offload, apply_checkpointing, full_state_dicts,
+from app.train.memory_plan import MemoryConfig, estimate, layer_activation_bytes, num_params, plan
+from app.model.gpt import GPT, ModelConfig, rotary_tables
+from app.train.offload import CPUOffloadAdamW, build
+from app.train.parallel import (ActivationOffloader, apply_activation_offload, apply_checkpointing, full_state_dicts,
                           parallelize, set_full_state_dicts)
 
 CFG = dict(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, d_model=64, ffn_hidden=128, max_seq_len=64)
@@ -280,7 +280,7 @@ def test_planner_monotonic_and_tiny_needs_nothing():
 
 
 def test_estimate_with_bf16_master_weights():
-    """bf16 weights with fp32 masters (app/master.py): 16 bytes per parameter (fp32 weights hold 18 with
+    """bf16 weights with fp32 masters (app/train/master.py): 16 bytes per parameter (fp32 weights hold 18 with
     autocast's bf16 copies), the bf16 residual stream's activations (the CPU optimizer's count), and no
     effect where offload or FSDP decide."""
     P = num_params(ModelConfig.preset("gpt2-1.5b"))

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from app.config import ConfigError, parse_config
-from app.generate import generate
-from app.model import GPT, KVCache, ModelConfig, use_kernels
-from app.trainer import TrainConfig, model_config
+from app.serve.generate import generate
+from app.model.gpt import GPT, KVCache, ModelConfig, use_kernels
+from app.train.trainer import TrainConfig, model_config
 from tests.conftest import cpu_rowwise_fp8
 
 V = 300  # true vocabulary of the test models; padded to 384
@@ -253,10 +253,10 @@ def test_concatenated_projections_compute_the_same_model():
 def test_fp8_relu2_mlp_kernel_computes_the_same_model(monkeypatch):
     """kernels=mlp (the FP8 ReLU² feed-forward as one function) changes neither the loss nor any gradient of an
     FP8 model; FP8 forced on here, where CPU `torch._scaled_mm` runs it."""
-    import app.kernels
-    monkeypatch.setattr(app.kernels, "fp8_fits", lambda x, w: True)
-    calls, mlp = [], app.kernels.fp8_relu2_mlp
-    monkeypatch.setattr(app.kernels, "fp8_relu2_mlp", lambda *a: calls.append(1) or mlp(*a))
+    import app.fast.kernels
+    monkeypatch.setattr(app.fast.kernels, "fp8_fits", lambda x, w: True)
+    calls, mlp = [], app.fast.kernels.fp8_relu2_mlp
+    monkeypatch.setattr(app.fast.kernels, "fp8_relu2_mlp", lambda *a: calls.append(1) or mlp(*a))
     idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
     results = []
     for spec in ("none", "mlp"):

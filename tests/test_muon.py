@@ -1,13 +1,13 @@
-"""Muon (app/muon.py): the orthogonalisation, the update rule, the AdamW half, state round trips."""
+"""Muon (app/train/muon.py): the orthogonalisation, the update rule, the AdamW half, state round trips."""
 import copy
 
 import pytest
 import torch
 
 from app.config import ConfigError, from_dict, parse_config
-from app.model import GPT, ModelConfig
-from app.muon import Muon, muon_params, orthogonalize
-from app.trainer import TrainConfig, make_optimizer
+from app.model.gpt import GPT, ModelConfig
+from app.train.muon import Muon, muon_params, orthogonalize
+from app.train.trainer import TrainConfig, make_optimizer
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (64, 16), (16, 48), (3, 24, 40)])

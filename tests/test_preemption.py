@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from app.preemption import PreemptionWatcher, aws_spot_notice
+from app.train.preemption import PreemptionWatcher, aws_spot_notice
 
 
 @pytest.fixture

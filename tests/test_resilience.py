@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from app import checkpoint
-from app.trainer import TrainConfig, list_checkpoints, train
+from app.train import checkpoint
+from app.train.trainer import TrainConfig, list_checkpoints, train
 
 
 def cfg_for(data, tmp_path, name, **kw) -> TrainConfig:

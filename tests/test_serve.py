@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from app.config import parse_config
-from app.engine import Engine, EngineFull, SamplingParams
-from app.export import export_model
-from app.generate import generate
-from app.model import GPT, ModelConfig
-from app.tokenizer import load_tokenizer, train_bpe
+from app.serve.engine import Engine, EngineFull, SamplingParams
+from app.model.export import export_model
+from app.serve.generate import generate
+from app.model.gpt import GPT, ModelConfig
+from app.data.tokenizer import load_tokenizer, train_bpe
 
 PROJECT = Path(__file__).resolve().parents[1]
 V = 300  # vocabulary of the engine-level models
@@ -192,7 +192,7 @@ def export_dir(tmp_path_factory, shared_data) -> str:
 def server(ray_session, export_dir):
     from ray import serve
 
-    from app import serve as app_serve
+    from app.serve import deployment as app_serve
 
     url = app_serve.start(app_serve.ServeArgs(model=export_dir, max_tokens_limit=64, max_batch=8, max_queue=32),
                           port=_free_port())
@@ -205,7 +205,7 @@ def small_server(server, export_dir, tmp_path_factory):
     """A second app on the same Serve: a long-context model, one slot, no queue, an API key."""
     from ray import serve
 
-    from app.serve import ServeArgs, build_app
+    from app.serve.deployment import ServeArgs, build_app
 
     d = tmp_path_factory.mktemp("long")
     path = _export(d / "export", Path(export_dir) / "tokenizer.json",
@@ -335,7 +335,7 @@ def test_the_openai_client_chat(server):
 
 
 def test_chat_template():
-    from app.serve import ChatMessage, chat_prompt
+    from app.serve.deployment import ChatMessage, chat_prompt
 
     text = chat_prompt([ChatMessage(role="system", content="S"), ChatMessage(role="user", content="Hi")])
     assert text == "System: S\n\nUser: Hi\n\nAssistant:"
@@ -431,7 +431,7 @@ def test_a_hostile_client_cannot_stall_the_server(server):
 
 
 def test_post_json_raises_with_the_servers_message(server):
-    from app.serve import post_json
+    from app.serve.deployment import post_json
 
     with pytest.raises(RuntimeError, match="HTTP 400: temperature"):
         post_json(server + "/v1/completions", {"prompt": "x", "temperature": -2})
@@ -483,7 +483,7 @@ def test_auth_429_and_disconnect_free_the_slot(small_server):
 
 
 def test_a_retrieval_model_needs_an_index(tmp_path, export_dir):
-    from app.serve import CompletionService, ServeArgs
+    from app.serve.deployment import CompletionService, ServeArgs
 
     tok_file = Path(export_dir) / "tokenizer.json"
     vocab = load_tokenizer(str(tok_file)).get_vocab_size()
@@ -493,7 +493,7 @@ def test_a_retrieval_model_needs_an_index(tmp_path, export_dir):
 
 
 def test_start_refuses_a_path_without_an_export(tmp_path):
-    from app.serve import ServeArgs, start
+    from app.serve.deployment import ServeArgs, start
 
     with pytest.raises(FileNotFoundError, match="not a model export"):
         start(ServeArgs(model=str(tmp_path)), port=_free_port())
@@ -507,7 +507,7 @@ def test_the_serve_config_file_builds_the_app():
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
 
-    from app.serve import ServeArgs, build_app, deployment_options
+    from app.serve.deployment import ServeArgs, build_app, deployment_options
 
     cfg = ServeDeploySchema.model_validate(yaml.safe_load((PROJECT / "serve_config.yaml").read_text()))
     module, attr = cfg.applications[0].import_path.split(":")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from app.shards import HEADER_BYTES, ShardFormatError, load_manifest, read_shard, write_shard
+from app.data.shards import HEADER_BYTES, ShardFormatError, load_manifest, read_shard, write_shard
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])

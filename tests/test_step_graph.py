@@ -5,12 +5,12 @@ import contextlib
 import pytest
 import torch
 
-import app.kernels
+import app.fast.kernels
 from app.config import ConfigError, from_dict
-from app.data import Batch
-from app.model import GPT, ModelConfig, use_kernels
-from app.step_graph import StepGraph
-from app.trainer import (CosineSchedule, TrainConfig, add_grads, build_model, forward_backward, graph_fits,
+from app.data.loader import Batch
+from app.model.gpt import GPT, ModelConfig, use_kernels
+from app.fast.step_graph import StepGraph
+from app.train.trainer import (CosineSchedule, TrainConfig, add_grads, build_model, forward_backward, graph_fits,
                          make_optimizer, optimizer_step, step_function)
 
 V, T, B = 96, 32, 4
@@ -50,7 +50,7 @@ def cfg(**kw) -> TrainConfig:
 def test_tuned_compile_mode_is_the_default_mode_with_coordinate_descent_tuning():
     """compile_mode=tuned: torch.compile's default mode plus an Inductor option that torch accepts (an unknown
     option name would raise at the first call), and it nests in the step's own CUDA graph."""
-    from app.parallel import compile_kwargs
+    from app.train.parallel import compile_kwargs
     assert compile_kwargs("default") == {} and compile_kwargs("reduce-overhead") == {"mode": "reduce-overhead"}
     assert compile_kwargs("tuned") == {"options": {"coordinate_descent_tuning": True}}
     cfg(cuda_graph="true", compile_mode="tuned").validate()
@@ -144,7 +144,7 @@ def test_fp8_weights_cast_once_per_step_give_the_same_gradients_and_compile_once
         model = GPT(ModelConfig.preset("tiny", vocab_size=V, d_model=128, max_seq_len=T, fp8=True,
                                        attn_windows=windows)).to(dev)
         model.init_weights()
-        fwd, cast = torch.compile(model), torch.compile(app.kernels.fp8_weights)
+        fwd, cast = torch.compile(model), torch.compile(app.fast.kernels.fp8_weights)
         autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
         micro = [Batch(b.inputs.to(dev), b.targets.to(dev)) for b in batches(1, accum=2, device="cpu")[0]]
         inline = _grads(fwd, micro, dev, autocast)
@@ -192,7 +192,7 @@ def test_fp8_groups_follow_the_products_each_layer_runs(kernels):
         use_kernels("none")
 
 
-# AdamW on fp32 weights, AdamW over fp32 masters of bf16 weights (app/master.py), Muon
+# AdamW on fp32 weights, AdamW over fp32 masters of bf16 weights (app/train/master.py), Muon
 OPTIMIZERS = [dict(optimizer="adamw", bf16_weights="false"), dict(optimizer="adamw", bf16_weights="true"),
               dict(optimizer="muon")]
 

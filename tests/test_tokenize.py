@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app import corpus
-from app.corpus import InputError, TokenizeConfig, tokenize_corpus
-from app.shards import read_shard
-from app.tokenizer import load_tokenizer
+from app.data import corpus
+from app.data.corpus import InputError, TokenizeConfig, tokenize_corpus
+from app.data.shards import read_shard
+from app.data.tokenizer import load_tokenizer
 
 DOCS = [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(i % 40 + 3)) for i in range(300)]
 

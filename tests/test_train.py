@@ -8,13 +8,14 @@ import time
 import pytest
 import torch
 
-from app import checkpoint, storage
+from app import storage
+from app.train import checkpoint
 from app.config import ConfigError
-from app.data import TokenStream, eval_batches
-from app.export import load_exported
-from app.model import GPT
-from app.shards import load_manifest
-from app.trainer import TrainConfig, list_checkpoints, model_config, train
+from app.data.loader import TokenStream, eval_batches
+from app.model.export import load_exported
+from app.model.gpt import GPT
+from app.data.shards import load_manifest
+from app.train.trainer import TrainConfig, list_checkpoints, model_config, train
 
 
 def train_cfg(data, tmp_path, **kw) -> TrainConfig:
@@ -148,9 +149,9 @@ def test_index_feeds_lmatch_ids(shakespeare_shards, tmp_path):
     and the retrieval feature lowers the validation loss of the same short run."""
     import shutil
 
-    from app.data import BatchPlan, TrainLoader
-    from app.index_build import IndexConfig, build_index
-    from app.data import match_stream
+    from app.data.loader import BatchPlan, TrainLoader
+    from app.indexing.lmatch_build import IndexConfig, build_index
+    from app.data.loader import match_stream
     from index.lmatch import lmatch_paths, read_lmatch
 
     data = str(tmp_path / "shards")

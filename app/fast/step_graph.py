@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from app.data import Batch
+from app.data.loader import Batch
 
 StepBody = Callable[[list[Batch]], tuple[torch.Tensor, torch.Tensor]]  # batches -> (mean loss, grad norm)
 

@@ -18,7 +18,7 @@ tensor back (the new tokens); free rows inside the bucket are computed and ignor
 Memory is bounded: the KV cache is allocated once ([max_batch, heads, max_len, head_dim] per layer),
 at most `max_batch` sequences are active and `max_queue` wait; `submit` raises `EngineFull` (with a
 retry-after estimate) beyond that. Sampling is per row from the sequence's own seeded uniforms
-(app.generate.sample_tokens), so a seed gives the same tokens alone, batched, or through `generate`.
+(app.serve.generate.sample_tokens), so a seed gives the same tokens alone, batched, or through `generate`.
 
 Optional retrieval hooks (objects, no import of the index code here):
 - `lmatch.lookup(context_ids) -> (next_id, match_len)`: the model's lmatch input of each position
@@ -28,7 +28,7 @@ Optional retrieval hooks (objects, no import of the index code here):
   neighbours' next ids (ids < 0 are ignored); `hidden` is the final norm's output (the lm_head input).
 Time spent in both is counted per sequence (`Sequence.index_ms`).
 
-No Ray here: app/serve.py wraps this in a Serve deployment; bench/serve_load.py drives it directly.
+No Ray here: app/serve/deployment.py wraps this in a Serve deployment; bench/serve_load.py drives it directly.
 """
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ from typing import Any, Callable, Iterator, Protocol, Sequence as Seq
 
 import torch
 
-from app.generate import check_args, forward_last, sample_tokens, sampling_kind, uniforms
+from app.serve.generate import check_args, forward_last, sample_tokens, sampling_kind, uniforms
 from app.log import get_logger
-from app.model import GPT, KVCache
+from app.model.gpt import GPT, KVCache
 
 log = get_logger(__name__)
 
@@ -102,7 +102,7 @@ class Sequence:
         self.error: str | None = None
         self.slot: int | None = None
         self.budget = 0
-        self.kind = "greedy"  # app.generate.sampling_kind of the params
+        self.kind = "greedy"  # app.serve.generate.sampling_kind of the params
         self.stops: frozenset[int] = frozenset()  # token ids that end it
         self.index_ms = 0.0  # time in the lmatch / kNN hooks for this sequence
         self.t_submit = time.monotonic()

@@ -5,17 +5,17 @@ Every Triton-backed function runs its Triton kernels when its tensors are on CUD
 interpreter: TRITON_INTERPRET=1 or SPOTLM_TRITON_INTERPRET_TEST=1 set before import) and its reference otherwise.
 `fp8_linear` runs `torch._scaled_mm` wherever it is called; callers check `fp8_fits` on CUDA.
 """
-from app.kernels.fused_linear_ce import (
+from app.fast.kernels.fused_linear_ce import (
     default_chunk_size,
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
 )
-from app.kernels.fp8_qkv import fp8_qkv_rotary, qkv_grad_rows, qkv_grad_rows_reference
-from app.kernels.fp8_linear import Fp8Weight, fp8_fits, fp8_linear, fp8_linear_reference, fp8_weights
-from app.kernels.fp8_relu2 import fp8_relu2_mlp
-from app.kernels.rmsnorm import rms_norm, rms_norm_reference
-from app.kernels.rotary import apply_rotary, rotary_reference
-from app.kernels.sliding_attention import window_attention, window_attention_reference
+from app.fast.kernels.fp8_qkv import fp8_qkv_rotary, qkv_grad_rows, qkv_grad_rows_reference
+from app.fast.kernels.fp8_linear import Fp8Weight, fp8_fits, fp8_linear, fp8_linear_reference, fp8_weights
+from app.fast.kernels.fp8_relu2 import fp8_relu2_mlp
+from app.fast.kernels.rmsnorm import rms_norm, rms_norm_reference
+from app.fast.kernels.rotary import apply_rotary, rotary_reference
+from app.fast.kernels.sliding_attention import window_attention, window_attention_reference
 
 __all__ = [
     "Fp8Weight",

@@ -72,7 +72,7 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
-        lr = group["lr"]  # a float, or a device tensor inside a captured CUDA graph (app.step_graph)
+        lr = group["lr"]  # a float, or a device tensor inside a captured CUDA graph (app.fast.step_graph)
         grads = [p.grad for p in params]
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from app.kernels.backend import jit, next_power_of_2, tl, unit_last, use_triton
-from app.kernels.fp8_linear import E4M3, Fp8Weight, fp8_backward, fp8_forward, to_fp8_rows
-from app.kernels.rotary import rotate_half
+from app.fast.kernels.backend import jit, next_power_of_2, tl, unit_last, use_triton
+from app.fast.kernels.fp8_linear import E4M3, Fp8Weight, fp8_backward, fp8_forward, to_fp8_rows
+from app.fast.kernels.rotary import rotate_half
 
 
 def rotary_backward_reference(d: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

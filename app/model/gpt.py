@@ -19,9 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from app import kernels
+from app.fast import kernels
 from app.config import ConfigError
-from app.kernels.fp8_linear import on_fp8_gpu
+from app.fast.kernels.fp8_linear import on_fp8_gpu
 
 VOCAB_MULTIPLE = 128  # embedding / lm_head rows are padded to this multiple: faster matmuls
 FFN_MULTIPLE = 256  # the Llama rule rounds the SwiGLU width up to this multiple
@@ -68,7 +68,7 @@ def use_kernels(spec: str) -> KernelChoice:
     for name in KERNEL_NAMES:
         setattr(KERNELS, name, name in names)
     if KERNELS.rows or rows_before:  # (importing Inductor only where it matters)
-        from app.kernels.wide_rows import use_wide_rows
+        from app.fast.kernels.wide_rows import use_wide_rows
 
         use_wide_rows(KERNELS.rows)
     return KERNELS

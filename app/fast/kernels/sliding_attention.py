@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from app.kernels.backend import jit, tl, triton, unit_last, use_triton
+from app.fast.kernels.backend import jit, tl, triton, unit_last, use_triton
 
 BLOCK = 64  # queries per program and keys per step, both passes
 HEAD_DIMS = (16, 32, 64, 128)  # head sizes the kernels take (tl.arange needs a power of two; >= 16 for tl.dot)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from app.kernels.backend import INTERPRET, jit, next_power_of_2, tl, use_triton
-from app.kernels.fp8_linear import E4M3, Fp8Weight, fp8_forward, fp8_product, fp8_weight, to_fp8_rows, weight_grads
-from app.kernels.fp8_qkv import _e4m3, _round_bits, _row_scale
+from app.fast.kernels.backend import INTERPRET, jit, next_power_of_2, tl, use_triton
+from app.fast.kernels.fp8_linear import E4M3, Fp8Weight, fp8_forward, fp8_product, fp8_weight, to_fp8_rows, weight_grads
+from app.fast.kernels.fp8_qkv import _e4m3, _round_bits, _row_scale
 
 MAX_WIDTH = 16384  # widest hidden row a program holds in registers; wider rows take the references
 

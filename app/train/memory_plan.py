@@ -1,9 +1,9 @@
 """Memory options of a training run (`MemoryConfig`) and a planner that picks the fastest set that fits.
 
-    python -m app.memory_plan --preset llama3-8b --gpu_gb 80 --seq_len 131072
+    python -m app.train.memory_plan --preset llama3-8b --gpu_gb 80 --seq_len 131072
 
 How the activation numbers were calibrated: the per-token, per-layer bytes below are not a fit but a count
-of the tensors autograd saves in one `Block` of app/model.py, for each checkpointing mode and for both
+of the tensors autograd saves in one `Block` of app/model/gpt.py, for each checkpointing mode and for both
 residual dtypes (fp32 parameters under bf16 autocast: r = 4; bf16 parameters: r = 2). They were checked,
 byte for byte, against `torch.autograd.graph.saved_tensors_hooks` counts of the real block on CPU
 (tests/test_memory.py::test_activation_formula_matches_saved_tensors re-checks it on several shapes; the
@@ -30,7 +30,7 @@ GiB = 1 << 30
 class MemoryConfig:
     """How one training step uses GPU memory. Everything is off by default (each option costs speed)."""
 
-    auto: bool = False  # let the planner choose the options below from the GPU's memory (app.memory_plan.plan)
+    auto: bool = False  # let the planner choose the options below from the GPU's memory (app.train.memory_plan.plan)
     checkpointing: str = "none"  # none | selective (recompute norms and the SwiGLU product) | full (whole blocks)
     mlp_chunk: int = 0  # checkpointing=full: run the MLP over checkpointed tiles of this many tokens (0 = whole)
     offload_activations: bool = False  # saved activations (with full checkpointing: the block inputs) to pinned CPU memory
@@ -74,7 +74,7 @@ class MemoryConfig:
 # dup, dproduct).
 TRANSIENT_D, TRANSIENT_F = 12, 2  # 3 residual-wide grads (x r bytes / 4 here: 12 -> 3 r d)
 ALLOCATOR_SLACK = 1.08  # caching-allocator fragmentation on top of the live bytes
-OFFLOAD_RING_BYTES = 4 * 16 * 2**20 * 2 * 2  # app.offload: 4 pinned slots x 16M bf16 elements, grads + params
+OFFLOAD_RING_BYTES = 4 * 16 * 2**20 * 2 * 2  # app.train.offload: 4 pinned slots x 16M bf16 elements, grads + params
 CUDA_CONTEXT_GB = 0.6  # CUDA context + cuBLAS workspaces are outside max_memory_allocated, but not outside the GPU
 
 
@@ -101,7 +101,7 @@ class Plan:
     fused_loss: bool
     estimate: Estimate
     fits: bool
-    step_s: float  # estimated seconds per step (app.memory_plan.step_seconds)
+    step_s: float  # estimated seconds per step (app.train.memory_plan.step_seconds)
     gpu_gb: float
     considered: list[dict[str, Any]] = field(default_factory=list)
 
@@ -112,7 +112,7 @@ class Plan:
 
 
 def _shape(preset_or_cfg):
-    from app.model import ModelConfig
+    from app.model.gpt import ModelConfig
 
     if isinstance(preset_or_cfg, str):
         return ModelConfig.preset(preset_or_cfg)
@@ -156,7 +156,7 @@ def layer_activation_bytes(cfg, checkpointing: str, residual_bytes: int) -> floa
 def estimate(preset_or_cfg, seq_len: int, batch: int = 1, mem: MemoryConfig | None = None, *,
              fused_loss: bool = True, world_size: int = 1, master_weights: bool = False) -> Estimate:
     """Peak GPU bytes (and host bytes) of one training step (forward, backward, AdamW step) under `mem`.
-    `master_weights`: bf16 weights and gradients with fp32 masters on the GPU (app/master.py) where `mem`
+    `master_weights`: bf16 weights and gradients with fp32 masters on the GPU (app/train/master.py) where `mem`
     has neither the CPU optimizer nor FSDP (which bring their own mixed precision)."""
     cfg = _shape(preset_or_cfg)
     mem = mem or MemoryConfig()
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab_size", type=int, default=0)
     ap.add_argument("--all", action="store_true", help="print every option set considered")
     a = ap.parse_args(argv)
-    from app.model import ModelConfig
+    from app.model.gpt import ModelConfig
 
     cfg = ModelConfig.preset(a.preset, **({"vocab_size": a.vocab_size} if a.vocab_size else {}))
     p = plan(cfg, a.gpu_gb, a.seq_len, a.batch, host_gb=a.host_gb, fused_loss=not a.no_fused_loss,

@@ -2,8 +2,8 @@
 
 A checkpoint directory holds `model.pt`, `optimizer.pt`, `scheduler.pt`, `rng.pt` and
 `state.json` (step, data position, config), `ema.pt` when the run averages its weights, then `DONE`, written last: a directory without it is
-incomplete and is never loaded. When the optimizer keeps fp32 master weights of bf16 ones (app/master.py,
-app/offload.py), `model.pt` holds the masters, so a run resumed without them continues from the exact weights.
+incomplete and is never loaded. When the optimizer keeps fp32 master weights of bf16 ones (app/train/master.py,
+app/train/offload.py), `model.pt` holds the masters, so a run resumed without them continues from the exact weights.
 """
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from app import storage
-from app.ema import WeightEMA
+from app.train.ema import WeightEMA
 from app.log import get_logger
 
 log = get_logger(__name__)
 
 DONE = "DONE"
 FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
-EMA = "ema.pt"  # the weight average, in checkpoints of runs that keep one (app/ema.py)
+EMA = "ema.pt"  # the weight average, in checkpoints of runs that keep one (app/train/ema.py)
 
 
 class CheckpointError(RuntimeError):
@@ -75,7 +75,7 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def keeps_masters(optimizer: torch.optim.Optimizer | None) -> bool:
-    """Whether the optimizer keeps fp32 master weights of the model's bf16 ones (app/master.py, app/offload.py)."""
+    """Whether the optimizer keeps fp32 master weights of the model's bf16 ones (app/train/master.py, app/train/offload.py)."""
     return hasattr(optimizer, "master_state_dict")
 
 

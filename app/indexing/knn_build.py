@@ -18,7 +18,7 @@ from typing import Any
 from app import storage
 from app.config import ConfigError, to_dict
 from app.log import get_logger
-from app.shards import load_manifest
+from app.data.shards import load_manifest
 
 log = get_logger(__name__)
 
@@ -74,9 +74,9 @@ def embed_shard(model_path: str, data: str, split: str, windows: list[tuple[int,
     """One task: the model over `windows`, written as key shard `i`. Returns its row count."""
     import torch
 
-    from app.data import TokenStream
-    from app.data import match_stream
-    from app.evaluate import embed_windows, load_model
+    from app.data.loader import TokenStream
+    from app.data.loader import match_stream
+    from app.indexing.evaluate import embed_windows, load_model
     from index.knn import key_shard_done, read_key_shard, write_key_shard
 
     if key_shard_done(shard_dir, i):
@@ -94,8 +94,8 @@ def build_knn(cfg: KnnBuildConfig) -> dict[str, Any]:
     """Build (or finish) `<out>/knn/`; returns its meta. Runs on the Ray that is initialised (or starts one)."""
     import ray
 
-    from app.data import match_stream
-    from app.evaluate import load_model, resolve_model
+    from app.data.loader import match_stream
+    from app.indexing.evaluate import load_model, resolve_model
     from index import knn
 
     t0 = time.perf_counter()

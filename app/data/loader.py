@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from app.shards import Manifest, read_shard
+from app.data.shards import Manifest, read_shard
 
 
 class TokenStream:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from app.kernels.backend import jit, next_power_of_2, num_warps_for, tl, unit_last, use_triton
+from app.fast.kernels.backend import jit, next_power_of_2, num_warps_for, tl, unit_last, use_triton
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

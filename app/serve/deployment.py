@@ -4,7 +4,7 @@ Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: 
 events in OpenAI's chunk format ending with `data: [DONE]`, `n`, `stop`, `logprobs`, `seed`),
 `GET /v1/models`, `GET /healthz` (503 when the engine loop has died), `GET /stats` (engine counters).
 
-Each replica runs one `app.engine.Engine` (continuous batching in a background thread); the request
+Each replica runs one `app.serve.engine.Engine` (continuous batching in a background thread); the request
 handlers only tokenize, submit and follow their sequences. A full engine answers 429 with a
 `Retry-After` header; a request that runs past `request_timeout_s` gets a 504; a client that goes away
 cancels its sequences (their KV slots are freed at the next step). Every refused request gets an
@@ -17,7 +17,7 @@ appended; generation also stops at `"\\nUser:"` (the model starting the next use
 Auth: with `api_key` in ServeArgs (or the replica's env SPOTLM_API_KEY), the /v1 routes need
 `Authorization: Bearer <key>` (401 otherwise); /healthz stays open for load balancers.
 
-`build_app(args)` is a typed app builder (`import_path: app.serve:build_app` in a Serve config);
+`build_app(args)` is a typed app builder (`import_path: app.serve.deployment:build_app` in a Serve config);
 importing this module reads no environment and touches no network. (No postponed annotations here:
 FastAPI resolves the handlers' parameter types at import.)
 """
@@ -270,8 +270,8 @@ class CompletionService:
     def __init__(self, args: ServeArgs):
         import torch
 
-        from app.engine import Engine
-        from app.export import load_exported
+        from app.serve.engine import Engine
+        from app.model.export import load_exported
 
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
@@ -364,7 +364,7 @@ class CompletionService:
 
     def submit(self, req, prompts: list[list[int]]) -> list:
         """The engine sequences of `req`: choice i = prompt i // n, seed + i % n."""
-        from app.engine import EngineFull, SamplingParams
+        from app.serve.engine import EngineFull, SamplingParams
 
         if isinstance(req, ChatCompletionRequest):
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -700,7 +700,7 @@ def start(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Deploy the app on the connected Ray, listening on host:port; returns the URL clients on this
     machine use. A relative local model path is made absolute (replicas run in another directory);
     FileNotFoundError, before anything is deployed, when it holds no export."""
-    from app.export import CONFIG
+    from app.model.export import CONFIG
 
     model = storage.absolute(args.model)
     if not storage.exists(storage.join(model, CONFIG)):

@@ -21,8 +21,8 @@ import numpy as np
 from app import storage
 from app.config import ConfigError, to_dict
 from app.log import get_logger
-from app.shards import Manifest, ShardFormatError, encode_shard, load_manifest, read_shard
-from app.tokenizer import eot_id, load_tokenizer, token_dtype, tokenizer_sha256, train_bpe, train_chars
+from app.data.shards import Manifest, ShardFormatError, encode_shard, load_manifest, read_shard
+from app.data.tokenizer import eot_id, load_tokenizer, token_dtype, tokenizer_sha256, train_bpe, train_chars
 
 log = get_logger(__name__)
 SPLITS = ("train", "val")

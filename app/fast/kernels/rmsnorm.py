@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from app.kernels.backend import jit, next_power_of_2, num_programs, num_warps_for, tl, use_triton
+from app.fast.kernels.backend import jit, next_power_of_2, num_programs, num_warps_for, tl, use_triton
 
 _MAX_D = 65536  # one program holds a whole row; wider rows take the reference
 

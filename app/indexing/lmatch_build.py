@@ -24,7 +24,7 @@ import numpy as np
 from app import storage
 from app.config import ConfigError
 from app.log import get_logger
-from app.shards import ShardFormatError, load_manifest
+from app.data.shards import ShardFormatError, load_manifest
 
 log = get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """KV-cached sampling from a GPT: greedy, temperature, top-k, top-p, seeded, streaming one token at a time.
 
-The two pieces here are shared with the batching engine (app/engine.py), so one sequence generated
+The two pieces here are shared with the batching engine (app/serve/engine.py), so one sequence generated
 alone and the same sequence generated in a batch go through the same code:
 - `forward_last`: a forward through a KV cache (or a slot view of one) that returns the logits and
   final hidden state of one position per row only (the [B, T, vocab] logits of a prefill are never made);
@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from app.model import GPT, KVCache, KVSlots
+from app.model.gpt import GPT, KVCache, KVSlots
 
 LmatchFn = Callable[[Sequence[int]], int]  # tokens so far (ending at a position) -> that position's lmatch id
 

@@ -2,7 +2,7 @@
 kNN-LM interpolation, both); also the shared pieces of the kNN build: loading a model from an export or
 a run dir, capturing final hidden states, and the lmatch ids aligned with a split.
 
-Every number is a token-weighted mean over the same fixed windows `app.data.eval_batches` gives
+Every number is a token-weighted mean over the same fixed windows `app.data.loader.eval_batches` gives
 (non-overlapping windows of `seq_len` + 1 tokens from the start of the split), so the plain loss is
 exactly the model's mean cross-entropy there (over its padded vocabulary, as in training).
 """
@@ -21,10 +21,10 @@ import torch
 
 from app import storage
 from app.config import ConfigError, from_dict, to_dict
-from app.data import TokenStream, eval_batches, match_stream
+from app.data.loader import TokenStream, eval_batches, match_stream
 from app.log import get_logger
-from app.model import GPT, ModelConfig
-from app.shards import Manifest, load_manifest
+from app.model.gpt import GPT, ModelConfig
+from app.data.shards import Manifest, load_manifest
 
 log = get_logger(__name__)
 
@@ -56,7 +56,7 @@ def resolve_model(path: str) -> tuple[str, str]:
         return "export", path
     if storage.exists(storage.join(path, "export", "config.json")):
         return "export", storage.join(path, "export")
-    from app.checkpoint import DONE
+    from app.train.checkpoint import DONE
 
     try:
         done = sorted(f.rsplit("/", 1)[0] for f in storage.list_files(path) if f.endswith("/" + DONE)
@@ -79,11 +79,11 @@ def load_model(path: str, device: str = "cpu", data: str | None = None) -> Loade
     the dataset's vocabulary: `data` overrides the run's dataset), in eval mode, float32."""
     kind, src = resolve_model(path)
     if kind == "export":
-        from app.export import WEIGHTS, load_exported
+        from app.model.export import WEIGHTS, load_exported
 
         ex = load_exported(src, device=device, dtype=torch.float32)
         return LoadedModel(ex.model, ex.config, src, kind, _sha256(storage.join(src, WEIGHTS)), ex.meta)
-    from app.trainer import TrainConfig, model_config
+    from app.train.trainer import TrainConfig, model_config
 
     local = storage.local_dir(src)
     state = storage.read_json(os.path.join(local, "state.json"))

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from app.memory_plan import MemoryConfig
+from app.train.memory_plan import MemoryConfig
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ def resolve_memory(mem: MemoryConfig, mcfg, seq_len: int, micro_batch: int, devi
     """`mem`, or with `mem.auto` the planner's choice for this GPU's memory and this host's RAM (on CPU:
     no option, as CPU runs are small). `master_weights`: the run keeps bf16 weights with fp32 masters
     where the chosen options allow (`memory_plan.estimate`)."""
-    from app.memory_plan import resolve
+    from app.train.memory_plan import resolve
 
     device = torch.device(device)
     if not mem.auto:
@@ -352,8 +352,8 @@ def resolve_memory(mem: MemoryConfig, mcfg, seq_len: int, micro_batch: int, devi
 
 def make_offload_optimizer(model: nn.Module, groups: list[dict], mem: MemoryConfig, *, lr: float, betas,
                            weight_decay: float):
-    """The CPU-offloaded AdamW (app.offload) for `mem.offload_optimizer`; casts the model's weights to bf16 on CUDA."""
-    from app.offload import build
+    """The CPU-offloaded AdamW (app.train.offload) for `mem.offload_optimizer`; casts the model's weights to bf16 on CUDA."""
+    from app.train.offload import build
 
     return build(model, groups, lr=lr, betas=betas, weight_decay=weight_decay, mode=mem.optimizer_mode,
                  state_dtype=mem.optimizer_state_dtype)

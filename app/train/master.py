@@ -12,7 +12,7 @@ many as fp32 weights and gradients hold, and no autocast copy of every weight in
 The update is torch.optim.AdamW's own (the functional `adam` with decoupled weight decay, fused kernels), run
 on the masters with the gradients cast to fp32, so a step from the same master and gradient is bitwise the
 same as `torch.optim.AdamW(fused=True)`'s. The state lives under each model parameter (`master`, `exp_avg`,
-`exp_avg_sq`, `step`), so checkpoints, `load_state_dict` and the CUDA-graph step (`app/step_graph.py`, which
+`exp_avg_sq`, `step`), so checkpoints, `load_state_dict` and the CUDA-graph step (`app/fast/step_graph.py`, which
 snapshots and restores the state of the model's parameters around its warm-up) see it like any optimizer's.
 """
 from __future__ import annotations

@@ -27,8 +27,8 @@ from tokenizers import Tokenizer
 from app import storage
 from app.config import from_dict, to_dict
 from app.log import get_logger
-from app.model import GPT, ModelConfig
-from app.tokenizer import eot_id, load_tokenizer
+from app.model.gpt import GPT, ModelConfig
+from app.data.tokenizer import eot_id, load_tokenizer
 
 log = get_logger(__name__)
 
@@ -84,10 +84,10 @@ def export_model(model: GPT, out_dir: str, tokenizer_file: str, meta: dict[str, 
     if any(0 < model.cfg.window(i) < model.cfg.max_seq_len for i in range(model.cfg.n_layer)):
         log.warning("%s: this model attends through sliding windows (attn_windows=%s), which Hugging Face "
                     "transformers ignores (its Llama runs every layer as full attention, so it computes another "
-                    "function): load it with app.export.load_exported", out_dir, model.cfg.attn_windows)
+                    "function): load it with app.model.export.load_exported", out_dir, model.cfg.attn_windows)
     if model.cfg.mlp != "swiglu":
         log.warning("%s: this model's MLP is %s, not Llama's gated SwiGLU, so its config.json has no Hugging Face "
-                    "architecture: load it with app.export.load_exported", out_dir, model.cfg.mlp)
+                    "architecture: load it with app.model.export.load_exported", out_dir, model.cfg.mlp)
     log.info("exported %.1fM parameters (%s) to %s", model.num_params() / 1e6, dtype, out_dir)
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from app.kernels.backend import jit, next_power_of_2, num_warps_for, tl, triton, use_triton
-from app.kernels.fp8_linear import E4M3, on_fp8_gpu, to_fp8
+from app.fast.kernels.backend import jit, next_power_of_2, num_warps_for, tl, triton, use_triton
+from app.fast.kernels.fp8_linear import E4M3, on_fp8_gpu, to_fp8
 
 E5M2 = torch.float8_e5m2
 

@@ -13,20 +13,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from app import checkpoint, kernels, storage
+from app import storage
+from app.train import checkpoint
+from app.fast import kernels
 from app.config import ConfigError, from_dict, to_dict
-from app.data import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches, match_stream
-from app.ema import WeightEMA
+from app.data.loader import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches, match_stream
+from app.train.ema import WeightEMA
 from app.log import get_logger
-from app.master import MasterAdamW
-from app.memory_plan import MemoryConfig
-from app.model import GPT, ModelConfig, use_kernels
-from app.muon import Muon, muon_params
-from app.parallel import (compile_kwargs, compiles_per_block, full_state_dicts, make_offload_optimizer, parallelize,
+from app.train.master import MasterAdamW
+from app.train.memory_plan import MemoryConfig
+from app.model.gpt import GPT, ModelConfig, use_kernels
+from app.train.muon import Muon, muon_params
+from app.train.parallel import (compile_kwargs, compiles_per_block, full_state_dicts, make_offload_optimizer, parallelize,
                           resolve_memory, set_full_state_dicts)
-from app.preemption import PreemptionWatcher, install_sigterm_handler
-from app.shards import load_manifest
-from app.step_graph import StepGraph
+from app.train.preemption import PreemptionWatcher, install_sigterm_handler
+from app.data.shards import load_manifest
+from app.fast.step_graph import StepGraph
 
 log = get_logger(__name__)
 
@@ -48,7 +50,7 @@ class TrainConfig:
     index: bool = False  # feed the LMatch retrieval id of every token as an extra input (jobs.build_index first)
     storage: str = "runs"  # where runs live (checkpoints, export), local or s3://
     name: str = "spotlm-run"  # run name: the same name continues the same run
-    preset: str = "tiny"  # model preset (app.model.ModelConfig.preset)
+    preset: str = "tiny"  # model preset (app.model.gpt.ModelConfig.preset)
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. --model.n_layer=4
     seq_len: int = 0  # tokens per sequence; 0 = the model's max_seq_len
     micro_batch: int = 8  # sequences per forward/backward on one worker
@@ -60,14 +62,14 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW decay on matrices (not norms)
     beta1: float = 0.9
     beta2: float = 0.95
-    optimizer: str = "adamw"  # adamw | muon (app/muon.py: Muon on the blocks' matrices, AdamW on the rest at `lr`)
+    optimizer: str = "adamw"  # adamw | muon (app/train/muon.py: Muon on the blocks' matrices, AdamW on the rest at `lr`)
     muon_lr: float = 0.02  # peak learning rate of the Muon matrices (same schedule as `lr`)
     muon_momentum: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 = off
-    # bf16 weights and gradients, AdamW on fp32 master copies (app/master.py): auto = on CUDA with AdamW, unless
+    # bf16 weights and gradients, AdamW on fp32 master copies (app/train/master.py): auto = on CUDA with AdamW, unless
     # memory.fsdp / memory.offload_optimizer (their own mixed precision) or ema_decay (it averages fp32 weights)
     bf16_weights: str = "auto"  # auto | true | false
-    ema_decay: float = 0.0  # > 0: keep an average of the weights (app/ema.py); evaluation and export use it
+    ema_decay: float = 0.0  # > 0: keep an average of the weights (app/train/ema.py); evaluation and export use it
     eval_every: int = 50  # steps between validation passes; 0 = only at the end
     eval_tokens: int = 65536  # validation tokens per pass; 0 = the whole validation split
     target_val_loss: float = 0.0  # > 0: stop (checkpoint, export) once a validation pass reaches it
@@ -88,7 +90,7 @@ class TrainConfig:
     # torch.compile mode: default | tuned (+ Inductor's coordinate-descent tuning) | max-autotune-no-cudagraphs |
     # max-autotune | reduce-overhead
     compile_mode: str = "default"
-    # The whole step (fwd, bwd, clip, optimizer) as one CUDA graph (app/step_graph.py): auto | true | false.
+    # The whole step (fwd, bwd, clip, optimizer) as one CUDA graph (app/fast/step_graph.py): auto | true | false.
     # auto = wherever it runs (`graph_fits`); true also warns where it cannot.
     cuda_graph: str = "auto"
     kernels: str = "auto"  # Triton kernels on GPU: auto (the fastest measured set) | none | all | comma list of loss,norm,rotary,proj
@@ -97,7 +99,7 @@ class TrainConfig:
     async_checkpoint: bool = True  # upload checkpoints in the background; training goes on meanwhile
     upload_retries: int = 5  # retries (exponential backoff) of a failed checkpoint upload
     export: str = ""  # exported model directory; "" = <storage>/<name>/export; "none" = skip
-    memory: MemoryConfig = field(default_factory=MemoryConfig)  # --memory.checkpointing=full, --memory.auto=true, ... (app/memory_plan.py)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # --memory.checkpointing=full, --memory.auto=true, ... (app/train/memory_plan.py)
 
     def validate(self) -> None:
         for k in ("max_steps", "micro_batch", "num_workers", "checkpoint_every", "log_every"):
@@ -304,7 +306,7 @@ def step_function(cfg: TrainConfig, fwd, model, raw: GPT, optimizer, device: tor
 
 
 def index_stream(manifest, split: str) -> TokenStream:
-    """`--index`: the split's LMatch ids (app.data.match_stream); a ConfigError when they were not built."""
+    """`--index`: the split's LMatch ids (app.data.loader.match_stream); a ConfigError when they were not built."""
     stream = match_stream(manifest, split)
     if stream is None:
         raise ConfigError(f"--index: {manifest.root} has no LMatch index for {split!r}; run "
@@ -522,7 +524,7 @@ def train_loop(config: dict[str, Any]) -> None:
         with ema.swapped() if ema is not None else contextlib.nullcontext():
             weights = _final_weights(raw, optimizer, cfg)  # a collective under FSDP: every rank calls it
     if rank == 0 and cfg.export_dir:
-        from app.export import export_model
+        from app.model.export import export_model
 
         final = GPT(mcfg)
         final.load_state_dict(weights)

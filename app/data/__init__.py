@@ -1,0 +1,1 @@
+"""Data stage: corpus tokenizing (Ray Data), tokenizers, the shard format and the training loader."""

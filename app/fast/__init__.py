@@ -1,0 +1,1 @@
+"""Speed-ups applied to a plain model from outside: converters, Triton kernels, whole-step CUDA graphs."""

@@ -1,0 +1,1 @@
+"""Index stage: Ray orchestration of the LMatch and kNN builds, and evaluation with each index."""

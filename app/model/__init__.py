@@ -1,0 +1,1 @@
+"""The plain model (GPT in the Llama layout) and its export format."""

@@ -1,0 +1,1 @@
+"""Training stage: the loop, optimizers, memory plan, parallelism, checkpoints, preemption, Ray Train."""
