@@ -1,10 +1,19 @@
 """One config system: dataclasses with working defaults, overridden by a YAML/JSON file, then by
-`--key=value` / `--section.key=value` command-line flags."""
+`--key=value` / `--section.key=value` command-line flags; `--help` is generated from the dataclasses."""
 from __future__ import annotations
 
-import argparse
+import ast
 import dataclasses
+import difflib
+import functools
+import inspect
+import io
 import json
+import os
+import shutil
+import sys
+import textwrap
+import tokenize
 import types
 import typing
 from typing import Any, TypeVar
@@ -63,6 +72,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return dict(value)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and str(value).lower() in choices:  # YAML's `true` for an auto | true | false field
+            value = str(value).lower()
         if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
         return value
@@ -77,6 +88,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str and isinstance(value, bool):  # YAML's `true` for an auto | true | false field
         return "true" if value else "false"
     if tp in (int, float, str):
+        if isinstance(value, (dict, list)):  # `--name.x=1` on a scalar, or a mapping in the file
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         try:
             if tp is int and isinstance(value, str):
                 return int(float(value)) if "e" in value.lower() else int(value)
@@ -90,7 +103,9 @@ def _merge(cfg: T, data: dict[str, Any], where: str) -> T:
     types_ = _field_types(type(cfg))
     unknown = set(data) - set(types_)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(types_)}")
+        close = [m for k in sorted(unknown) for m in difflib.get_close_matches(k, types_, n=1)]
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(types_))}"
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; {hint}")
     for k, v in data.items():
         if dataclasses.is_dataclass(types_[k]) and isinstance(v, dict):
             setattr(cfg, k, _merge(getattr(cfg, k), v, f"{where}.{k}"))
@@ -113,42 +128,223 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
         data = data.setdefault(k, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"--{dotted}: {k} is not a section")
     data[keys[-1]] = value
 
 
-def parse_config(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
-    """Parse `[--config FILE] [--key=value | --key value | --section.key=value ...]` into `cls`.
 
-    Precedence: dataclass defaults < config file < flags. A bare `--flag` sets a bool to true.
-    Unknown keys or unparsable values exit with a one-line message (argparse's usage error).
-    """
-    parser = argparse.ArgumentParser(description=description or cls.__doc__,
-                                     epilog="Any config field may be set as --field=value or --section.field=value.")
-    parser.add_argument("--config", help="YAML or JSON file with config values")
-    args, rest = parser.parse_known_args(argv)
-    data: dict[str, Any] = {}
-    if args.config:
-        from app import storage  # local import: config must stay importable without storage deps
+# ---------------------------------------------------------------- help, generated from the dataclasses
 
-        try:
-            data = yaml.safe_load(storage.read_text(args.config)) or {}
-        except FileNotFoundError:
-            parser.error(f"config file not found: {args.config}")
-    i = 0
-    while i < len(rest):
-        tok = rest[i]
-        if not tok.startswith("--"):
-            parser.error(f"unexpected argument {tok!r} (flags look like --key=value)")
-        key, eq, value = tok[2:].partition("=")
-        if not eq:
-            if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-                value, i = rest[i + 1], i + 1
-            else:
-                value = "true"
-        _set_path(data, key.replace("-", "_"), value)
-        i += 1
+def _own_line(source_lines: list[str], lineno: int) -> bool:
+    return source_lines[lineno - 1].lstrip().startswith("#")
+
+
+@functools.cache
+def _source_comments(cls: type) -> dict[str, str]:
+    """Help of the fields `cls` itself declares, from its source: a field's trailing `# comment`, else the
+    comment block just above it. Empty when the source cannot be read."""
     try:
-        return from_dict(cls, data)
+        source = textwrap.dedent("".join(inspect.getsourcelines(cls)[0]))
+        comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+        node = ast.parse(source).body[0]
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError, IndexError):
+        return {}
+    lines = source.splitlines()
+    out: dict[str, str] = {}
+    for stmt in getattr(node, "body", []):
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        span = range(stmt.lineno, stmt.end_lineno + 1)
+        text = [comments[n] for n in span if n in comments and not _own_line(lines, n)]
+        if not text:
+            n = stmt.lineno - 1
+            while n in comments and _own_line(lines, n):
+                text.insert(0, comments[n])
+                n -= 1
+        if text:
+            out[stmt.target.id] = " ".join(text)
+    return out
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """One line of help per field of dataclass `cls` (inherited fields too): its source comment, else
+    `field(metadata={"help": ...})`, else ""."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            comments.update(_source_comments(klass))
+    return {f.name: comments.get(f.name) or f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def class_doc(cls: type) -> str:
+    """The first paragraph of the class docstring, on one line ("" for dataclass's generated signature)."""
+    doc = cls.__dict__.get("__doc__") or ""
+    if doc.startswith(cls.__name__ + "("):
+        return ""
+    return " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+
+
+def type_name(tp: Any) -> str:
+    """How `--help` shows an annotation: int, float, str, bool, list[str], dict, {a,b,c}; `|none` when optional."""
+    tp, optional = _unwrap_optional(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        name = "{" + ",".join(str(a) for a in args) + "}"
+    elif origin in (list, tuple):
+        name = f"{origin.__name__}[{type_name(args[0]) if args else 'any'}]"
+    elif origin is dict or tp is dict:
+        name = "dict"
+    else:
+        name = getattr(tp, "__name__", str(tp))
+    return name + ("|none" if optional else "")
+
+
+def format_value(value: Any) -> str:
+    """A value as it would be typed on the command line: true/false, none, a,b,c, JSON for dicts and for
+    strings that are empty or hold whitespace."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(format_value(v) for v in value) if value else "[]"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, str) and (not value or any(c.isspace() for c in value)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _option_lines(name: str, help_: str, width: int, column: int = 32) -> list[str]:
+    """`  --name TYPE` with its help wrapped in a column beside it (below it when the name is long)."""
+    left = f"  {name}"
+    wrapped = textwrap.wrap(help_, max(width - column, 30), break_long_words=False, break_on_hyphens=False) or [""]
+    if len(left) + 2 > column:
+        return [left] + [" " * column + w for w in wrapped]
+    return [left.ljust(column) + wrapped[0]] + [" " * column + w for w in wrapped[1:]]
+
+
+def _section_lines(cfg: Any, prefix: str, width: int) -> list[str]:
+    """The options of one config section; nested sections follow under their own heading."""
+    lines: list[str] = []
+    sections: list[tuple[str, Any]] = []
+    helps, hints = field_help(type(cfg)), _field_types(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            sections.append((f.name, value))
+            continue
+        default = f"(default: {format_value(value)})"
+        entry = _option_lines(f"--{prefix}{f.name} {type_name(hints[f.name])}", helps[f.name], width)
+        if len(entry[-1]) + 1 + len(default) <= width and entry[-1].strip():
+            entry[-1] += " " + default
+        else:
+            entry.append(" " * 32 + default)
+        lines += entry
+    for name, section in sections:
+        doc = class_doc(type(section)) or field_help(type(cfg))[name]
+        lines += ["", f"{prefix}{name}:" + (f" {doc}" if doc else "")]
+        lines += _section_lines(section, f"{prefix}{name}.", width)
+    return lines
+
+
+GENERAL_OPTIONS = (
+    ("--config FILE", "YAML or JSON file of option values (nested sections as mappings); flags override it"),
+    ("--verbose", "show Ray's own log lines on the console (else they stay in Ray's log files)"),
+    ("-h, --help", "show this help and exit"),
+)
+
+
+def format_help(cls: type, prog: str) -> str:
+    """`--help` for a config dataclass: every option (nested sections under a heading) with its type, default
+    and one-line help, then the options every stage has."""
+    width = min(max(shutil.get_terminal_size((100, 24)).columns, 72), 120)
+    lines = [f"usage: spotlm {prog} [--config FILE] [--key=value ...] [--verbose]", ""]
+    if class_doc(cls):
+        lines += [class_doc(cls), ""]
+    lines += ["options:"] + _section_lines(cls(), "", width) + ["", "general:"]
+    for name, text in GENERAL_OPTIONS:
+        lines += _option_lines(name, text, width)
+    lines += [""] + textwrap.wrap("Values: --key=value or --key value; a bare --flag is true; lists as a,b,c; none "
+                                  "clears an optional value. Precedence: defaults < --config file < flags.", width)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- parsing the command line
+
+def refuse(prog: str, error: object) -> int:
+    """Report a configuration error as one line `<prog>: <error>` on stderr; returns its exit status, 2."""
+    print(f"{prog}: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
+def _stage_name(cls: type) -> str:
+    """TrainConfig -> train: the stage a config class belongs to, when the caller names none."""
+    name = cls.__name__
+    return (name[:-len("Config")] if name.endswith("Config") else name).lower()
+
+
+def _read_flags(argv: list[str]) -> tuple[str | None, bool, list[tuple[str, str]]]:
+    """(config file, verbose, [(dotted key, value)]) from `--key=value`, `--key value` and bare `--flag` tokens."""
+    config, verbose, flags, i = None, False, [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or tok == "--":
+            raise ConfigError(f"unexpected argument {tok!r} (options look like --key=value)")
+        key, eq, value = tok[2:].partition("=")
+        if key == "verbose":
+            verbose = _coerce(value if eq else True, bool, "--verbose")
+        elif not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value, i = argv[i + 1], i + 1
+        elif not eq:
+            value = "true"
+        if key == "config":
+            if not eq and value == "true":
+                raise ConfigError("--config needs a file: --config=FILE")
+            config = value
+        elif key != "verbose":
+            flags.append((key.replace("-", "_"), value))
+        i += 1
+    return config, verbose, flags
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    from app import storage  # local import: config must stay importable without storage deps
+
+    try:
+        data = yaml.safe_load(storage.read_text(path))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not YAML/JSON ({e})") from None
+    if not isinstance(data, (dict, type(None))):
+        raise ConfigError(f"config file {path}: expected a mapping of options, got {type(data).__name__}")
+    return data or {}
+
+
+def parse_config(cls: type[T], argv: list[str] | None = None, prog: str | None = None) -> T:
+    """Parse `[--config FILE] [--key=value | --key value | --section.key=value | --flag ...]` into `cls`.
+
+    Precedence: dataclass defaults < config file < flags. A bare `--flag` sets a bool to true. `-h`/`--help`
+    prints every option and exits 0; `--verbose` (no config field) sets SPOTLM_VERBOSE=1, which init_ray reads.
+    Unknown keys, unparsable values and `validate()` errors exit 2 with one line `<prog>: <message>`; `prog`
+    defaults to the stage the class name says (TrainConfig -> train).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = prog or _stage_name(cls)
+    if "-h" in argv or "--help" in argv:
+        print(format_help(cls, prog))
+        sys.exit(0)
+    try:
+        config, verbose, flags = _read_flags(argv)
+        data = _read_file(config) if config else {}
+        for key, value in flags:
+            _set_path(data, key, value)
+        cfg = from_dict(cls, data)
     except ConfigError as e:
-        parser.error(str(e))
-        raise  # unreachable: parser.error exits
+        sys.exit(refuse(prog, e))
+    if verbose:
+        os.environ["SPOTLM_VERBOSE"] = "1"
+    return cfg

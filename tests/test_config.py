@@ -1,9 +1,11 @@
-"""Config system: defaults < file < flags, nested sections, clear errors."""
+"""Config system: defaults < file < flags, nested sections, clear errors, generated --help."""
+import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 
-from app.config import ConfigError, from_dict, parse_config, to_dict
+from app.config import ConfigError, field_help, format_value, from_dict, parse_config, to_dict, type_name
 
 
 @dataclass
@@ -61,3 +63,108 @@ def test_bad_values_exit_with_one_line(argv, msg, capsys):
 def test_from_dict_round_trip():
     cfg = from_dict(Outer, {"inner": {"width": 3}, "tags": ["t"]})
     assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+# ---------------------------------------------------------------- --help, generated from the dataclasses
+
+@dataclass
+class Optim:
+    """Optimizer settings."""
+
+    lr: float = 1e-3  # peak learning rate
+    # which update rule: adamw for everything,
+    # or muon on the matrices
+    name: Literal["adamw", "muon"] = "adamw"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"help": "Adam's betas"})
+    decay: float = field(default=0.1,  # weight decay on matrices
+                         metadata={"help": "not used: the comment wins"})
+
+
+@dataclass
+class Job:
+    name: str = "run"  # the run's name
+    mode: Literal["auto", "true", "false"] = "auto"  # graph the step
+    path: str | None = None  # where it goes
+    prompt: str = "a b"  # text with a space
+    note: str = ""
+    optim: Optim = field(default_factory=Optim)  # optimizer section
+
+
+def test_field_help_reads_trailing_and_block_comments_then_metadata():
+    assert field_help(Optim) == {"lr": "peak learning rate", "name": "which update rule: adamw for everything, or "
+                                 "muon on the matrices", "betas": "Adam's betas", "decay": "weight decay on matrices"}
+    assert field_help(Job)["note"] == "" and field_help(Job)["optim"] == "optimizer section"
+
+
+def test_type_names_and_values_as_typed_on_the_command_line():
+    assert [type_name(t) for t in (int, float, bool, str, str | None, list[float], dict, Literal["a", "b"])] == \
+        ["int", "float", "bool", "str", "str|none", "list[float]", "dict", "{a,b}"]
+    assert [format_value(v) for v in (None, True, [0.9, 0.95], [], {}, "", "a b", "x", 2.5)] == \
+        ["none", "true", "0.9,0.95", "[]", "{}", '""', '"a b"', "x", "2.5"]
+    assert parse_config(Optim, ["--betas=" + format_value([0.9, 0.95])]).betas == [0.9, 0.95]
+
+
+def _entries(text: str) -> dict[str, str]:
+    """--help text -> {option name: its whole entry (name, type, help and default lines joined)}."""
+    entries: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("  --") or line.startswith("  -h"):
+            name = line.split()[0]
+            entries[name] = line
+        elif line.startswith("   ") and entries:
+            entries[name] += " " + line.strip()
+    return entries
+
+
+def test_help_lists_every_option_with_type_default_and_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Job, ["--name=x", "--help"], prog="job")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: spotlm job ")
+    entries = _entries(out)
+    assert entries["--name"].split(None, 2)[1] == "str" and "the run's name (default: run)" in entries["--name"]
+    assert "{auto,true,false}" in entries["--mode"] and "(default: auto)" in entries["--mode"]
+    assert "str|none" in entries["--path"] and "(default: none)" in entries["--path"]
+    assert '(default: "a b")' in entries["--prompt"] and '(default: "")' in entries["--note"]
+    assert "--optim" not in entries  # a section, not an option: its fields are listed under its heading
+    assert "\noptim: Optimizer settings.\n" in out  # the section's docstring heads it
+    assert "peak learning rate (default: 0.001)" in entries["--optim.lr"]
+    assert "{adamw,muon}" in entries["--optim.name"] and "or muon on the matrices" in entries["--optim.name"]
+    assert "Adam's betas (default: 0.9,0.95)" in entries["--optim.betas"]
+    assert {"--config", "--verbose", "-h,"} <= set(entries)
+    assert out.index("--optim.lr") > out.index("--note")  # sections after the plain options
+
+
+def test_verbose_is_universal_and_not_a_field(monkeypatch):
+    monkeypatch.delenv("SPOTLM_VERBOSE", raising=False)
+    parse_config(Job, ["--name=x"])
+    assert "SPOTLM_VERBOSE" not in os.environ
+    assert parse_config(Job, ["--verbose", "--name=y"]).name == "y"
+    assert os.environ["SPOTLM_VERBOSE"] == "1"
+
+
+def test_literal_choices_and_yaml_booleans(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("mode: true\noptim:\n  name: muon\n")
+    cfg = parse_config(Job, ["--config", str(f)])
+    assert (cfg.mode, cfg.optim.name) == ("true", "muon")
+    with pytest.raises(SystemExit) as e:
+        parse_config(Job, ["--optim.name=sgd"], prog="job")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("job: ") and "'sgd' is not one of ['adamw', 'muon']" in err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--optim.lrr=1"], "did you mean lr?"),
+    (["--config"], "--config needs a file"),
+    (["--config=/no/such.yaml"], "config file not found"),
+    (["--name.x=1"], "Job.name: expected str, got {'x': '1'}"),
+    (["--name=a", "--name.x=1"], "--name.x: name is not a section"),
+])
+def test_config_errors_are_one_line_naming_the_stage(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Job, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("job: ") and msg in err

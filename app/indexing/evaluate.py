@@ -14,7 +14,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -176,7 +176,7 @@ class EvalConfig:
 
     model: str = "runs/spotlm-run/export"  # export dir, or a run dir (its export, else its newest checkpoint)
     data: str = "runs/shards"  # tokenized dataset dir (manifest.json), local or s3://
-    split: str = "val"  # which split to score
+    split: Literal["train", "val"] = "val"  # which split to score
     max_tokens: int = 0  # score the first N tokens of the split; 0 = all of it
     seq_len: int = 0  # window length; 0 = the model's max_seq_len
     batch: int = 8  # windows per forward
@@ -185,8 +185,8 @@ class EvalConfig:
     nprobe: int = 32  # IVF cells searched per query
     lambdas: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5])  # kNN weights tried
     temperatures: list[float] = field(default_factory=lambda: [1.0])  # softmax temperatures of -distance tried
-    lmatch: str = "auto"  # auto (use the dataset's ids when the model has a table) | off
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    lmatch: Literal["auto", "off"] = "auto"  # auto: use the dataset's LMatch ids when the model has a table
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if available
     output: str = ""  # also write the JSON result to this file (local or s3://)
 
     def validate(self) -> None:
@@ -196,8 +196,6 @@ class EvalConfig:
             raise ConfigError(f"lambdas must be in (0, 1), got {self.lambdas}")
         if any(t <= 0 for t in self.temperatures) or not self.temperatures:
             raise ConfigError(f"temperatures must be > 0, got {self.temperatures}")
-        if self.lmatch not in ("auto", "off"):
-            raise ConfigError(f"lmatch takes auto | off, got {self.lmatch!r}")
 
 
 def resolve_knn(spec: str, model_path: str) -> str | None:

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from app import storage
 from app.config import ConfigError, to_dict
@@ -30,19 +30,19 @@ class KnnBuildConfig:
     model: str = "runs/spotlm-run/export"  # export dir, or a run dir (its export, else its newest checkpoint)
     data: str = "runs/shards"  # tokenized dataset dir (manifest.json)
     out: str = ""  # the index goes to <out>/knn/; "" = the model directory given
-    split: str = "train"  # which split to store
+    split: Literal["train", "val"] = "train"  # which split to store
     max_tokens: int = 0  # store only the first N positions of the split; 0 = all of them
     seq_len: int = 0  # window length for the forward passes; 0 = the model's max_seq_len
     windows_per_task: int = 64  # windows per Ray task (= per key shard)
     batch: int = 8  # windows per forward inside a task
-    kind: str = "auto"  # auto (ivfpq, or exact flat below exact_below keys) | ivfpq | flat
+    kind: Literal["auto", "ivfpq", "flat"] = "auto"  # auto: ivfpq, or the exact flat index below exact_below keys
     exact_below: int = 32768  # auto: fewer keys than this get the exact flat index
-    metric: str = "l2"  # l2 | ip
+    metric: Literal["l2", "ip"] = "l2"  # distance: squared L2, or inner product
     nlist: int = 0  # IVF cells; 0 = a power of two near 4 sqrt(n)
     m: int = 0  # PQ bytes per key; 0 = largest divisor of d up to min(64, d/2)
     train_sample: int = 0  # keys the quantizer trains on; 0 = max(64 nlist, 16384, 20000), at most n
     parts: int = 0  # parallel add tasks (index parts merged on disk); 0 = one per key shard, at most 16
-    use_gpu: str = "auto"  # embed on GPUs: auto (if the cluster has GPUs) | true | false
+    use_gpu: Literal["auto", "true", "false"] = "auto"  # embed on GPUs (auto: if the cluster has GPUs)
     cpus_per_task: float = 1.0  # CPU resources each task reserves (torch / faiss threads follow it)
     keep_keys: bool = False  # keep the key shards after the merge (else only the index and values stay)
     seed: int = 0  # training sample and k-means seed
@@ -50,12 +50,10 @@ class KnnBuildConfig:
     def validate(self) -> None:
         if self.windows_per_task < 1 or self.batch < 1 or self.max_tokens < 0 or self.seq_len < 0:
             raise ConfigError("windows_per_task and batch must be >= 1; max_tokens and seq_len >= 0")
-        if self.use_gpu not in ("auto", "true", "false"):
-            raise ConfigError("use_gpu takes auto | true | false")
-        if self.kind not in ("auto", "ivfpq", "flat") or self.metric not in ("l2", "ip"):
-            raise ConfigError("kind takes auto | ivfpq | flat; metric l2 | ip")
         if self.cpus_per_task <= 0:
             raise ConfigError("cpus_per_task must be > 0")
+        if storage.is_s3(self.out or self.model):
+            raise ConfigError("the kNN index is written to local disk: give --out a local (or shared) directory")
 
     def knn_dir(self) -> str:
         return os.path.join(storage.absolute(self.out or self.model), "knn")
@@ -102,9 +100,8 @@ def build_knn(cfg: KnnBuildConfig) -> dict[str, Any]:
     manifest = load_manifest(cfg.data)  # ShardFormatError when it is not a dataset
     if not manifest.shards.get(cfg.split):
         raise ValueError(f"{manifest.root}: split {cfg.split!r} has no shards")
+    cfg.validate()
     kind, src = resolve_model(cfg.model)  # FileNotFoundError when there is no model
-    if storage.is_s3(cfg.out or cfg.model):
-        raise ConfigError("the kNN index is written to local disk: give --out a local (or shared) directory")
     lm = load_model(src, "cpu", data=cfg.data)  # config and checksum for the plan and the meta
     model_info = lm.describe()
     seq_len = cfg.seq_len or lm.config.max_seq_len

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class IndexConfig:
     workers: int = 0  # parallel Ray tasks (0 = one per CPU of the cluster)
     task_tokens: int = 1 << 23  # positions (train + val) per token-range task (memory ~ 100 bytes each)
     verify: bool = True  # check every shard's sha256 against the manifest before building
-    splits: list[str] = field(default_factory=lambda: ["train", "val"])  # splits to index
+    splits: list[Literal["train", "val"]] = field(default_factory=lambda: ["train", "val"])  # splits to index
 
     def validate(self) -> None:
         if self.task_tokens < 1:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 from app.config import ConfigError
 
-CHECKPOINTING = ("none", "selective", "full")
+Checkpointing = Literal["none", "selective", "full"]
+CHECKPOINTING: tuple[str, ...] = get_args(Checkpointing)
 GB = 1e9
 GiB = 1 << 30
 
@@ -31,23 +32,18 @@ class MemoryConfig:
     """How one training step uses GPU memory. Everything is off by default (each option costs speed)."""
 
     auto: bool = False  # let the planner choose the options below from the GPU's memory (app.train.memory_plan.plan)
-    checkpointing: str = "none"  # none | selective (recompute norms and the SwiGLU product) | full (whole blocks)
+    checkpointing: Checkpointing = "none"  # selective: recompute norms and the SwiGLU product; full: whole blocks
     mlp_chunk: int = 0  # checkpointing=full: run the MLP over checkpointed tiles of this many tokens (0 = whole)
     offload_activations: bool = False  # saved activations (with full checkpointing: the block inputs) to pinned CPU memory
     offload_min_bytes: int = 1 << 20  # smaller saved tensors stay on the GPU
     offload_optimizer: bool = False  # AdamW on the CPU over fp32 master weights; bf16 weights and grads on the GPU
-    optimizer_mode: str = "sync"  # offload_optimizer: sync (exact, step waits) | overlap (exact, next forward waits per block)
-    optimizer_state_dtype: str = "fp32"  # offload_optimizer: Adam moments on the CPU in fp32 | bf16 (half the host memory)
+    # offload_optimizer: the step waits for the CPU AdamW (sync) or the next forward waits per block; both exact
+    optimizer_mode: Literal["sync", "overlap"] = "sync"
+    optimizer_state_dtype: Literal["fp32", "bf16"] = "fp32"  # offload_optimizer: dtype of the CPU Adam moments
     fsdp: bool = False  # FSDP2 fully_shard per block + root over the Ray Train workers (instead of DDP)
     fsdp_cpu_offload: bool = False  # fsdp: CPUOffloadPolicy (sharded params, grads and optimizer state on the CPU)
 
     def validate(self) -> None:
-        if self.checkpointing not in CHECKPOINTING:
-            raise ConfigError(f"memory.checkpointing must be one of {', '.join(CHECKPOINTING)}, got {self.checkpointing!r}")
-        if self.optimizer_mode not in ("sync", "overlap"):
-            raise ConfigError(f"memory.optimizer_mode must be sync | overlap, got {self.optimizer_mode!r}")
-        if self.optimizer_state_dtype not in ("fp32", "bf16"):
-            raise ConfigError(f"memory.optimizer_state_dtype must be fp32 | bf16, got {self.optimizer_state_dtype!r}")
         if self.fsdp and self.offload_optimizer:
             raise ConfigError("memory.fsdp and memory.offload_optimizer do not combine: use memory.fsdp_cpu_offload")
         if self.fsdp_cpu_offload and not self.fsdp:
