@@ -273,12 +273,13 @@ def http_levels(a, export: str, levels: list[int], per_level: list[int], vocab: 
     from ray import serve
 
     from app.serve import deployment as app_serve
+    from app.serve.config import ServeConfig
 
     ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     port = 18000 + int(time.time()) % 1000
-    a.url = app_serve.start(app_serve.ServeArgs(model=export, max_batch=max(levels), max_queue=max(per_level),
-                                                max_tokens_limit=a.max_tokens, num_gpus=1 if torch.cuda.is_available()
-                                                else 0), port=port)
+    a.url = app_serve.start(ServeConfig(model=export, max_batch=max(levels), max_queue=max(per_level),
+                                        max_tokens_limit=a.max_tokens, num_gpus=1 if torch.cuda.is_available() else 0),
+                            port=port)
     out = {}
     try:
         run_http(export, make_prompts(2, a.prompt_len, vocab, 99), 2, 4, a)  # warm-up

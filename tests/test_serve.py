@@ -12,12 +12,13 @@ import pytest
 import torch
 import yaml
 
-from app.config import parse_config
+from app.config import ConfigError, field_help, parse_config
 from app.serve.engine import Engine, EngineFull, SamplingParams
 from app.model.export import export_model
 from app.serve.generate import generate
 from app.model.gpt import GPT, ModelConfig
 from app.data.tokenizer import load_tokenizer, train_bpe
+from app.serve.config import ServeConfig, ServeJobConfig, preflight
 
 PROJECT = Path(__file__).resolve().parents[1]
 V = 300  # vocabulary of the engine-level models
@@ -194,7 +195,7 @@ def server(ray_session, export_dir):
 
     from app.serve import deployment as app_serve
 
-    url = app_serve.start(app_serve.ServeArgs(model=export_dir, max_tokens_limit=64, max_batch=8, max_queue=32),
+    url = app_serve.start(ServeConfig(model=export_dir, max_tokens_limit=64, max_batch=8, max_queue=32),
                           port=_free_port())
     yield url
     serve.shutdown()
@@ -205,12 +206,12 @@ def small_server(server, export_dir, tmp_path_factory):
     """A second app on the same Serve: a long-context model, one slot, no queue, an API key."""
     from ray import serve
 
-    from app.serve.deployment import ServeArgs, build_app
+    from app.serve.deployment import build_app
 
     d = tmp_path_factory.mktemp("long")
     path = _export(d / "export", Path(export_dir) / "tokenizer.json",
                    load_tokenizer(f"{export_dir}/tokenizer.json").get_vocab_size(), max_seq_len=1024)
-    serve.run(build_app(ServeArgs(model=path, max_batch=1, max_queue=0, max_tokens_limit=1000, api_key="sekret")),
+    serve.run(build_app(ServeConfig(model=path, max_batch=1, max_queue=0, max_tokens_limit=1000, api_key="sekret")),
               name="small", route_prefix="/small")
     yield server + "/small"
     serve.delete("small")
@@ -483,52 +484,88 @@ def test_auth_429_and_disconnect_free_the_slot(small_server):
 
 
 def test_a_retrieval_model_needs_an_index(tmp_path, export_dir):
-    from app.serve.deployment import CompletionService, ServeArgs
+    from app.serve.deployment import CompletionService
 
     tok_file = Path(export_dir) / "tokenizer.json"
     vocab = load_tokenizer(str(tok_file)).get_vocab_size()
     path = _export(tmp_path / "export", tok_file, vocab, lmatch_vocab=vocab + 1)
-    with pytest.raises(ValueError, match="retrieval-match"):
-        CompletionService(ServeArgs(model=path))
+    with pytest.raises(ConfigError, match="retrieval-match"):  # refused before Ray ...
+        preflight(ServeConfig(model=path))
+    with pytest.raises(ValueError, match="retrieval-match"):  # ... and by a replica given one anyway
+        CompletionService(ServeConfig(model=path))
+
+
+def test_preflight_refuses_what_a_replica_could_not_load(tmp_path, export_dir):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text(json.dumps({"spotlm": {"model": {}}}))
+    preflight(ServeConfig(model=export_dir))
+    for cfg, word in [(ServeConfig(model=str(tmp_path / "nope")), "not a model export"),
+                      (ServeConfig(model=str(tmp_path / "half")), "model.safetensors"),
+                      (ServeConfig(model=export_dir, index=str(tmp_path / "nope")), "no manifest"),
+                      (ServeConfig(model=export_dir, knn_index=str(tmp_path)), "not a kNN index")]:
+        with pytest.raises(ConfigError, match=word):
+            preflight(cfg)
 
 
 def test_start_refuses_a_path_without_an_export(tmp_path):
-    from app.serve.deployment import ServeArgs, start
+    from app.serve.deployment import start
 
-    with pytest.raises(FileNotFoundError, match="not a model export"):
-        start(ServeArgs(model=str(tmp_path)), port=_free_port())
+    with pytest.raises(ConfigError, match="not a model export"):
+        start(ServeConfig(model=str(tmp_path)), port=_free_port())
 
 
 def test_the_serve_config_file_builds_the_app():
+    """serve_config.yaml's args go through the path `serve run` takes: Serve's builder call, then ServeConfig."""
     import importlib
 
-    from pydantic import ValidationError
     from ray import serve
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
 
-    from app.serve.deployment import ServeArgs, build_app, deployment_options
+    from app.serve.deployment import build_app, deployment_options
 
     cfg = ServeDeploySchema.model_validate(yaml.safe_load((PROJECT / "serve_config.yaml").read_text()))
     module, attr = cfg.applications[0].import_path.split(":")
-    app = call_user_app_builder_with_args_if_necessary(getattr(importlib.import_module(module), attr),
-                                                      cfg.applications[0].args)
+    builder = getattr(importlib.import_module(module), attr)
+    args = cfg.applications[0].args
+    assert builder is build_app and set(args) <= set(field_help(ServeConfig))
+    app = call_user_app_builder_with_args_if_necessary(builder, args)
     assert isinstance(app, serve.Application)
-    with pytest.raises(ValidationError, match="devcie"):
-        build_app({"model": "/x", "devcie": "cpu"})
-    opts = deployment_options(ServeArgs(model="/x", autoscaling=True, min_replicas=1, max_replicas=3,
-                                        target_ongoing_requests=8, num_gpus=0.5))
+    assert app._bound_deployment.init_args[0] == {**vars(ServeConfig()), **args}
+    for bad, word in [({"devcie": "cpu"}, "did you mean device"), ({"device": "gpu"}, "device"),
+                      ({"autoscaling": True, "min_replicas": 5}, "min_replicas"), ({"port": 80}, "port")]:
+        with pytest.raises(ConfigError, match=word):
+            call_user_app_builder_with_args_if_necessary(builder, {**args, **bad})
+    opts = deployment_options(ServeConfig(model="/x", autoscaling=True, min_replicas=1, max_replicas=3,
+                                          target_ongoing_requests=8, num_gpus=0.5))
     assert opts["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in opts
     assert opts["ray_actor_options"]["num_gpus"] == 0.5
-    assert deployment_options(ServeArgs(model="/x", num_replicas=2))["num_replicas"] == 2
+    assert deployment_options(ServeConfig(model="/x", num_replicas=2))["num_replicas"] == 2
 
 
 @pytest.mark.parametrize("argv,word", [(["--port=0"], "port"), (["--device=gpu"], "device"),
                                        (["--num_replicas=0"], "num_replicas"), (["--max_tokens=0"], "max_tokens"),
-                                       (["--max_batch=0"], "max_batch")])
+                                       (["--max_batch=0"], "max_batch"), (["--knn_lambda=2"], "knn_lambda"),
+                                       (["--max_tokens=100", "--max_tokens_limit=50"], "max_tokens_limit"),
+                                       (["--autoscaling", "--min_replicas=3", "--max_replicas=2"], "min_replicas")])
 def test_serve_job_config_rejects_bad_values(argv, word, capsys):
-    from jobs.serve import ServeConfig
+    with pytest.raises(SystemExit) as e:
+        parse_config(ServeJobConfig, argv, prog="serve")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and word in err and err.startswith("serve: ") and err.count("\n") == 1
 
-    with pytest.raises(SystemExit) as e:  # parse_config reports the ConfigError as a usage error
-        parse_config(ServeConfig, argv)
-    assert e.value.code == 2 and word in capsys.readouterr().err
+
+def test_serve_job_refuses_a_missing_model_before_ray(tmp_path, monkeypatch, capsys):
+    import jobs.serve
+
+    monkeypatch.setattr(jobs.serve, "init_ray", lambda: pytest.fail("Ray was started"))
+    assert jobs.serve.main([f"--model={tmp_path}/no/such/dir"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serve: ") and "not a model export" in err and err.count("\n") == 1
+
+
+def test_every_serve_option_is_documented():
+    helps = field_help(ServeJobConfig)
+    assert set(helps) == set(field_help(ServeConfig)) | {"host", "port", "prompt", "max_tokens"}
+    assert all(helps.values()), [k for k, v in helps.items() if not v]
+    assert ServeConfig().model == "runs/quickstart/export"  # where the quickstart exports

@@ -14,22 +14,23 @@ Chat template (the models are plain LMs; any tokenizer works): each message beco
 `"{Role}: {content}\\n\\n"` with Role one of System / User / Assistant, then `"Assistant:"` is
 appended; generation also stops at `"\\nUser:"` (the model starting the next user turn).
 
-Auth: with `api_key` in ServeArgs (or the replica's env SPOTLM_API_KEY), the /v1 routes need
+Auth: with `api_key` in ServeConfig (or the replica's env SPOTLM_API_KEY), the /v1 routes need
 `Authorization: Bearer <key>` (401 otherwise); /healthz stays open for load balancers.
 
-`build_app(args)` is a typed app builder (`import_path: app.serve.deployment:build_app` in a Serve config);
-importing this module reads no environment and touches no network. (No postponed annotations here:
+`build_app(args)` is the Serve app builder (`import_path: app.serve.deployment:build_app` in a Serve config):
+its args are `app.serve.config.ServeConfig` fields, checked as the command line's are; importing this module
+reads no environment and touches no network. (No postponed annotations here:
 FastAPI resolves the handlers' parameter types at import.)
 """
 
 import asyncio
 import hmac
 import json
-import os
 import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import replace
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
@@ -39,50 +40,15 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from ray import serve
 
 from app import storage
+from app.config import from_dict, to_dict
 from app.log import get_logger
+from app.serve.config import ServeConfig, preflight
 
 log = get_logger(__name__)
 MAX_BODY_BYTES = 1 << 20  # larger request bodies are refused before parsing
 APP_NAME = "spotlm"  # the Serve application name `start` deploys under
-API_KEY_ENV = "SPOTLM_API_KEY"
 CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"  # always a stop string of chat completions
-
-
-class ServeArgs(BaseModel):
-    """Arguments of the serving app (the `args:` of a Serve config); unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str  # exported model directory, local or s3://
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when the replica sees a GPU
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
-    max_prompt_tokens: int = Field(2048, ge=1)  # longer prompts get a 400 (also capped by the model's context)
-    max_tokens_limit: int = Field(1024, ge=1)  # the largest max_tokens a request may ask for
-    request_timeout_s: float = Field(60.0, gt=0)  # per request, waiting for a slot included (504 after)
-    max_batch: int = Field(32, ge=1)  # sequences decoded together (KV cache slots per replica)
-    max_queue: int = Field(256, ge=0)  # sequences waiting for a slot; beyond: 429 + Retry-After
-    max_prefill_tokens: int = Field(4096, ge=1)  # padded prompt tokens prefilled in one forward
-    cuda_graphs: bool = True  # on CUDA, decode steps replayed as CUDA graphs (False: eager, the reference path)
-    max_n: int = Field(16, ge=1)  # the most sequences one request may ask for (prompts x n)
-    api_key: str | None = None  # bearer token for /v1 routes; None = env SPOTLM_API_KEY, unset = no auth
-    index: str | None = None  # dataset dir with the LMatch index (for models with lmatch_vocab > 0)
-    knn_index: str | None = None  # kNN-LM index dir (index/knn.py); None = off
-    knn_lambda: float = Field(0.25, ge=0.0, le=1.0)  # p = lambda p_knn + (1 - lambda) p_lm
-    knn_k: int = Field(16, ge=1, le=1024)  # neighbours per token
-    knn_temperature: float = Field(1.0, gt=0)  # p_knn = softmax(-distance / knn_temperature)
-    num_replicas: int = Field(1, ge=1)  # fixed replica count (when autoscaling is off)
-    autoscaling: bool = False  # scale between min_replicas and max_replicas on ongoing requests
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(16.0, gt=0)  # per replica; keep it under max_batch
-    num_cpus: float = Field(1.0, ge=0)  # CPUs per replica
-    num_gpus: float = Field(0.0, ge=0)  # GPUs (or a fraction, e.g. 0.5 = two replicas per GPU) per replica
-
-    @model_validator(mode="after")
-    def _replicas(self):
-        if self.autoscaling and self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
-        return self
 
 
 # OpenAI features spotlm does not have, with the values that mean "off": clients send these.
@@ -267,7 +233,7 @@ class TextStream:
 class CompletionService:
     """One replica's model, engine and request handling (no Ray Serve here: tests drive it directly)."""
 
-    def __init__(self, args: ServeArgs):
+    def __init__(self, args: ServeConfig):
         import torch
 
         from app.serve.engine import Engine
@@ -287,11 +253,10 @@ class CompletionService:
                              max_prefill_tokens=args.max_prefill_tokens, lmatch=lmatch, knn=knn,
                              knn_lambda=args.knn_lambda, knn_temperature=args.knn_temperature,
                              cuda_graphs=None if args.cuda_graphs else False).start()
-        key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
-        self.api_key = key or None
+        self.api_key = args.bearer_token()
 
     @staticmethod
-    def _open_lmatch(args: ServeArgs, cfg):
+    def _open_lmatch(args: ServeConfig, cfg):
         if not cfg.lmatch_vocab:
             return None
         if not args.index:
@@ -302,7 +267,7 @@ class CompletionService:
         return LMatchIndex.open(args.index)
 
     @staticmethod
-    def _open_knn(args: ServeArgs):
+    def _open_knn(args: ServeConfig):
         if not args.knn_index:
             return None
         from index.knn import KnnIndex
@@ -606,7 +571,7 @@ async def parse_request(request: Request, model: type[BaseModel] = CompletionReq
 @serve.ingress(api)
 class CompletionServer:
     def __init__(self, args: dict[str, Any]):
-        self.args = ServeArgs(**args)
+        self.args = from_dict(ServeConfig, args)
         self.svc = CompletionService(self.args)
         log.info("serving %s (%s)", self.args.model, self.svc.name)
 
@@ -653,7 +618,7 @@ class CompletionServer:
             return RequestError(500, f"internal error: {type(e).__name__}: {e}").response()
 
 
-def deployment_options(args: ServeArgs) -> dict[str, Any]:
+def deployment_options(args: ServeConfig) -> dict[str, Any]:
     """Serve options of the deployment for `args`: replicas or autoscaling, resources, request bounds."""
     opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
@@ -669,10 +634,11 @@ def deployment_options(args: ServeArgs) -> dict[str, Any]:
     return opts
 
 
-def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
-    """The Serve application for `args` (a typed app builder)."""
-    args = args if isinstance(args, ServeArgs) else ServeArgs(**args)
-    return CompletionServer.options(**deployment_options(args)).bind(args.model_dump())
+def build_app(args: ServeConfig | dict[str, Any]) -> serve.Application:
+    """The Serve application for `args` (a Serve config's `args:`, or a ServeConfig); ConfigError for
+    an unknown key or a bad value, as on the command line."""
+    cfg = from_dict(ServeConfig, to_dict(args) if isinstance(args, ServeConfig) else args)
+    return CompletionServer.options(**deployment_options(cfg)).bind(to_dict(cfg))
 
 
 def post_json(url: str, body: dict[str, Any], timeout: float = 120.0, api_key: str | None = None) -> dict[str, Any]:
@@ -696,22 +662,17 @@ def _error_message(body: bytes) -> str:
         return body.decode(errors="replace")[:500]
 
 
-def start(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000) -> str:
+def start(args: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Deploy the app on the connected Ray, listening on host:port; returns the URL clients on this
-    machine use. A relative local model path is made absolute (replicas run in another directory);
-    FileNotFoundError, before anything is deployed, when it holds no export."""
-    from app.model.export import CONFIG
-
-    model = storage.absolute(args.model)
-    if not storage.exists(storage.join(model, CONFIG)):
-        raise FileNotFoundError(f"{model}: no {CONFIG}: not a model export (or the export did not finish)")
-    update: dict[str, Any] = {"model": model}
-    for key in ("index", "knn_index"):
-        if getattr(args, key):
-            update[key] = storage.absolute(getattr(args, key))
+    machine use. Relative local paths are made absolute (replicas run in another directory);
+    ConfigError, before anything is deployed, for a missing export or index (`preflight`)."""
+    args.validate()
+    preflight(args)
+    args = replace(args, **{key: storage.absolute(getattr(args, key))
+                            for key in ("model", "index", "knn_index") if getattr(args, key)})
     serve.start(http_options={"host": host, "port": port})
     try:
-        serve.run(build_app(args.model_copy(update=update)), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     except RuntimeError:  # the deployment failed (the replica log says why): leave no broken app behind
         serve.delete(APP_NAME)
         raise
@@ -724,7 +685,7 @@ def serve_and_complete(model: str, prompt: str, max_tokens: int = 32, port: int 
     on the connected Ray at 127.0.0.1:`port`, ask one completion over HTTP (`request` adds OpenAI
     fields: temperature, seed, stop, ...), shut Serve down; returns the completion text.
     RuntimeError if the server refuses the request."""
-    url = start(ServeArgs(model=model, index=index), port=port)
+    url = start(ServeConfig(model=model, index=index), port=port)
     try:
         reply = post_json(f"{url}/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, **request})
         return reply["choices"][0]["text"]
