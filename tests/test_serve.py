@@ -276,12 +276,25 @@ def test_max_tokens_n_and_prompt_lists(server):
 
 def test_openai_fields_at_neutral_values_are_accepted(server):
     body = {"prompt": ["KING:"], "max_tokens": 4, "temperature": 0, "n": 1, "stream": False, "logprobs": None,
-            "echo": False, "presence_penalty": 0, "frequency_penalty": 0.0, "user": "u1", "model": "anything",
+            "echo": False, "presence_penalty": 0, "frequency_penalty": 0.0, "user": "u1", "model": "tiny-test",
             "best_of": None, "suffix": None}
     status, r = post(server, body)
     assert status == 200 and r["model"] == "tiny-test"
     assert r["choices"][0]["text"] == post(server, {"prompt": "KING:", "max_tokens": 4, "temperature": 0})[1][
         "choices"][0]["text"]
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": "KING:", "max_tokens": 2}),
+                                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                                 "max_tokens": 2})])
+def test_an_unknown_model_gets_openais_404(server, path, body):
+    for model in ("gpt-4o", "", "tiny-test2"):
+        status, r = post(server, {**body, "model": model}, path=path)
+        assert status == 404 and r == {"error": {"message": f"The model `{model}` does not exist",
+                                                 "type": "invalid_request_error", "param": "model",
+                                                 "code": "model_not_found"}}
+    for named in ({"model": "tiny-test"}, {"model": None}, {}):  # the served id, null or absent: served
+        assert post(server, {**body, **named}, path=path)[0] == 200
 
 
 def test_the_openai_client_works(server):
@@ -313,6 +326,9 @@ def test_the_openai_client_works(server):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="tiny-test", prompt="KING:", max_tokens=10_000)
     assert client.models.list().data[0].id == "tiny-test"
+    with pytest.raises(openai.NotFoundError, match="does not exist") as e:
+        client.completions.create(model="nope", prompt="KING:", max_tokens=2)
+    assert e.value.code == "model_not_found"
 
 
 def test_the_openai_client_chat(server):

@@ -7,8 +7,9 @@ events in OpenAI's chunk format ending with `data: [DONE]`, `n`, `stop`, `logpro
 Each replica runs one `app.serve.engine.Engine` (continuous batching in a background thread); the request
 handlers only tokenize, submit and follow their sequences. A full engine answers 429 with a
 `Retry-After` header; a request that runs past `request_timeout_s` gets a 504; a client that goes away
-cancels its sequences (their KV slots are freed at the next step). Every refused request gets an
-OpenAI-style JSON error body with a 4xx status; nothing a client sends can stop the engine.
+cancels its sequences (their KV slots are freed at the next step); a request naming another model
+than the served one gets OpenAI's 404 `model_not_found`. Every refused request gets an OpenAI-style
+JSON error body with a 4xx status; nothing a client sends can stop the engine.
 
 Chat template (the models are plain LMs; any tokenizer works): each message becomes
 `"{Role}: {content}\\n\\n"` with Role one of System / User / Assistant, then `"Assistant:"` is
@@ -69,7 +70,7 @@ class _Request(BaseModel):
     """Fields shared by completions and chat (strict types; `null` means the default)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    model: str | None = None  # accepted, not checked: one server serves one model, named in the reply
+    model: str | None = None  # absent, or the served model's id (404 model_not_found otherwise)
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # spotlm extension: 0 = off
@@ -179,11 +180,14 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
 
 
 class RequestError(Exception):
-    """A request the server refuses: HTTP status + OpenAI-style error body (+ headers)."""
+    """A request the server refuses: HTTP status + OpenAI-style error body (+ headers). The body's
+    `code` is `code` when given (OpenAI's names, e.g. model_not_found), else the status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
+        self.code = code or status
 
     def body(self) -> dict[str, Any]:
         kind = "invalid_request_error" if self.status < 500 else "server_error"  # OpenAI's two error types
@@ -191,7 +195,7 @@ class RequestError(Exception):
             kind = "rate_limit_error"
         elif self.status == 401:
             kind = "authentication_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(status_code=self.status, content=self.body(), headers=self.headers)
@@ -289,6 +293,11 @@ class CompletionService:
             raise RequestError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                                headers={"WWW-Authenticate": "Bearer"})
 
+    def check_model(self, req: CompletionRequest | ChatCompletionRequest) -> None:
+        """OpenAI's 404 model_not_found for a request naming a model this server does not serve."""
+        if req.model is not None and req.model != self.name:
+            raise RequestError(404, f"The model `{req.model}` does not exist", "model", code="model_not_found")
+
     def encode(self, req: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
         """Each prompt's token ids; RequestError 400 for a prompt or max_tokens over the limits."""
         if isinstance(req, ChatCompletionRequest):
@@ -354,6 +363,7 @@ class CompletionService:
     async def run(self, req, request: Request | None = None):
         """The OpenAI reply to `req`: a dict, or a StreamingResponse of server-sent events."""
         chat = isinstance(req, ChatCompletionRequest)
+        self.check_model(req)
         prompts = await asyncio.to_thread(self.encode, req)
         seqs = self.submit(req, prompts)
         stops = req.stop + ([CHAT_STOP] if chat else [])
