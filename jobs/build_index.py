@@ -6,17 +6,27 @@ from __future__ import annotations
 
 import sys
 
-from app.config import parse_config
+from app.config import parse_config, refuse
+from app.data.shards import ShardFormatError, load_manifest
 from app.indexing.lmatch_build import IndexConfig, build_index
-from app.data.shards import load_manifest
+
+
+def preflight(cfg: IndexConfig) -> None:
+    """Before Ray: `data` is a tokenized dataset with a vocabulary and train shards to index against."""
+    m = load_manifest(cfg.data)
+    if m.vocab_size <= 0 or not m.shards.get("train"):
+        raise ShardFormatError(f"{m.root}: the manifest lists no vocab_size or no train shards")
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(IndexConfig, argv)
+    cfg = parse_config(IndexConfig, argv, prog="build_index")
     try:
-        load_manifest(cfg.data)  # fail fast, before starting Ray, on a dataset that is not there
+        preflight(cfg)
+    except ValueError as e:  # ShardFormatError
+        return refuse("build_index", e)
+    try:
         s = build_index(cfg)
-    except ValueError as e:  # ShardFormatError is a ValueError
+    except ValueError as e:  # ShardFormatError: a shard missing, truncated or changed
         print(f"build_index: {e}", file=sys.stderr)
         return 1
     print(f"lmatch index of {s['root']}: {s['tokens']:,} tokens indexed ({s['pieces_built']} pieces built, "

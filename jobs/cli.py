@@ -15,12 +15,24 @@ STAGES = {
 }
 
 
+def usage() -> str:
+    lines = "\n".join(f"  {name:<12}{text}" for name, text in STAGES.items())
+    return (f"usage: spotlm <stage> [--key=value ...] [--verbose]   (spotlm <stage> --help lists its options)\n\n"
+            f"stages:\n{lines}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one stage's job; exit status 0 done, 1 failed while running, 2 refused (usage or configuration)."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        lines = "\n".join(f"  {name:<12}{text}" for name, text in STAGES.items())
-        print(f"usage: spotlm <stage> [--key=value ...]   (spotlm <stage> --help for its options)\n\nstages:\n{lines}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] not in STAGES:
+        print(f"spotlm: unknown stage {argv[0]!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
     module = importlib.import_module(f"jobs.{argv[0]}")
     return module.main(argv[1:]) or 0
 

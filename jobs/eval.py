@@ -12,16 +12,33 @@ import json
 import sys
 
 from app import storage
-from app.config import ConfigError, parse_config
-from app.indexing.evaluate import EvalConfig, evaluate
-from app.data.shards import ShardFormatError
+from app.config import parse_config, refuse
+from app.data.shards import ShardFormatError, load_manifest
+from app.indexing.evaluate import EvalConfig, evaluate, resolve_knn, resolve_model
+
+
+def preflight(cfg: EvalConfig) -> None:
+    """Before any work: the dataset has the split, the model is there, and so is a kNN index named explicitly."""
+    m = load_manifest(cfg.data)
+    if not m.shards.get(cfg.split):
+        raise ShardFormatError(f"{m.root}: split {cfg.split!r} has no shards")
+    resolve_model(cfg.model)
+    knn_dir = resolve_knn(cfg.knn, cfg.model) if cfg.knn != "auto" else None
+    if knn_dir is not None:
+        from index import knn
+
+        knn.read_meta(knn_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(EvalConfig, argv)
+    cfg = parse_config(EvalConfig, argv, prog="eval")
+    try:
+        preflight(cfg)
+    except (ValueError, FileNotFoundError) as e:  # ShardFormatError, KnnFormatError; no model there
+        return refuse("eval", e)
     try:
         result = evaluate(cfg)
-    except (ConfigError, ShardFormatError, FileNotFoundError, ValueError) as e:
+    except (ValueError, FileNotFoundError) as e:  # e.g. seq_len beyond the model's context
         print(f"eval: {e}", file=sys.stderr)
         return 1
     text = json.dumps(result, indent=2, allow_nan=False)

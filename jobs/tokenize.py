@@ -6,16 +6,27 @@ from __future__ import annotations
 
 import sys
 
-from app.config import parse_config
+from app.config import parse_config, refuse
 from app.data.corpus import InputError, TokenizeConfig, resolve_inputs, tokenize_corpus
+from app.data.tokenizer import eot_id, load_tokenizer
 from app.ray_env import init_ray
 
 
+def preflight(cfg: TokenizeConfig) -> None:
+    """Before Ray: every input pattern matches a file, and a given tokenizer file is a usable tokenizer."""
+    resolve_inputs(cfg.inputs)
+    if cfg.tokenizer not in (None, "char"):
+        eot_id(load_tokenizer(cfg.tokenizer))
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(TokenizeConfig, argv)
+    cfg = parse_config(TokenizeConfig, argv, prog="tokenize")
     try:
-        resolve_inputs(cfg.inputs)  # fail fast, before starting Ray, on inputs that cannot be read
-        init_ray()
+        preflight(cfg)
+    except ValueError as e:  # InputError, a missing or unusable tokenizer
+        return refuse("tokenize", e)
+    init_ray()
+    try:
         m = tokenize_corpus(cfg)
     except (InputError, ValueError) as e:
         print(f"tokenize: {e}", file=sys.stderr)

@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import sys
 
-from app.config import ConfigError, parse_config
+from app.config import parse_config, refuse
 from app.log import get_logger
 from app.ray_env import init_ray
-from app.data.shards import ShardFormatError
-from app.train.trainer import TrainConfig, train
+from app.train.trainer import TrainConfig, preflight, train
 
 log = get_logger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(TrainConfig, argv)
+    cfg = parse_config(TrainConfig, argv, prog="train")
+    try:
+        preflight(cfg)  # configuration errors stop here, before Ray, without spending the failure budget
+    except (ValueError, OSError) as e:  # ConfigError, ShardFormatError, an unreadable dataset
+        return refuse("train", e)
     init_ray()
     try:
         result = train(cfg)
-    except (ConfigError, ShardFormatError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # what changed since the preflight (storage, checkpoints)
         print(f"train: {e}", file=sys.stderr)
         return 1
     if result.error:

@@ -200,13 +200,13 @@ def test_jobs_print_json_and_fail_clearly(ray_session, tiny, tmp_path, capsys):
     assert printed == json.loads(open(out).read())
     assert printed["tokens"] == 1024 and [c["lambda"] for c in printed["results"]["knn"]["curve"]] == [0.2, 0.4]
 
-    assert eval_job.main([f"--model={tmp_path / 'none'}", f"--data={tiny['data']}"]) == 1
+    assert eval_job.main([f"--model={tmp_path / 'none'}", f"--data={tiny['data']}"]) == 2  # refused before any work
     assert "no model here" in capsys.readouterr().err
-    assert eval_job.main([f"--model={tiny['export']}", f"--data={tmp_path / 'none'}"]) == 1
+    assert eval_job.main([f"--model={tiny['export']}", f"--data={tmp_path / 'none'}"]) == 2
     assert "no manifest" in capsys.readouterr().err
-    assert build_job.main([f"--model={tmp_path / 'none'}", f"--data={tiny['data']}"]) == 1
+    assert build_job.main([f"--model={tmp_path / 'none'}", f"--data={tiny['data']}"]) == 2
     assert "no model here" in capsys.readouterr().err
-    assert build_job.main([f"--model={tiny['export']}", f"--data={tmp_path / 'none'}"]) == 1
+    assert build_job.main([f"--model={tiny['export']}", f"--data={tmp_path / 'none'}"]) == 2
     assert "no manifest" in capsys.readouterr().err
     # finished already: the job prints the index summary as JSON
     assert build_job.main([f"--model={tiny['export']}", f"--data={tiny['data']}"]) == 0

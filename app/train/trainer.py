@@ -22,7 +22,7 @@ from app.train.ema import WeightEMA
 from app.log import get_logger
 from app.train.master import MasterAdamW
 from app.train.memory_plan import MemoryConfig
-from app.model.gpt import GPT, ModelConfig, use_kernels
+from app.model.gpt import GPT, PRESETS, ModelConfig, use_kernels
 from app.train.muon import Muon, muon_params
 from app.train.parallel import (compile_kwargs, compiles_per_block, full_state_dicts, make_offload_optimizer, parallelize,
                           resolve_memory, set_full_state_dicts)
@@ -102,6 +102,8 @@ class TrainConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)  # --memory.checkpointing=full, --memory.auto=true, ... (app/train/memory_plan.py)
 
     def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
         for k in ("max_steps", "micro_batch", "num_workers", "checkpoint_every", "log_every"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -598,14 +600,20 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return sorted(d for d in dirs if d.rsplit("/", 1)[1].startswith("checkpoint_"))
 
 
-def train(cfg: TrainConfig):
-    """Run (or continue) a training run on Ray Train; returns Ray's `Result`.
-
-    Errors restart the worker group up to `max_failures` times (Ray's budget); a preempted run
-    checkpoints and is started again here, up to `max_preemptions` times, without using it."""
-    manifest = load_manifest(cfg.data)  # fail fast, with a clear message, on missing or bad shards
+def preflight(cfg: TrainConfig) -> None:
+    """Check in the driver, before any Ray work, what the workers would otherwise fail on (spending the
+    failure budget): the dataset (and its LMatch ids with `index`), a model the preset and `--model.*`
+    overrides can build over the dataset's vocabulary, sequences it can take, a global batch that splits
+    over the workers, a storage that reads back what it writes, and checkpoints that agree with `resume`.
+    Raises a ValueError (ConfigError, ShardFormatError) of one line; checks only, so it may run twice."""
+    manifest = load_manifest(cfg.data)
     if cfg.index:
         index_stream(manifest, "train")
+    mcfg = model_config(cfg, manifest.vocab_size)
+    if cfg.seq_len > mcfg.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len} "
+                          "(--model.max_seq_len raises it)")
+    batch_plan(cfg, cfg.seq_len or mcfg.max_seq_len, cfg.num_workers)
     check_storage(cfg.run_dir)
     existing = list_checkpoints(cfg.run_dir)
     if existing and not cfg.resume:
@@ -613,6 +621,14 @@ def train(cfg: TrainConfig):
                           "continue it, or choose another --name")
     if cfg.resume and not existing:
         raise ConfigError(f"--resume: run {cfg.name!r} has no checkpoint in {cfg.run_dir}")
+
+
+def train(cfg: TrainConfig):
+    """Run (or continue) a training run on Ray Train; returns Ray's `Result`.
+
+    Errors restart the worker group up to `max_failures` times (Ray's budget); a preempted run
+    checkpoints and is started again here, up to `max_preemptions` times, without using it."""
+    preflight(cfg)
     use_gpu = _resolve(cfg.use_gpu, _cluster_has_gpus())
     # Ray Train's controller polls workers every 2 s by default, which stalls every report().
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
