@@ -217,13 +217,17 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _option_lines(name: str, help_: str, width: int, column: int = 32) -> list[str]:
+HELP_COLUMN = 32  # where an option's help starts
+
+
+def _option_lines(name: str, help_: str, width: int) -> list[str]:
     """`  --name TYPE` with its help wrapped in a column beside it (below it when the name is long)."""
-    left = f"  {name}"
-    wrapped = textwrap.wrap(help_, max(width - column, 30), break_long_words=False, break_on_hyphens=False) or [""]
-    if len(left) + 2 > column:
-        return [left] + [" " * column + w for w in wrapped]
-    return [left.ljust(column) + wrapped[0]] + [" " * column + w for w in wrapped[1:]]
+    left, indent = f"  {name}", " " * HELP_COLUMN
+    wrapped = textwrap.wrap(help_, max(width - HELP_COLUMN, 30), break_long_words=False, break_on_hyphens=False)
+    wrapped = wrapped or [""]
+    if len(left) + 2 > HELP_COLUMN:
+        return [left] + [indent + w for w in wrapped]
+    return [left.ljust(HELP_COLUMN) + wrapped[0]] + [indent + w for w in wrapped[1:]]
 
 
 def _section_lines(cfg: Any, prefix: str, width: int) -> list[str]:
@@ -241,7 +245,7 @@ def _section_lines(cfg: Any, prefix: str, width: int) -> list[str]:
         if len(entry[-1]) + 1 + len(default) <= width and entry[-1].strip():
             entry[-1] += " " + default
         else:
-            entry.append(" " * 32 + default)
+            entry.append(" " * HELP_COLUMN + default)
         lines += entry
     for name, section in sections:
         doc = class_doc(type(section)) or field_help(type(cfg))[name]
@@ -294,17 +298,16 @@ def _read_flags(argv: list[str]) -> tuple[str | None, bool, list[tuple[str, str]
         if not tok.startswith("--") or tok == "--":
             raise ConfigError(f"unexpected argument {tok!r} (options look like --key=value)")
         key, eq, value = tok[2:].partition("=")
-        if key == "verbose":
-            verbose = _coerce(value if eq else True, bool, "--verbose")
-        elif not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            value, i = argv[i + 1], i + 1
-        elif not eq:
-            value = "true"
-        if key == "config":
-            if not eq and value == "true":
+        if not eq:  # `--key value`, or a bare `--flag` (true)
+            takes_next = key != "verbose" and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value, i = (argv[i + 1], i + 1) if takes_next else ("true", i)
+            if key == "config" and not takes_next:
                 raise ConfigError("--config needs a file: --config=FILE")
+        if key == "verbose":
+            verbose = _coerce(value, bool, "--verbose")
+        elif key == "config":
             config = value
-        elif key != "verbose":
+        else:
             flags.append((key.replace("-", "_"), value))
         i += 1
     return config, verbose, flags
