@@ -9,8 +9,11 @@ import sys
 import threading
 
 from app.config import ConfigError, parse_config, refuse
+from app.log import get_logger
 from app.ray_env import init_ray
 from app.serve.config import ServeJobConfig, preflight
+
+log = get_logger("jobs.serve")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.serve import deployment
 
     init_ray()
+    log.info("deploying %s on Ray Serve", cfg.model)
     try:
         url = deployment.start(cfg.app_config(), cfg.host, cfg.port)
     except RuntimeError as e:  # the replica could not load the model (its log says why)

@@ -499,6 +499,24 @@ def test_auth_429_and_disconnect_free_the_slot(small_server):
     assert post(small_server, body, headers=auth)[0] == 200
 
 
+def test_a_replica_that_cannot_load_the_model_says_why(server, export_dir, tmp_path):
+    import shutil
+
+    from ray import serve
+
+    from app.serve.deployment import build_app, replica_error
+
+    broken = shutil.copytree(export_dir, tmp_path / "export")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(RuntimeError):
+        serve.run(build_app(ServeConfig(model=str(broken))), name="broken", route_prefix="/broken")
+    try:
+        assert "cannot read the weights" in replica_error("broken")
+    finally:
+        serve.delete("broken")
+    assert replica_error("broken") is None and post(server, {"prompt": "ok", "max_tokens": 2})[0] == 200
+
+
 def test_a_retrieval_model_needs_an_index(tmp_path, export_dir):
     from app.serve.deployment import CompletionService
 

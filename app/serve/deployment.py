@@ -675,7 +675,8 @@ def _error_message(body: bytes) -> str:
 def start(args: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Deploy the app on the connected Ray, listening on host:port; returns the URL clients on this
     machine use. Relative local paths are made absolute (replicas run in another directory);
-    ConfigError, before anything is deployed, for a missing export or index (`preflight`)."""
+    ConfigError, before anything is deployed, for a missing export or index (`preflight`);
+    RuntimeError with the replica's own error when it could not load the model."""
     args.validate()
     preflight(args)
     args = replace(args, **{key: storage.absolute(getattr(args, key))
@@ -683,10 +684,22 @@ def start(args: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
     serve.start(http_options={"host": host, "port": port})
     try:
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    except RuntimeError:  # the deployment failed (the replica log says why): leave no broken app behind
+    except RuntimeError as e:  # the deployment failed: say why, leave no broken app behind
+        reason = replica_error(APP_NAME) or str(e)
         serve.delete(APP_NAME)
-        raise
+        raise RuntimeError(reason) from None
     return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+
+
+def replica_error(app_name: str) -> str | None:
+    """The last line of a failed deployment's status message in Serve app `app_name` (its replica's
+    exception), if any."""
+    app = serve.status().applications.get(app_name)
+    for d in app.deployments.values() if app else []:
+        lines = [line.strip() for line in d.message.splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return None
 
 
 def serve_and_complete(model: str, prompt: str, max_tokens: int = 32, port: int = 8000, index: str | None = None,
