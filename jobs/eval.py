@@ -18,16 +18,16 @@ from app.indexing.evaluate import EvalConfig, evaluate, resolve_knn, resolve_mod
 
 
 def preflight(cfg: EvalConfig) -> None:
-    """Before any work: the dataset has the split, the model is there, and so is a kNN index named explicitly."""
+    """Before any work: the dataset has the split, a kNN index named explicitly is there, and so is the model."""
     m = load_manifest(cfg.data)
     if not m.shards.get(cfg.split):
         raise ShardFormatError(f"{m.root}: split {cfg.split!r} has no shards")
-    resolve_model(cfg.model)
     knn_dir = resolve_knn(cfg.knn, cfg.model) if cfg.knn != "auto" else None
     if knn_dir is not None:
         from index import knn
 
         knn.read_meta(knn_dir)
+    resolve_model(cfg.model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,6 +147,7 @@ CONFIG_ERRORS = [
     ("build_knn", ["--model=s3://bucket/export"], "written to local disk"),
     ("eval", ["--data={data}", "--model=/missing"], "/missing: no model here"),
     ("eval", ["--data=/missing"], "no manifest"),
+    ("eval", ["--data={data}", "--knn={tmp}"], "no meta.json: not a kNN index"),
     ("eval", ["--lambdas=0,2"], "lambdas must be in (0, 1)"),
     ("serve", ["--model=/missing"], "/missing"),
 ]
