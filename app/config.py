@@ -338,7 +338,10 @@ def parse_config(cls: type[T], argv: list[str] | None = None, prog: str | None =
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or _stage_name(cls)
     if "-h" in argv or "--help" in argv:
-        print(format_help(cls, prog))
+        try:
+            print(format_help(cls, prog), flush=True)
+        except BrokenPipeError:  # `--help | head` closed the pipe: no traceback (Python's documented recipe)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     try:
         config, verbose, flags = _read_flags(argv)
