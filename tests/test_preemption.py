@@ -1,12 +1,14 @@
 """Preemption notices: the AWS spot interruption notice (against a fake metadata server on
-loopback), SIGTERM, and Ray's drain notice all raise the same flag."""
+loopback), SIGTERM while the loop runs, and Ray's drain notice all raise the same flag."""
+import os
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from app.train.preemption import PreemptionWatcher, aws_spot_notice
+from app.train.preemption import PreemptionWatcher, aws_spot_notice, install_sigterm_handler
 
 
 @pytest.fixture
@@ -71,3 +73,51 @@ def test_drain_check_and_notify():
     w2 = PreemptionWatcher(aws_auto=False)
     w2.notify("signal SIGTERM")
     assert w2.should_stop() and w2.reason == "signal SIGTERM"
+
+
+def test_sigterm_is_a_notice_only_until_the_watcher_closes(ray_session):
+    """In a worker shaped like Ray Train's (the loop in a thread, `execute` on the idle main thread),
+    SIGTERM is a notice while the loop runs; after `close()` it stops the process, as Ray means when
+    it tears a finished worker down."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Worker:
+        def __init__(self):
+            self.watcher = PreemptionWatcher(aws_auto=False)
+            self.done = threading.Event()
+
+        def execute(self, fn):
+            return fn()
+
+        def in_thread(self, what: str) -> int:
+            self.done.clear()
+            step = (lambda: install_sigterm_handler(self.watcher)) if what == "install" else self.watcher.close
+            threading.Thread(target=lambda: (step(), self.done.set())).start()
+            return os.getpid()
+
+        def status(self) -> tuple[bool, bool, str]:
+            return self.done.is_set(), self.watcher.should_stop(), self.watcher.reason
+
+    def wait_done(w):
+        deadline = time.time() + 30
+        while not ray.get(w.status.remote())[0]:
+            assert time.time() < deadline
+            time.sleep(0.05)
+
+    w = Worker.remote()
+    pid = ray.get(w.in_thread.remote("install"))
+    wait_done(w)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + 10
+    while not ray.get(w.status.remote())[1]:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert ray.get(w.status.remote())[2] == "signal SIGTERM"  # a notice: the process lives on
+    ray.get(w.in_thread.remote("close"))
+    wait_done(w)
+    os.kill(pid, signal.SIGTERM)
+    with pytest.raises(ray.exceptions.RayActorError):  # no longer caught: the worker stops
+        for _ in range(100):
+            ray.get(w.status.remote(), timeout=10)
+            time.sleep(0.1)

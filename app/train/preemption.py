@@ -4,12 +4,11 @@ checkpoint and returns; the driver then starts the run again, outside Ray's fail
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import urllib.error
 import urllib.request
-from typing import Callable
+from typing import Any, Callable
 
 from app.log import get_logger
 
@@ -58,6 +57,7 @@ class PreemptionWatcher:
         self.reason = ""
         self._extra_check = extra_check
         self._stop = threading.Event()
+        self._on_close: list[Callable[[], None]] = []
         if aws_endpoint is None and aws_auto and on_aws():
             aws_endpoint = AWS_METADATA
         if aws_endpoint:
@@ -77,8 +77,15 @@ class PreemptionWatcher:
             self.notify("ray node drain")
         return self._flag.is_set()
 
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Call `fn` at `close()` (last registered, first called)."""
+        self._on_close.append(fn)
+
     def close(self) -> None:
+        """Stop watching: no more polling, and SIGTERM gets its earlier handler back."""
         self._stop.set()
+        while self._on_close:
+            self._on_close.pop()()
 
     def _poll_aws(self, endpoint: str, poll_s: float) -> None:
         while not self._stop.wait(poll_s):
@@ -87,8 +94,10 @@ class PreemptionWatcher:
                 return
 
 
-
-_WATCHER: PreemptionWatcher | None = None  # the watcher this process's SIGTERM handler notifies
+# This process's SIGTERM handler while a training loop runs: the watcher it notifies, and the
+# handler it replaced (given back when the loop ends)
+_WATCHER: PreemptionWatcher | None = None
+_PREVIOUS: Any = None
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -96,13 +105,20 @@ def _on_sigterm(signum, frame) -> None:
         _WATCHER.notify(f"signal {signal.Signals(signum).name}")
 
 
-def _install() -> int:
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    return os.getpid()
+def _install() -> None:
+    global _PREVIOUS
+    _PREVIOUS = signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _uninstall() -> None:
+    global _WATCHER
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if _PREVIOUS is None else _PREVIOUS)
+    _WATCHER = None
 
 
 def install_sigterm_handler(watcher: PreemptionWatcher) -> None:
-    """Make SIGTERM notify `watcher` in this Ray worker process (instead of exiting at once).
+    """Make SIGTERM notify `watcher` in this Ray worker process (instead of exiting at once), until
+    `watcher.close()`: after the loop, a SIGTERM is Ray stopping the finished worker, not a notice.
 
     Ray Train runs the training function in a thread, and Python only lets the main thread set
     signal handlers; a task sent to the worker's own actor runs on its (idle) main thread.
@@ -114,3 +130,4 @@ def install_sigterm_handler(watcher: PreemptionWatcher) -> None:
     _WATCHER = watcher
     actor = ray.get_runtime_context().current_actor
     ray.get(actor.execute.remote(_install), timeout=30)
+    watcher.on_close(lambda: ray.get(actor.execute.remote(_uninstall), timeout=30))
