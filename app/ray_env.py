@@ -1,31 +1,76 @@
 """Start or join Ray: a cluster when one is given (RAY_ADDRESS, `ray job submit`), else a local Ray."""
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
-from app.log import get_logger
+from app.log import get_logger, verbose as verbose_from_env
 
 log = get_logger(__name__)
 PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, verbose: bool | None = None) -> None:
     """Connect to Ray once per process.
 
     Inside a Ray job or with RAY_ADDRESS set this joins that cluster. Otherwise it starts a local
     Ray in-process with at least 4 logical CPUs: on 2-core machines actors holding every CPU
     would starve Ray Data's read tasks (the 2-CPU deadlock). Workers get the project on their
     PYTHONPATH, since they run in another working directory.
+
+    Unless `verbose` (default: `--verbose`, i.e. SPOTLM_VERBOSE=1), Ray's own output stays in its
+    log files (/tmp/ray/session_*/logs) and the console shows spotlm's lines only (`quiet_ray`).
     """
     import ray
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))}}
+    loud = verbose_from_env() if verbose is None else verbose
+    # Workers' stdout/stderr (Ray Train's controller and workers, Serve's actors) stay in their
+    # files; Ray's driver-side loggers print errors only.
+    console = {} if loud else {"log_to_driver": False, "logging_level": logging.ERROR}
+    if not loud:  # nor "Task ... failed. There are infinite retries remaining" for a task Ray retries
+        os.environ.setdefault("RAY_enable_output_error_log_if_still_retry", "0")
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(log_to_driver=True)
-        return
-    cpus = num_cpus or max(4, os.cpu_count() or 1)
-    log.info("starting a local Ray (%d logical CPUs)", cpus)
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+        ray.init(**console)
+    else:
+        cpus = num_cpus or max(4, os.cpu_count() or 1)
+        log.info("starting a local Ray (%d logical CPUs)", cpus)
+        path = os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, **console)
+    if not loud:
+        quiet_ray()
+        native_stderr_to_file()
+
+
+def native_stderr_to_file() -> None:
+    """Send what Ray's C++ core in this driver writes to file descriptor 2 (its ERROR lines, e.g.
+    core_worker.cc's about every Ray Data actor pool; workers' go to their .err files) to
+    `driver-<pid>.err` in the session's log directory, keeping Python's `sys.stderr` on the console."""
+    import ray
+
+    logs = ray._private.worker._global_node.get_logs_dir_path()  # the session's logs/, as Ray Data finds it
+    sys.stderr.flush()
+    console = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors=sys.stderr.errors)
+    fd = os.open(os.path.join(logs, f"driver-{os.getpid()}.err"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stderr = console
+
+
+def quiet_ray() -> None:
+    """Keep the console of Ray Data and Ray Serve in this driver to errors: they log through their
+    own loggers and console handlers (their log files keep every line), and Ray Data draws no
+    progress bars and prints no execution plan (the jobs log their own progress)."""
+    import ray.data
+    import ray.serve  # its driver logger is configured, at INFO, on import
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray.serve"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.ERROR)
