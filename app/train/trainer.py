@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 import tempfile
@@ -19,7 +20,7 @@ from app.fast import kernels
 from app.config import ConfigError, from_dict, to_dict
 from app.data.loader import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches, match_stream
 from app.train.ema import WeightEMA
-from app.log import get_logger
+from app.log import forward_logs, get_logger, relay_worker_logs
 from app.train.master import MasterAdamW
 from app.train.memory_plan import MemoryConfig
 from app.model.gpt import GPT, PRESETS, ModelConfig, use_kernels
@@ -388,14 +389,17 @@ def _resolve(flag: str, default: bool) -> bool:
     return default if flag == "auto" else flag == "true"
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """The training function each Ray Train worker runs (also resumes after any restart)."""
+def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
+    """The training function each Ray Train worker runs (also resumes after any restart); its log
+    lines (rank 0's, and every rank's warnings) also go to `log_sink` (`relay_worker_logs`)."""
     import ray.train
     import ray.train.torch
 
     cfg = from_dict(TrainConfig, config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if log_sink is not None:
+        forward_logs(log_sink, logging.INFO if rank == 0 else logging.WARNING)
     device = ray.train.torch.get_device()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -533,7 +537,6 @@ def train_loop(config: dict[str, Any]) -> None:
         export_model(final, cfg.export_dir, manifest.tokenizer_path,
                      meta={"run": cfg.name, "step": state.step, "val_loss": state.best_val_loss,
                            "eot_id": manifest.eot_id})
-        log.info("exported the model to %s", cfg.export_dir)
 
 
 def _final_weights(model: GPT, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -632,15 +635,26 @@ def train(cfg: TrainConfig):
     use_gpu = _resolve(cfg.use_gpu, _cluster_has_gpus())
     # Ray Train's controller polls workers every 2 s by default, which stalls every report().
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    for _ in range(cfg.max_preemptions + 1):
-        result = _trainer(cfg, use_gpu).fit()
-        # The loop only returns unfinished when it was preempted (after a checkpoint).
-        metrics = result.metrics or {}
-        if result.error or metrics.get("done") or metrics.get("step", 0) >= cfg.max_steps:
-            return result
-        log.warning("run %s was preempted at step %d; starting it again from that checkpoint",
-                    cfg.name, result.metrics["step"])
+    t0 = time.perf_counter()
+    with relay_worker_logs() as log_sink:
+        for _ in range(cfg.max_preemptions + 1):
+            result = _trainer(cfg, use_gpu, log_sink).fit()
+            # The loop only returns unfinished when it was preempted (after a checkpoint).
+            metrics = result.metrics or {}
+            if result.error or metrics.get("done") or metrics.get("step", 0) >= cfg.max_steps:
+                break
+            log.warning("run %s was preempted at step %d; starting it again from that checkpoint",
+                        cfg.name, result.metrics["step"])
+    if not result.error:
+        _log_summary(cfg, result.metrics or {}, time.perf_counter() - t0)
     return result
+
+
+def _log_summary(cfg: TrainConfig, metrics: dict[str, Any], seconds: float) -> None:
+    """One line for the end of a run: steps, the last validation loss, time, where the model went."""
+    val = f", val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+    export = f"; model in {cfg.export_dir}" if cfg.export_dir else ""
+    log.info("trained %s: %d steps%s in %.0f s%s", cfg.name, metrics.get("step", 0), val, seconds, export)
 
 
 def _cluster_has_gpus() -> bool:
@@ -650,12 +664,12 @@ def _cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0 if ray.is_initialized() else torch.cuda.is_available()
 
 
-def _trainer(cfg: TrainConfig, use_gpu: bool):
+def _trainer(cfg: TrainConfig, use_gpu: bool, log_sink: Any = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
-        train_loop,
+        functools.partial(train_loop, log_sink=log_sink),
         train_loop_config=to_dict(cfg),
         scaling_config=ray.train.ScalingConfig(
             num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
