@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
@@ -20,7 +21,7 @@ import numpy as np
 
 from app import storage
 from app.config import ConfigError, to_dict
-from app.log import get_logger
+from app.log import Progress, get_logger
 from app.data.shards import Manifest, ShardFormatError, encode_shard, load_manifest, read_shard
 from app.data.tokenizer import eot_id, load_tokenizer, token_dtype, tokenizer_sha256, train_bpe, train_chars
 
@@ -225,14 +226,18 @@ def _tokenize_files(cfg: TokenizeConfig, files: list[str], out: str, tokenizer_p
         TokenizeFiles, fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "cfg": worker_cfg},
         batch_size=1, num_cpus=cfg.actor_cpus, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors))
     order = {p: i for i, p in enumerate(files)}
-    return sorted((json.loads(row["meta"]) for row in ds.take_all()), key=lambda m: order[m["path"]])
+    progress = Progress(log, "tokenize", len(files), "files")
+    metas = []
+    for row in ds.iter_rows():
+        metas.append(json.loads(row["meta"]))
+        progress.update()
+    return sorted(metas, key=lambda m: order[m["path"]])
 
 
 def _pack(out: str, split: str, files: int, shard_tokens: int, dtype: np.dtype) -> list[dict[str, Any]]:
     """Concatenate the per-file arrays of a split into full shards (the last may be partial)."""
-    from tqdm import tqdm
-
     infos, buf, n = [], [], 0
+    progress = Progress(log, f"packing {split}", files, "files")
 
     def flush(tokens: np.ndarray) -> None:
         name = f"{split}_{len(infos):06d}.bin"
@@ -242,7 +247,8 @@ def _pack(out: str, split: str, files: int, shard_tokens: int, dtype: np.dtype) 
             storage.write_bytes(path, data)
         infos.append({"file": name, "n_tokens": int(len(tokens)), "sha256": hashlib.sha256(data).hexdigest()})
 
-    for i in tqdm(range(files), desc=f"packing {split}", unit="file", disable=files < 50):
+    for i in range(files):
+        progress.update()
         arr = read_shard(_work_paths(out, i)[split])
         while len(arr):
             take = min(shard_tokens - n, len(arr))
@@ -259,6 +265,7 @@ def _pack(out: str, split: str, files: int, shard_tokens: int, dtype: np.dtype) 
 def tokenize_corpus(cfg: TokenizeConfig) -> Manifest:
     """Run the tokenize stage (or finish an interrupted one); returns the manifest."""
     cfg.validate()
+    t0 = time.perf_counter()
     out = storage.absolute(cfg.output)
     try:
         done = load_manifest(out)
@@ -294,6 +301,6 @@ def tokenize_corpus(cfg: TokenizeConfig) -> Manifest:
     if rejected:
         log.warning("rejected %d records (%s); samples in %s", sum(rejected.values()),
                     ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())), storage.join(out, "rejected"))
-    log.info("wrote %d train / %d val tokens (%d / %d documents)", manifest.num_tokens("train"),
-             manifest.num_tokens("val"), manifest.docs["train"], manifest.docs["val"])
+    log.info("tokenized in %.0f s: %d train / %d val tokens (%d / %d documents)", time.perf_counter() - t0,
+             manifest.num_tokens("train"), manifest.num_tokens("val"), manifest.docs["train"], manifest.docs["val"])
     return manifest

@@ -189,6 +189,7 @@ def _build_pieces(root: str, m, pieces: list[tuple[str, int]], cfg: IndexConfig,
     init_ray()
     workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     ranges = lmatch.token_ranges(hist, _n_ranges(m, pieces, cfg, workers))
+    log.info("lmatch: %d pieces from %d token-range tasks on %d workers", len(pieces), len(ranges), workers)
     if len(ranges) == 1:
         return _get(_remote("range_write", _range_write, num_cpus=1, max_retries=2).remote(root, *ranges[0], pieces))
     task = _remote("range_parts", _range_parts, num_cpus=1, max_retries=2).options(num_returns=len(pieces))
