@@ -30,20 +30,28 @@ def main(argv: list[str] | None = None) -> int:
     log.info("deploying %s on Ray Serve", cfg.model)
     try:
         url = deployment.start(cfg.app_config(), cfg.host, cfg.port)
-    except RuntimeError as e:  # the replica could not load the model (its log says why)
-        print(f"serve: could not start: {e}", file=sys.stderr)
+        return complete_once(cfg, url) if cfg.prompt is not None else serve_until_stopped(cfg, url)
+    except RuntimeError as e:  # the replica could not load the model, or the server refused the prompt
+        print(f"serve: {e}", file=sys.stderr)
         return 1
-    if cfg.prompt is not None:
-        try:
-            reply = deployment.post_json(f"{url}/v1/completions", {"prompt": cfg.prompt, "max_tokens": cfg.max_tokens},
-                                         api_key=cfg.bearer_token())
-        except RuntimeError as e:  # the server refused the prompt: say why
-            print(f"serve: {e}", file=sys.stderr)
-            return 1
-        finally:
-            serve.delete(deployment.APP_NAME)
-        print(reply["choices"][0]["text"])
-        return 0
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly
+        return 130
+    finally:
+        serve.delete(deployment.APP_NAME)  # only our app: on a shared cluster other Serve apps keep running
+
+
+def complete_once(cfg: ServeJobConfig, url: str) -> int:
+    """Print the server's completion of cfg.prompt."""
+    from app.serve.deployment import post_json
+
+    reply = post_json(f"{url}/v1/completions", {"prompt": cfg.prompt, "max_tokens": cfg.max_tokens},
+                      api_key=cfg.bearer_token())
+    print(reply["choices"][0]["text"])
+    return 0
+
+
+def serve_until_stopped(cfg: ServeJobConfig, url: str) -> int:
+    """Serve until SIGTERM or Ctrl-C."""
     print(f"serving {cfg.model} at {url}/v1 (completions, chat/completions; Ctrl-C stops)")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -51,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         stop.wait()
     except KeyboardInterrupt:
         pass
-    serve.delete(deployment.APP_NAME)  # only our app: on a shared cluster other Serve apps keep running
     return 0
 
 

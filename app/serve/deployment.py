@@ -687,7 +687,7 @@ def start(args: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
     except RuntimeError as e:  # the deployment failed: say why, leave no broken app behind
         reason = replica_error(APP_NAME) or str(e)
         serve.delete(APP_NAME)
-        raise RuntimeError(reason) from None
+        raise RuntimeError(f"the model could not be served: {reason}") from None
     return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
 
 
