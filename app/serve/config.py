@@ -27,9 +27,9 @@ class ServeConfig:
     max_batch: int = 32  # sequences decoded together (KV cache slots per replica)
     max_queue: int = 256  # sequences waiting for a slot; beyond: 429 + Retry-After
     max_prefill_tokens: int = 4096  # padded prompt tokens prefilled in one forward
-    api_key: str | None = None  # bearer token for the /v1 routes; None = env SPOTLM_API_KEY, unset = no auth
+    api_key: str | None = None  # bearer token for the /v1 routes; none = env SPOTLM_API_KEY, unset = no auth
     index: str | None = None  # dataset dir with the LMatch index (models with lmatch_vocab > 0)
-    knn_index: str | None = None  # kNN-LM index dir (index/knn.py); None = off
+    knn_index: str | None = None  # kNN-LM index dir (index/knn.py); none = off
     knn_lambda: float = 0.25  # p = lambda p_knn + (1 - lambda) p_lm
     knn_k: int = 16  # neighbours per token (1-1024)
     knn_temperature: float = 1.0  # p_knn = softmax(-distance / knn_temperature)
