@@ -44,7 +44,8 @@ import torch
 
 from app.serve.generate import check_args, forward_last, sample_tokens, sampling_kind, uniforms
 from app.log import get_logger
-from app.model.gpt import GPT, KVCache
+from app.model.gpt import GPT
+from app.serve.kvcache import KVCache
 
 log = get_logger(__name__)
 

@@ -14,7 +14,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from app.model.gpt import GPT, KVCache, KVSlots
+from app.model.gpt import GPT
+from app.serve.kvcache import KVCache, KVSlots
 
 LmatchFn = Callable[[Sequence[int]], int]  # tokens so far (ending at a position) -> that position's lmatch id
 

@@ -1,0 +1,129 @@
+"""The serving KV cache: every layer's keys and values preallocated (`KVCache`), and views of its rows as
+independent sequences at their own positions (`KVSlots`, slot-based continuous batching).
+
+Both implement the cache protocol the model talks to (`app.model.gpt.Cache`): `positions` of the new tokens,
+`update` (store a layer's new keys/values, return what attention reads), `attn_mask`, `advance`, and for
+`GPT.forward`'s input checks `check_room`. The engine's decode view (`app.serve.engine.DecodeSlots`) is a third.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from app.model.gpt import ModelConfig, window_mask
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, [B, n_kv_head, max_len, head_dim] each, and how many
+    positions are filled. The model appends to it; dropping the object frees the memory."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        if batch < 1 or not 1 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"KVCache needs batch >= 1 and 1 <= max_len <= max_seq_len={cfg.max_seq_len}; "
+                             f"got batch={batch}, max_len={max_len}")
+        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.batch, self.max_len, self.length = batch, max_len, 0
+        self.lengths = [0] * batch  # filled positions per row when the rows are used as slots (`slots()`)
+
+    def reset(self) -> None:
+        """Forget the cached positions (the memory is reused)."""
+        self.length = 0
+        self.lengths = [0] * self.batch
+
+    def slots(self, rows: Sequence[int]) -> KVSlots:
+        """A view of some rows of this cache as independent sequences, each continuing at its own
+        position `lengths[row]` (slot-based continuous batching); pass it to the model as `kv_cache`."""
+        return KVSlots(self, rows)
+
+    def positions(self, new: int, device: torch.device | str) -> torch.Tensor:
+        """Absolute positions [new] of the next `new` input tokens."""
+        return torch.arange(self.length, self.length + new, device=device)
+
+    def advance(self, new: int) -> None:
+        """Count `new` more filled positions (after every layer has stored them)."""
+        self.length += new
+
+    def attn_mask(self, new: int, device: torch.device | str, window: int = 0) -> torch.Tensor | None:
+        """The attention mask [new, length + new] of `new` queries after the cached positions (query i sees
+        keys up to length + i, and with a window w >= 1 only the w most recent of them), or None when plain
+        causal attention is exact (a prefill, or one new token seeing everything cached, no window cutting)."""
+        if (self.length == 0 or new == 1) and not 0 < window < self.length + new:
+            return None
+        return window_mask(self.positions(new, device), self.length + new, window)
+
+    def check_room(self, batch: int, new: int) -> None:
+        """Raise a ValueError unless `new` more positions of a `batch`-row input fit."""
+        if batch != self.batch:
+            raise ValueError(f"input batch {batch} does not match the KV cache batch {self.batch}")
+        if self.length + new > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} cached + {new} new positions > max_len={self.max_len}")
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv_head, T, D] after the cached positions; return all keys/values so far."""
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class KVSlots:
+    """Rows `rows` of a KVCache run as independent sequences in one batch: input row i is cache row
+    rows[i], at its own position cache.lengths[rows[i]]; its queries see only that row's own keys up to
+    their position. Right-padded prefills (every row starting at 0) are plain causal attention (within
+    the layer's window, if it has one); keys written past a row's true length are overwritten by its next
+    tokens before anything attends them."""
+
+    def __init__(self, cache: KVCache, rows: Sequence[int]):
+        rows = [int(r) for r in rows]
+        if not rows or min(rows) < 0 or max(rows) >= cache.batch or len(set(rows)) != len(rows):
+            raise ValueError(f"KV cache slots must be distinct rows in [0, {cache.batch}); got {rows}")
+        self.cache, self.rows, self.batch = cache, rows, len(rows)
+        self.starts = [cache.lengths[r] for r in rows]
+        self.length = max(self.starts)  # the furthest row (GPT's max_seq_len check)
+        device = cache.k[0].device
+        lo = rows[0]
+        self._span = slice(lo, lo + len(rows)) if rows == list(range(lo, lo + len(rows))) else None
+        self._rows = torch.tensor(rows, device=device)
+        self._starts = torch.tensor(self.starts, device=device)
+
+    def check_room(self, batch: int, new: int) -> None:
+        """Raise a ValueError unless `new` more positions of a `batch`-row input fit every slot."""
+        if batch != self.batch:
+            raise ValueError(f"input batch {batch} does not match the {self.batch} KV cache slots")
+        if self.length + new > self.cache.max_len:
+            raise ValueError(f"KV cache full: {self.length} cached + {new} new positions > "
+                             f"max_len={self.cache.max_len}")
+
+    def positions(self, new: int, device: torch.device | str) -> torch.Tensor:
+        """Absolute positions [B, new] of the next input tokens of each row."""
+        return self._starts.to(device)[:, None] + torch.arange(new, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv_head, T, D] at each row's positions; return the keys/values attention
+        reads: the new ones for a prefill from position 0, else the rows' cache up to the furthest row."""
+        T = k.size(2)
+        pos = self._starts[:, None] + torch.arange(T, device=k.device)  # [B, T]
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        ck[self._rows[:, None], :, pos] = k.transpose(1, 2)  # indexed dims first: [B, T, Hkv, D]
+        cv[self._rows[:, None], :, pos] = v.transpose(1, 2)
+        if self.length == 0:
+            return k, v
+        end = self.length + T
+        if self._span is not None:
+            return ck[self._span, :, :end], cv[self._span, :, :end]
+        return ck[:, :, :end].index_select(0, self._rows), cv[:, :, :end].index_select(0, self._rows)
+
+    def attn_mask(self, new: int, device: torch.device | str, window: int = 0) -> torch.Tensor | None:
+        """[B, 1, new, length + new]: row b's query i sees keys up to starts[b] + i, and with a window
+        w >= 1 only the w most recent of them (None: plain causal attention is exact)."""
+        if (self.length == 0 or (self.batch == 1 and new == 1)) and not 0 < window < self.length + new:
+            return None
+        return window_mask(self.positions(new, device), self.length + new, window)[:, None]
+
+    def advance(self, new: int) -> None:
+        for r in self.rows:
+            self.cache.lengths[r] += new
