@@ -51,7 +51,14 @@ def native_stderr_to_file() -> None:
     `driver-<pid>.err` in the session's log directory, keeping Python's `sys.stderr` on the console."""
     import ray
 
-    logs = ray._private.worker._global_node.get_logs_dir_path()  # the session's logs/, as Ray Data finds it
+    node = ray._private.worker._global_node  # this machine's Ray node, as Ray Data finds its log directory
+    try:
+        moved = sys.stderr.fileno() != 2  # moved before in this process, or stderr is not the process's own
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (captured output)
+        moved = True
+    if node is None or moved:
+        return
+    logs = node.get_logs_dir_path()
     sys.stderr.flush()
     console = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors=sys.stderr.errors)
     fd = os.open(os.path.join(logs, f"driver-{os.getpid()}.err"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

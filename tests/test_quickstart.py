@@ -60,3 +60,15 @@ def test_quickstart_console_fits_a_screen(tmp_path):
     again = "\n".join(_quickstart(tmp_path, *flags))  # a rerun reuses the finished stages
     assert "already tokenized" in again and "quickstart finished" in again, again
     assert sorted(p.name for p in run.glob("checkpoint_0*")) == ["checkpoint_00000030"]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_ray_output_reaches_the_console_only_when_verbose(tmp_path, verbose):
+    code = ("from app.ray_env import init_ray; init_ray(); import ray; "
+            "ray.get(ray.remote(lambda: print('printed by a task')).remote()); ray.shutdown()")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SPOTLM_VERBOSE": "1" if verbose else "0"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, timeout=120, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+    assert p.returncode == 0, p.stdout
+    assert ("printed by a task" in p.stdout) == verbose, p.stdout
+    assert ("Started a local Ray instance" in p.stdout) == verbose, p.stdout
