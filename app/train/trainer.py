@@ -348,6 +348,14 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast) ->
     return loss_sum / max(n, 1.0)
 
 
+def _log_step(cfg: TrainConfig, m: dict[str, Any]) -> None:
+    """Rank 0's line for a logged step: loss, learning rate, speed, epoch, and the validation loss if evaluated."""
+    mfu = f" | mfu {m['mfu']:.1%}" if "mfu" in m else ""
+    val = f" | val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
+    log.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s%s | epoch %.2f%s", m["step"], cfg.max_steps, m["train_loss"],
+             m["lr"], f"{m['tokens_per_s']:,.0f}", mfu, m["epoch"], val)
+
+
 def _write_progress(run_dir: str, state: checkpoint.TrainState, metrics: dict[str, Any], resumed_from: int) -> None:
     """`<run>/progress.json`: where the run is now (for people, dashboards and benchmarks)."""
     storage.write_json(storage.join(run_dir, "progress.json"), {
@@ -484,10 +492,6 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
                            grad_norm=float(grad_norm), epoch=loader.epoch_of(state.step))
             if mfu is not None:
                 metrics["mfu"] = mfu
-            if rank == 0:
-                log.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s%s | epoch %.2f", state.step, cfg.max_steps,
-                         train_loss, metrics["lr"], f"{tps:,.0f}", f" | mfu {mfu:.1%}" if mfu is not None else "",
-                         metrics["epoch"])
             progress_from = resumed_from  # progress.json is written once, after this step's evaluation
             t_last, steps_since, last_stall, resumed_from = time.perf_counter(), 0, 0.0, state.step
 
@@ -501,11 +505,9 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
             if cfg.target_val_loss and metrics["val_loss"] <= cfg.target_val_loss:
                 last = True  # reached the target: finish here (checkpoint and export)
             metrics["eval_s"] = time.perf_counter() - t_eval
-            if rank == 0:
-                log.info("step %d | val loss %.4f | %.2f s of training", state.step, metrics["val_loss"],
-                         state.train_time_s)
             t_last = time.perf_counter()
         if rank == 0 and progress_from is not None:
+            _log_step(cfg, metrics)
             _write_progress(cfg.run_dir, state, metrics, progress_from)
         metrics["done"] = last
         # ---- preemption: checkpoint at this step boundary and hand back to the driver ----
