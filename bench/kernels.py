@@ -1,15 +1,13 @@
 """Benchmark: the Triton kernels against their PyTorch baselines on one CUDA GPU, printed as JSON.
 
 Fused linear + cross-entropy (bf16, and with the FP8 logits product) vs `F.cross_entropy(h @ W.T, y)` (bf16): peak
-memory above the inputs and forward+backward time, with their ratios; RMSNorm and rotary vs their eager
-references (time); the FP8 q/k/v product's gradient join (`qkv_grad_rows`) vs the same computation compiled by
-Inductor as the training graph ran it before (time); likewise the FP8 ReLU² feed-forward's activation passes
-(`fp8_relu2`); the sliding-window attention backward's one-kernel walk vs
-its two-kernel form (time), with cuDNN's full causal backward for scale.
+memory above the inputs and forward+backward time, with their ratios; the FP8 ReLU² feed-forward's activation
+passes (`fp8_relu2`) vs the same computation compiled by Inductor as the training graph ran it before (time); the
+sliding-window attention backward's one-kernel walk vs its two-kernel form (time), with cuDNN's full causal
+backward for scale.
 
-    python -m bench.kernels                      # every case (an H100: about a minute)
+    python -m bench.kernels                      # every case (about a minute)
     python -m bench.kernels --quick              # the smaller cases only
-    python -m bench.kernels --compile-baselines  # RMSNorm/rotary baselines through torch.compile too
     python -m bench.kernels --only=window_attention  # one section
 """
 from __future__ import annotations
@@ -24,20 +22,16 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from app.fast.kernels import (apply_rotary, fused_linear_cross_entropy, qkv_grad_rows, qkv_grad_rows_reference, rms_norm,
-                         rms_norm_reference, rotary_reference)
-from app.fast.kernels import backend, sliding_attention
+from app.fast.compile import compile_kwargs
+from app.fast.kernels import backend, fused_linear_cross_entropy, sliding_attention
 from app.log import get_logger
 
 log = get_logger(__name__)
 
 # (tokens N, hidden D, vocabulary V): GPT-2 and Llama-3 output layers.
 CE_CASES = [(8192, 768, 50304), (32768, 768, 50304), (8192, 4096, 128256), (32768, 4096, 128256)]
-NORM_CASES = [(32768, 768), (32768, 4096)]  # (rows, D)
-ROTARY_CASES = [(8, 12, 12, 1024, 64), (4, 32, 8, 4096, 128)]  # (B, H, H_kv, T, head_dim)
-QKV_CASES = [(64, 12, 12, 1024, 64)]  # GPT-2 124M's q/k/v gradients at 64 x 1024 tokens (B, H, H_kv, T, head_dim)
-# (B, H, H_kv, T, head_dim, window): 124M at micro-batch 64 and 16, head size 128, GQA at 4k positions
 RELU2_CASES = [(65536, 3072), (65536, 4096)]  # hidden rows of GPT-2 124M / 350M at 64 x 1024 tokens (rows, width)
+# (B, H, H_kv, T, head_dim, window): 124M at micro-batch 64 and 16, head size 128, GQA at 4k positions
 WINDOW_CASES = [(64, 12, 12, 1024, 64, 64), (16, 12, 12, 1024, 64, 64), (32, 16, 16, 1024, 128, 64),
                 (8, 32, 8, 4096, 128, 64)]
 
@@ -119,67 +113,13 @@ def bench_linear_ce(N: int, D: int, V: int, args: argparse.Namespace) -> dict:
     return result
 
 
-def _fwd_bwd(fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], *inputs: torch.Tensor) -> Callable[[], None]:
-    """A closure running fn(*inputs) forward and backward with fixed random output gradients."""
-    outs = fn(*inputs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    grads = [torch.randn_like(o) for o in outs]
-
-    def run() -> None:
-        for t in inputs:
-            t.grad = None
-        out = fn(*inputs)
-        torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
-    return run
-
-
-def _baselines(reference: Callable, args: argparse.Namespace) -> dict[str, Callable]:
-    baselines = {"eager": reference}
-    if args.compile_baselines:
-        baselines["compiled"] = torch.compile(reference)
-    return baselines
-
-
-def _compare(kernel: Callable, reference: Callable, inputs: list[torch.Tensor], args: argparse.Namespace) -> dict:
-    result = {"triton": _measure(_fwd_bwd(kernel, *inputs), args)}
-    for name, fn in _baselines(reference, args).items():
-        try:
-            result[name] = _measure(_fwd_bwd(fn, *inputs), args)
-        except Exception as e:  # a torch.compile failure is a result to report, not a reason to stop
-            result[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        result[f"speedup_vs_{name}"] = _ratio(result[name], result["triton"], "ms")
-    return result
-
-
-def bench_rms_norm(M: int, D: int, args: argparse.Namespace) -> dict:
-    x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (1 + 0.1 * torch.randn(D, device="cuda")).to(torch.bfloat16).requires_grad_()
-    return {"rows": M, "D": D, **_compare(lambda a, b: rms_norm(a, b, 1e-5),
-                                          lambda a, b: rms_norm_reference(a, b, 1e-5), [x, w], args)}
-
-
-def _rotary_tables(T: int, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, device="cuda").float() / hd))
-    emb = torch.outer(torch.arange(T, device="cuda").float(), inv_freq).repeat(1, 2)
-    return emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
-
-
-def bench_rotary(B: int, H: int, H_kv: int, T: int, hd: int, args: argparse.Namespace) -> dict:
-    # q and k as the model makes them: transposed views of [B, T, H, hd] projections.
-    q = torch.randn(B, T, H, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2).detach().requires_grad_()
-    k = torch.randn(B, T, H_kv, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2).detach().requires_grad_()
-    cos, sin = _rotary_tables(T, hd)
-    return {"B": B, "H": H, "H_kv": H_kv, "T": T, "head_dim": hd,
-            **_compare(lambda a, b: apply_rotary(a, b, cos, sin),
-                       lambda a, b: rotary_reference(a, b, cos, sin), [q, k], args)}
-
-
 def _against_compiled(kernel: Callable, reference: Callable, inputs: tuple, moved: int,
                       args: argparse.Namespace) -> dict:
-    """A Triton kernel against torch.compile of its reference on the same inputs: both timed, GB/s of the `moved`
-    bytes, the speedup, and whether the kernel's outputs have the reference's bits."""
+    """A Triton kernel against torch.compile of its reference (with one-pass wide rows, `kernels=rows`) on the same
+    inputs: both timed, GB/s of the `moved` bytes, the speedup, and whether the kernel's outputs have the
+    reference's bits."""
     torch._dynamo.reset()
-    compiled = torch.compile(reference)
+    compiled = torch.compile(reference, **compile_kwargs(wide_rows=True))
     row = {"triton": _measure(lambda: kernel(*inputs), args), "compiled": _measure(lambda: compiled(*inputs), args)}
     _add_bandwidth(moved, row["triton"], row["compiled"])
     row["speedup_vs_compiled"] = _ratio(row["compiled"], row["triton"], "ms")
@@ -187,35 +127,11 @@ def _against_compiled(kernel: Callable, reference: Callable, inputs: tuple, move
     return row
 
 
-def bench_qkv_grad_rows(B: int, H: int, H_kv: int, T: int, hd: int, args: argparse.Namespace) -> dict:
-    """The join kernel against Inductor's one-pass wide-row reduction of the same reference (`kernels=rows`,
-    what the q/k/v backward compiled to before), for gradients laid out as cuDNN's attention backward leaves
-    them ([B, T, H, D] memory) and as the window kernel's ([B, H, T, D]); with GB/s of the bytes it must move."""
-    from app.fast.kernels.wide_rows import use_wide_rows
-
-    cos, sin = _rotary_tables(T, hd)
-    moved = B * T * (H + 2 * H_kv) * hd * (2 + 2 + 1)  # read bf16, write bf16 + e4m3
-    result = {"B": B, "H": H, "H_kv": H_kv, "T": T, "head_dim": hd}
-    use_wide_rows(True)
-    try:
-        for layout in ("bthd", "bhtd"):
-            def grads(h: int) -> torch.Tensor:
-                if layout == "bthd":
-                    return torch.randn(B, T, h, hd, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-                return torch.randn(B, h, T, hd, device="cuda", dtype=torch.bfloat16)
-            inputs = (grads(H), grads(H_kv), grads(H_kv), cos, sin)
-            result[layout] = _against_compiled(qkv_grad_rows, qkv_grad_rows_reference, inputs, moved, args)
-    finally:
-        use_wide_rows(False)
-    return result
-
-
 def bench_relu2_rows(M: int, N: int, args: argparse.Namespace) -> dict:
     """The FP8 ReLU² feed-forward's two activation passes (`fp8_relu2.relu2_rows`, `relu2_rows_backward`) against
     Inductor's one-pass wide-row kernels for the same references (`kernels=rows`, what the MLP compiled to
     before), with GB/s of the bytes each must move and whether the outputs have the references' bits."""
     from app.fast.kernels import fp8_relu2
-    from app.fast.kernels.wide_rows import use_wide_rows
 
     h = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
     da = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
@@ -223,12 +139,8 @@ def bench_relu2_rows(M: int, N: int, args: argparse.Namespace) -> dict:
               "backward": (fp8_relu2.relu2_rows_backward, fp8_relu2.relu2_rows_backward_reference, (da, h),
                            M * N * (2 + 2 + 2 + 1 + 2))}  # read bf16 (x2 backward); write e4m3 (+ 2 x bf16)
     result = {"rows": M, "width": N}
-    use_wide_rows(True)
-    try:
-        for name, (kernel, reference, inputs, moved) in passes.items():
-            result[name] = _against_compiled(kernel, reference, inputs, moved, args)
-    finally:
-        use_wide_rows(False)
+    for name, (kernel, reference, inputs, moved) in passes.items():
+        result[name] = _against_compiled(kernel, reference, inputs, moved, args)
     return result
 
 
@@ -262,12 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="only the smaller case of each kind")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
     parser.add_argument("--iters", type=int, default=10, help="timed runs (the median is reported)")
-    parser.add_argument("--compile-baselines", action="store_true", help="also time torch.compile'd references")
     parser.add_argument("--only", default="", help="comma-separated sections to run (default: all)")
     args = parser.parse_args(argv)
-    sections = {"linear_cross_entropy": (bench_linear_ce, CE_CASES), "rms_norm": (bench_rms_norm, NORM_CASES),
-                "rotary": (bench_rotary, ROTARY_CASES), "qkv_grad_rows": (bench_qkv_grad_rows, QKV_CASES),
-                "relu2_rows": (bench_relu2_rows, RELU2_CASES),
+    sections = {"linear_cross_entropy": (bench_linear_ce, CE_CASES), "relu2_rows": (bench_relu2_rows, RELU2_CASES),
                 "window_attention": (bench_window_backward, WINDOW_CASES)}
     only = set(args.only.split(",")) if args.only else set(sections)
     if only - set(sections):

@@ -8,7 +8,7 @@ fused loss on CUDA; it reports torch.cuda.max_memory_allocated, the planner's pr
 (app.train.memory_plan.estimate) and tokens/s of that step. Plus the fused linear+CE against F.cross_entropy on
 full logits (peak memory above the inputs and time), side by side.
 
-    python -m bench.memory                                   # GPU: gpt2-1.5b and llama3-8b (~8 min on an H100)
+    python -m bench.memory                                   # GPU: gpt2-1.5b and llama3-8b (minutes)
     python -m bench.memory --presets gpt2-1.5b --options none,full --max_seq 65536
     python -m bench.memory --quick                           # CPU: tiny shapes, the same machinery
 """
@@ -46,14 +46,15 @@ def _probe(spec: dict) -> None:
     """Run ascending sequence lengths in this process; one JSON line each; stop at the first OOM."""
     import torch
 
+    from app.fast.accelerate import accelerate
+    from app.fast.config import PerfConfig
+    from app.model.gpt import GPT, ModelConfig
     from app.train.memory_plan import MemoryConfig, estimate
-    from app.model.gpt import GPT, ModelConfig, use_kernels
     from app.train.parallel import make_offload_optimizer, parallelize
 
     dev = torch.device(spec["device"])
     cuda = dev.type == "cuda"
     mem = MemoryConfig(**OPTION_SETS[spec["option"]])
-    use_kernels("loss" if cuda else "none")
     seqs = spec["seqs"]
     cfg = ModelConfig.preset(spec["preset"], max_seq_len=max(seqs), **spec.get("overrides", {}))
     t0 = time.perf_counter()
@@ -62,6 +63,7 @@ def _probe(spec: dict) -> None:
     model.to_empty(device=dev)
     torch.manual_seed(0)
     model.init_weights()
+    accelerate(model, PerfConfig(kernels="loss" if cuda else "none"))  # the fused loss: no [T, vocab] logits
     decay = [p for p in model.parameters() if p.dim() >= 2]
     groups = [{"params": decay, "weight_decay": 0.1},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]

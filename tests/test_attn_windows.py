@@ -1,6 +1,7 @@
 """Sliding attention windows (ModelConfig.attn_windows): the attention equals a masked-softmax reference, and
 every path (training forward, KV-cache prefill and chunks, KV slots, the engine's decode) computes the same
-model; FLOP counts, config parsing, export round trip; on CUDA the compiled flex path against masked SDPA."""
+model; the CUDA layers of `accelerate` (flex block masks, the window kernel) against it; FLOP counts, config
+parsing, export round trip; on CUDA the compiled accelerated model against the plain one."""
 import logging
 import math
 
@@ -9,14 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from app.model import gpt as model_mod
 from app.config import ConfigError, from_dict, parse_config, to_dict
-from app.serve.engine import DecodeSlots, Engine, SamplingParams
-from app.model.export import export_model, load_exported
-from app.serve.generate import forward_last, generate
-from app.model.gpt import (GPT, KVCache, ModelConfig, apply_rotary, masks_for_windows, rotary_tables, sliding_block_mask,
-                       window_mask)
 from app.data.tokenizer import train_bpe
+from app.fast import windows
+from app.fast.accelerate import accelerate
+from app.fast.config import PerfConfig
+from app.model.export import export_model, load_exported
+from app.model.gpt import GPT, Attention, ModelConfig, apply_rotary, rotary_tables, window_mask
+from app.serve.engine import DecodeSlots, Engine, SamplingParams
+from app.serve.generate import forward_last, generate
+from app.serve.kvcache import KVCache
 from app.train.trainer import TrainConfig, model_config
 
 V = 300
@@ -30,7 +33,7 @@ def tiny(device: str = "cpu", **kw) -> GPT:
     return m.to(device).eval()
 
 
-def reference_attention(attn: model_mod.Attention, x: torch.Tensor, window: int) -> torch.Tensor:
+def reference_attention(attn: Attention, x: torch.Tensor, window: int) -> torch.Tensor:
     """The layer's output by explicit masked softmax over [T, T] scores (query t sees keys t-w+1 .. t)."""
     cfg = attn.cfg
     B, T, _ = x.shape
@@ -38,7 +41,7 @@ def reference_attention(attn: model_mod.Attention, x: torch.Tensor, window: int)
     q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)
     k = attn.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)
     v = attn.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
-    cos, sin = rotary_tables(cfg, torch.arange(T), x.dtype)
+    cos, sin = (t.to(x.dtype) for t in rotary_tables(torch.arange(T), cfg.head_dim, cfg.rope_theta))
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
     t = torch.arange(T)
@@ -52,7 +55,7 @@ def reference_attention(attn: model_mod.Attention, x: torch.Tensor, window: int)
 
 def _layer_input(cfg: ModelConfig, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     torch.manual_seed(1)
-    cos, sin = rotary_tables(cfg, torch.arange(T), torch.float32)
+    cos, sin = rotary_tables(torch.arange(T), cfg.head_dim, cfg.rope_theta)
     return torch.randn(2, T, cfg.d_model), cos, sin
 
 
@@ -64,8 +67,8 @@ def test_windowed_attention_equals_reference(window, n_kv_head):
     x, cos, sin = _layer_input(m.cfg, 24)
     with torch.no_grad():
         ref = reference_attention(attn, x, window)
-        assert torch.allclose(attn(x, cos, sin, None), ref, atol=1e-5)  # masks built by the layer
-        masks = m.attention_masks(24, x.device)  # ... or by the model, once per forward
+        assert torch.allclose(attn(x, cos, sin, None), ref, atol=1e-5)  # the mask built by the layer
+        masks = {window: attn.mask(24, x.device, None)}  # ... or by the model, once per forward
         assert torch.allclose(attn(x, cos, sin, None, masks), ref, atol=1e-5)
 
 
@@ -87,14 +90,21 @@ def test_window_one_is_the_tokens_own_value(n_kv_head):
 @pytest.mark.parametrize("n_kv_head", [4, 2])
 @pytest.mark.parametrize("window", [2, 5, 64, 150])
 def test_flex_block_mask_equals_reference(window, n_kv_head, monkeypatch):
-    """The CUDA training path's block mask, run through eager flex_attention on the CPU (T = 300 spans three
-    128-position blocks, so whole key blocks fall outside short windows and are skipped)."""
-    monkeypatch.setattr(model_mod, "_compiled_flex", lambda: flex_attention)  # CPU: eager flex, not compiled
-    m = tiny(attn_windows=[window], n_layer=1, n_kv_head=n_kv_head, max_seq_len=512)
+    """The accelerated CUDA training path's block mask, run through eager flex_attention on the CPU (T = 300 spans
+    three 128-position blocks, so whole key blocks fall outside short windows and are skipped)."""
+    monkeypatch.setattr(windows, "_compiled_flex", lambda: flex_attention)  # CPU: eager flex, not compiled
+    m = accelerate(tiny(attn_windows=[window], n_layer=1, n_kv_head=n_kv_head, max_seq_len=512),
+                   PerfConfig(kernels="none"))
     attn = m.model.layers[0].self_attn
+    assert isinstance(attn, windows.SlidingWindowAttention) and not attn.kernel
     x, cos, sin = _layer_input(m.cfg, 300)
-    block_mask = sliding_block_mask(300, window, torch.device("cpu"))
-    assert block_mask is sliding_block_mask(300, window, torch.device("cpu"))  # built once, then cached
+    built = []  # what a CUDA forward asks for (no GPU needed here)
+    monkeypatch.setattr(windows, "sliding_block_mask", lambda *a: built.append(a) or "block mask")
+    assert attn.mask(300, torch.device("cuda"), None) == "block mask" and built == [(300, window, torch.device("cuda"))]
+    monkeypatch.undo()
+    monkeypatch.setattr(windows, "_compiled_flex", lambda: flex_attention)
+    block_mask = windows.sliding_block_mask(300, window, torch.device("cpu"))
+    assert block_mask is windows.sliding_block_mask(300, window, torch.device("cpu"))  # built once, then cached
     with torch.no_grad():
         assert torch.allclose(attn(x, cos, sin, None, {window: block_mask}), reference_attention(attn, x, window),
                               atol=1e-5)
@@ -102,31 +112,43 @@ def test_flex_block_mask_equals_reference(window, n_kv_head, monkeypatch):
         assert block_mask.to_dense()[0, 0, 2, 0] == 0
 
 
-def test_masks_are_built_once_per_window():
+def test_masks_are_built_once_per_window(monkeypatch):
     m = tiny(attn_windows=[1, 3, 0, 3], n_layer=4)
-    masks = m.attention_masks(8, torch.device("cpu"))
-    assert set(masks) == {3} and torch.equal(masks[3], window_mask(torch.arange(8), 8, 3))
-    assert m.attention_masks(2, torch.device("cpu")) == {}  # every window >= T: plain causal
+    built = []
+    orig = Attention.mask
+    monkeypatch.setattr(Attention, "mask", lambda self, *a: built.append(self.window) or orig(self, *a))
+    m.trunk(torch.zeros(1, 8, dtype=torch.long))
+    assert sorted(built) == [0, 3]  # one per window, 1 needs none
+    attn = m.model.layers[1].self_attn
+    assert torch.equal(attn.mask(8, torch.device("cpu"), None), window_mask(torch.arange(8), 8, 3))
+    assert attn.mask(2, torch.device("cpu"), None) is None  # a window >= T: plain causal
     cache = KVCache(m.cfg, 1, 16)
-    assert set(m.attention_masks(8, torch.device("cpu"), cache)) == {0, 3}  # one per window, 1 needs none
-    assert masks_for_windows([0, 3], 8, torch.device("cpu"), cache, flex=False)[0] is None  # a plain prefill
+    assert m.model.layers[2].self_attn.mask(8, torch.device("cpu"), cache) is None  # a plain prefill
 
 
-def test_window_kernel_choice_takes_the_window_layers():
-    """Under KERNELS.window the sparse path's entry is the window itself, and the model's output through it (the
-    kernel's PyTorch reference on CPU) is the boolean-mask model's."""
-    m = tiny(attn_windows=WINDOWS, n_layer=4)
-    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
-    cpu = torch.device("cpu")
-    model_mod.use_kernels("window")
-    try:
-        masks = masks_for_windows(WINDOWS, 12, cpu, None, flex=True)
-        assert masks == {3: 3, 5: 5}
-        out = m.trunk(idx, masks=masks)
-    finally:
-        model_mod.use_kernels("none")
-    assert all(isinstance(mk, torch.Tensor) for mk in masks_for_windows(WINDOWS, 12, cpu, None, flex=False).values())
-    torch.testing.assert_close(out, m.trunk(idx, masks=masks_for_windows(WINDOWS, 12, cpu, None, flex=False)))
+def test_window_kernel_choice_takes_the_window_layers(monkeypatch):
+    """Under kernels=window a CUDA forward's mask of a sliding-window layer is the window itself (the kernel needs
+    none), and the layer's output through it (the kernel's PyTorch reference on CPU) is the boolean-mask one's;
+    a cache, dropout in training, or the CPU keep the plain mask."""
+    m = accelerate(tiny(attn_windows=WINDOWS, n_layer=4), PerfConfig(kernels="window"))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    layers = [b.self_attn for b in m.model.layers]
+    assert [type(a) is windows.SlidingWindowAttention for a in layers] == [False, True, False, True]
+    assert [layers[i].mask(12, cuda, None) for i in (1, 3)] == [3, 5]
+    assert isinstance(layers[1].mask(12, cpu, None), torch.Tensor)
+    class Cache:  # a KV cache's own mask wins
+        def attn_mask(self, new, device, window):
+            return "the cache's"
+    assert layers[1].mask(12, cuda, Cache()) == "the cache's"
+    x, cos, sin = _layer_input(m.cfg, 12)
+    with torch.no_grad():
+        for attn in (layers[1], layers[3]):
+            got = attn(x, cos, sin, None, {attn.window: attn.window})
+            torch.testing.assert_close(got, reference_attention(attn, x, attn.window))
+    monkeypatch.setattr(Attention, "mask", lambda self, T, device, cache: "plain")
+    m.train()
+    m.cfg.dropout = 0.1  # training dropout: the plain masked attention applies it
+    assert layers[1].mask(12, cuda, None) == "plain"
 
 
 # ------------------------------------------------------------------ the KV-cache paths compute the same model
@@ -291,50 +313,39 @@ def test_export_keeps_windows_and_warns_about_transformers(tmp_path, caplog):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kernel", ["none", "window"])
-def test_compiled_flex_matches_masked_sdpa_loss_and_gradients(kernel):
-    """Training under torch.compile and bf16 autocast goes through flex_attention with block masks (or, under
-    kernels=window, the Triton window kernel); the same weights through SDPA with boolean window masks give
-    the same loss and gradients (bf16 tolerance)."""
-    model_mod.use_kernels(kernel)
-    try:
-        _compiled_sparse_matches_masked_sdpa(kernel)
-    finally:
-        model_mod.use_kernels("none")
-
-
-def _compiled_sparse_matches_masked_sdpa(kernel: str) -> None:
+@pytest.mark.parametrize("kernels", ["none", "window"])
+def test_compiled_sparse_windows_match_the_plain_model(kernels):
+    """Training the accelerated model under torch.compile and bf16 autocast goes through flex_attention with block
+    masks (or, under kernels=window, the Triton window kernel); the plain model with the same weights (SDPA under
+    boolean window masks, eager) gives the same loss and gradients (bf16 tolerance)."""
     torch.manual_seed(0)
-    m = GPT(ModelConfig.preset("tiny", vocab_size=V, n_layer=4, n_head=4, n_kv_head=2, d_model=128,
-                               max_seq_len=512, attn_windows=[1, 64, 0, 200]))
-    m.init_weights()
-    m = m.cuda().train()
+    cfg = ModelConfig.preset("tiny", vocab_size=V, n_layer=4, n_head=4, n_kv_head=2, d_model=128, max_seq_len=512,
+                             attn_windows=[1, 64, 0, 200])
+    plain = GPT(cfg)
+    plain.init_weights()
+    fast = GPT(cfg)
+    fast.load_state_dict(plain.state_dict())
+    plain, fast = plain.cuda().train(), accelerate(fast, PerfConfig(kernels=kernels)).cuda().train()
     g = torch.Generator().manual_seed(1)
     idx, targets = (torch.randint(0, V, (2, 512), generator=g).cuda() for _ in range(2))
-    masks = m.attention_masks(512, idx.device)
-    expected = {64: 64, 200: 200} if kernel == "window" else {64: "BlockMask", 200: "BlockMask"}
-    assert {w: mk if kernel == "window" else type(mk).__name__ for w, mk in masks.items()} == expected
+    masks = [fast.model.layers[i].self_attn.mask(512, idx.device, None) for i in (1, 3)]
+    assert masks == [64, 200] if kernels == "window" else all(type(mk).__name__ == "BlockMask" for mk in masks)
 
-    def loss_and_grads(fn):
+    def loss_and_grads(m, fn):
         m.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = fn()
+            loss = fn(idx, targets)[1]
         loss.backward()
         return loss.detach().float(), {n: p.grad.float().clone() for n, p in m.named_parameters()}
 
-    def sdpa_masked():  # boolean masks: the CPU / dropout path
-        bool_masks = masks_for_windows([64, 200], 512, idx.device, None, flex=False)
-        h = m.model.norm(m.trunk(idx, masks=bool_masks))
-        return F.cross_entropy(m.lm_head(h).float().flatten(0, 1), targets.flatten())
-
-    compiled = torch.compile(m)
-    flex_loss, flex_grads = loss_and_grads(lambda: compiled(idx, targets)[1])
-    flex_loss2, _ = loss_and_grads(lambda: compiled(idx, targets)[1])  # a second step reuses the graph
-    ref_loss, ref_grads = loss_and_grads(sdpa_masked)
-    assert torch.allclose(flex_loss, ref_loss, rtol=2e-2), (flex_loss, ref_loss)
-    assert torch.allclose(flex_loss2, flex_loss)
+    compiled = torch.compile(fast)
+    fast_loss, fast_grads = loss_and_grads(fast, compiled)
+    fast_loss2, _ = loss_and_grads(fast, compiled)  # a second step reuses the graph
+    ref_loss, ref_grads = loss_and_grads(plain, plain)
+    assert torch.allclose(fast_loss, ref_loss, rtol=2e-2), (fast_loss, ref_loss)
+    assert torch.allclose(fast_loss2, fast_loss)
     for name, ref in ref_grads.items():
-        err = (flex_grads[name] - ref).norm() / ref.norm().clamp_min(1e-12)
+        err = (fast_grads[name] - ref).norm() / ref.norm().clamp_min(1e-12)
         assert err < 5e-2, (name, float(err))
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from app.model.gpt import GPT, ModelConfig, use_kernels
+from app.config import from_dict
+from app.model.gpt import GPT, ModelConfig
 from app.train.trainer import TrainConfig
 from bench.train_speed import GRAD_CHECK_MIN_COS, VARIANTS, Turns, _batches, _checked, _time_steps, grad_check
 
@@ -85,9 +86,7 @@ def test_timed_steps_hold_the_turn_alone_and_compiling_steps_share_it(tmp_path):
 def test_every_variant_is_a_valid_training_config(name):
     """Each row's overrides pass the trainer's and the model's validation (as `run_spotlm` builds them), so a
     misspelt option fails here rather than in a GPU run."""
-    try:
-        cfg = TrainConfig(preset="gpt2-124m", **{"cuda_graph": "false", **VARIANTS[name]})
-        cfg.validate()
-        ModelConfig.preset("gpt2-124m", **cfg.model)
-    finally:
-        use_kernels("none")
+    variant = VARIANTS[name]
+    cfg = from_dict(TrainConfig, {"preset": "gpt2-124m", **variant, "perf": {"cuda_graph": "false", **variant["perf"]}})
+    ModelConfig.preset("gpt2-124m", **cfg.model)
+    assert cfg.perf.fp8 == "all" and "window" in cfg.perf.kernel_set()

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import app.fast.kernels
-from app.fast.kernels import backend, fused_linear_ce, rmsnorm, rotary, sliding_attention
+from app.fast.kernels import backend, fused_linear_ce, sliding_attention
 from tests.conftest import cpu_rowwise_fp8
 
 _TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative error ||a - b|| / ||b||
@@ -51,80 +51,6 @@ def _run(fn, inputs: list[torch.Tensor]):
     grads = [torch.randn(o.shape, generator=gen).to(o.device, o.dtype) for o in outs]
     torch.autograd.backward(outs, grads)
     return [o.detach() for o in outs], [t.grad for t in leaves]
-
-
-def _rotary_tables(T: int, hd: int, dtype: torch.dtype, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, device=device).float() / hd))
-    freqs = torch.outer(torch.arange(T, device=device).float(), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-# ---- RMSNorm -------------------------------------------------------------------------------------
-
-@interpreted
-@DTYPES
-def test_rms_norm_matches_reference(dtype):
-    x = torch.randn(3, 7, 48, dtype=dtype) * 3  # D = 48: not a power of two; 21 rows over 4 programs
-    w = (1 + 0.2 * torch.randn(48)).to(dtype)
-    (y, ), (dx, dw) = _run(lambda a, b: rmsnorm.rms_norm(a, b, 1e-5), [x, w])
-    (y_ref, ), (dx_ref, dw_ref) = _run(lambda a, b: rmsnorm.rms_norm_reference(a, b, 1e-5), [x, w])
-    assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
-    for name, a, b in (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dw, dw_ref)):
-        _assert_close(a, b, dtype, f"rms_norm {name}")
-
-
-@interpreted
-def test_rms_norm_mixed_dtypes_promote_like_reference():
-    x, w = torch.randn(5, 40, dtype=torch.bfloat16), 1 + 0.2 * torch.randn(40)  # autocast-style fp32 weight
-    (y, ), (dx, dw) = _run(lambda a, b: rmsnorm.rms_norm(a, b, 1e-6), [x, w])
-    (y_ref, ), (dx_ref, dw_ref) = _run(lambda a, b: rmsnorm.rms_norm_reference(a, b, 1e-6), [x, w])
-    assert (y.dtype, dx.dtype, dw.dtype) == (y_ref.dtype, torch.bfloat16, torch.float32)
-    _assert_close(y, y_ref, torch.bfloat16, "y")
-    _assert_close(dx, dx_ref, torch.bfloat16, "dx")
-    _assert_close(dw, dw_ref, torch.bfloat16, "dweight")
-
-
-def test_references_match_hugging_face_llama():
-    modeling = pytest.importorskip("transformers.models.llama.modeling_llama")
-    x = torch.randn(2, 5, 32)
-    hf_norm = modeling.LlamaRMSNorm(32, eps=1e-6)
-    with torch.no_grad():
-        hf_norm.weight.copy_(1 + 0.2 * torch.randn(32))
-        torch.testing.assert_close(rmsnorm.rms_norm_reference(x, hf_norm.weight, 1e-6), hf_norm(x))
-    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
-    cos, sin = _rotary_tables(5, 16, torch.float32)
-    hf_q, hf_k = modeling.apply_rotary_pos_emb(q, k, cos[None], sin[None])  # HF's tables are [B, T, hd]
-    ref_q, ref_k = rotary.rotary_reference(q, k, cos, sin)
-    torch.testing.assert_close(ref_q, hf_q)
-    torch.testing.assert_close(ref_k, hf_k)
-
-
-# ---- Rotary --------------------------------------------------------------------------------------
-
-@interpreted
-@DTYPES
-def test_rotary_matches_reference(dtype):
-    B, H, H_kv, T, hd = 2, 4, 2, 7, 16
-    q = torch.randn(B, T, H, hd, dtype=dtype).transpose(1, 2)  # the model's layout: a transposed view
-    k = torch.randn(B, H_kv, T, hd, dtype=dtype)  # grouped-query attention: fewer key heads
-    cos, sin = _rotary_tables(T, hd, dtype)
-    (q_out, k_out), (dq, dk) = _run(lambda a, b: rotary.apply_rotary(a, b, cos, sin), [q, k])
-    (q_ref, k_ref), (dq_ref, dk_ref) = _run(lambda a, b: rotary.rotary_reference(a, b, cos, sin), [q, k])
-    assert q_out.dtype == dtype and dq.dtype == dtype
-    for name, a, b in (("q", q_out, q_ref), ("k", k_out, k_ref), ("dq", dq, dq_ref), ("dk", dk, dk_ref)):
-        _assert_close(a, b, dtype, f"rotary {name}")
-
-
-@interpreted
-def test_rotary_general_tables_backward_is_transpose():
-    # Halves that differ (not the rotate_half tables): backward must be the exact transpose, not just -sin.
-    q, k = torch.randn(1, 2, 3, 8, dtype=torch.float64), torch.randn(1, 1, 3, 8, dtype=torch.float64)
-    cos, sin = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
-    (_, _), (dq, dk) = _run(lambda a, b: rotary.apply_rotary(a, b, cos, sin), [q, k])
-    (_, _), (dq_ref, dk_ref) = _run(lambda a, b: rotary.rotary_reference(a, b, cos, sin), [q, k])
-    _assert_close(dq, dq_ref, torch.float32, "dq")
-    _assert_close(dk, dk_ref, torch.float32, "dk")
 
 
 # ---- Fused linear + cross-entropy ----------------------------------------------------------------
@@ -225,7 +151,7 @@ def test_fp8_loss_gradients_are_e5m2_rounded_in_both_layouts(softcap):
 @interpreted
 def test_fused_linear_ce_fp8_needs_multiples_of_16():
     hidden, weight, targets = _ce_inputs(N=20, D=24, V=100, dtype=torch.float32)  # D = 24: cuBLASLt can't
-    assert not fused_linear_ce.fp8_head_fits(hidden, weight)
+    assert not fused_linear_ce.fp8_loss_fits(hidden, weight)
     (fp8, ), grads_fp8 = _run(lambda h, w: fused_linear_ce.fused_linear_cross_entropy(h, w, targets, fp8=True),
                               [hidden, weight])
     (plain, ), grads = _run(lambda h, w: fused_linear_ce.fused_linear_cross_entropy(h, w, targets), [hidden, weight])
@@ -350,135 +276,11 @@ def test_fp8_linear_given_its_weight_copies_equals_casting_them_itself():
 
 @no_interpreter
 @cpu_rowwise_fp8
-def test_fp8_linear_over_several_weights_is_the_product_of_their_concatenation():
-    """q/k/v as one FP8 product: the same bits as the concatenated weight's product, and each weight's
-    gradient is its rows of the concatenation's gradient; the e4m3 copies of the group cast once equal those."""
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(32, 64, generator=gen).bfloat16()
-    ws = [0.1 * torch.randn(n, 64, generator=gen) for n in (48, 16, 32)]
-    (y, ), (dx, *dws) = _run(lambda a, *w: app.fast.kernels.fp8_linear(a, w), [x, *ws])
-    (y_cat, ), (dx_cat, dw_cat) = _run(app.fast.kernels.fp8_linear, [x, torch.cat(ws)])
-    assert y.shape == (32, 96) and torch.equal(y, y_cat) and torch.equal(dx, dx_cat)
-    assert [d.shape for d in dws] == [w.shape for w in ws] and torch.equal(torch.cat(dws), dw_cat)
-    (cast, ) = app.fast.kernels.fp8_weights([ws])
-    given = _run(lambda a, *w: app.fast.kernels.fp8_linear(a, w, cast), [x, *ws])
-    assert all(torch.equal(a, b) for a, b in zip([y, dx, *dws], [*given[0], *given[1]]))
-
-
-@no_interpreter
-@cpu_rowwise_fp8
 def test_fp8_linear_follows_autocast_and_needs_cuda_fp8():
     x, w = torch.randn(16, 32), torch.randn(16, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert app.fast.kernels.fp8_linear(x, w).dtype == torch.bfloat16
     assert not app.fast.kernels.fp8_fits(x, w)  # CPU tensors: the model keeps its plain matmuls
-
-
-# ---- The FP8 q/k/v product with rotary -----------------------------------------------------------------
-
-def _qkv_grads(H: int, H_kv: int, T: int, D: int, layout: str, B: int = 2):
-    """dq [B, H, T, D], dk, dv [B, H_kv, T, D] (bf16): contiguous, or over [B, T, H, D] as cuDNN leaves them."""
-    gen = torch.Generator().manual_seed(4)
-    if layout == "bthd":
-        return [torch.randn(B, T, h, D, generator=gen).bfloat16().transpose(1, 2) for h in (H, H_kv, H_kv)]
-    return [torch.randn(B, h, T, D, generator=gen).bfloat16() for h in (H, H_kv, H_kv)]
-
-
-@interpreted
-@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
-@pytest.mark.parametrize("H_kv", [3, 1], ids=["mha", "gqa"])
-@pytest.mark.parametrize("block_t", [1, 4])
-def test_qkv_grad_rows_matches_reference_bit_for_bit(layout, H_kv, block_t):
-    """Rotary's backward, the join and the e4m3 cast in one kernel: the same bits as the PyTorch reference,
-    with tables whose halves differ, rows that do not fill the last tile, and values down in e4m3's subnormals."""
-    dq, dk, dv = _qkv_grads(3, H_kv, 7, 8, layout)
-    dv[0, 0, 0, 0] = 3e4  # one large value: its row's small values cast to e4m3 subnormals
-    gen = torch.Generator().manual_seed(5)
-    cos, sin = (torch.randn(7, 8, generator=gen).bfloat16() for _ in range(2))
-    got = app.fast.kernels.qkv_grad_rows(dq, dk, dv, cos, sin, block_t=block_t)
-    want = app.fast.kernels.qkv_grad_rows_reference(dq, dk, dv, cos, sin)
-    assert got[0].shape == (14, (3 + 2 * H_kv) * 8) and got[1].dtype == torch.float8_e4m3fn
-    assert (got[1].float().abs() < 2 ** -6).any() and (got[1].float() != 0).sum() > 0.9 * got[1].numel()
-    for name, a, b in zip(("g", "g8", "g_inv"), got, want):
-        assert torch.equal(a.float(), b.float()), f"{name}: {(a.float() != b.float()).sum().item()} elements differ"
-
-
-def _qkv_product_inputs(B: int = 2, T: int = 16, K: int = 64, H: int = 4, H_kv: int = 2, D: int = 16):
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(B, T, K, generator=gen).bfloat16()
-    ws = [(0.1 * torch.randn(h * D, K, generator=gen)).bfloat16() for h in (H, H_kv, H_kv)]
-    return x, ws, *_rotary_tables(T, D, torch.bfloat16)
-
-
-@no_interpreter
-@cpu_rowwise_fp8
-def test_fp8_qkv_rotary_is_the_projection_then_rotary():
-    """One FP8 q/k/v product with rotary: fp8_linear over the three weights then rotary (fp32 math, one
-    rounding) bit for bit, and gradients within the rounding of rotary's backward of the unfused eager path
-    (bf16 per op there); given the group's e4m3 copies, the same as casting them itself."""
-    x, ws, cos, sin = _qkv_product_inputs()
-    B, T, D = 2, 16, 16
-    from app.fast.kernels.fp8_qkv import rotary_fp32
-    from app.model.gpt import apply_rotary
-
-    def unfused(rotate):
-        def run(x, *w):
-            y = app.fast.kernels.fp8_linear(x, w).split([t.shape[0] for t in w], -1)
-            q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in y)
-            return rotate(q, cos, sin), rotate(k, cos, sin), v
-        return run
-
-    fused = _run(lambda x, *w: app.fast.kernels.fp8_qkv_rotary(x, w, cos, sin, D), [x, *ws])
-    assert all(torch.equal(a, b) for a, b in zip(fused[0], _run(unfused(rotary_fp32), [x, *ws])[0]))
-    for name, a, b in zip(("dx", "dq_proj", "dk_proj", "dv_proj"), fused[1], _run(unfused(apply_rotary), [x, *ws])[1]):
-        assert a.dtype == b.dtype and _rel_err(a, b) < 0.02, f"{name}: relative error {_rel_err(a, b):.4f}"
-    (cast, ) = app.fast.kernels.fp8_weights([ws])
-    given = _run(lambda x, *w: app.fast.kernels.fp8_qkv_rotary(x, w, cos, sin, D, cast), [x, *ws])
-    assert all(torch.equal(a, b) for a, b in zip([*fused[0], *fused[1]], [*given[0], *given[1]]))
-
-
-@no_interpreter
-@cpu_rowwise_fp8
-def test_fp8_qkv_rotary_compiled_gradients_are_its_eager_ones():
-    """Under torch.compile (one graph) every weight gets its gradient: with torch 2.11 an output of the
-    autograd.Function that was a no-op `.to()` of an intermediate compiled into zero q/k gradients (H200)."""
-    x, ws, cos, sin = _qkv_product_inputs()
-
-    def attend(x, *w):
-        q, k, v = app.fast.kernels.fp8_qkv_rotary(x, w, cos, sin, 16)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-    torch._dynamo.reset()
-    (_, ), eager = _run(attend, [x, *ws])
-    (_, ), compiled = _run(torch.compile(attend, fullgraph=True), [x, *ws])
-    for name, c, e in zip(("dx", "dq_proj", "dk_proj", "dv_proj"), compiled, eager):
-        assert e.norm() > 0 and _rel_err(c, e) < 0.03, f"compiled {name} differs from eager by {_rel_err(c, e):.3f}"
-
-
-@pytest.mark.gpu
-@no_interpreter
-def test_gpu_fp8_qkv_rotary_kernel_is_exact_and_compiles():
-    """On CUDA the join kernel gives the reference's bits (GPT-2 124M's heads, both gradient layouts), and the
-    compiled q/k/v product's gradients are its eager ones."""
-    torch.manual_seed(0)
-    cos, sin = _rotary_tables(256, 64, torch.bfloat16, "cuda")
-    for layout in ("bhtd", "bthd"):
-        dq, dk, dv = (t.cuda() for t in _qkv_grads(12, 12, 256, 64, layout, B=4))
-        got = app.fast.kernels.qkv_grad_rows(dq, dk, dv, cos, sin)
-        want = app.fast.kernels.qkv_grad_rows_reference(dq, dk, dv, cos, sin)
-        assert all(torch.equal(a.float(), b.float()) for a, b in zip(got, want)), layout
-    x = torch.randn(4, 256, 768, device="cuda", dtype=torch.bfloat16)
-    ws = [0.02 * torch.randn(768, 768, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-
-    def attend(x, *w):
-        q, k, v = app.fast.kernels.fp8_qkv_rotary(x, w, cos, sin, 64)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-    torch._dynamo.reset()
-    (_, ), eager = _run(attend, [x, *ws])
-    (_, ), compiled = _run(torch.compile(attend), [x, *ws])
-    for name, c, e in zip(("dx", "dq_proj", "dk_proj", "dv_proj"), compiled, eager):
-        assert _rel_err(c, e) < 0.03, f"compiled {name} differs from eager by {_rel_err(c, e):.3f}"
 
 
 # ---- The FP8 ReLU² feed-forward --------------------------------------------------------------------
@@ -622,8 +424,6 @@ def test_window_attention_ignores_keys_outside_the_window():
 
 def test_without_triton_the_reference_runs(monkeypatch):
     monkeypatch.setattr(backend, "triton", None)  # a CPU-only install
-    x, w = torch.randn(4, 24), torch.randn(24)
-    assert torch.equal(app.fast.kernels.rms_norm(x, w, 1e-5), rmsnorm.rms_norm_reference(x, w, 1e-5))
     hidden, weight, targets = _ce_inputs(N=9, D=8, V=30, dtype=torch.float32)
     assert torch.equal(app.fast.kernels.fused_linear_cross_entropy(hidden, weight, targets.int(), chunk_size=2),
                        fused_linear_ce.linear_cross_entropy_reference(hidden, weight, targets))
@@ -644,13 +444,6 @@ def test_without_triton_the_reference_runs(monkeypatch):
      "softcap must be > 0"),
     (lambda: app.fast.kernels.fused_linear_cross_entropy(torch.randn(2, 4, 8), torch.randn(10, 8), torch.zeros(8, dtype=torch.long)),
      "must be hidden \\(2, 4, 8\\) without its last dim"),
-    (lambda: app.fast.kernels.rms_norm(torch.randn(4, 8), torch.randn(6)), "weight \\(6,\\) must be \\[D\\]"),
-    (lambda: app.fast.kernels.apply_rotary(torch.randn(1, 2, 3, 5), torch.randn(1, 2, 3, 5), torch.randn(3, 5), torch.randn(3, 5)),
-     "head size must be even"),
-    (lambda: app.fast.kernels.apply_rotary(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 4, 4), torch.randn(3, 4), torch.randn(3, 4)),
-     "must match q"),
-    (lambda: app.fast.kernels.apply_rotary(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(4, 4), torch.randn(3, 4)),
-     "cos must be \\[T, hd\\]"),
 ])
 def test_bad_inputs_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
@@ -699,32 +492,6 @@ def test_gpu_fused_linear_ce(N, D, V, fp8):
             continue
         err = _rel_err(a, b)
         assert err < (2e-3 if name == "loss" else 0.05), f"fp8 fused CE {name}: relative error {err:.3f}"
-
-
-@pytest.mark.gpu
-@no_interpreter
-@DTYPES
-def test_gpu_rms_norm(dtype):
-    x = torch.randn(4, 2048, 4096, device="cuda").to(dtype)
-    w = (1 + 0.2 * torch.randn(4096, device="cuda")).to(dtype)
-    (y, ), (dx, dw) = _run(lambda a, b: app.fast.kernels.rms_norm(a, b, 1e-5), [x, w])
-    (y_ref, ), (dx_ref, dw_ref) = _run(lambda a, b: rmsnorm.rms_norm_reference(a, b, 1e-5), [x, w])
-    for name, a, b in (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dw, dw_ref)):
-        _assert_close(a, b, dtype, f"rms_norm {name}")
-
-
-@pytest.mark.gpu
-@no_interpreter
-@DTYPES
-def test_gpu_rotary(dtype):
-    B, H, H_kv, T, hd = 2, 32, 8, 2048, 128
-    q = torch.randn(B, T, H, hd, device="cuda").to(dtype).transpose(1, 2)
-    k = torch.randn(B, T, H_kv, hd, device="cuda").to(dtype).transpose(1, 2)
-    cos, sin = _rotary_tables(T, hd, dtype, device="cuda")
-    (q_out, k_out), (dq, dk) = _run(lambda a, b: app.fast.kernels.apply_rotary(a, b, cos, sin), [q, k])
-    (q_ref, k_ref), (dq_ref, dk_ref) = _run(lambda a, b: rotary.rotary_reference(a, b, cos, sin), [q, k])
-    for name, a, b in (("q", q_out, q_ref), ("k", k_out, k_ref), ("dq", dq, dq_ref), ("dk", dk, dk_ref)):
-        _assert_close(a, b, dtype, f"rotary {name}")
 
 
 @pytest.mark.gpu
@@ -818,54 +585,75 @@ class _RowFeatures:
 
 
 @no_interpreter
-def test_wide_rows_choice_is_installed_and_removed_with_the_kernel_choice():
-    """kernels=rows makes rows up to WIDE_ROW_LIMIT one-pass and no wider; turning it off restores Inductor's
-    own choices; a choices class someone else installed is left alone."""
-    from torch._inductor import config
+def test_wide_rows_choice_is_scoped_to_the_compiles_that_ask_for_it(monkeypatch):
+    """kernels=rows makes rows up to WIDE_ROW_LIMIT one-pass and no wider, in the graphs of the torch.compile that
+    takes `compile_kwargs(wide_rows=True)` (forward and backward), and nowhere else: the process-wide Inductor
+    config and choices are left as they were."""
+    from torch._inductor import compile_fx, config
     from torch._inductor.virtualized import V
 
-    from app.fast.kernels.wide_rows import WIDE_ROW_LIMIT
-    from app.model.gpt import use_kernels
+    from app.fast.compile import compile_kwargs
+    from app.fast.kernels.wide_rows import WIDE_ROW_LIMIT, WideRowChoices
 
-    assert config.inductor_choices_class is None
-    try:
-        use_kernels("loss,rows")
-        choices = config.inductor_choices_class
-        assert choices is not None and type(V.choices) is choices
-        assert choices.should_use_persistent_reduction(_RowFeatures(4096), False)
-        assert choices.should_use_persistent_reduction(_RowFeatures(WIDE_ROW_LIMIT), False)
-        assert not choices.should_use_persistent_reduction(_RowFeatures(2 * WIDE_ROW_LIMIT), False)
-        torch._dynamo.reset()  # Inductor compiles with it (torch 2.13 keys its cache on the class's uuid())
-        x = torch.randn(4, 64)
-        assert torch.equal(torch.compile(lambda t: t.abs().amax(-1))(x), x.abs().amax(-1))
-        use_kernels("loss")
+    choices = WideRowChoices()
+    assert choices.should_use_persistent_reduction(_RowFeatures(4096), False)
+    assert choices.should_use_persistent_reduction(_RowFeatures(WIDE_ROW_LIMIT), False)
+    assert not choices.should_use_persistent_reduction(_RowFeatures(2 * WIDE_ROW_LIMIT), False)
+
+    seen = []  # the choices each graph compiles under (torch 2.13 keys its cache on WideRowChoices.uuid())
+    inner = compile_fx._compile_fx_inner
+    monkeypatch.setattr(compile_fx, "_compile_fx_inner", lambda *a, **k: seen.append(
+        (type(V.choices).__name__, config.inductor_choices_class)) or inner(*a, **k))
+    x = torch.randn(4, 64, requires_grad=True)
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return t.abs().amax(-1) * t.sum(-1)
+
+    torch._dynamo.reset()
+    # compile here, not from an earlier run's cache
+    with config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        wide = torch.compile(fn, **compile_kwargs("tuned", wide_rows=True))
+        out = wide(x)
+        out.sum().backward()  # the backward graph compiles here, after the forward call returned
+        torch.testing.assert_close(out, fn(x))
+        assert seen == [("WideRowChoices", WideRowChoices)] * 2
         assert config.inductor_choices_class is None and type(V.choices).__name__ == "InductorChoices"
-        config.inductor_choices_class = foreign = type("Foreign", (type(V.choices),), {})
-        use_kernels("rows")
-        use_kernels("none")
-        assert config.inductor_choices_class is foreign
-    finally:
-        config.inductor_choices_class = None
-        use_kernels("none")
+        seen.clear()
+        torch.compile(lambda t: t.abs().amax(-1) + 1)(x.detach())  # another compile: Inductor's own choices
+        assert seen == [("InductorChoices", None)]
+    torch._dynamo.reset()
+
+
+def test_compile_kwargs_follow_the_compile_mode():
+    from app.fast.compile import compile_kwargs
+    from app.fast.kernels.wide_rows import wide_row_inductor
+
+    assert compile_kwargs("default") == {} and compile_kwargs("reduce-overhead") == {"mode": "reduce-overhead"}
+    assert compile_kwargs("tuned") == {"options": {"coordinate_descent_tuning": True}}
+    assert compile_kwargs("max-autotune", wide_rows=True) == {"mode": "max-autotune", "backend": wide_row_inductor}
 
 
 @no_interpreter
-def test_auto_kernels_add_wide_rows_only_for_fp8_models():
-    """kernels=auto: the fused loss and the window kernel, plus one-pass wide rows and the ReLU² feed-forward's row
-    kernels when the blocks run in FP8."""
-    from torch._inductor import config
+def test_auto_kernels_add_wide_rows_and_the_relu2_kernels_only_for_fp8_blocks():
+    """kernels=auto: the fused loss and the window kernel, plus one-pass wide rows (the run's compile) and the ReLU²
+    feed-forward's row kernels when the blocks run in FP8."""
+    from app.fast.fp8 import Fp8Relu2MLP
+    from app.fast.loss_head import FastHead
+    from app.fast.windows import SlidingWindowAttention
+    from app.config import from_dict
+    from app.model.gpt import ModelConfig
+    from app.train.trainer import TrainConfig, build_model, compile_args
 
-    from app.model.gpt import KERNELS, ModelConfig, use_kernels
-    from app.train.trainer import TrainConfig, build_model
-
-    try:
-        for fp8 in (False, True):
-            mcfg = ModelConfig.preset("tiny", n_layer=1, d_model=32, n_head=2, max_seq_len=16, fp8=fp8)
-            build_model(TrainConfig(kernels="auto"), mcfg, torch.device("cpu"))
-            assert KERNELS.loss and KERNELS.window and KERNELS.rows is fp8 and KERNELS.mlp is fp8
-            assert (config.inductor_choices_class is not None) is fp8
-    finally:
-        use_kernels("none")
+    for fp8 in ("off", "head", "all"):
+        cfg = from_dict(TrainConfig, {"perf": {"kernels": "auto", "fp8": fp8, "compile": "true"}})
+        mcfg = ModelConfig.preset("tiny", n_layer=2, d_model=32, n_head=2, max_seq_len=16, mlp="relu2",
+                                  attn_windows=[4, 0])
+        model = build_model(cfg, mcfg, torch.device("cpu"))
+        assert type(model.lm_head) is FastHead and model.lm_head.fused and model.lm_head.fp8 is (fp8 != "off")
+        window = model.model.layers[0].self_attn
+        assert type(window) is SlidingWindowAttention and window.kernel
+        assert (type(model.model.layers[1].mlp) is Fp8Relu2MLP) is (fp8 == "all")
+        assert ("backend" in compile_args(cfg, torch.device("cpu"))) is (fp8 == "all")
 
 
 @pytest.mark.gpu
@@ -875,8 +663,8 @@ def test_gpu_wide_rows_cast_is_one_pass_and_exact():
     a looped reduction) whose result dequantises to the activation within e4m3's precision."""
     from torch._inductor.utils import run_and_get_code
 
+    from app.fast.compile import compile_kwargs
     from app.fast.kernels.fp8_linear import to_fp8_rows
-    from app.model.gpt import use_kernels
 
     g, u = (torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     ref = torch.nn.functional.silu(g.float()) * u.float()
@@ -885,15 +673,11 @@ def test_gpu_wide_rows_cast_is_one_pass_and_exact():
     def act_cast(g, u):
         return to_fp8_rows(torch.nn.functional.silu(g) * u)
 
-    try:
-        for spec, persistent in (("none", False), ("rows", True)):
-            use_kernels(spec)
-            torch._dynamo.reset()
-            (h8, inv), codes = run_and_get_code(torch.compile(act_cast), g, u)
-            assert ("persistent_reduction" in "".join(codes)) is persistent, spec
-            # e4m3 keeps 3 mantissa bits (relative error <= 2^-4) plus bf16's rounding of the product
-            err = ((h8.float() * inv - ref).abs() / row_max).max().item()
-            assert err < 0.07, f"{spec}: dequantised error {err:.3f} of the row's max"
-    finally:
-        use_kernels("none")
+    for wide_rows in (False, True):
         torch._dynamo.reset()
+        (h8, inv), codes = run_and_get_code(torch.compile(act_cast, **compile_kwargs(wide_rows=wide_rows)), g, u)
+        assert ("persistent_reduction" in "".join(codes)) is wide_rows
+        # e4m3 keeps 3 mantissa bits (relative error <= 2^-4) plus bf16's rounding of the product
+        err = ((h8.float() * inv - ref).abs() / row_max).max().item()
+        assert err < 0.07, f"wide_rows={wide_rows}: dequantised error {err:.3f} of the row's max"
+    torch._dynamo.reset()

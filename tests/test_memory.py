@@ -251,7 +251,7 @@ def test_activation_formula_matches_saved_tensors():
                 return t
 
             x = torch.randn(1, T, cfg.d_model, dtype=torch.bfloat16, requires_grad=True) * 1.0  # not a leaf
-            cos, sin = rotary_tables(cfg, torch.arange(T), torch.bfloat16)
+            cos, sin = (t.to(torch.bfloat16) for t in rotary_tables(torch.arange(T), cfg.head_dim, cfg.rope_theta))
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 m.model.layers[0](x, cos, sin, None)
             assert sum(seen.values()) == layer_activation_bytes(cfg, mode, 2) * T, (kw, mode)

@@ -1,11 +1,27 @@
-"""The GPT: shapes, loss, KV cache, meta-device build, presets, lmatch input, training, generation."""
+"""The GPT: shapes, loss, KV cache, meta-device build, presets, lmatch input, training, generation; the plain
+model file; `accelerate` (the converters that apply the fast paths from outside)."""
+import json
+import re
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from app.config import ConfigError, parse_config
+import app.fast.kernels
+from app.config import ConfigError, from_dict, parse_config
+from app.fast.accelerate import accelerate
+from app.fast.config import PerfConfig
+from app.fast.fp8 import Fp8Linear, Fp8Relu2MLP
+from app.fast.loss_head import FastHead
+from app.fast.windows import SlidingWindowAttention
+from app.model import gpt as gpt_module
+from app.model.export import _read_config
+from app.model.gpt import GPT, Attention, LMHead, MLP, ModelConfig
 from app.serve.generate import generate
-from app.model.gpt import GPT, KVCache, ModelConfig, use_kernels
+from app.serve.kvcache import KVCache
 from app.train.trainer import TrainConfig, model_config
 from tests.conftest import cpu_rowwise_fp8
 
@@ -232,55 +248,156 @@ def test_dropout_only_in_training():
         ModelConfig(dropout=1.0)
 
 
-def test_concatenated_projections_compute_the_same_model():
-    """kernels=proj (one matmul for q/k/v and one for gate/up) changes neither the loss nor any gradient."""
+def test_norm_and_rotary_match_hugging_face_llama():
+    modeling = pytest.importorskip("transformers.models.llama.modeling_llama")
+    x = torch.randn(2, 5, 32)
+    hf_norm, norm = modeling.LlamaRMSNorm(32, eps=1e-6), gpt_module.RMSNorm(32, 1e-6)
+    with torch.no_grad():
+        hf_norm.weight.copy_(1 + 0.2 * torch.randn(32))
+        norm.weight.copy_(hf_norm.weight)
+        torch.testing.assert_close(norm(x), hf_norm(x))
+    q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
+    cos, sin = gpt_module.rotary_tables(torch.arange(5), 16, 10000.0)
+    hf_q, hf_k = modeling.apply_rotary_pos_emb(q, k, cos[None], sin[None])  # HF's tables are [B, T, hd]
+    torch.testing.assert_close(gpt_module.apply_rotary(q, cos, sin), hf_q)
+    torch.testing.assert_close(gpt_module.apply_rotary(k, cos, sin), hf_k)
+
+
+def test_the_plain_model_file_is_short_and_knows_no_fast_path():
+    """app/model/gpt.py reads in one sitting: no kernels, FP8 or CUDA graphs (they are applied from outside)."""
+    source = Path(gpt_module.__file__).read_text()
+    assert len(source.splitlines()) <= 350
+    hits = [line for line in source.splitlines() if re.search(r"kernel|fp8|graph|triton", line, re.IGNORECASE)]
+    assert not hits, hits
+
+
+def _app_globals() -> dict[str, dict[str, object]]:
+    """Every loaded app module's globals, by identity."""
+    return {name: {k: id(v) for k, v in vars(mod).items()} for name, mod in list(sys.modules.items())
+            if name == "app" or name.startswith("app.")}
+
+
+@pytest.mark.parametrize("kernels", ["auto", "none", "all", "loss", "loss,rows,window,mlp", "rows"])
+@pytest.mark.parametrize("fp8", ["off", "head", "all"])
+def test_parsing_a_perf_config_changes_no_global_state(kernels, fp8):
+    """No process-wide kernel choice: parsing and validating a TrainConfig rebinds no module global of app, sets no
+    Inductor choice, and a model built afterwards is the plain one."""
+    from torch._inductor import config as inductor_config
+
+    before = _app_globals()
+    cfg = parse_config(TrainConfig, [f"--perf.kernels={kernels}", f"--perf.fp8={fp8}", "--perf.compile_mode=tuned"])
+    cfg.validate()
+    assert cfg.perf.kernels == kernels and cfg.perf.fp8 == fp8
+    after = _app_globals()
+    assert {name: after[name] for name in before} == before
+    assert inductor_config.inductor_choices_class is None
+    m = tiny(attn_windows=[1, 4, 0])
+    assert {type(x) for x in m.modules()} <= {GPT, nn.ModuleDict, nn.ModuleList, nn.Embedding, nn.Linear, LMHead,
+                                              gpt_module.Block, Attention, MLP, gpt_module.RMSNorm, nn.Dropout}
+
+
+@pytest.mark.parametrize("kernels, message", [("proj", "unknown \\['proj'\\]"), ("loss,nope", "unknown \\['nope'\\]")])
+def test_unknown_kernels_are_refused(kernels, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(TrainConfig, {"perf": {"kernels": kernels}})
+
+
+def test_perf_config_resolves_auto_and_refuses_what_cannot_nest():
+    assert PerfConfig().kernel_set() == {"loss", "window"}
+    assert PerfConfig(fp8="head").kernel_set() == {"loss", "window"}
+    assert PerfConfig(fp8="all").kernel_set() == {"loss", "rows", "window", "mlp"}
+    assert PerfConfig(kernels="none", fp8="all").kernel_set() == frozenset()
+    assert PerfConfig(kernels="all").kernel_set() == {"loss", "rows", "window", "mlp"}
+    with pytest.raises(ConfigError, match="perf.fp8='yes' must be one of off, head, all"):
+        PerfConfig(fp8="yes").validate()
+    with pytest.raises(ConfigError, match="cuda_graph"):
+        PerfConfig(cuda_graph="true", compile_mode="reduce-overhead").validate()
+
+
+def _plain_and_fast(perf: PerfConfig, **kw) -> tuple[GPT, GPT]:
+    """A plain tiny model and an accelerated copy with the same weights."""
+    plain = tiny(**kw)
+    fast = tiny(**kw)
+    fast.load_state_dict(plain.state_dict())
+    return plain, accelerate(fast, perf)
+
+
+def test_accelerate_swaps_the_modules_it_says_and_keeps_the_state_dict():
+    plain, fast = _plain_and_fast(PerfConfig(kernels="loss,window,mlp", fp8="all"), mlp="relu2", n_layer=3,
+                                  attn_windows=[1, 4, 0])
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), plain.state_dict().values()))
+    one, window, full = (fast.model.layers[i] for i in range(3))
+    assert type(fast.lm_head) is FastHead and fast.lm_head.fused and fast.lm_head.fp8
+    assert type(one.self_attn.q_proj) is nn.Linear and type(one.self_attn.v_proj) is Fp8Linear  # q/k never run
+    assert type(window.self_attn) is SlidingWindowAttention and window.self_attn.kernel
+    assert type(full.self_attn) is Attention and type(full.self_attn.o_proj) is Fp8Linear
+    assert all(type(b.mlp) is Fp8Relu2MLP and type(b.mlp.down_proj) is Fp8Linear for b in fast.model.layers)
+    assert type(fast.model.layers[0].input_layernorm) is gpt_module.RMSNorm
+    # nothing to swap: kernels=none, fp8=off leaves a model without windows plain
+    untouched = accelerate(tiny(), PerfConfig(kernels="none"))
+    assert {type(x) for x in untouched.modules()} == {type(x) for x in tiny().modules()}
+    head = accelerate(tiny(), PerfConfig(kernels="none", fp8="head")).lm_head
+    assert type(head) is FastHead and head.fp8 and not head.fused
+
+
+@pytest.mark.parametrize("perf", [PerfConfig(kernels="none"), PerfConfig(kernels="all", fp8="all")])
+def test_accelerated_model_off_cuda_computes_the_plain_model_bit_for_bit(perf):
+    """Where no fast path can run (CPU), every converted module takes the plain computation: the same logits, loss
+    and gradients, bit for bit; a tied head stays tied."""
+    plain, fast = _plain_and_fast(perf, mlp="relu2", attn_windows=[1, 5, 0], n_layer=3, tie_embeddings=True)
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight
     idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
-    results = []
-    for spec in ("none", "proj"):
-        use_kernels(spec)
-        m = tiny(n_kv_head=2)  # grouped-query: unequal q and k/v widths
-        _, loss = m(idx, idx)
+    outs = []
+    for m in (plain, fast):
+        logits, loss = m(idx, idx)
         loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
-    use_kernels("none")
-    (loss, grads), (loss_proj, grads_proj) = results
-    torch.testing.assert_close(loss_proj, loss)
-    for name, g in grads.items():
-        torch.testing.assert_close(grads_proj[name], g, msg=name)
+        outs.append((logits, loss, [p.grad for p in m.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
 
 
 @cpu_rowwise_fp8
 def test_fp8_relu2_mlp_kernel_computes_the_same_model(monkeypatch):
     """kernels=mlp (the FP8 ReLU² feed-forward as one function) changes neither the loss nor any gradient of an
     FP8 model; FP8 forced on here, where CPU `torch._scaled_mm` runs it."""
-    import app.fast.kernels
     monkeypatch.setattr(app.fast.kernels, "fp8_fits", lambda x, w: True)
     calls, mlp = [], app.fast.kernels.fp8_relu2_mlp
     monkeypatch.setattr(app.fast.kernels, "fp8_relu2_mlp", lambda *a: calls.append(1) or mlp(*a))
     idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
     results = []
-    for spec in ("none", "mlp"):
-        use_kernels(spec)
-        m = tiny(fp8=True, mlp="relu2").to(torch.bfloat16)
+    for kernels in ("none", "mlp"):
+        m = accelerate(tiny(mlp="relu2").to(torch.bfloat16), PerfConfig(kernels=kernels, fp8="all"))
         _, loss = m(idx, idx)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
-        assert len(calls) == (m.cfg.n_layer if spec == "mlp" else 0)
-    use_kernels("none")
+        assert len(calls) == (m.cfg.n_layer if kernels == "mlp" else 0)
     (loss, grads), (loss_mlp, grads_mlp) = results
     assert torch.equal(loss_mlp, loss)
     for name, g in grads.items():
         assert torch.equal(grads_mlp[name], g), name
 
 
-@pytest.mark.parametrize("option", ["fp8", "fp8_head"])
-def test_fp8_option_is_plain_off_cuda(option):
-    """ModelConfig.fp8 / fp8_head change nothing where FP8 cannot run (CPU): same logits as without it."""
+@cpu_rowwise_fp8
+def test_fp8_linears_run_fp8_only_with_gradients_on(monkeypatch):
+    """An accelerated fp8=all model runs its training matmuls in FP8 (forced on here, where CPU `torch._scaled_mm`
+    runs it: close to the plain model, not equal); without gradients (evaluation, generation) the plain ones."""
+    monkeypatch.setattr(app.fast.kernels, "fp8_fits", lambda x, w: True)
+    plain, fast = _plain_and_fast(PerfConfig(kernels="none", fp8="all"))
     idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(tiny(**{option: True})(idx)[0], tiny()(idx)[0])
-    logits, loss = tiny(**{option: True})(idx, idx)
-    loss.backward()  # gradients on: still the plain path off CUDA
+        assert torch.equal(fast(idx)[0], plain(idx)[0])
+    (fast_logits, fast_loss), (logits, loss) = fast(idx, idx), plain(idx, idx)
+    assert not torch.equal(fast_logits, logits)
+    assert ((fast_logits - logits).norm() / logits.norm()).item() < 0.1 and abs(fast_loss.item() - loss.item()) < 0.05
+
+
+def test_an_older_exports_fp8_keys_are_ignored(tmp_path):
+    """Exports made when the FP8 options were part of ModelConfig still load (they never changed the weights)."""
+    cfg = ModelConfig.preset("tiny", vocab_size=V)
+    spotlm = {"format_version": 1, "model": {**vars(cfg), "fp8": True}, "meta": {"run": "old"}}
+    (tmp_path / "config.json").write_text(json.dumps({"spotlm": spotlm}))
+    assert _read_config(str(tmp_path / "config.json")) == (cfg, {"run": "old"})
 
 
 @pytest.mark.parametrize("kind", ["gelu", "relu2"])

@@ -8,8 +8,11 @@ import torch
 import app.fast.kernels
 from app.config import ConfigError, from_dict
 from app.data.loader import Batch
-from app.model.gpt import GPT, ModelConfig, use_kernels
+from app.fast.accelerate import accelerate
+from app.fast.config import PerfConfig
+from app.fast.fp8 import fp8_weights_cast_once
 from app.fast.step_graph import StepGraph
+from app.model.gpt import GPT, ModelConfig
 from app.train.trainer import (CosineSchedule, TrainConfig, add_grads, build_model, forward_backward, graph_fits,
                          make_optimizer, optimizer_step, step_function)
 
@@ -43,44 +46,42 @@ def run(cfg: TrainConfig, device: str, steps: list[list[Batch]], autocast=contex
     return losses, norms, [p.detach().float().cpu() for p in model.parameters()], step
 
 
-def cfg(**kw) -> TrainConfig:
-    return from_dict(TrainConfig, {"lr": 3e-3, "warmup_steps": 2, "kernels": "none", **kw})
+def cfg(perf: dict | None = None, **kw) -> TrainConfig:
+    return from_dict(TrainConfig, {"lr": 3e-3, "warmup_steps": 2, "perf": {"kernels": "none", **(perf or {})}, **kw})
 
 
 def test_tuned_compile_mode_is_the_default_mode_with_coordinate_descent_tuning():
     """compile_mode=tuned: torch.compile's default mode plus an Inductor option that torch accepts (an unknown
     option name would raise at the first call), and it nests in the step's own CUDA graph."""
-    from app.train.parallel import compile_kwargs
-    assert compile_kwargs("default") == {} and compile_kwargs("reduce-overhead") == {"mode": "reduce-overhead"}
-    assert compile_kwargs("tuned") == {"options": {"coordinate_descent_tuning": True}}
-    cfg(cuda_graph="true", compile_mode="tuned").validate()
+    from app.fast.compile import compile_kwargs
+    cfg({"cuda_graph": "true", "compile_mode": "tuned"}).validate()
     double = torch.compile(lambda x: 2 * x + 1, **compile_kwargs("tuned"))
     assert double(torch.arange(4.0)).tolist() == [1.0, 3.0, 5.0, 7.0]
     with pytest.raises(ConfigError):
-        cfg(compile_mode="fastest").validate()
+        cfg({"compile_mode": "fastest"})
 
 
 def test_cuda_graph_does_not_nest_in_a_graphing_compile_mode():
     with pytest.raises(ConfigError, match="cuda_graph"):
-        cfg(cuda_graph="true", compile_mode="reduce-overhead").validate()
-    cfg(cuda_graph="true", compile_mode="max-autotune-no-cudagraphs").validate()
+        cfg({"cuda_graph": "true", "compile_mode": "reduce-overhead"})
+    cfg({"cuda_graph": "true", "compile_mode": "max-autotune-no-cudagraphs"}).validate()
 
 
 def test_auto_graphs_the_step_wherever_it_fits():
     cuda = torch.device("cuda")
-    assert cfg().cuda_graph == "auto"  # the default: the graphed step on one GPU
+    assert cfg().perf.cuda_graph == "auto"  # the default: the graphed step on one GPU
     assert graph_fits(cfg(), cuda, world=1)
     assert not graph_fits(cfg(), torch.device("cpu"), world=1)
     assert not graph_fits(cfg(), cuda, world=2)
     assert not graph_fits(cfg(memory={"fsdp": True}), cuda, world=1)
     assert not graph_fits(cfg(memory={"checkpointing": "full"}), cuda, world=1)
-    assert not graph_fits(cfg(compile_mode="reduce-overhead"), cuda, world=1)  # and auto does not raise there
+    assert not graph_fits(cfg({"compile_mode": "reduce-overhead"}), cuda, world=1)  # and auto does not raise there
 
 
 def test_cuda_graph_takes_auto_true_false_and_yaml_booleans():
-    assert cfg(cuda_graph=True).cuda_graph == "true" and cfg(cuda_graph=False).cuda_graph == "false"
+    assert cfg({"cuda_graph": True}).perf.cuda_graph == "true" and cfg({"cuda_graph": False}).perf.cuda_graph == "false"
     with pytest.raises(ConfigError, match="cuda_graph"):
-        cfg(cuda_graph="sometimes")
+        cfg({"cuda_graph": "sometimes"})
 
 
 def _grads(model: GPT, steps: list[Batch], device: torch.device, autocast=contextlib.nullcontext,
@@ -130,66 +131,52 @@ def test_add_grads_gives_broadcast_gradients_the_parameters_layout():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("windows", [[], [1, 0]])
-@pytest.mark.parametrize("kernels", ["none", "proj"])
-def test_fp8_weights_cast_once_per_step_give_the_same_gradients_and_compile_once(kernels, windows):
-    """Inside `GPT.fp8_weights_cast_once` the compiled FP8 model's gradients equal those of casting each weight
-    in every micro-batch, and new casts each step are graph inputs, not a reason to recompile; under `proj`
-    q/k/v (and gate/up) take one cast of their concatenation."""
+def test_fp8_weights_cast_once_per_step_give_the_same_gradients_and_compile_once(windows):
+    """Inside `fp8_weights_cast_once` the compiled FP8 model's gradients equal those of casting each weight in every
+    micro-batch, and new casts each step are graph inputs, not a reason to recompile."""
     from torch._dynamo.utils import counters
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    use_kernels(kernels)
-    try:
-        torch._dynamo.reset()
-        model = GPT(ModelConfig.preset("tiny", vocab_size=V, d_model=128, max_seq_len=T, fp8=True,
-                                       attn_windows=windows)).to(dev)
-        model.init_weights()
-        fwd, cast = torch.compile(model), torch.compile(app.fast.kernels.fp8_weights)
-        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-        micro = [Batch(b.inputs.to(dev), b.targets.to(dev)) for b in batches(1, accum=2, device="cpu")[0]]
-        inline = _grads(fwd, micro, dev, autocast)
-        attn = model.model.layers[1].self_attn  # full attention (either way): q/k/v
-        with model.fp8_weights_cast_once(cast):
-            once = _grads(fwd, micro, dev, autocast)
-            assert model.model.layers[0].mlp.down_proj.fp8_cast[0].dtype == torch.float8_e4m3fn
-            assert (attn.fp8_cast is not None) == (kernels == "proj")
-            assert (getattr(attn.q_proj, "fp8_cast", None) is None) == (kernels == "proj")
-            if kernels == "proj":
-                assert attn.fp8_cast[0].shape == (3 * 128, 128)  # q, k, v rows of one e4m3 copy
-        assert model.model.layers[0].mlp.down_proj.fp8_cast is None and attn.fp8_cast is None  # dropped after the step
-        # The casts are the same bits, but the two compiled graphs differ (casts inside or graph inputs) and
-        # Inductor may fuse (and so round) the activations around them differently: on an H200 17 of 16384
-        # elements of a down_proj gradient moved by up to 1.5% (e4m3 steps), so the bound is on the norm.
-        for (name, _), a, b in zip(model.named_parameters(), inline, once):
-            err = ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12)).item()
-            assert err < 5e-3, f"{name}: cast once differs from casting inline by {err:.2e} of its norm"
-        graphs = counters["stats"]["unique_graphs"]
-        for _ in range(3):
-            with model.fp8_weights_cast_once(cast):
-                _grads(fwd, micro, dev, autocast)
-        assert counters["stats"]["unique_graphs"] == graphs
-    finally:
-        use_kernels("none")
+    torch._dynamo.reset()
+    model = GPT(ModelConfig.preset("tiny", vocab_size=V, d_model=128, max_seq_len=T, attn_windows=windows))
+    model.init_weights()
+    model = accelerate(model, PerfConfig(kernels="none", fp8="all")).to(dev)
+    fwd, cast = torch.compile(model), torch.compile(app.fast.kernels.fp8_weights)
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    micro = [Batch(b.inputs.to(dev), b.targets.to(dev)) for b in batches(1, accum=2, device="cpu")[0]]
+    inline = _grads(fwd, micro, dev, autocast)
+    attn = model.model.layers[1].self_attn  # full attention (either way): q/k/v
+    with fp8_weights_cast_once(model, cast):
+        once = _grads(fwd, micro, dev, autocast)
+        assert model.model.layers[0].mlp.down_proj.fp8_cast[0].dtype == torch.float8_e4m3fn
+        assert attn.q_proj.fp8_cast[0].shape == (128, 128)
+    assert model.model.layers[0].mlp.down_proj.fp8_cast is None and attn.q_proj.fp8_cast is None  # dropped after
+    # The casts are the same bits, but the two compiled graphs differ (casts inside or graph inputs) and
+    # Inductor may fuse (and so round) the activations around them differently: a few elements of a down_proj
+    # gradient moved by up to an e4m3 step, so the bound is on the norm.
+    for (name, _), a, b in zip(model.named_parameters(), inline, once):
+        err = ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12)).item()
+        assert err < 5e-3, f"{name}: cast once differs from casting inline by {err:.2e} of its norm"
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        with fp8_weights_cast_once(model, cast):
+            _grads(fwd, micro, dev, autocast)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
-@pytest.mark.parametrize("kernels", ["none", "proj"])
-def test_fp8_groups_follow_the_products_each_layer_runs(kernels):
-    """The FP8 weight groups that `GPT.fp8_weights_cast_once` casts: q/k/v one group under `proj` (owned by the
-    attention), else one per linear; a window-1 layer has no q/k group (it runs no q/k products)."""
-    use_kernels(kernels)
-    try:
-        model = GPT(ModelConfig.preset("tiny", vocab_size=V, max_seq_len=T, fp8=True, attn_windows=[1, 0]))
-        one, full = (model.model.layers[i].self_attn for i in (0, 1))
-        mlp = model.model.layers[1].mlp
-        assert one.fp8_groups() == [(one.v_proj, [one.v_proj]), (one.o_proj, [one.o_proj])]
-        qkv = [full.q_proj, full.k_proj, full.v_proj]
-        assert full.fp8_groups() == ([(full, qkv)] if kernels == "proj" else [(m, [m]) for m in qkv]) + [
-            (full.o_proj, [full.o_proj])]
-        ins = [mlp.gate_proj, mlp.up_proj]  # the tiny preset's SwiGLU
-        assert mlp.fp8_groups() == ([(mlp, ins)] if kernels == "proj" else [(m, [m]) for m in ins]) + [
-            (mlp.down_proj, [mlp.down_proj])]
-    finally:
-        use_kernels("none")
+def test_fp8_weights_cast_once_casts_the_linears_that_run():
+    """The weights `fp8_weights_cast_once` casts are the FP8 linears' (not a window-1 layer's q/k, which never run);
+    off an FP8 GPU it casts nothing."""
+    model = accelerate(GPT(ModelConfig.preset("tiny", vocab_size=V, max_seq_len=T, attn_windows=[1, 0])),
+                       PerfConfig(kernels="none", fp8="all"))
+    one, full = (model.model.layers[i].self_attn for i in (0, 1))
+    fp8 = [m for m in model.modules() if type(m).__name__ == "Fp8Linear"]
+    assert fp8 == [one.v_proj, one.o_proj, *model.model.layers[0].mlp.children(), full.q_proj, full.k_proj,
+                   full.v_proj, full.o_proj, *model.model.layers[1].mlp.children()]
+    cast = []
+    with fp8_weights_cast_once(model, lambda ws: cast.append(ws) or []):  # CPU: nothing to cast
+        pass
+    assert cast == []
 
 
 # AdamW on fp32 weights, AdamW over fp32 masters of bf16 weights (app/train/master.py), Muon
@@ -200,8 +187,8 @@ OPTIMIZERS = [dict(optimizer="adamw", bf16_weights="false"), dict(optimizer="ada
 @pytest.mark.parametrize("opt", OPTIMIZERS)
 def test_cuda_graph_off_cuda_steps_eagerly_and_equals_the_plain_step(opt):
     steps = batches(4, accum=2, device="cpu")
-    a = run(cfg(**opt, cuda_graph="false"), "cpu", steps)
-    b = run(cfg(**opt, cuda_graph="true"), "cpu", steps)
+    a = run(cfg({"cuda_graph": "false"}, **opt), "cpu", steps)
+    b = run(cfg({"cuda_graph": "true"}, **opt), "cpu", steps)
     assert not isinstance(b[3], StepGraph)
     assert a[0] == b[0] and a[1] == b[1]
     assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
@@ -215,8 +202,8 @@ def test_cuda_graph_step_matches_the_eager_step(opt):
     over 2 micro-batches) follow the eager step's losses and weights."""
     steps = batches(8, accum=2, device="cuda")
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    eager = run(cfg(**opt, cuda_graph="false"), "cuda", steps, autocast)  # (the default, auto, would graph it)
-    graph = run(cfg(**opt, cuda_graph="true"), "cuda", steps, autocast)
+    eager = run(cfg({"cuda_graph": "false"}, **opt), "cuda", steps, autocast)  # (the default, auto, would graph it)
+    graph = run(cfg({"cuda_graph": "true"}, **opt), "cuda", steps, autocast)
     assert isinstance(graph[3], StepGraph)
     # the first step must see the initial weights: the warm-up steps were undone
     assert graph[0][0] == pytest.approx(eager[0][0], rel=1e-3)

@@ -140,7 +140,9 @@ def _read_config(config_path: str) -> tuple[ModelConfig, dict[str, Any]]:
     version = spot.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{config_path}: spotlm export format version {version}; this code reads {FORMAT_VERSION}")
-    return from_dict(ModelConfig, spot["model"]), spot.get("meta", {})
+    # Older exports kept the FP8 training flags with the shape (now `PerfConfig.fp8`): not part of the model
+    shape = {k: v for k, v in spot["model"].items() if not k.startswith("fp8")}
+    return from_dict(ModelConfig, shape), spot.get("meta", {})
 
 
 def _load_weights(cfg: ModelConfig, weights_path: str, device: str) -> GPT:

@@ -282,15 +282,16 @@ def apply_fsdp(model: nn.Module, device: torch.device, cpu_offload: bool = False
 # ----------------------------------------------------------------------------------------------------------
 # all of it
 # ----------------------------------------------------------------------------------------------------------
-def parallelize(model: nn.Module, mem: MemoryConfig, *, device: torch.device | str = "cpu", compile: bool = False,
-                compile_mode: str | None = None, world_size: int = 1, offloader: ActivationOffloader | None = None
-                ) -> nn.Module:
-    """Apply `mem` to `model` (a GPT, in place) and return the module to call for training.
+def parallelize(model: nn.Module, mem: MemoryConfig, *, device: torch.device | str = "cpu",
+                compile: dict[str, Any] | None = None, world_size: int = 1,
+                offloader: ActivationOffloader | None = None) -> nn.Module:
+    """Apply `mem` to `model` (a GPT, in place, after `app.fast.accelerate`) and return the module to call for
+    training.
 
     Order: checkpointing, then activation offload (its hooks wrap the checkpointed block), then FSDP2
-    (when `mem.fsdp` and `world_size` >= 1 with a process group), then torch.compile (per block when
-    offloading activations or FSDP is on, since those hooks run Python per block; else the whole model).
-    `model.spotlm_offloader` holds the offloader (for its byte counts)."""
+    (when `mem.fsdp` and `world_size` >= 1 with a process group), then torch.compile with the keyword arguments
+    `compile` (None: not compiled; per block when offloading activations or FSDP is on, since those hooks run
+    Python per block; else the whole model). `model.spotlm_offloader` holds the offloader (for its byte counts)."""
     device = torch.device(device)
     mem.validate()
     apply_checkpointing(model, mem.checkpointing, mem.mlp_chunk)
@@ -304,25 +305,13 @@ def parallelize(model: nn.Module, mem: MemoryConfig, *, device: torch.device | s
             raise RuntimeError("memory.fsdp needs an initialised torch.distributed process group")
         apply_fsdp(model, device, cpu_offload=mem.fsdp_cpu_offload,
                    param_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    if compile:
-        kwargs = compile_kwargs(compile_mode)
+    if compile is not None:
         if mem.offload_activations or mem.fsdp:
             for block in model.model.layers:
-                block.compile(**kwargs)
+                block.compile(**compile)
             return model
-        return torch.compile(model, **kwargs)
+        return torch.compile(model, **compile)
     return model
-
-
-def compile_kwargs(compile_mode: str | None) -> dict:
-    """torch.compile's arguments for a `TrainConfig.compile_mode`: a torch.compile mode, or "tuned", the default
-    mode with Inductor's coordinate-descent tuning (modded-nanogpt's setting: each generated kernel's block
-    sizes and warps timed on the GPU at compile time; no GEMM autotuning, no CUDA graphs of its own)."""
-    if compile_mode in (None, "default"):
-        return {}
-    if compile_mode == "tuned":
-        return {"options": {"coordinate_descent_tuning": True}}
-    return {"mode": compile_mode}
 
 
 def compiles_per_block(mem: MemoryConfig) -> bool:

@@ -17,15 +17,19 @@ import torch.distributed as dist
 from app import storage
 from app.train import checkpoint
 from app.fast import kernels
+from app.fast.accelerate import accelerate
+from app.fast.compile import compile_kwargs
+from app.fast.config import GRAPHING_COMPILE_MODES, PerfConfig
+from app.fast.fp8 import fp8_weights_cast_once
 from app.config import ConfigError, from_dict, to_dict
 from app.data.loader import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches, match_stream
 from app.train.ema import WeightEMA
 from app.log import forward_logs, get_logger, relay_worker_logs
 from app.train.master import MasterAdamW
 from app.train.memory_plan import MemoryConfig
-from app.model.gpt import GPT, PRESETS, ModelConfig, use_kernels
+from app.model.gpt import GPT, PRESETS, ModelConfig
 from app.train.muon import Muon, muon_params
-from app.train.parallel import (compile_kwargs, compiles_per_block, full_state_dicts, make_offload_optimizer, parallelize,
+from app.train.parallel import (compiles_per_block, full_state_dicts, make_offload_optimizer, parallelize,
                           resolve_memory, set_full_state_dicts)
 from app.train.preemption import PreemptionWatcher, install_sigterm_handler
 from app.data.shards import load_manifest
@@ -35,12 +39,7 @@ log = get_logger(__name__)
 
 # Dense bf16 peak FLOP/s per GPU, for MFU (H100/H200 SXM; A100).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-COMPILE_MODES = ("default", "tuned", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
-GRAPHING_COMPILE_MODES = ("max-autotune", "reduce-overhead")  # torch.compile modes that capture CUDA graphs themselves
 DRAIN_CHECK_EVERY = 10  # steps between queries of Ray's node-drain notice (a barrier over the workers)
-AUTO_KERNELS = "loss,window"  # what kernels=auto picks on GPU: the fastest set bench/train_speed.py measured
-AUTO_KERNELS_FP8 = "loss,rows,window,mlp"  # the same under ModelConfig.fp8: one-pass casts of the MLP's hidden
-# rows (SwiGLU, GELU) and the ReLU² feed-forward's activation passes in Triton
 
 
 @dataclass
@@ -87,15 +86,8 @@ class TrainConfig:
     spot_notice: str = "auto"  # poll the AWS spot interruption notice: auto (on EC2) | off | <metadata URL>
     catch_sigterm: bool = True  # SIGTERM means "checkpoint at the next step and stop", not "die now"
     seed: int = 1337  # model init and data order
-    compile: str = "auto"  # torch.compile: auto (on GPU) | true | false
-    # torch.compile mode: default | tuned (+ Inductor's coordinate-descent tuning) | max-autotune-no-cudagraphs |
-    # max-autotune | reduce-overhead
-    compile_mode: str = "default"
-    # The whole step (fwd, bwd, clip, optimizer) as one CUDA graph (app/fast/step_graph.py): auto | true | false.
-    # auto = wherever it runs (`graph_fits`); true also warns where it cannot.
-    cuda_graph: str = "auto"
-    kernels: str = "auto"  # Triton kernels on GPU: auto (the fastest measured set) | none | all | comma list of loss,norm,rotary,proj
     deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs (CPU)
+    perf: PerfConfig = field(default_factory=PerfConfig)  # --perf.kernels=..., --perf.fp8=all, ... (app/fast/config.py)
     resume: bool = False  # continue an existing run (its latest checkpoint)
     async_checkpoint: bool = True  # upload checkpoints in the background; training goes on meanwhile
     upload_retries: int = 5  # retries (exponential backoff) of a failed checkpoint upload
@@ -112,15 +104,11 @@ class TrainConfig:
             raise ConfigError("lr must be > 0 and min_lr_ratio in [0, 1]")
         if self.min_workers > self.num_workers:
             raise ConfigError(f"min_workers={self.min_workers} is more than num_workers={self.num_workers}")
-        if any(v not in ("auto", "true", "false") for v in (self.use_gpu, self.compile, self.bf16_weights,
-                                                           self.cuda_graph)):
-            raise ConfigError("use_gpu, compile, bf16_weights and cuda_graph take auto | true | false")
+        if any(v not in ("auto", "true", "false") for v in (self.use_gpu, self.bf16_weights)):
+            raise ConfigError("use_gpu and bf16_weights take auto | true | false")
         if self.eval_tokens < 0:
             raise ConfigError(f"eval_tokens must be >= 0 (0 = the whole split), got {self.eval_tokens}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}")
-        if self.kernels != "auto":
-            use_kernels(self.kernels)  # raises on unknown names
+        self.perf.validate()
         if self.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.optimizer == "muon" and (self.memory.offload_optimizer or self.memory.fsdp):
@@ -134,9 +122,6 @@ class TrainConfig:
         if self.bf16_weights == "true" and self.masters_excluded(self.memory):
             raise ConfigError("bf16_weights=true steps fp32 master weights with AdamW: not with optimizer=muon, "
                               "ema_decay, memory.fsdp or memory.offload_optimizer")
-        if self.cuda_graph == "true" and self.compile_mode in GRAPHING_COMPILE_MODES:
-            raise ConfigError(f"cuda_graph captures the whole step itself: compile_mode={self.compile_mode} "
-                              "(which graphs the model on its own) does not nest in it")
         self.memory.validate()
 
     @property
@@ -211,20 +196,24 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 
 def build_model(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device) -> GPT:
-    """The run's model, initialised from `cfg.seed` on `device`, with the run's kernel choice set."""
-    auto = AUTO_KERNELS_FP8 if mcfg.fp8 else AUTO_KERNELS
-    use_kernels(auto if cfg.kernels == "auto" else cfg.kernels)
+    """The run's model, initialised from `cfg.seed`, with the fast paths of `cfg.perf` (`accelerate`), on `device`."""
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg)
     model.init_weights()
-    return model.to(device)
+    return accelerate(model, cfg.perf).to(device)
+
+
+def compile_args(cfg: TrainConfig, device: torch.device) -> dict[str, Any] | None:
+    """torch.compile's keyword arguments for the run on `device` (`cfg.perf`); None where it does not compile."""
+    if not cfg.perf.compiles(device):
+        return None
+    return compile_kwargs(cfg.perf.compile_mode, wide_rows="rows" in cfg.perf.kernel_set())
 
 
 def compiled(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     """`model` under torch.compile when the run compiles (by default: on GPU), else itself."""
-    if not _resolve(cfg.compile, device.type == "cuda"):
-        return model
-    return torch.compile(model, **compile_kwargs(cfg.compile_mode))
+    args = compile_args(cfg, device)
+    return model if args is None else torch.compile(model, **args)
 
 
 def forward_backward(fwd: torch.nn.Module, batches: list[Batch], device: torch.device, autocast,
@@ -250,7 +239,7 @@ def forward_backward(fwd: torch.nn.Module, batches: list[Batch], device: torch.d
 
 def add_grads(params: list[torch.nn.Parameter], grads: tuple[torch.Tensor | None, ...]) -> None:
     """p.grad += g for each pair (p.grad = g where p has none yet; g None: nothing), the sums as one foreach add.
-    (A 124M step's three later micro-batches cost autograd ~300 add kernels, 1.2 ms on an H200.) A new p.grad
+    (Autograd adds each later micro-batch's gradients one parameter at a time: hundreds of kernels.) A new p.grad
     takes p's layout, as autograd's own accumulation gives it: a gradient can come back as a broadcast view (a
     window-1 layer's zero q/k gradient is an expanded scalar), which the in-place clip and optimizer reject."""
     sums = [(p.grad, g) for p, g in zip(params, grads, strict=True) if g is not None and p.grad is not None]
@@ -274,31 +263,33 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, gra
 def graph_fits(cfg: TrainConfig, device: torch.device, world: int) -> bool:
     """Whether the step can run as one CUDA graph: one CUDA device holding the weights, the optimizer and
     every activation (no FSDP, offload or activation checkpointing), and a compile mode without graphs of its own."""
-    return (device.type == "cuda" and world == 1 and cfg.compile_mode not in GRAPHING_COMPILE_MODES
+    return (device.type == "cuda" and world == 1 and cfg.perf.compile_mode not in GRAPHING_COMPILE_MODES
             and not cfg.memory.saving())
 
 
 def step_function(cfg: TrainConfig, fwd, model, raw: GPT, optimizer, device: torch.device, autocast, world: int):
     """batches -> (mean loss, pre-clip grad norm) of one optimizer step (gradients zeroed after it):
-    eager, or replayed as one CUDA graph (`cuda_graph`, one CUDA device, weights and optimizer on it)."""
+    eager, or replayed as one CUDA graph (`perf.cuda_graph`, one CUDA device, weights and optimizer on it)."""
     no_sync = getattr(model, "no_sync", None) if world > 1 else None
     # The foreach sums hold a micro-batch's gradients until its backward ends: not where memory is being saved
     params = [p for p in raw.parameters() if p.requires_grad] if world == 1 and not cfg.memory.saving() else None
     # Not ahead of FSDP (each forward gathers the weights from shards) nor of the offloaded optimizer (its
     # forward pre-hooks wait for the weights of the last update)
     cast_once = not (cfg.memory.fsdp or cfg.memory.offload_optimizer)
-    cast = torch.compile(kernels.fp8_weights) if _resolve(cfg.compile, device.type == "cuda") else kernels.fp8_weights
+    cast = kernels.fp8_weights  # compiled in the default mode: Inductor fuses each weight's casts
+    if cfg.perf.compiles(device):
+        cast = torch.compile(cast, **compile_kwargs(wide_rows="rows" in cfg.perf.kernel_set()))
 
     def body(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
-        with raw.fp8_weights_cast_once(cast) if cast_once else contextlib.nullcontext():
+        with fp8_weights_cast_once(raw, cast) if cast_once else contextlib.nullcontext():
             loss = forward_backward(fwd, batches, device, autocast, no_sync, params)
         return loss, optimizer_step(raw, optimizer, cfg.grad_clip)
 
-    if cfg.cuda_graph != "false" and graph_fits(cfg, device, world):
-        log.info("the training step runs as one CUDA graph (cuda_graph=%s)", cfg.cuda_graph)
+    if cfg.perf.cuda_graph != "false" and graph_fits(cfg, device, world):
+        log.info("the training step runs as one CUDA graph (perf.cuda_graph=%s)", cfg.perf.cuda_graph)
         return StepGraph(body, raw, optimizer, device)  # its gradients stay in the graph's pool
-    if cfg.cuda_graph == "true":
-        log.warning("cuda_graph needs one CUDA device and no FSDP, offload or activation checkpointing: "
+    if cfg.perf.cuda_graph == "true":
+        log.warning("perf.cuda_graph needs one CUDA device and no FSDP, offload or activation checkpointing: "
                     "stepping eagerly")
 
     def eager(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,8 +418,8 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
     cfg.memory = resolve_memory(cfg.memory, mcfg, seq_len, cfg.micro_batch, device, world,
                                 master_weights=uses_bf16_weights(cfg, device, MemoryConfig()))
     per_block = compiles_per_block(cfg.memory)  # before the optimizer: FSDP2 replaces the parameters
-    parallelize(raw, cfg.memory, device=device, world_size=world, compile_mode=cfg.compile_mode,
-                compile=per_block and _resolve(cfg.compile, device.type == "cuda"))
+    parallelize(raw, cfg.memory, device=device, world_size=world,
+                compile=compile_args(cfg, device) if per_block else None)
     optimizer = make_optimizer(raw, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineSchedule(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
     state = checkpoint.TrainState(config=to_dict(cfg))

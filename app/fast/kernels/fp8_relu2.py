@@ -6,9 +6,8 @@ relu(h)² cast to e4m3 with one power-of-two scale per row (`relu2_rows`); h is 
 Backward: read the activation's gradient and h, write the bf16 hidden gradient (the up projection's weight
 gradient takes it), its e4m3 rows (its input gradient takes them) and the recomputed bf16 activation (the down
 projection's weight gradient takes it) (`relu2_rows_backward`). Under torch.compile Inductor fuses the same work
-into two one-pass kernels of its own (`kernels=rows`), which ran at 2.8 and 3.6 TB/s on an H200 where these run at
-4.2 and 4.1 (a plain copy: 4.2; see `_launch`). They round as eager PyTorch does, so their outputs are bit for
-bit the PyTorch references'.
+into two one-pass kernels of its own (`kernels=rows`); these run closer to a plain copy's bandwidth (`bench.kernels`'
+relu2_rows section). They round as eager PyTorch does, so their outputs are bit for bit the PyTorch references'.
 """
 from __future__ import annotations
 
@@ -16,10 +15,35 @@ import torch
 import torch.nn.functional as F
 
 from app.fast.kernels.backend import INTERPRET, jit, next_power_of_2, tl, use_triton
-from app.fast.kernels.fp8_linear import E4M3, Fp8Weight, fp8_forward, fp8_product, fp8_weight, to_fp8_rows, weight_grads
-from app.fast.kernels.fp8_qkv import _e4m3, _round_bits, _row_scale
+from app.fast.kernels.fp8_linear import E4M3, Fp8Weight, fp8_forward, fp8_product, fp8_weight, to_fp8_rows, weight_grad
 
 MAX_WIDTH = 16384  # widest hidden row a program holds in registers; wider rows take the references
+
+
+@jit
+def _row_scale(amax):
+    """`to_fp8_rows`'s scale 2^floor(log2(448 / max(amax, 1e-12))) and its inverse, from amax's bits (exact
+    where log2 and the division are approximate on the GPU; amax = m 2^e: 2^(8-e) when m <= 1.75, else 2^(7-e))."""
+    bits = tl.maximum(amax, 1e-12).to(tl.int32, bitcast=True)
+    k = 8 - (((bits >> 23) & 0xFF) - 127) - ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    return ((127 + k) << 23).to(tl.float32, bitcast=True), ((127 - k) << 23).to(tl.float32, bitcast=True)
+
+
+@jit
+def _round_bits(x, DROP: tl.constexpr):
+    """fp32 x rounded to the nearest value with its last DROP mantissa bits zero (ties to even), so that
+    casting it to a narrower type is exact whatever rounding the cast does (Triton's interpreter truncates)."""
+    b = x.to(tl.int32, bitcast=True)
+    b = b + ((1 << (DROP - 1)) - 1) + ((b >> DROP) & 1)
+    return (b & -(1 << DROP)).to(tl.float32, bitcast=True)
+
+
+@jit
+def _e4m3(x):
+    """fp32 x (|x| <= 448) rounded to e4m3 (nearest, ties to even): 3 mantissa bits for normal values,
+    multiples of 2^-9 below 2^-6 (the subnormals: adding 1.5 * 2^14 rounds there), then cast."""
+    sub = (x + 24576.0) - 24576.0
+    return tl.where(tl.abs(x) >= 0.015625, _round_bits(x, 20), sub).to(tl.float8e4nv)
 
 
 def relu2_rows_reference(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +69,7 @@ def _bf16(x, SOFT: tl.constexpr):
 @jit
 def _to_e4m3(x, SOFT: tl.constexpr):
     """fp32 x (|x| <= 448) cast to e4m3 rounding to nearest: one conversion instruction on the GPU; bit arithmetic
-    where SOFT, which on the GPU cost ~15% more time in these memory-bound passes."""
+    where SOFT (slower on the GPU, even in these memory-bound passes)."""
     return _e4m3(x) if SOFT else x.to(tl.float8e4nv)
 
 
@@ -79,9 +103,8 @@ def _relu2_bwd_kernel(DA, H, DH, DH8, DH_INV, A, N, stride_da, stride_h, BLOCK: 
 
 
 def _launch(N: int, backward: bool) -> dict:
-    """A row kernel's launch options for rows N wide. H200, 65536 x 3072: forward 0.143 ms at 4 warps (Inductor's
-    fused kernel 0.214, a 402 MB copy 0.192), backward 0.444 at 8 (Inductor's 0.507); two rows per program
-    no faster; bit arithmetic for the roundings (the interpreter's path) 0.258 / 0.480."""
+    """A row kernel's launch options for rows N wide: the fastest measured at GPT-2's widths (4 warps per 4096
+    columns forward, 8 backward; two rows per program were no faster)."""
     block = next_power_of_2(N)
     warps = (8 if backward else 4) * max(1, block // 4096)
     return dict(BLOCK=block, SOFT=INTERPRET, num_warps=min(warps, 32))
@@ -121,21 +144,20 @@ class _Fp8Relu2Mlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *casts: torch.Tensor | None) -> torch.Tensor:
         up_cast, down_cast = casts[:4], casts[4:]  # (flat: the weights' `fp8_weight` copies, or Nones)
-        h, up_t8, up_t_inv = fp8_forward(x, (up,), up_cast if up_cast[0] is not None else None)
+        h, up_t8, up_t_inv = fp8_forward(x, up, up_cast if up_cast[0] is not None else None)
         w8, w_inv, down_t8, down_t_inv = down_cast if down_cast[0] is not None else fp8_weight(down)
         y = fp8_product(*relu2_rows(h), w8, w_inv)
         ctx.save_for_backward(x, h, up_t8, up_t_inv, down_t8, down_t_inv)
-        ctx.weights = [(up.shape[0], up.dtype)], [(down.shape[0], down.dtype)]
+        ctx.dtypes = up.dtype, down.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, h, up_t8, up_t_inv, down_t8, down_t_inv = ctx.saved_tensors
-        up_w, down_w = ctx.weights
+        up_dtype, down_dtype = ctx.dtypes
         da = fp8_product(*to_fp8_rows(dy), down_t8, down_t_inv)
         dh, dh8, dh_inv, a = relu2_rows_backward(da, h)
-        (grad_down,) = weight_grads(dy, a, down_w)
-        (grad_up,) = weight_grads(dh, x, up_w)
+        grad_down, grad_up = weight_grad(dy, a, down_dtype), weight_grad(dh, x, up_dtype)
         return fp8_product(dh8, dh_inv, up_t8, up_t_inv).to(x.dtype), grad_up, grad_down, *(None,) * 8
 
 

@@ -26,8 +26,8 @@ from app.fast.kernels.fp8_linear import E4M3, on_fp8_gpu, to_fp8
 
 E5M2 = torch.float8_e5m2
 
-# logits elements per chunk (1 GiB in bf16): 8192 tokens of a 50k vocabulary. H200, the FP8 head over 64K tokens:
-# 18.97 ms of GPU time at 8192-token chunks, 19.46 at 4096, 19.84 at 2048 (the logsumexp pass gains most), +0.6 GiB
+# logits elements per chunk (1 GiB in bf16): 8192 tokens of a 50k vocabulary; larger chunks ran the FP8 head faster
+# (the logsumexp pass gains most) for a little more memory
 _CHUNK_LOGITS = 1 << 29
 # d loss / d logits is in [-1, 1]: times 2^15 it stays under e5m2's max (57344) and keeps values down to 2^-31
 _GRAD_SCALE = 2.0 ** 15
@@ -118,8 +118,8 @@ def _e5m2_bits(x):
     """x (fp32, |x| < 57344) rounded to float8 e5m2, as its byte. e5m2 is fp16's top byte: round to fp16, then
     drop the low byte rounding to nearest, ties to even. Integer arithmetic, because Triton's interpreter rounds
     fp32 -> e5m2 wrongly where the rounding carries into the exponent (7.9 -> 4.0). Rounding twice (fp16 first)
-    differs from one direct rounding in rare ties: the H200's hardware cast gave some other bytes (and 0.35-0.81
-    against 0.37 ms per 4096 x 50304 chunk over the tile shapes tried)."""
+    differs from one direct rounding in rare ties: the GPU's hardware cast gave some other bytes (and was no
+    faster over the tile shapes tried)."""
     bits = x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     return ((bits + 0x7F + ((bits >> 8) & 1)) >> 8).to(tl.uint8)
 
@@ -157,11 +157,9 @@ def _add_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, hidden: t
 
 
 def _row_launch(V: int, write_grad: bool) -> tuple[int, int]:
-    """(vocabulary columns a row program holds at a time, its warps). Writing gradients (bf16 path), H100,
-    4096-row chunks: 8192 columns (16 warps) beat Liger-Kernel's 32768 (32 warps) up to 64K columns (V = 50304:
-    0.41 vs 0.46 ms in the GPT-2 training step's profile; V = 32000: 0.24 vs 0.27 ms), 32768 win above
-    (V = 128256: 1.01 vs 1.10 ms). The logsumexp alone (FP8 path), H200, 4096 x 50304: 4096 columns at 4 warps
-    0.126 ms, 3.3 TB/s (8192 at 16 warps 0.153; a sweep of 2048-16384 x 4-32 warps x 1-3 stages)."""
+    """(vocabulary columns a row program holds at a time, its warps), the fastest measured: writing gradients (bf16
+    path), 8192 columns (16 warps) beat Liger-Kernel's 32768 (32 warps) up to 64K columns, 32768 win above; the
+    logsumexp alone (FP8 path), 4096 columns at 4 warps (a sweep of 2048-16384 x 4-32 warps x 1-3 stages)."""
     block = min((8192 if V <= 65536 else 32768) if write_grad else 4096, next_power_of_2(V))
     return block, num_warps_for(block) if write_grad else 4
 
@@ -183,9 +181,8 @@ def _ce_grad_e5m2(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: 
     """d (sum of losses) / d z [rows, V] times `_GRAD_SCALE` in e5m2 bytes: into g [rows, V] and, unless None,
     transposed into gt [V, rows] (a column slice of a wider buffer is fine)."""
     rows, V = z.shape
-    # H200, 4096 x 50304 with the transposed copy: 0.335 ms at 32 x 64 (4 warps), 0.344 at 64 x 128; 48 tile,
-    # warp and stage choices within 0.33-0.40. Four rows' bytes packed into one int32 for the transposed store
-    # did not help (0.365).
+    # The fastest of 48 tile, warp and stage choices at GPT-2's vocabulary, with the transposed copy; four rows'
+    # bytes packed into one int32 for the transposed store did not help.
     block_r, block_v = 32, 64
     grid = (triton.cdiv(rows, block_r), triton.cdiv(V, block_v))
     _ce_grad_e5m2_kernel[grid](z, z.stride(0), targets, lse, g, g if gt is None else gt,
@@ -277,7 +274,7 @@ class _FusedLinearCEFn(torch.autograd.Function):
 def _scaled(grads: list[torch.Tensor | None], scale: torch.Tensor) -> list[torch.Tensor | None]:
     """Each of `grads` times the 0-dim `scale`, out of place (a retained graph may run backward again over the
     same saved gradients). One multi-tensor kernel: a plain `grad * scale` broadcasts the device scalar without
-    vectorising (H200, GPT-2's head and hidden gradients: 0.21 ms a step, ~1.7 TB/s)."""
+    vectorising."""
     live = [g for g in grads if g is not None]
     out = iter(torch._foreach_mul(live, scale) if live else [])
     return [None if g is None else next(out) for g in grads]
@@ -323,7 +320,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     heuristic) and never held whole; otherwise `linear_cross_entropy_reference` runs. Differentiable w.r.t.
     hidden and weight; 0 (with zero gradients) when every target is ignored. A target outside [0, V) that is
     not ignore_index raises on the reference path and gives a NaN loss on the Triton path. `fp8`: the Triton
-    path's three products in FP8 where they can run (`fp8_head_fits`): e4m3 logits (a few percent of relative
+    path's three products in FP8 where they can run (`fp8_loss_fits`): e4m3 logits (a few percent of relative
     error per element, which the gradients follow) and e5m2 d loss / d logits in the gradient products."""
     if hidden.dim() > 2:
         if targets.shape != hidden.shape[:-1]:
@@ -337,17 +334,16 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
     hidden = hidden.contiguous()
     # Cast here, not in `_fused`: under torch.compile Inductor fuses each amax and cast (the weight's straight
-    # from the parameter), where eager casts took ~0.5 ms per call at GPT-2's 50k x 768 head.
-    # The transposed copies too: eager PyTorch copied the e4m3 weight's transpose in 165 us (H200, 50k x 768).
+    # from the parameter), and the transposed copies, which eager PyTorch makes slowly.
     operands = None
-    if fp8 and fp8_head_fits(hidden, weight):
+    if fp8 and fp8_loss_fits(hidden, weight):
         with torch.no_grad():
             (h8, h_inv), (w8, w_inv) = to_fp8(hidden, E4M3), to_fp8(weight, E4M3)
             operands = (h8, h_inv, w8, w_inv, h8.t().contiguous(), w8.t().contiguous())
     return _fused(hidden, weight, targets.contiguous(), ignore_index, chunk, softcap, operands)
 
 
-def fp8_head_fits(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+def fp8_loss_fits(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when the FP8 products can run: D and V multiples of 16 (cuBLASLt's rule for K and N), and on CUDA
     FP8 tensor cores (sm89+) and a token count that is one too (K of the weight-gradient product); on CPU
     (Triton's interpreter, tests) `torch._scaled_mm` has a kernel without those rules."""

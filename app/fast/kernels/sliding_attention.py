@@ -3,9 +3,9 @@ Triton kernels, forward and backward, and its PyTorch reference.
 
 FlashAttention's loop restricted to the window: a block of 64 queries reads only the key blocks its window
 touches (two for a window of 64), so the cost grows with the window, not the sequence. FlexAttention's
-128-position sparse blocks read 256 keys per query for a window of 64 and, on an H100 in a 124M training
-step, cost as much as a full causal cuDNN layer; its smaller sparse blocks find no kernel configuration in
-torch 2.11's backward. The backward is deterministic, no atomics: for a window of at most one block (the
+128-position sparse blocks read 256 keys per query for a window of 64, and in a 124M training step cost as
+much as a full causal cuDNN layer; its smaller sparse blocks find no kernel configuration in torch 2.11's
+backward. The backward is deterministic, no atomics: for a window of at most one block (the
 model's 64), one kernel walks each (batch, query head) along the sequence, key block by key block: each key
 block meets only its own and the next query block, so one step finishes the key block's gradients and its own
 query block's, reading q, k, v, o and the output gradient once and carrying one query block (and its partial
@@ -23,8 +23,7 @@ from app.fast.kernels.backend import jit, tl, triton, unit_last, use_triton
 
 BLOCK = 64  # queries per program and keys per step, both passes
 HEAD_DIMS = (16, 32, 64, 128)  # head sizes the kernels take (tl.arange needs a power of two; >= 16 for tl.dot)
-# The one-kernel backward's launch by head size: best of 4/8 warps x 1-3 stages on an H200 (64 x 12 x 1024 x 64:
-# 0.31 ms at 4 x 2, 0.34-0.64 otherwise; 32 x 16 x 1024 x 128: 0.98 ms at 8 x 1, 1.11-1.22 otherwise)
+# The one-kernel backward's launch by head size: the best of 4/8 warps x 1-3 stages (`bench.kernels`)
 ONE_PASS_LAUNCH = {64: dict(num_warps=4, num_stages=2), 128: dict(num_warps=8, num_stages=1)}
 
 
@@ -249,9 +248,8 @@ def window_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
                     do: torch.Tensor, window: int, one_pass: bool | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) from `window_forward`'s o and lse and the output gradient do (unit last stride).
     `one_pass`: the one-kernel walk (possible for window <= BLOCK) or the two kernels; None picks the walk
-    where it is possible, except for grouped kv heads of size 128 (H200, window 64: 0.31-0.35 against 1.09 ms at
-    64 x 12 x 1024 x 64, 0.74 against 1.33 at 8 x 32 (8 kv) x 4096 x 64, 0.98-1.02 against 1.23-1.26 at
-    32 x 16 x 1024 x 128; but 2.78 against 2.35 at 8 x 32 (8 kv) x 4096 x 128, its fp32 per-head gradients)."""
+    where it is possible, except for grouped kv heads of size 128, where its fp32 per-head gradients make it the
+    slower one (`bench.kernels`' window_attention section)."""
     B, H, T, D = q.shape
     group = H // k.size(1)
     one_pass = window <= BLOCK and (D <= 64 or group == 1) if one_pass is None else one_pass

@@ -5,10 +5,14 @@ row twice (once for the reduction, once more for what uses its result). FP8 roww
 reduce each row of the MLP's hidden activations and gradients (2816-4096 wide at GPT-2 350M) to its amax
 before casting it, so under the default those kernels read their inputs twice. `triton.multi_kernel` lifts
 the limit too but compiles both forms and times them, which failed on some graphs (torch 2.11).
-Imported only when the choice is made (`model.use_kernels`), since it imports Inductor.
+The choice is scoped to the compiles that ask for it (`wide_row_inductor`, their torch.compile backend), never
+set for the process. Imported only where it is used, since it imports Inductor.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch._inductor import config
 from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
@@ -34,12 +38,24 @@ class WideRowChoices(InductorChoices):
         return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
 
 
-def use_wide_rows(enabled: bool) -> None:
-    """Make the graphs compiled from now on in this process use (or not) one-pass reductions over wide rows.
-    Leaves a choices class someone else installed alone."""
-    if enabled and config.inductor_choices_class is None:
-        config.inductor_choices_class = WideRowChoices
-    elif not enabled and config.inductor_choices_class is WideRowChoices:
-        config.inductor_choices_class = None
-    # Inductor caches its choices per thread on first use: replace this thread's copy too
-    V.set_choices_handler((config.inductor_choices_class or InductorChoices)())
+def wide_row_inductor(gm: torch.fx.GraphModule, example_inputs: list[Any], mode: str | None = None,
+                      options: dict[str, Any] | None = None) -> Any:
+    """torch.compile's Inductor backend (with its `mode` / `options`) deciding with `WideRowChoices` in every graph
+    it compiles from `gm`, the backward's too (compiled at the first backward): `torch.compile(fn,
+    backend=wide_row_inductor)`. Other compiles in the process keep Inductor's own choices."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    outside = config.inductor_choices_class  # the process's own choice
+
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        # Inductor keeps one choices handler per thread, made from the config at its first use (the backward may
+        # compile in autograd's thread): make this thread's from the process's config, not from the patch below,
+        # then swap ours in for this compile only
+        with config.patch(inductor_choices_class=outside):
+            _ = V.choices  # made (and kept) by Inductor at its first read
+        with V.set_choices_handler(WideRowChoices()):
+            return compile_fx_inner(*args, **kwargs)
+
+    patches = {**(list_mode_options(mode) if mode else {}), **(options or {}), "inductor_choices_class": WideRowChoices}
+    return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
