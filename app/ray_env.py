@@ -21,7 +21,8 @@ def init_ray(num_cpus: int | None = None, verbose: bool | None = None) -> None:
     PYTHONPATH, since they run in another working directory.
 
     Unless `verbose` (default: `--verbose`, i.e. SPOTLM_VERBOSE=1), Ray's own output stays in its
-    log files (/tmp/ray/session_*/logs) and the console shows spotlm's lines only (`quiet_ray`).
+    log files (/tmp/ray/session_*/logs) and the console shows spotlm's lines only (`quiet_ray`,
+    `native_stderr_to_file`).
     """
     import ray
 
