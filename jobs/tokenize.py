@@ -27,13 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         return refuse("tokenize", e)
     init_ray()
     try:
-        m = tokenize_corpus(cfg)
+        tokenize_corpus(cfg)  # logs its progress and a summary
     except (InputError, ValueError) as e:
         print(f"tokenize: {e}", file=sys.stderr)
         return 1
-    rejected = sum(m.rejected.values())
-    print(f"tokenized {m.inputs} files -> {m.root}: train {m.num_tokens('train'):,} tokens / {m.docs['train']:,} docs, "
-          f"val {m.num_tokens('val'):,} tokens / {m.docs['val']:,} docs, rejected {rejected:,} records")
     return 0
 
 
