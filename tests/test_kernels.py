@@ -283,6 +283,26 @@ def test_fp8_linear_follows_autocast_and_needs_cuda_fp8():
     assert not app.fast.kernels.fp8_fits(x, w)  # CPU tensors: the model keeps its plain matmuls
 
 
+@no_interpreter
+@cpu_rowwise_fp8
+def test_fp8_linear_compiled_gradients_are_its_eager_ones():
+    """Under torch.compile (one graph) the input and the weight get their gradients: a no-op `.to()` returned from
+    an autograd.Function's forward once compiled into zero gradients (torch 2.11)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 16, 64, generator=gen).bfloat16()
+    w, w2 = ((0.1 * torch.randn(*shape, generator=gen)).bfloat16() for shape in ((48, 64), (64, 48)))
+
+    def mlp(x, w, w2):
+        return app.fast.kernels.fp8_linear(torch.nn.functional.relu(app.fast.kernels.fp8_linear(x, w)), w2)
+
+    torch._dynamo.reset()
+    (_, ), eager = _run(mlp, [x, w, w2])
+    (_, ), compiled = _run(torch.compile(mlp, fullgraph=True), [x, w, w2])
+    for name, c, e in zip(("dx", "dw", "dw2"), compiled, eager):
+        assert e.norm() > 0 and _rel_err(c, e) < 0.03, f"compiled {name} differs from eager by {_rel_err(c, e):.3f}"
+    torch._dynamo.reset()
+
+
 # ---- The FP8 ReLU² feed-forward --------------------------------------------------------------------
 
 def _relu2_inputs(M: int, N: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

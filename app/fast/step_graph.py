@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 
-from app.data.loader import Batch
-
-StepBody = Callable[[list[Batch]], tuple[torch.Tensor, torch.Tensor]]  # batches -> (mean loss, grad norm)
+# A step's micro-batches: named tuples of tensors (or None), e.g. app.data.loader.Batch
+Batches = list[tuple[torch.Tensor | None, ...]]
+StepBody = Callable[[Batches], tuple[torch.Tensor, torch.Tensor]]  # batches -> (mean loss, grad norm)
 
 
 class StepGraph:
@@ -37,17 +37,17 @@ class StepGraph:
         self.body, self.model, self.optimizer, self.device = body, model, optimizer, device
         self.warmup_steps = warmup_steps
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static: list[Batch] = []
+        self.static: Batches = []
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in optimizer.param_groups]
 
-    def __call__(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
         if self.graph is None:
             self._capture(batches)
         for s, b in zip(self.static, batches, strict=True):
-            for name in ("inputs", "targets", "lmatch"):
-                if getattr(s, name) is not None:
-                    getattr(s, name).copy_(getattr(b, name), non_blocking=True)
+            for static, t in zip(s, b, strict=True):
+                if static is not None:
+                    static.copy_(t, non_blocking=True)
         self._refresh_lrs()
         self.graph.replay()
         return self.outputs
@@ -74,9 +74,8 @@ class StepGraph:
                 if cap is not None:
                     g["capturable"] = cap
 
-    def _capture(self, batches: list[Batch]) -> None:
-        self.static = [Batch(*(None if t is None else t.to(self.device, copy=True) for t in
-                               (b.inputs, b.targets, b.lmatch))) for b in batches]
+    def _capture(self, batches: Batches) -> None:
+        self.static = [type(b)(*(None if t is None else t.to(self.device, copy=True) for t in b)) for b in batches]
         params = list(self.model.parameters())
         # Host copies: the warm-up must not raise the run's peak GPU memory.
         weights = [p.detach().to("cpu", copy=True) for p in params]
