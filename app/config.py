@@ -99,11 +99,28 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _dotted_fields(cls: type, prefix: str = "") -> list[str]:
+    """Every option of dataclass `cls` by its dotted name, the fields of nested sections included."""
+    out: list[str] = []
+    for name, tp in _field_types(cls).items():
+        out += _dotted_fields(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [prefix + name]
+    return out
+
+
+def _suggestions(key: str, cls: type) -> list[str]:
+    """The options of `cls` that a mistyped or misplaced `key` may mean: those whose own name (in any
+    section) is `key` or close to it, by their dotted names."""
+    by_name: dict[str, list[str]] = {}
+    for dotted in _dotted_fields(cls):
+        by_name.setdefault(dotted.rsplit(".", 1)[-1], []).append(dotted)
+    return [d for name in difflib.get_close_matches(key, by_name, n=1, cutoff=0.8) for d in by_name[name]]
+
+
 def _merge(cfg: T, data: dict[str, Any], where: str) -> T:
     types_ = _field_types(type(cfg))
     unknown = set(data) - set(types_)
     if unknown:
-        close = [m for k in sorted(unknown) for m in difflib.get_close_matches(k, types_, n=1)]
+        close = [m for k in sorted(unknown) for m in _suggestions(k, type(cfg))]
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(types_))}"
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; {hint}")
     for k, v in data.items():
@@ -122,6 +139,15 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def check_choices(cfg: Any, where: str) -> None:
+    """ConfigError (one line) for a `Literal` field of dataclass `cfg` holding a value outside its choices
+    (a config built in code skips the parser's check); `where` prefixes the field's name, e.g. "perf."."""
+    for name, tp in _field_types(type(cfg)).items():
+        choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
+        if choices and getattr(cfg, name) not in choices:
+            raise ConfigError(f"{where}{name}={getattr(cfg, name)!r} must be one of {', '.join(map(str, choices))}")
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -5,7 +5,8 @@ from typing import Literal
 
 import pytest
 
-from app.config import ConfigError, field_help, format_value, from_dict, parse_config, to_dict, type_name
+from app.config import (ConfigError, check_choices, field_help, format_value, from_dict, parse_config, to_dict,
+                        type_name)
 
 
 @dataclass
@@ -154,6 +155,22 @@ def test_literal_choices_and_yaml_booleans(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert err.startswith("job: ") and "'sgd' is not one of ['adamw', 'muon']" in err
+
+
+def test_choices_are_checked_on_configs_built_in_code():
+    """The parser refuses a value outside a Literal's choices; `check_choices` does for a config built in code."""
+    check_choices(Job(), "")
+    with pytest.raises(ConfigError, match=r"optim.name='sgd' must be one of adamw, muon"):
+        check_choices(Optim(name="sgd"), "optim.")
+
+
+def test_unknown_keys_suggest_the_option_of_that_name_in_its_section(capsys):
+    """A key given at the top level that is an option of a section (or close to one) names its dotted form."""
+    for argv, hint in ((["--lr=1"], "did you mean optim.lr?"), (["--decayy=1"], "did you mean optim.decay?"),
+                       (["--zzz=1"], "known: mode, name, note, optim, path, prompt")):
+        with pytest.raises(SystemExit):
+            parse_config(Job, argv, prog="job")
+        assert hint in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,msg", [
