@@ -2,17 +2,16 @@
 
 A console line reads `HH:MM:SS message` (warnings and errors also name their level); with
 `--verbose` (SPOTLM_VERBOSE=1) every line names its level and module. Ray workers' output stays
-in Ray's log files unless verbose, so `relay_worker_logs` carries their spotlm records here.
+in Ray's log files unless verbose, so `forward_logs` sends their spotlm records to the driver
+(`app.ray_env.relay_worker_logs`), which logs them as its own.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
-import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 ROOT = "spotlm"
 _FORMATS = {
@@ -76,21 +75,7 @@ class Progress:
             self.log.info("%s: %d/%d %s", self.label, self.done, self.total, self.unit)
 
 
-# ---------------------------------------------------------------- Ray workers' records on this console
-
-class _LogSink:
-    """Ray actor: holds the records workers forward until the driver takes them."""
-
-    def __init__(self):
-        self._records: list[tuple[str, int, str, float]] = []
-
-    def put(self, name: str, level: int, message: str, created: float) -> None:
-        self._records.append((name, level, message, created))
-
-    def take(self) -> list[tuple[str, int, str, float]]:
-        records, self._records = self._records, []
-        return records
-
+# ---------------------------------------------------------------- Ray workers' records on the driver's console
 
 class _Forward(logging.Handler):
     """Sends each record to the driver's sink without waiting for it."""
@@ -108,45 +93,9 @@ class _Forward(logging.Handler):
 
 def forward_logs(sink: Any, level: int = logging.INFO) -> None:
     """In a Ray worker: send this process's spotlm records at `level` and above to the driver's
-    `sink` (from `relay_worker_logs`) as well as to its own log file."""
+    `sink` (from `app.ray_env.relay_worker_logs`) as well as to its own log file."""
     root = logging.getLogger(ROOT)
     get_logger(ROOT)  # the usual handler first: the worker's log file keeps every line
     for h in [h for h in root.handlers if isinstance(h, _Forward)]:
         root.removeHandler(h)  # one relay per process, also when a function runs here again
     root.addHandler(_Forward(sink, level))
-
-
-@contextlib.contextmanager
-def relay_worker_logs(poll_s: float = 0.25) -> Iterator[Any]:
-    """In the driver: yields a sink for `forward_logs` whose records this process logs as its own,
-    or None when verbose (Ray then copies the workers' whole output to this console)."""
-    if verbose():
-        yield None
-        return
-    import ray
-
-    sink = ray.remote(num_cpus=0)(_LogSink).remote()
-    stop = threading.Event()
-
-    def pump() -> None:
-        while True:
-            stopping = stop.wait(poll_s)
-            try:
-                records = ray.get(sink.take.remote())
-            except ray.exceptions.RayError:  # the sink is gone (Ray shutting down): nothing more to show
-                return
-            for name, level, message, created in records:
-                record = logging.makeLogRecord({"name": name, "levelno": level, "msg": message,
-                                                "levelname": logging.getLevelName(level), "created": created})
-                logging.getLogger(name).handle(record)
-            if stopping:
-                return
-
-    thread = threading.Thread(target=pump, name="spotlm-log-relay", daemon=True)
-    thread.start()
-    try:
-        yield sink
-    finally:
-        stop.set()
-        thread.join()
-        ray.kill(sink)

@@ -10,7 +10,8 @@ from app import storage
 from app.data.corpus import TokenizeConfig, tokenize_corpus
 from app.indexing.lmatch_build import IndexConfig, build_index
 from app.log import get_logger
-from app.train.trainer import TrainConfig, list_checkpoints, train
+from app.train.config import CheckpointConfig, ClusterConfig, OptimConfig, ScheduleConfig, TrainConfig
+from app.train.run import list_checkpoints, train
 
 log = get_logger(__name__)
 
@@ -36,8 +37,9 @@ class QuickstartConfig:
         run_dir = storage.absolute(self.workdir)
         return TrainConfig(data=storage.join(run_dir, "shards"), index=True, storage=posixpath.dirname(run_dir),
                            name=posixpath.basename(run_dir), preset="tiny", model={"d_model": 128, "n_layer": 3},
-                           max_steps=self.max_steps, micro_batch=16, lr=3e-3, warmup_steps=30, eval_every=100,
-                           checkpoint_every=100, log_every=50, cpus_per_worker=1.0)
+                           max_steps=self.max_steps, micro_batch=16, eval_every=100, log_every=50,
+                           optim=OptimConfig(lr=3e-3), schedule=ScheduleConfig(warmup_steps=30),
+                           ckpt=CheckpointConfig(every=100), cluster=ClusterConfig(cpus_per_worker=1.0))
 
 
 def run_quickstart(cfg: QuickstartConfig) -> str:

@@ -1,10 +1,14 @@
-"""Start or join Ray: a cluster when one is given (RAY_ADDRESS, `ray job submit`), else a local Ray."""
+"""Start or join Ray: a cluster when one is given (RAY_ADDRESS, `ray job submit`), else a local Ray; and
+carry the Ray workers' spotlm log records to the driver's console (`relay_worker_logs`)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
+from typing import Any, Iterator
 
 from app.log import get_logger, verbose as verbose_from_env
 
@@ -82,3 +86,55 @@ def quiet_ray() -> None:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------- Ray workers' log records on this console
+
+class _LogSink:
+    """Ray actor: holds the records workers forward until the driver takes them."""
+
+    def __init__(self):
+        self._records: list[tuple[str, int, str, float]] = []
+
+    def put(self, name: str, level: int, message: str, created: float) -> None:
+        self._records.append((name, level, message, created))
+
+    def take(self) -> list[tuple[str, int, str, float]]:
+        records, self._records = self._records, []
+        return records
+
+
+@contextlib.contextmanager
+def relay_worker_logs(poll_s: float = 0.25) -> Iterator[Any]:
+    """In the driver: yields a sink for `forward_logs` whose records this process logs as its own,
+    or None when verbose (Ray then copies the workers' whole output to this console)."""
+    if verbose_from_env():
+        yield None
+        return
+    import ray
+
+    sink = ray.remote(num_cpus=0)(_LogSink).remote()
+    stop = threading.Event()
+
+    def pump() -> None:
+        while True:
+            stopping = stop.wait(poll_s)
+            try:
+                records = ray.get(sink.take.remote())
+            except ray.exceptions.RayError:  # the sink is gone (Ray shutting down): nothing more to show
+                return
+            for name, level, message, created in records:
+                record = logging.makeLogRecord({"name": name, "levelno": level, "msg": message,
+                                                "levelname": logging.getLevelName(level), "created": created})
+                logging.getLogger(name).handle(record)
+            if stopping:
+                return
+
+    thread = threading.Thread(target=pump, name="spotlm-log-relay", daemon=True)
+    thread.start()
+    try:
+        yield sink
+    finally:
+        stop.set()
+        thread.join()
+        ray.kill(sink)

@@ -18,12 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from app.config import from_dict
 from app.data.corpus import TokenizeConfig, tokenize_corpus
 from app.indexing.evaluate import EvalConfig, evaluate
 from app.indexing.lmatch_build import IndexConfig, build_index
 from app.indexing.knn_build import KnnBuildConfig, build_knn
 from app.ray_env import init_ray
-from app.train.trainer import TrainConfig, train
+from app.train.config import TrainConfig
+from app.train.run import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -38,10 +40,11 @@ def run_text(text: str, out: str, args) -> dict:
                     "lmatch": {k: summary[k] for k in ("matched_fraction", "mean_length", "bytes_per_train_token", "seconds")},
                     "models": {}}
     for name, index in (("plain", False), ("lmatch", True)):
-        cfg = TrainConfig(data=data, storage=os.path.join(out, "runs"), name=name, index=index, preset="tiny",
-                          model={"d_model": args.d_model, "n_layer": args.n_layer, "n_head": 4, "max_seq_len": 128},
-                          seq_len=128, micro_batch=16, max_steps=args.steps, lr=3e-3, warmup_steps=20,
-                          eval_every=0, eval_tokens=0, checkpoint_every=args.steps, log_every=50)
+        cfg = from_dict(TrainConfig, dict(
+            data=data, storage=os.path.join(out, "runs"), name=name, index=index, preset="tiny",
+            model={"d_model": args.d_model, "n_layer": args.n_layer, "n_head": 4, "max_seq_len": 128},
+            seq_len=128, micro_batch=16, max_steps=args.steps, eval_every=0, eval_tokens=0, log_every=50,
+            optim={"lr": 3e-3}, schedule={"warmup_steps": 20}, ckpt={"every": args.steps}))
         result = train(cfg)
         if result.error:
             raise RuntimeError(f"training {name} failed: {result.error}")

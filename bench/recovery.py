@@ -19,9 +19,11 @@ import threading
 import time
 
 from app import storage
+from app.config import from_dict
 from app.data.corpus import TokenizeConfig, tokenize_corpus
 from app.ray_env import init_ray
-from app.train.trainer import TrainConfig, list_checkpoints, train
+from app.train.config import TrainConfig
+from app.train.run import list_checkpoints, train
 
 
 def _progress(cfg: TrainConfig) -> dict:
@@ -47,7 +49,7 @@ def measure_recovery(cfg: TrainConfig) -> dict:
     out: dict = {}
 
     def killer():
-        every = cfg.checkpoint_every
+        every = cfg.ckpt.every
         while True:
             p = _progress(cfg)
             # Half-way through the interval after the second checkpoint (the first is surely registered).
@@ -116,15 +118,16 @@ def main() -> None:
     tokenize_corpus(TokenizeConfig(inputs=[os.path.abspath(args.text)], output=shards, tokenizer=args.tokenizer,
                                    vocab_size=1024, text_unit="paragraph", val_fraction=0.05))
 
-    def cfg(name: str, **kw) -> TrainConfig:
-        return TrainConfig(data=shards, storage=os.path.join(work, "runs"), name=name, preset=args.preset,
-                           seq_len=args.seq_len, micro_batch=args.micro_batch, max_steps=args.steps,
-                           checkpoint_every=args.checkpoint_every, log_every=1, eval_every=0, export="none",
-                           cpus_per_worker=1, max_failures=3, **kw)
+    def cfg(name: str, async_upload: bool = True) -> TrainConfig:
+        return from_dict(TrainConfig, dict(
+            data=shards, storage=os.path.join(work, "runs"), name=name, preset=args.preset, seq_len=args.seq_len,
+            micro_batch=args.micro_batch, max_steps=args.steps, log_every=1, eval_every=0, export="none",
+            ckpt={"every": args.checkpoint_every, "async_upload": async_upload},
+            cluster={"cpus_per_worker": 1, "max_failures": 3}))
 
     recovery = measure_recovery(cfg("recovery"))
-    stall_async = measure_stall(cfg("stall-async", async_checkpoint=True))
-    stall_sync = measure_stall(cfg("stall-sync", async_checkpoint=False))
+    stall_async = measure_stall(cfg("stall-async", async_upload=True))
+    stall_sync = measure_stall(cfg("stall-sync", async_upload=False))
     ckpt = list_checkpoints(os.path.join(work, "runs", "stall-sync"))[-1]
     size = sum(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt))
     import torch

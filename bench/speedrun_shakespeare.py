@@ -2,7 +2,7 @@
 
 Character-level vocabulary of tinyshakespeare; the first 90% of the characters train, the last 10%
 validate (nanoGPT's split). spotlm trains through its own code path (tokenize stage with the char
-tokenizer, then `app.train.trainer.train` on Ray Train with `bench/configs/shakespeare_char.yaml`),
+tokenizer, then `app.train.run.train` on Ray Train with `bench/configs/shakespeare_char.yaml`),
 evaluating on the whole validation split and stopping at the target. The baseline, in the same
 run on the same GPU and tokens: nanoGPT's model and `train_shakespeare_char` config (6 x 384,
 dropout 0.2, lr 1e-3, batch 64 x 256, compiled, bf16), evaluated on the whole validation split
@@ -32,7 +32,8 @@ from app.config import parse_config, to_dict
 from app.data.corpus import TokenizeConfig, tokenize_corpus
 from app.ray_env import init_ray
 from app.data.shards import load_manifest, read_shard
-from app.train.trainer import TrainConfig, train
+from app.train.config import TrainConfig
+from app.train.run import train
 from bench.train_speed import BaselineGPT, baseline_optimizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -161,7 +162,7 @@ def main() -> None:
     p.add_argument("--baseline_iters", type=int, default=3000, help="the baseline stops at the target or here")
     p.add_argument("--no_baseline", action="store_true")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: a tiny model, 20 steps, no target")
-    args, overrides = p.parse_known_args()  # the rest: spotlm TrainConfig overrides, e.g. --lr=3e-3
+    args, overrides = p.parse_known_args()  # the rest: spotlm TrainConfig overrides, e.g. --optim.lr=3e-3
     out = args.out or tempfile.mkdtemp(prefix="speedrun-")
     os.makedirs(out, exist_ok=True)
     init_ray()

@@ -45,8 +45,10 @@ import torch.nn.functional as F
 from app.config import from_dict
 from app.data.loader import Batch
 from app.model.gpt import ModelConfig
-from app.train.trainer import (PEAK_FLOPS, CosineSchedule, TrainConfig, build_model, compiled, forward_backward,
-                         make_optimizer, step_function, synced_seconds)
+from app.train.config import TrainConfig
+from app.train.loop import PEAK_FLOPS, synced_seconds
+from app.train.optim import CosineSchedule, make_optimizer
+from app.train.step import build_model, compiled, forward_backward, step_function
 
 # ------------------------------------------------------------------ the baseline (nanoGPT / llm.c style)
 
@@ -289,7 +291,7 @@ def run_baseline(mcfg: ModelConfig, batches: list[Batch], args, device: torch.de
 def run_spotlm(preset: str, variant: dict, batches: list[Batch], args, device: torch.device, autocast) -> dict:
     perf = {"compile": "true" if device.type == "cuda" or args.compile_cpu else "false",
             "cuda_graph": "false", **variant.get("perf", {})}  # rows graph the step only where they say so
-    cfg = from_dict(TrainConfig, {"preset": preset, "lr": args.lr, "seq_len": args.seq_len,
+    cfg = from_dict(TrainConfig, {"preset": preset, "optim": {"lr": args.lr}, "seq_len": args.seq_len,
                                   "micro_batch": args.micro_batch, **variant, "perf": perf})
     mcfg = ModelConfig.preset(preset, max_seq_len=max(args.seq_len, ModelConfig.preset(preset).max_seq_len),
                               **cfg.model)

@@ -9,7 +9,8 @@ import sys
 from app.config import parse_config, refuse
 from app.log import get_logger
 from app.ray_env import init_ray
-from app.train.trainer import TrainConfig, preflight, train
+from app.train.config import TrainConfig
+from app.train.run import preflight, train
 
 log = get_logger(__name__)
 

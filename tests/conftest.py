@@ -57,6 +57,23 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def train_config(*layers: dict, **options):
+    """A validated TrainConfig from option dicts laid over each other, then `options`; a section is a dict of
+    its own (`optim={"lr": 3e-3}`), merged key by key with the same section of an earlier layer."""
+    from app.config import from_dict
+    from app.train.config import TrainConfig
+
+    return from_dict(TrainConfig, _layered(*layers, options))
+
+
+def _layered(*layers: dict) -> dict:
+    out: dict = {}
+    for layer in layers:
+        for k, v in layer.items():
+            out[k] = _layered(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ from app.model.gpt import GPT, Attention, ModelConfig, apply_rotary, rotary_tabl
 from app.serve.engine import DecodeSlots, Engine, SamplingParams
 from app.serve.generate import forward_last, generate
 from app.serve.kvcache import KVCache
-from app.train.trainer import TrainConfig, model_config
+from app.train.config import TrainConfig, model_config
 
 V = 300
 WINDOWS = [1, 3, 0, 5]  # a w = 1 layer, two windows shorter than the test sequences, a full layer

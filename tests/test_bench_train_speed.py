@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from app.config import from_dict
 from app.model.gpt import GPT, ModelConfig
-from app.train.trainer import TrainConfig
+from app.train.config import TrainConfig
 from bench.train_speed import GRAD_CHECK_MIN_COS, VARIANTS, Turns, _batches, _checked, _time_steps, grad_check
 
 

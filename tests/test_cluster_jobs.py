@@ -92,8 +92,9 @@ def shards(cluster, shared_data, tmp_path_factory):
 
 def train_args(shards, storage, name, *extra):
     return ["-m", "jobs.train", f"--data={shards}", f"--storage={storage}", f"--name={name}", "--preset=tiny",
-            "--seq_len=64", "--micro_batch=2", "--batch_tokens=512", "--lr=3e-3", "--warmup_steps=3",
-            "--eval_every=0", "--log_every=1", "--cpus_per_worker=1", "--deterministic", "--export=none", *extra]
+            "--seq_len=64", "--micro_batch=2", "--batch_tokens=512", "--optim.lr=3e-3",
+            "--schedule.warmup_steps=3", "--eval_every=0", "--log_every=1", "--cluster.cpus_per_worker=1",
+            "--perf.deterministic", "--export=none", *extra]
 
 
 def last_checkpoint(run_dir: Path) -> tuple[dict, dict]:
@@ -108,7 +109,7 @@ def test_failed_job_exits_nonzero(cluster, tmp_path):
 
 def test_train_job_survives_repeated_sigkill_bitwise(cluster, shards, tmp_path, pids_with):
     steps = "--max_steps=50"
-    r = submit(cluster, *train_args(shards, tmp_path, "ref", steps, "--checkpoint_every=50"))
+    r = submit(cluster, *train_args(shards, tmp_path, "ref", steps, "--ckpt.every=50"))
     assert r.returncode == 0, r.stdout[-3000:]
     killed = []
     # Three random steps, each after the run's second checkpoint (so a registered one exists).
@@ -132,7 +133,7 @@ def test_train_job_survives_repeated_sigkill_bitwise(cluster, shards, tmp_path, 
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    r = submit(cluster, *train_args(shards, tmp_path, "killed", steps, "--checkpoint_every=5", "--max_failures=10"))
+    r = submit(cluster, *train_args(shards, tmp_path, "killed", steps, "--ckpt.every=5", "--cluster.max_failures=10"))
     t.join()
     assert r.returncode == 0, r.stdout[-3000:]
     assert len(killed) == 3
@@ -144,7 +145,7 @@ def test_train_job_survives_repeated_sigkill_bitwise(cluster, shards, tmp_path, 
 
 def test_elastic_run_loses_a_node_and_matches_one_worker(cluster, shards, tmp_path, pids_with):
     steps = "--max_steps=40"
-    r = submit(cluster, *train_args(shards, tmp_path, "one", steps, "--checkpoint_every=40"))
+    r = submit(cluster, *train_args(shards, tmp_path, "one", steps, "--ckpt.every=40"))
     assert r.returncode == 0, r.stdout[-3000:]
     lost = []
 
@@ -159,9 +160,9 @@ def test_elastic_run_loses_a_node_and_matches_one_worker(cluster, shards, tmp_pa
 
     t = threading.Thread(target=lose_spare_node, daemon=True)
     t.start()
-    r = submit(cluster, *train_args(shards, tmp_path, "elastic", steps, "--checkpoint_every=5", "--num_workers=2",
-                                    "--min_workers=1", "--cpus_per_worker=2", "--max_failures=5",
-                                    "--resize_check_s=5"))
+    r = submit(cluster, *train_args(shards, tmp_path, "elastic", steps, "--ckpt.every=5", "--cluster.num_workers=2",
+                                    "--cluster.min_workers=1", "--cluster.cpus_per_worker=2",
+                                    "--cluster.max_failures=5", "--cluster.resize_check_s=5"))
     t.join()
     cluster["add_node"]()  # leave the cluster whole for other tests
     assert lost and r.returncode == 0, r.stdout[-3000:]

@@ -13,7 +13,10 @@ from app.model.export import load_exported
 from app.model.gpt import GPT, ModelConfig
 from app.data.loader import TokenStream, eval_batches
 from app.data.shards import load_manifest
-from app.train.trainer import TrainConfig, evaluate, list_checkpoints, train
+from app.train.config import OptimConfig, TrainConfig
+from app.train.loop import evaluate
+from app.train.run import list_checkpoints, train
+from tests.conftest import train_config
 
 
 def tiny_model(**kw) -> GPT:
@@ -77,11 +80,12 @@ def test_state_dict_round_trip_and_shape_mismatch():
 
 
 def test_config_checks():
-    with pytest.raises(ConfigError, match="ema_decay"):
-        TrainConfig(ema_decay=1.0).validate()
-    cfg = TrainConfig(ema_decay=0.99)
+    with pytest.raises(ConfigError, match="optim.ema_decay must be in"):
+        TrainConfig(optim=OptimConfig(ema_decay=1.0)).validate()
+    cfg = TrainConfig(optim=OptimConfig(ema_decay=0.99))
+    cfg.validate()
     cfg.memory.fsdp = True
-    with pytest.raises(ConfigError, match="ema_decay"):
+    with pytest.raises(ConfigError, match="optim.ema_decay averages"):
         cfg.validate()
 
 
@@ -90,14 +94,15 @@ def test_checkpoint_without_average_is_a_clear_error(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     checkpoint.write(str(tmp_path), checkpoint.snapshot(model, opt, sched, checkpoint.TrainState()))
-    with pytest.raises(checkpoint.CheckpointError, match="without ema_decay"):
+    with pytest.raises(checkpoint.CheckpointError, match="without optim.ema_decay"):
         checkpoint.load(str(tmp_path), model, opt, sched, ema=WeightEMA(model, 0.9))
 
 
 def test_run_evaluates_and_exports_the_average(shakespeare_shards, tmp_path):
-    cfg = TrainConfig(data=shakespeare_shards, storage=str(tmp_path / "runs"), name="ema", preset="tiny", seq_len=64,
-                      micro_batch=4, lr=3e-3, warmup_steps=3, max_steps=12, eval_every=6, eval_tokens=2048,
-                      log_every=6, checkpoint_every=6, cpus_per_worker=0.5, ema_decay=0.8)
+    cfg = train_config(data=shakespeare_shards, storage=str(tmp_path / "runs"), name="ema", preset="tiny", seq_len=64,
+                       micro_batch=4, max_steps=12, eval_every=6, eval_tokens=2048, log_every=6,
+                       optim={"lr": 3e-3, "ema_decay": 0.8}, schedule={"warmup_steps": 3}, ckpt={"every": 6},
+                       cluster={"cpus_per_worker": 0.5})
     result = train(cfg)
     assert result.error is None
     last = list_checkpoints(cfg.run_dir)[-1]

@@ -218,7 +218,7 @@ def test_jobs_print_json_and_fail_clearly(ray_session, tiny, tmp_path, capsys):
 def test_run_dir_without_export_loads_its_newest_checkpoint(tiny, tmp_path):
     from app.train import checkpoint
     from app.config import to_dict
-    from app.train.trainer import TrainConfig
+    from app.train.config import TrainConfig
 
     model = _train(tiny["manifest"], steps=3)
     opt = torch.optim.AdamW(model.parameters())

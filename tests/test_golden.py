@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 
 from app import storage
-from app.train.trainer import TrainConfig, list_checkpoints, train
+from app.train.run import list_checkpoints, train
+from tests.conftest import train_config
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_loss_tiny.json"
 
 
 def test_golden_loss_curve(shakespeare_shards, tmp_path):
-    cfg = TrainConfig(data=shakespeare_shards, storage=str(tmp_path), name="golden", preset="tiny", seq_len=64,
-                      micro_batch=4, batch_tokens=512, lr=3e-3, warmup_steps=5, max_steps=30, log_every=1,
-                      eval_every=15, eval_tokens=2048, checkpoint_every=30, cpus_per_worker=0.5,
-                      deterministic=True, export="none")
+    cfg = train_config(data=shakespeare_shards, storage=str(tmp_path), name="golden", preset="tiny", seq_len=64,
+                       micro_batch=4, batch_tokens=512, max_steps=30, log_every=1, eval_every=15, eval_tokens=2048,
+                       export="none", optim={"lr": 3e-3}, schedule={"warmup_steps": 5}, ckpt={"every": 30},
+                       cluster={"cpus_per_worker": 0.5}, perf={"deterministic": True})
     result = train(cfg)
     assert result.error is None
     state = storage.read_json(storage.join(list_checkpoints(cfg.run_dir)[-1], "state.json"))

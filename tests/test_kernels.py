@@ -662,7 +662,8 @@ def test_auto_kernels_add_wide_rows_and_the_relu2_kernels_only_for_fp8_blocks():
     from app.fast.windows import SlidingWindowAttention
     from app.config import from_dict
     from app.model.gpt import ModelConfig
-    from app.train.trainer import TrainConfig, build_model, compile_args
+    from app.train.config import TrainConfig
+    from app.train.step import build_model, compile_args
 
     for fp8 in ("off", "head", "all"):
         cfg = from_dict(TrainConfig, {"perf": {"kernels": "auto", "fp8": fp8, "compile": "true"}})

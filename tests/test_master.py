@@ -7,7 +7,8 @@ import torch
 from app.config import ConfigError
 from app.train.master import MasterAdamW, _chunks
 from app.model.gpt import GPT, ModelConfig
-from app.train.trainer import TrainConfig, make_optimizer, uses_bf16_weights
+from app.train.config import OptimConfig, TrainConfig
+from app.train.optim import make_optimizer, uses_bf16_weights
 
 CFG = dict(vocab_size=256, n_layer=2, n_head=4, d_model=64, max_seq_len=32)
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
@@ -127,16 +128,16 @@ def test_cast_chunks_bound_the_copies():
 def test_trainer_choice_and_conflicts():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not uses_bf16_weights(TrainConfig(), cpu) and uses_bf16_weights(TrainConfig(), cuda)
-    assert not uses_bf16_weights(TrainConfig(optimizer="muon"), cuda)
-    assert not uses_bf16_weights(TrainConfig(ema_decay=0.9), cuda)
-    cfg = TrainConfig(bf16_weights="true")
+    assert not uses_bf16_weights(TrainConfig(optim=OptimConfig(name="muon")), cuda)
+    assert not uses_bf16_weights(TrainConfig(optim=OptimConfig(ema_decay=0.9)), cuda)
+    cfg = TrainConfig(optim=OptimConfig(bf16_weights="true"))
     cfg.validate()
     m = _model()
     opt = make_optimizer(m, cfg, cpu)
     assert isinstance(opt, MasterAdamW) and next(m.parameters()).dtype == torch.bfloat16
-    for bad in (dict(optimizer="muon"), dict(ema_decay=0.9), dict(bf16_weights="yes")):
+    for bad in (dict(name="muon"), dict(ema_decay=0.9), dict(bf16_weights="yes")):
         with pytest.raises(ConfigError, match="bf16_weights"):
-            TrainConfig(**{"bf16_weights": "true", **bad}).validate()
+            TrainConfig(optim=OptimConfig(**{"bf16_weights": "true", **bad})).validate()
 
 
 def test_checkpoint_holds_the_masters_and_resumes_with_or_without_them(tmp_path):

@@ -22,7 +22,7 @@ from app.model.export import _read_config
 from app.model.gpt import GPT, Attention, LMHead, MLP, ModelConfig
 from app.serve.generate import generate
 from app.serve.kvcache import KVCache
-from app.train.trainer import TrainConfig, model_config
+from app.train.config import TrainConfig, model_config
 from tests.conftest import cpu_rowwise_fp8
 
 V = 300  # true vocabulary of the test models; padded to 384

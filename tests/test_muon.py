@@ -7,7 +7,8 @@ import torch
 from app.config import ConfigError, from_dict, parse_config
 from app.model.gpt import GPT, ModelConfig
 from app.train.muon import Muon, muon_params, orthogonalize
-from app.train.trainer import TrainConfig, make_optimizer
+from app.train.config import TrainConfig
+from app.train.optim import make_optimizer
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (64, 16), (16, 48), (3, 24, 40)])
@@ -77,7 +78,7 @@ def _loss(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 
 
 def test_muon_trains_and_resumes_bitwise_from_its_state_dict():
-    cfg = parse_config(TrainConfig, ["--optimizer=muon", "--lr=3e-3", "--muon_lr=0.02"])
+    cfg = parse_config(TrainConfig, ["--optim.name=muon", "--optim.lr=3e-3", "--optim.muon_lr=0.02"])
     model = _tiny()
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     assert isinstance(opt, Muon) and opt.param_groups[0]["muon"] and opt.param_groups[0]["lr"] == 0.02
@@ -98,8 +99,8 @@ def test_muon_trains_and_resumes_bitwise_from_its_state_dict():
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("data, match", [({"optimizer": "muon", "memory": {"fsdp": True}}, "whole weight matrices"),
-                                         ({"optimizer": "sgd"}, "adamw or muon")])
+@pytest.mark.parametrize("data, match", [({"optim": {"name": "muon"}, "memory": {"fsdp": True}}, "whole weight matrices"),
+                                         ({"optim": {"name": "sgd"}}, r"'sgd' is not one of \['adamw', 'muon'\]")])
 def test_bad_optimizer_settings_are_config_errors(data, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(TrainConfig, data).validate()

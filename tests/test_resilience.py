@@ -12,14 +12,16 @@ import time
 import torch
 
 from app.train import checkpoint
-from app.train.trainer import TrainConfig, list_checkpoints, train
+from app.train.config import TrainConfig
+from app.train.run import list_checkpoints, train
+from tests.conftest import train_config
 
 
 def cfg_for(data, tmp_path, name, **kw) -> TrainConfig:
     base = dict(data=data, storage=str(tmp_path / "runs"), name=name, preset="tiny", seq_len=64, micro_batch=4,
-                batch_tokens=512, lr=3e-3, warmup_steps=3, eval_every=0, eval_tokens=2048, log_every=1,
-                cpus_per_worker=0.5, deterministic=True, export="none")
-    return TrainConfig(**{**base, **kw})
+                batch_tokens=512, eval_every=0, eval_tokens=2048, log_every=1, export="none", optim={"lr": 3e-3},
+                schedule={"warmup_steps": 3}, cluster={"cpus_per_worker": 0.5}, perf={"deterministic": True})
+    return train_config(base, **kw)
 
 
 def final_state(cfg: TrainConfig):
@@ -59,10 +61,10 @@ def kill_repeatedly(cfg, pids_fn, times: int, rng=random.Random(0)) -> list[int]
 
 def test_interrupted_run_ends_bitwise_equal_to_uninterrupted(shakespeare_shards, tmp_path, train_worker_pids):
     # With a weight average on: it is resumable state too.
-    clean = cfg_for(shakespeare_shards, tmp_path, "clean", max_steps=60, checkpoint_every=4, ema_decay=0.9)
+    clean = cfg_for(shakespeare_shards, tmp_path, "clean", max_steps=60, ckpt={"every": 4}, optim={"ema_decay": 0.9})
     assert train(clean).error is None
-    broken = cfg_for(shakespeare_shards, tmp_path, "broken", max_steps=60, checkpoint_every=4, max_failures=5,
-                     ema_decay=0.9)
+    broken = cfg_for(shakespeare_shards, tmp_path, "broken", max_steps=60, ckpt={"every": 4},
+                     cluster={"max_failures": 5}, optim={"ema_decay": 0.9})
     killed = kill_repeatedly(broken, train_worker_pids, times=2)
     result = train(broken)
     assert result.error is None and len(killed) == 2
@@ -79,8 +81,8 @@ def test_interrupted_run_ends_bitwise_equal_to_uninterrupted(shakespeare_shards,
 
 
 def test_sigterm_checkpoints_at_next_step_without_using_failure_budget(shakespeare_shards, tmp_path, train_worker_pids):
-    cfg = cfg_for(shakespeare_shards, tmp_path, "term", max_steps=300, checkpoint_every=1000, max_failures=0,
-                  log_every=50)
+    cfg = cfg_for(shakespeare_shards, tmp_path, "term", max_steps=300, ckpt={"every": 1000},
+                  cluster={"max_failures": 0}, log_every=50)
     sent: list[int] = []
 
     def term_once():
@@ -96,7 +98,7 @@ def test_sigterm_checkpoints_at_next_step_without_using_failure_budget(shakespea
             time.sleep(0.02)
 
     threading.Thread(target=term_once, daemon=True).start()
-    result = train(cfg)  # max_failures=0: any counted failure would fail the run
+    result = train(cfg)  # cluster.max_failures=0: any counted failure would fail the run
     assert sent and result.error is None
     steps = [int(os.path.basename(p).split("_")[1]) for p in list_checkpoints(cfg.run_dir)]
     assert steps[-1] == 300 and len(steps) == 2 and 0 < steps[0] < 300  # the preemption checkpoint
@@ -106,8 +108,8 @@ def test_sigterm_checkpoints_at_next_step_without_using_failure_budget(shakespea
 
 def test_kill_during_checkpoint_write_resumes_from_previous(shakespeare_shards, tmp_path, train_worker_pids):
     # A wider model so that writing a checkpoint takes long enough to be caught in the act.
-    cfg = cfg_for(shakespeare_shards, tmp_path, "midwrite", max_steps=12, checkpoint_every=3, max_failures=2,
-                  model={"d_model": 512, "n_layer": 4, "n_head": 8}, log_every=3)
+    cfg = cfg_for(shakespeare_shards, tmp_path, "midwrite", max_steps=12, ckpt={"every": 3},
+                  cluster={"max_failures": 2}, model={"d_model": 512, "n_layer": 4, "n_head": 8}, log_every=3)
     caught: list[str] = []
 
     def kill_mid_write():

@@ -6,15 +6,17 @@ import pytest
 import torch
 
 import app.fast.kernels
-from app.config import ConfigError, from_dict
+from app.config import ConfigError
 from app.data.loader import Batch
 from app.fast.accelerate import accelerate
 from app.fast.config import PerfConfig
 from app.fast.fp8 import fp8_weights_cast_once
 from app.fast.step_graph import StepGraph
 from app.model.gpt import GPT, ModelConfig
-from app.train.trainer import (CosineSchedule, TrainConfig, add_grads, build_model, forward_backward, graph_fits,
-                         make_optimizer, optimizer_step, step_function)
+from app.train.config import TrainConfig
+from app.train.optim import CosineSchedule, make_optimizer, optimizer_step
+from app.train.step import add_grads, build_model, forward_backward, graph_fits, step_function
+from tests.conftest import train_config
 
 V, T, B = 96, 32, 4
 
@@ -47,7 +49,8 @@ def run(cfg: TrainConfig, device: str, steps: list[list[Batch]], autocast=contex
 
 
 def cfg(perf: dict | None = None, **kw) -> TrainConfig:
-    return from_dict(TrainConfig, {"lr": 3e-3, "warmup_steps": 2, "perf": {"kernels": "none", **(perf or {})}, **kw})
+    return train_config({"optim": {"lr": 3e-3}, "schedule": {"warmup_steps": 2}, "perf": {"kernels": "none"}},
+                        {"perf": perf or {}}, **kw)
 
 
 def test_tuned_compile_mode_is_the_default_mode_with_coordinate_descent_tuning():
@@ -180,8 +183,8 @@ def test_fp8_weights_cast_once_casts_the_linears_that_run():
 
 
 # AdamW on fp32 weights, AdamW over fp32 masters of bf16 weights (app/train/master.py), Muon
-OPTIMIZERS = [dict(optimizer="adamw", bf16_weights="false"), dict(optimizer="adamw", bf16_weights="true"),
-              dict(optimizer="muon")]
+OPTIMIZERS = [dict(optim={"name": "adamw", "bf16_weights": "false"}), dict(optim={"name": "adamw", "bf16_weights": "true"}),
+              dict(optim={"name": "muon"})]
 
 
 @pytest.mark.parametrize("opt", OPTIMIZERS)

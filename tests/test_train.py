@@ -15,14 +15,17 @@ from app.data.loader import TokenStream, eval_batches
 from app.model.export import load_exported
 from app.model.gpt import GPT
 from app.data.shards import load_manifest
-from app.train.trainer import TrainConfig, list_checkpoints, model_config, train
+from app.train.config import TrainConfig, model_config
+from app.train.run import list_checkpoints, train
+from tests.conftest import train_config
 
 
 def train_cfg(data, tmp_path, **kw) -> TrainConfig:
     """A small, fast training config on the shakespeare shards."""
     base = dict(data=data, storage=str(tmp_path / "runs"), name="t", preset="tiny", seq_len=64, micro_batch=8,
-                lr=3e-3, warmup_steps=5, eval_tokens=4096, log_every=10, cpus_per_worker=0.5)
-    return TrainConfig(**{**base, **kw})
+                eval_tokens=4096, log_every=10, optim={"lr": 3e-3}, schedule={"warmup_steps": 5},
+                cluster={"cpus_per_worker": 0.5})
+    return train_config(base, **kw)
 
 
 def _val_loss(model: GPT, data: str, seq_len: int) -> float:
@@ -34,7 +37,7 @@ def _val_loss(model: GPT, data: str, seq_len: int) -> float:
 
 
 def test_loss_drops_on_shakespeare(shakespeare_shards, tmp_path):
-    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=80, eval_every=40, checkpoint_every=40)
+    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=80, eval_every=40, ckpt={"every": 40})
     result = train(cfg)
     assert result.error is None
     torch.manual_seed(cfg.seed)
@@ -50,7 +53,8 @@ def test_loss_drops_on_shakespeare(shakespeare_shards, tmp_path):
 
 
 def test_killed_worker_restarts_from_checkpoint(shakespeare_shards, tmp_path, train_worker_pids):
-    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=40, checkpoint_every=5, eval_every=0, max_failures=2)
+    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=40, ckpt={"every": 5}, eval_every=0,
+                    cluster={"max_failures": 2})
     killed = []
 
     def kill_after_two_checkpoints():
@@ -75,7 +79,7 @@ def test_killed_worker_restarts_from_checkpoint(shakespeare_shards, tmp_path, tr
 
 
 def test_existing_run_needs_resume_and_resume_continues(shakespeare_shards, tmp_path):
-    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=10, checkpoint_every=10, eval_every=0, export="none")
+    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=10, ckpt={"every": 10}, eval_every=0, export="none")
     assert train(cfg).error is None
     with pytest.raises(ConfigError, match="--resume"):
         train(cfg)
@@ -85,7 +89,8 @@ def test_existing_run_needs_resume_and_resume_continues(shakespeare_shards, tmp_
 
 
 def test_bf16_weights_checkpoint_and_export_the_fp32_masters(shakespeare_shards, tmp_path):
-    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=20, checkpoint_every=10, eval_every=0, bf16_weights="true")
+    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=20, ckpt={"every": 10}, eval_every=0,
+                    optim={"bf16_weights": "true"})
     result = train(cfg)
     assert result.error is None and result.metrics["train_loss"] < math.log(1024) - 0.5  # it learns
     last = list_checkpoints(cfg.run_dir)[-1]
@@ -96,7 +101,7 @@ def test_bf16_weights_checkpoint_and_export_the_fp32_masters(shakespeare_shards,
     assert {i: st["master"] for i, st in masters.items()}  # the optimizer state keeps them too (exact resume)
     # masters, not bf16 weights: they carry the bits bf16 drops
     assert any(not torch.equal(w.to(torch.bfloat16).float(), w) for w in weights.values())
-    cfg.resume, cfg.max_steps, cfg.bf16_weights = True, 30, "false"  # resumes with fp32 weights from the masters
+    cfg.resume, cfg.max_steps, cfg.optim.bf16_weights = True, 30, "false"  # resumes with fp32 weights from the masters
     result = train(cfg)
     assert result.error is None and result.metrics["step"] == 30 and result.metrics["resumes"] == 1
 
@@ -104,8 +109,8 @@ def test_bf16_weights_checkpoint_and_export_the_fp32_masters(shakespeare_shards,
 def test_bf16_weights_under_ddp_two_workers(shakespeare_shards, tmp_path):
     """Two DDP workers train with bf16 gradients all-reduced (gloo here, NCCL on GPUs); the checkpoint and the
     export hold rank 0's fp32 masters."""
-    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=10, checkpoint_every=10, eval_every=0, num_workers=2,
-                    bf16_weights="true")
+    cfg = train_cfg(shakespeare_shards, tmp_path, max_steps=10, ckpt={"every": 10}, eval_every=0,
+                    cluster={"num_workers": 2}, optim={"bf16_weights": "true"})
     result = train(cfg)
     assert result.error is None and result.metrics["step"] == 10
     assert math.isfinite(result.metrics["train_loss"]) and result.metrics["train_loss"] < math.log(1024)
@@ -122,7 +127,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
 def test_checkpoints_and_export_on_s3(s3_server, shakespeare_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("SPOTLM_CACHE", str(tmp_path / "cache"))
     cfg = train_cfg(shakespeare_shards, tmp_path, storage=f"{s3_server}/runs-{os.getpid()}", name="s3run",
-                    max_steps=10, checkpoint_every=5, eval_every=0)
+                    max_steps=10, ckpt={"every": 5}, eval_every=0)
     assert train(cfg).error is None
     assert [p.rsplit("/", 1)[1] for p in list_checkpoints(cfg.run_dir)] == ["checkpoint_00000005", "checkpoint_00000010"]
     assert cfg.export_dir.startswith("s3://") and load_exported(cfg.export_dir).config.n_layer == 2
@@ -171,8 +176,9 @@ def test_index_feeds_lmatch_ids(shakespeare_shards, tmp_path):
             start = next(s for s in range(0, tokens.n_tokens, 64) if torch.equal(torch.from_numpy(tokens.read(s, 64)), row_x))
             assert torch.equal(row_m, ids[start:start + 64])
 
-    plain = train(train_cfg(data, tmp_path, name="plain", max_steps=60, eval_every=0, checkpoint_every=60))
-    indexed = train(train_cfg(data, tmp_path, name="indexed", index=True, max_steps=60, eval_every=0, checkpoint_every=60))
+    plain = train(train_cfg(data, tmp_path, name="plain", max_steps=60, eval_every=0, ckpt={"every": 60}))
+    indexed = train(train_cfg(data, tmp_path, name="indexed", index=True, max_steps=60, eval_every=0,
+                              ckpt={"every": 60}))
     model = load_exported(train_cfg(data, tmp_path, name="indexed").export_dir).model
     assert model.cfg.lmatch_vocab == m.vocab_size + 1
     assert indexed.metrics["val_loss"] < plain.metrics["val_loss"] - 0.05, (indexed.metrics, plain.metrics)

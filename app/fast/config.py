@@ -5,13 +5,12 @@ to torch.compile and the step. It changes speed and memory; FP8 also changes the
 """
 from __future__ import annotations
 
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from app.config import ConfigError
+from app.config import ConfigError, check_choices
 
 KERNEL_NAMES = ("loss", "rows", "window", "mlp")
 AUTO_KERNEL_SET = ("loss", "window")  # kernels=auto: the fastest set bench/train_speed.py measured
@@ -23,21 +22,19 @@ GRAPHING_COMPILE_MODES = ("max-autotune", "reduce-overhead")  # torch.compile mo
 
 @dataclass
 class PerfConfig:
-    """Speed options of a training run: Triton kernels, FP8 matmuls, torch.compile, the whole-step CUDA graph."""
+    """Speed options of a training run: Triton kernels, FP8 matmuls, torch.compile, the whole-step CUDA graph,
+    deterministic kernels."""
 
     kernels: str = "auto"  # fast paths on GPU: auto (the fastest measured) | none | all | a list of loss,rows,window,mlp
     fp8: Literal["off", "head", "all"] = "off"  # FP8 training matmuls (sm89+): head = the lm_head's, all = blocks + head
     compile: Literal["auto", "true", "false"] = "auto"  # torch.compile the model: auto = on GPU
     compile_mode: CompileMode = "default"  # torch.compile mode; tuned = default + Inductor's coordinate-descent tuning
     cuda_graph: Literal["auto", "true", "false"] = "auto"  # the whole step as one CUDA graph: auto = wherever it fits
+    deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs (CPU)
 
     def validate(self) -> None:
         """ConfigError (one line) for a value outside its choices, an unknown kernel or an impossible mix."""
-        hints = typing.get_type_hints(PerfConfig)
-        for f in fields(self):
-            choices = typing.get_args(hints[f.name])
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"perf.{f.name}={getattr(self, f.name)!r} must be one of {', '.join(choices)}")
+        check_choices(self, "perf.")
         unknown = self.kernel_set() - set(KERNEL_NAMES)
         if unknown:
             raise ConfigError(f"perf.kernels: unknown {sorted(unknown)}; use auto, none, all, or a comma list of "

@@ -83,7 +83,7 @@ def load_model(path: str, device: str = "cpu", data: str | None = None) -> Loade
 
         ex = load_exported(src, device=device, dtype=torch.float32)
         return LoadedModel(ex.model, ex.config, src, kind, _sha256(storage.join(src, WEIGHTS)), ex.meta)
-    from app.train.trainer import TrainConfig, model_config
+    from app.train.config import TrainConfig, model_config
 
     local = storage.local_dir(src)
     state = storage.read_json(os.path.join(local, "state.json"))

@@ -130,7 +130,7 @@ def load(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
         raise CheckpointError(f"checkpoint {directory} is incomplete (missing {', '.join(missing)})")
     if ema is not None and not os.path.exists(os.path.join(directory, EMA)):
         raise CheckpointError(f"checkpoint {directory} has no weight average ({EMA}): its run was trained "
-                              "without ema_decay; resume it with ema_decay=0")
+                              "without optim.ema_decay; resume it with optim.ema_decay=0")
     try:
         model_sd = torch.load(os.path.join(directory, "model.pt"), map_location="cpu")
         optim_sd = torch.load(os.path.join(directory, "optimizer.pt"), map_location="cpu") if optimizer is not None else {}

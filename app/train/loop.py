@@ -1,0 +1,356 @@
+"""The training function every Ray Train worker runs: data, model, resume, the steps (log, evaluate,
+checkpoint, stop on preemption), export. It starts over from the newest checkpoint after any restart."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from app import storage
+from app.config import ConfigError, from_dict, to_dict
+from app.data.loader import Batch, BatchPlan, TokenStream, TrainLoader, eval_batches, match_stream
+from app.data.shards import Manifest, load_manifest
+from app.log import forward_logs, get_logger
+from app.model.gpt import GPT, ModelConfig
+from app.train import checkpoint
+from app.train.config import TrainConfig, batch_plan, model_config
+from app.train.ema import WeightEMA
+from app.train.memory_plan import MemoryConfig
+from app.train.optim import make_optimizer, make_scheduler, uses_bf16_weights
+from app.train.parallel import compiles_per_block, full_state_dicts, parallelize, resolve_memory, set_full_state_dicts
+from app.train.preemption import PreemptionWatcher, install_sigterm_handler
+from app.train.step import build_model, compile_args, compiled, step_function
+
+log = get_logger(__name__)
+
+# Dense bf16 peak FLOP/s per GPU, for MFU (H100/H200 SXM; A100).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+DRAIN_CHECK_EVERY = 10  # steps between queries of Ray's node-drain notice (a barrier over the workers)
+
+
+def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
+    """The training function each Ray Train worker runs (also resumes after any restart); its log
+    lines (rank 0's, and every rank's warnings) also go to `log_sink` (`relay_worker_logs`)."""
+    import ray.train
+    import ray.train.torch
+
+    # ---- this worker: rank, device, log lines ----
+    cfg = from_dict(TrainConfig, config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if log_sink is not None:
+        forward_logs(log_sink, logging.INFO if rank == 0 else logging.WARNING)
+    device = ray.train.torch.get_device()
+    if cfg.perf.deterministic:
+        torch.use_deterministic_algorithms(True)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+
+    # ---- data ----
+    manifest = load_manifest(cfg.data)
+    mcfg = model_config(cfg, manifest.vocab_size)
+    seq_len = cfg.seq_len or mcfg.max_seq_len
+    plan = batch_plan(cfg, seq_len, world)
+    loader, val = _batches(cfg, manifest, seq_len, plan, rank, world)
+
+    # ---- model, memory options, optimizer, schedule, weight average ----
+    raw = build_model(cfg, mcfg, device)
+    cfg.memory = resolve_memory(cfg.memory, mcfg, seq_len, cfg.micro_batch, device, world,
+                                master_weights=uses_bf16_weights(cfg, device, MemoryConfig()))
+    per_block = compiles_per_block(cfg.memory)  # before the optimizer: FSDP2 replaces the parameters
+    parallelize(raw, cfg.memory, device=device, world_size=world,
+                compile=compile_args(cfg, device) if per_block else None)
+    optimizer = make_optimizer(raw, cfg, device)
+    scheduler = make_scheduler(optimizer, cfg)
+    ema = WeightEMA(raw, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+
+    # ---- resume from the latest complete checkpoint, if any; watch for preemption notices ----
+    state = _resume(cfg, raw, optimizer, scheduler, ema, rank)
+    watcher = _watch_preemption(cfg)
+    model = ray.train.torch.prepare_model(raw, move_to_device=False) if world > 1 and not cfg.memory.fsdp else raw
+    fwd = model if per_block else compiled(model, cfg, device)
+    if rank == 0:
+        log.info("model %s: %.2fM params, seq %d, global batch %d seqs (%d tokens), %d accum x %d micro x %d workers",
+                 cfg.preset, raw.num_params() / 1e6, seq_len, plan.global_batch, plan.global_batch * seq_len,
+                 plan.accum_steps, plan.micro_batch, world)
+
+    step = step_function(cfg, fwd, model, raw, optimizer, device, autocast, world)
+    flops_per_token = raw.flops_per_token(seq_len)
+    t_last, steps_since, last_stall, resumed_from, first_step_s = time.perf_counter(), 0, 0.0, state.step, 0.0
+    start_step, metrics = state.step, {}
+    while state.step < cfg.max_steps:
+        # ---- forward/backward with gradient accumulation ----
+        batches = loader.micro_batches(state.step)
+        mean_loss, grad_norm = step(batches)
+        scheduler.step()
+        if ema is not None:
+            ema.update()
+        if state.step == start_step:  # the first step of each start compiles: timed apart
+            first_step_s = synced_seconds(t_last, device)
+            t_last, steps_since = time.perf_counter(), -1
+        state.step += 1
+        state.samples += plan.global_batch
+        state.tokens += plan.global_batch * seq_len
+        steps_since += 1
+        last = state.step == cfg.max_steps
+
+        # ---- log ----
+        metrics: dict[str, Any] = {"step": state.step, "tokens": state.tokens, "resumes": state.resumes,
+                                   "preemptions": state.preemptions}
+        progress_from = None  # set when this step logs
+        if state.step % cfg.log_every == 0 or last or (val and _eval_due(cfg, state.step)):
+            dt = synced_seconds(t_last, device)
+            state.train_time_s += dt
+            (train_loss,) = _all_reduce_mean([mean_loss.item()], device)
+            tps = steps_since * plan.global_batch * seq_len / dt if steps_since > 0 else 0.0
+            mfu = _mfu(flops_per_token, tps, world)
+            state.loss_curve[str(state.step)] = train_loss
+            metrics.update(train_loss=train_loss, tokens_per_s=tps, lr=scheduler.get_last_lr()[0],
+                           checkpoint_stall_s=last_stall, train_time_s=state.train_time_s,
+                           first_step_s=first_step_s,
+                           grad_norm=float(grad_norm), epoch=loader.epoch_of(state.step))
+            if mfu is not None:
+                metrics["mfu"] = mfu
+            progress_from = resumed_from  # progress.json is written once, after this step's evaluation
+            t_last, steps_since, last_stall, resumed_from = time.perf_counter(), 0, 0.0, state.step
+
+        # ---- evaluate ----
+        if val and (_eval_due(cfg, state.step) or last):
+            last = _validate(cfg, fwd, val, device, autocast, ema, state, metrics) or last
+            t_last = time.perf_counter()
+        if rank == 0 and progress_from is not None:
+            _log_step(cfg, metrics)
+            _write_progress(cfg.run_dir, state, metrics, progress_from)
+        metrics["done"] = last
+
+        # ---- preemption: checkpoint at this step boundary and hand back to the driver ----
+        preempted = _any_rank(watcher.should_stop(check_extra=state.step % DRAIN_CHECK_EVERY == 0), device)
+        if preempted:
+            state.preemptions += 1
+            metrics["preemptions"] = state.preemptions
+            if rank == 0:
+                log.warning("preempted (%s) at step %d: checkpointing and stopping", watcher.reason or "another rank",
+                            state.step)
+
+        # ---- checkpoint ----
+        if preempted or state.step % cfg.ckpt.every == 0 or last:
+            last_stall = _report(metrics, state, raw, optimizer, scheduler, rank, cfg, ema)
+            t_last = time.perf_counter()
+        if preempted or last:
+            break
+    watcher.close()
+    if state.step < cfg.max_steps and not metrics.get("done"):
+        return  # preempted: the driver starts the run again
+
+    # ---- export ----
+    if cfg.export_dir:
+        _export(cfg, raw, optimizer, ema, mcfg, manifest, state, rank)
+
+
+# ---------------------------------------------------------------- the phases of the loop
+
+def index_stream(manifest: Manifest, split: str) -> TokenStream:
+    """`--index`: the split's LMatch ids (app.data.loader.match_stream); a ConfigError when they were not built."""
+    stream = match_stream(manifest, split)
+    if stream is None:
+        raise ConfigError(f"--index: {manifest.root} has no LMatch index for {split!r}; run "
+                          f"`python -m jobs.build_index --data={manifest.root}` first")
+    return stream
+
+
+def _batches(cfg: TrainConfig, manifest: Manifest, seq_len: int, plan: BatchPlan, rank: int,
+             world: int) -> tuple[TrainLoader, list[Batch]]:
+    """This rank's training loader and its share of the validation batches (none without a val split)."""
+    loader = TrainLoader(TokenStream(manifest, "train"), seq_len, plan, rank, cfg.seed,
+                         index_stream(manifest, "train") if cfg.index else None)
+    if not manifest.shards.get("val"):
+        return loader, []
+    val = eval_batches(TokenStream(manifest, "val"), seq_len, cfg.micro_batch, cfg.eval_tokens, rank, world,
+                       index_stream(manifest, "val") if cfg.index else None)
+    return loader, val
+
+
+def _resume(cfg: TrainConfig, raw: GPT, optimizer, scheduler, ema: WeightEMA | None,
+            rank: int) -> checkpoint.TrainState:
+    """The run's state: loaded (with the weights, optimizer, schedule and average) from Ray Train's latest
+    checkpoint, else a fresh one."""
+    import ray.train
+
+    state = checkpoint.TrainState(config=to_dict(cfg))
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return state
+    with ckpt.as_directory() as d:
+        state = checkpoint.load(d, raw, optimizer, scheduler, set_state=functools.partial(
+            set_full_state_dicts, raw, optimizer) if cfg.memory.fsdp else None, ema=ema)
+    state.resumes += 1
+    if rank == 0:
+        log.info("resumed %s at step %d (%d tokens seen)", cfg.name, state.step, state.tokens)
+    return state
+
+
+def _watch_preemption(cfg: TrainConfig) -> PreemptionWatcher:
+    """A watcher of this worker's preemption notices: the AWS spot notice (`cluster.spot_notice`), Ray's
+    node drain, and SIGTERM (`cluster.catch_sigterm`)."""
+    import ray.train
+
+    notice = cfg.cluster.spot_notice
+    watcher = PreemptionWatcher(aws_endpoint=None if notice in ("auto", "off") else notice, aws_auto=notice == "auto",
+                                extra_check=lambda: ray.train.get_preemption_info() is not None)
+    if cfg.cluster.catch_sigterm:
+        install_sigterm_handler(watcher)
+    return watcher
+
+
+def _validate(cfg: TrainConfig, fwd: torch.nn.Module, val: list[Batch], device: torch.device, autocast,
+              ema: WeightEMA | None, state: checkpoint.TrainState, metrics: dict[str, Any]) -> bool:
+    """A validation pass (on the weight average, if kept) into `metrics` and `state`; whether it reached
+    `target_val_loss` (the run then finishes: checkpoint and export)."""
+    t_eval = time.perf_counter()
+    with ema.swapped() if ema is not None else contextlib.nullcontext():
+        metrics["val_loss"] = evaluate(fwd, val, device, autocast)
+    state.best_val_loss = min(metrics["val_loss"], state.best_val_loss or math.inf)
+    state.val_curve[str(state.step)] = [state.train_time_s, metrics["val_loss"]]
+    metrics["eval_s"] = time.perf_counter() - t_eval
+    return bool(cfg.target_val_loss) and metrics["val_loss"] <= cfg.target_val_loss
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast) -> float:
+    """Mean validation loss over this rank's batches, averaged over all ranks."""
+    model.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        lmatch = b.lmatch.to(device) if b.lmatch is not None else None
+        with autocast():
+            _, loss = model(b.inputs.to(device), b.targets.to(device), lmatch=lmatch)
+        total, count = total + loss.item() * b.targets.numel(), count + b.targets.numel()
+    model.train()
+    loss_sum, n = _all_reduce_mean([total, float(count)], device)
+    return loss_sum / max(n, 1.0)
+
+
+def _export(cfg: TrainConfig, raw: GPT, optimizer: torch.optim.Optimizer, ema: WeightEMA | None, mcfg: ModelConfig,
+            manifest: Manifest, state: checkpoint.TrainState, rank: int) -> None:
+    """Rank 0 exports the final weights (the average, if kept) with the tokenizer; every rank takes part in
+    gathering them under FSDP."""
+    with ema.swapped() if ema is not None else contextlib.nullcontext():
+        weights = _final_weights(raw, optimizer, cfg)  # a collective under FSDP: every rank calls it
+    if rank != 0:
+        return
+    from app.model.export import export_model
+
+    final = GPT(mcfg)
+    final.load_state_dict(weights)
+    export_model(final, cfg.export_dir, manifest.tokenizer_path,
+                 meta={"run": cfg.name, "step": state.step, "val_loss": state.best_val_loss, "eot_id": manifest.eot_id})
+
+
+def _final_weights(model: GPT, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The trained weights as a full fp32 CPU state dict: gathered from the shards under FSDP, the fp32
+    master copy when the optimizer keeps one (offloaded, or `optim.bf16_weights`: the model's copy is bf16)."""
+    sd = full_state_dicts(model, optimizer)[0] if cfg.memory.fsdp else checkpoint.model_weights(model, optimizer)
+    # A copy even on CPU: the live parameters change after this (the weight average swaps back out).
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------- checkpoints through Ray Train
+
+def _report(metrics: dict[str, Any], state: checkpoint.TrainState, model, optimizer, scheduler, rank: int,
+            cfg: TrainConfig, ema: WeightEMA | None) -> float:
+    """Checkpoint through Ray Train: rank 0 writes the state, every rank calls report (a barrier).
+    Returns the seconds the training loop was held up."""
+    import ray.train
+
+    t0 = time.perf_counter()
+    if cfg.memory.fsdp:  # gathering the shards is a collective: every rank takes part
+        model, optimizer = full_state_dicts(model, optimizer)
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return time.perf_counter() - t0
+    # Training stalls only for the copy to CPU memory: writing the files and uploading them happen
+    # in Ray's upload hook, in the background when ckpt.async_upload is on. The directory is not a
+    # context manager: Ray deletes it once uploaded.
+    snap = checkpoint.snapshot(model, optimizer, scheduler, state, ema)
+    d = tempfile.mkdtemp(prefix=f"spotlm-ckpt-{cfg.name}-")
+    mode = ray.train.CheckpointUploadMode.ASYNC if cfg.ckpt.async_upload else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                     checkpoint_dir_name=f"checkpoint_{state.step:08d}", checkpoint_upload_mode=mode,
+                     checkpoint_upload_fn=functools.partial(_write_and_upload, snap, cfg.run_dir,
+                                                            cfg.ckpt.upload_retries),
+                     delete_local_checkpoint_after_upload=True)
+    return time.perf_counter() - t0
+
+
+def _write_and_upload(snap: dict[str, Any], run_dir: str, retries: int, ckpt, dir_name: str):
+    """Ray Train's checkpoint upload hook: write the snapshot, then our retrying, DONE-last upload."""
+    import ray.train
+
+    checkpoint.write(ckpt.path, snap)
+    checkpoint.upload(ckpt.path, storage.join(run_dir, dir_name), retries=retries)
+    # The same place, named through Ray's own filesystem object (Ray checks it is under its storage).
+    st = ray.train.get_context().get_storage()
+    return ray.train.Checkpoint(path=f"{st.experiment_fs_path}/{dir_name}", filesystem=st.storage_filesystem)
+
+
+# ---------------------------------------------------------------- logging and progress
+
+def _log_step(cfg: TrainConfig, m: dict[str, Any]) -> None:
+    """Rank 0's line for a logged step: loss, learning rate, speed, epoch, and the validation loss if evaluated."""
+    mfu = f" | mfu {m['mfu']:.1%}" if "mfu" in m else ""
+    val = f" | val loss {m['val_loss']:.4f}" if "val_loss" in m else ""
+    log.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s%s | epoch %.2f%s", m["step"], cfg.max_steps, m["train_loss"],
+             m["lr"], f"{m['tokens_per_s']:,.0f}", mfu, m["epoch"], val)
+
+
+def _write_progress(run_dir: str, state: checkpoint.TrainState, metrics: dict[str, Any], resumed_from: int) -> None:
+    """`<run>/progress.json`: where the run is now (for people, dashboards and benchmarks)."""
+    storage.write_json(storage.join(run_dir, "progress.json"), {
+        "step": state.step, "time": time.time(), "resumes": state.resumes, "resumed_from_step": resumed_from,
+        "train_time_s": state.train_time_s, "val_curve": state.val_curve,
+        **{k: metrics[k] for k in ("train_loss", "tokens_per_s", "checkpoint_stall_s", "first_step_s", "val_loss")
+           if k in metrics}})
+
+
+def _eval_due(cfg: TrainConfig, step: int) -> bool:
+    return bool(cfg.eval_every) and step % cfg.eval_every == 0
+
+
+def _mfu(flops_per_token: float, tokens_per_s: float, world: int) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return flops_per_token * tokens_per_s / (peak * world) if peak else None
+
+
+def synced_seconds(since: float, device: torch.device) -> float:
+    """Seconds since `since`, after the queued GPU work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - since
+
+
+# ---------------------------------------------------------------- agreement between the ranks
+
+def _all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank (so all ranks stop at the same step)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
