@@ -22,15 +22,14 @@ GRAPHING_COMPILE_MODES = ("max-autotune", "reduce-overhead")  # torch.compile mo
 
 @dataclass
 class PerfConfig:
-    """Speed options of a training run: Triton kernels, FP8 matmuls, torch.compile, the whole-step CUDA graph,
-    deterministic kernels."""
+    """Speed options of a training run: Triton kernels, FP8 matmuls, torch.compile, the whole-step CUDA graph."""
 
     kernels: str = "auto"  # fast paths on GPU: auto (the fastest measured) | none | all | a list of loss,rows,window,mlp
     fp8: Literal["off", "head", "all"] = "off"  # FP8 training matmuls (sm89+): head = the lm_head's, all = blocks + head
     compile: Literal["auto", "true", "false"] = "auto"  # torch.compile the model: auto = on GPU
     compile_mode: CompileMode = "default"  # torch.compile mode; tuned = default + Inductor's coordinate-descent tuning
     cuda_graph: Literal["auto", "true", "false"] = "auto"  # the whole step as one CUDA graph: auto = wherever it fits
-    deterministic: bool = False  # deterministic kernels: bitwise-repeatable runs (CPU)
+    deterministic: bool = False  # deterministic algorithms only (slower): bitwise-repeatable runs (CPU)
 
     def validate(self) -> None:
         """ConfigError (one line) for a value outside its choices, an unknown kernel or an impossible mix."""

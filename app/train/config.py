@@ -32,7 +32,7 @@ class OptimConfig:
     muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     # bf16 weights and gradients, AdamW on fp32 master copies (app/train/master.py): auto = on CUDA with AdamW, unless
-    # memory.fsdp / memory.offload_optimizer (their own mixed precision) or ema_decay (it averages fp32 weights)
+    # memory.fsdp / memory.offload_optimizer (their own mixed precision) or optim.ema_decay (it averages fp32 weights)
     bf16_weights: Switch = "auto"
     ema_decay: float = 0.0  # > 0: keep an average of the weights (app/train/ema.py); evaluation and export use it
 
@@ -85,7 +85,7 @@ class ClusterConfig:
     num_workers: int = 1  # Ray Train workers (one per GPU on GPU nodes); the most, when elastic
     min_workers: int = 0  # > 0: elastic between min_workers and num_workers, same tokens per step
     resize_check_s: float = 60.0  # elastic: how often to look for room to grow back
-    use_gpu: Switch = "auto"  # auto = if the Ray cluster has GPUs
+    use_gpu: Switch = "auto"  # one GPU per worker: auto = if the Ray cluster has GPUs
     cpus_per_worker: float = 1.0  # CPU resources each worker reserves
     max_failures: int = 3  # worker-group restarts on errors before the run fails
     max_preemptions: int = 100  # restarts after preemption notices (not counted as failures)
@@ -105,7 +105,8 @@ class ClusterConfig:
 
 @dataclass
 class TrainConfig:
-    """Training run: data, model, batches and length at the top; the rest in sections."""
+    """A training run: its data, model, batches and length; the optimizer, schedule, checkpoints, workers,
+    speed and memory options in sections."""
 
     data: str = "runs/shards"  # tokenized shards directory (with manifest.json), local or s3://
     index: bool = False  # feed the LMatch retrieval id of every token as an extra input (build_index first)

@@ -37,7 +37,7 @@ DRAIN_CHECK_EVERY = 10  # steps between queries of Ray's node-drain notice (a ba
 
 def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
     """The training function each Ray Train worker runs (also resumes after any restart); its log
-    lines (rank 0's, and every rank's warnings) also go to `log_sink` (`relay_worker_logs`)."""
+    lines (rank 0's, and every rank's warnings) also go to `log_sink` (`app.ray_env.relay_worker_logs`)."""
     import ray.train
     import ray.train.torch
 
