@@ -86,7 +86,7 @@ def shards(cluster, shared_data, tmp_path_factory):
     r = submit(cluster, "-m", "jobs.tokenize", f"--inputs={d / 'in.txt'}", f"--output={d / 'shards'}",
                "--vocab_size=512", "--text_unit=paragraph", "--val_fraction=0.1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "tokenized 1 files" in r.stdout
+    assert "tokenized in" in r.stdout  # the job's summary line
     return str(d / "shards")
 
 
