@@ -64,10 +64,12 @@ class PreemptionWatcher:
             threading.Thread(target=self._poll_aws, args=(aws_endpoint, poll_s), daemon=True,
                              name="spot-notice").start()
 
-    def notify(self, reason: str) -> None:
+    def notify(self, reason: str, quiet: bool = False) -> None:
+        """Record a notice (the first one's reason stays) and log it, unless `quiet`."""
         if not self._flag.is_set():
             self.reason = reason
-            log.warning("preemption notice (%s): checkpointing at the next step boundary", reason)
+            if not quiet:
+                log.warning("preemption notice (%s): checkpointing at the next step boundary", reason)
             self._flag.set()
 
     def should_stop(self, check_extra: bool = True) -> bool:
@@ -101,8 +103,10 @@ _PREVIOUS: Any = None
 
 
 def _on_sigterm(signum, frame) -> None:
+    # Quiet: the handler runs inside Ray's task loop on the worker's main thread, where a log record's relay
+    # to the driver (a Ray call: app.log.forward_logs) crashes the worker. The training loop logs the notice.
     if _WATCHER is not None:
-        _WATCHER.notify(f"signal {signal.Signals(signum).name}")
+        _WATCHER.notify(f"signal {signal.Signals(signum).name}", quiet=True)
 
 
 def _install() -> None:
