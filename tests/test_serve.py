@@ -603,3 +603,11 @@ def test_every_serve_option_is_documented():
     assert set(helps) == set(field_help(ServeConfig)) | {"host", "port", "prompt", "max_tokens"}
     assert all(helps.values()), [k for k, v in helps.items() if not v]
     assert ServeConfig().model == "runs/quickstart/export"  # where the quickstart exports
+
+
+def test_a_second_start_serves_where_serve_already_listens(server):
+    """Serve keeps the address it first started on: start() returns that one, not the port it was asked for."""
+    from app.serve.deployment import _proxy_address
+
+    port = int(server.rsplit(":", 1)[1])
+    assert _proxy_address("127.0.0.1", _free_port()) == ("127.0.0.1", port)

@@ -682,6 +682,7 @@ def start(args: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
     args = replace(args, **{key: storage.absolute(getattr(args, key))
                             for key in ("model", "index", "knn_index") if getattr(args, key)})
     serve.start(http_options={"host": host, "port": port})
+    host, port = _proxy_address(host, port)
     try:
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     except RuntimeError as e:  # the deployment failed: say why, leave no broken app behind
@@ -689,6 +690,15 @@ def start(args: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> str:
         serve.delete(APP_NAME)
         raise RuntimeError(f"the model could not be served: {reason}") from None
     return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+
+
+def _proxy_address(host: str, port: int) -> tuple[str, int]:
+    """Where Serve's HTTP proxy listens: host:port as asked, unless Serve already ran in this Ray cluster on
+    another address (it keeps its first one), which is then where the app is served."""
+    running = serve.context._get_global_client().http_config
+    if (running.host, running.port) != (host, port):
+        log.warning("Ray Serve already listens on %s:%d in this cluster: serving there", running.host, running.port)
+    return running.host, running.port
 
 
 def replica_error(app_name: str) -> str | None:
