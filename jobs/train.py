@@ -7,12 +7,9 @@ from __future__ import annotations
 import sys
 
 from app.config import parse_config, refuse
-from app.log import get_logger
 from app.ray_env import init_ray
 from app.train.config import TrainConfig
 from app.train.run import preflight, train
-
-log = get_logger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,10 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.error:
         print(f"train: failed: {result.error}", file=sys.stderr)
         return 1
-    log.info("run %s finished: %s", cfg.name, {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))})
-    if cfg.export_dir:
-        print(f"exported model: {cfg.export_dir}")
-    return 0
+    return 0  # train() logged the run's summary (steps, val loss, time, export)
 
 
 if __name__ == "__main__":
