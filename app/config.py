@@ -46,6 +46,9 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+YAML_BOOL_WORDS = {True: ("true", "yes", "on"), False: ("false", "no", "off")}
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert `value` (from YAML or a command-line string) to the annotated type `tp`."""
     tp, optional = _unwrap_optional(tp)
@@ -72,8 +75,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return dict(value)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, bool) and str(value).lower() in choices:  # YAML's `true` for an auto | true | false field
-            value = str(value).lower()
+        if isinstance(value, bool):  # YAML 1.1 reads true/yes/on and false/no/off as booleans: the choice so spelt
+            value = next((w for w in YAML_BOOL_WORDS[value] if w in choices), value)
         if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
         return value

@@ -185,3 +185,16 @@ def test_config_errors_are_one_line_naming_the_stage(argv, msg, capsys):
         parse_config(Job, argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("job: ") and msg in err
+
+
+def test_yaml_off_and_on_are_the_choices_so_spelt(tmp_path):
+    """YAML 1.1 reads `off` / `on` as booleans: a Literal choice spelt that way gets them back as its word."""
+    from app.train.config import TrainConfig
+
+    f = tmp_path / "c.yaml"
+    f.write_text("perf:\n  fp8: off\n  compile: no\n")
+    cfg = parse_config(TrainConfig, ["--config", str(f)])
+    assert (cfg.perf.fp8, cfg.perf.compile) == ("off", "false")
+    f.write_text("perf:\n  fp8: on\n")
+    with pytest.raises(SystemExit):  # no choice of fp8 is spelt like true
+        parse_config(TrainConfig, ["--config", str(f)])
