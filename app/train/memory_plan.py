@@ -36,6 +36,9 @@ class MemoryConfig:
     mlp_chunk: int = 0  # checkpointing=full: run the MLP over checkpointed tiles of this many tokens (0 = whole)
     offload_activations: bool = False  # saved activations (with full checkpointing: the block inputs) to pinned CPU memory
     offload_min_bytes: int = 1 << 20  # smaller saved tensors stay on the GPU
+    offload_dtype: Literal["native", "fp8"] = "native"  # offloaded layer inputs as saved, or FP8 e4m3 + a scale per token (checkpointing=full)
+    offload_keep_layers: int = 0  # offload_activations: the last this many blocks keep their inputs on the GPU
+    host_budget_gb: float = 0.0  # auto: host memory the plan may use (0 = what the machine has available)
     offload_optimizer: bool = False  # AdamW on the CPU over fp32 master weights; bf16 weights and grads on the GPU
     # offload_optimizer: the step waits for the CPU AdamW (sync) or the next forward waits per block; both exact
     optimizer_mode: Literal["sync", "overlap"] = "sync"
@@ -48,6 +51,11 @@ class MemoryConfig:
             raise ConfigError("memory.fsdp and memory.offload_optimizer do not combine: use memory.fsdp_cpu_offload")
         if self.fsdp_cpu_offload and not self.fsdp:
             raise ConfigError("memory.fsdp_cpu_offload needs memory.fsdp=true")
+        if self.offload_dtype == "fp8" and not (self.offload_activations and self.checkpointing == "full"):
+            raise ConfigError("memory.offload_dtype=fp8 needs memory.offload_activations=true and "
+                              "memory.checkpointing=full (only block inputs may be stored in FP8)")
+        if self.offload_keep_layers < 0 or self.offload_keep_layers and not self.offload_activations:
+            raise ConfigError("memory.offload_keep_layers must be >= 0 and needs memory.offload_activations=true")
 
     def saving(self) -> bool:
         """True when an option trades speed for memory: checkpointing, an offload or FSDP."""
@@ -56,7 +64,8 @@ class MemoryConfig:
     def label(self) -> str:
         parts = [f"ckpt={self.checkpointing}" + (f"/mlp{self.mlp_chunk}" if self.mlp_chunk else "")]
         if self.offload_activations:
-            parts.append("offload_act")
+            parts.append("offload_act" + ("(fp8)" if self.offload_dtype == "fp8" else "")
+                         + (f"/keep{self.offload_keep_layers}" if self.offload_keep_layers else ""))
         if self.offload_optimizer:
             parts.append(f"offload_opt({self.optimizer_mode},{self.optimizer_state_dtype})")
         if self.fsdp:

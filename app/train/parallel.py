@@ -13,7 +13,9 @@ so checkpoints and exports keep the Hugging Face layout).
   forward goes on, and come back (prefetched a few tensors ahead, on another stream) in backward. With full
   checkpointing the only saved tensor of a block is its input (saved by checkpoint's `_NoopSaveInputs`,
   through these hooks), so exactly the layer inputs are offloaded. On CPU tensors the hooks make a copy
-  (a no-op in effect, kept so tests go through the same path).
+  (a no-op in effect, kept so tests go through the same path). `offload_dtype="fp8"` stores each offloaded
+  layer input as FP8 e4m3 with one fp32 scale per row (token): half the host bytes and transfers of bf16;
+  `offload_keep_layers` leaves the last blocks' inputs on the GPU (backward needs them first).
 - fsdp: FSDP2 `fully_shard` per block then the root (bf16 params / fp32 reduce), optionally with
   `CPUOffloadPolicy`; needs an initialised process group (Ray Train sets one up).
 """
@@ -85,11 +87,51 @@ def apply_checkpointing(model: nn.Module, mode: str, mlp_chunk: int = 0) -> nn.M
 # activation offload
 # ----------------------------------------------------------------------------------------------------------
 class _Packed:
-    __slots__ = ("cpu", "d2h", "gpu", "h2d", "device", "index", "nbytes")
+    """One offloaded tensor: its host copy (`cpu`; fp8: the e4m3 values with `scale`, one fp32 per row) and,
+    once fetched, its device copy (`gpu`, `gpu_scale`; dequantized into `gpu` on first use)."""
 
-    def __init__(self, cpu, d2h, device, index, nbytes):
+    __slots__ = ("cpu", "scale", "dtype", "d2h", "gpu", "gpu_scale", "h2d", "device", "index", "nbytes")
+
+    def __init__(self, cpu, d2h, device, index, nbytes, scale=None, dtype=None):
         self.cpu, self.d2h, self.device, self.index, self.nbytes = cpu, d2h, device, index, nbytes
-        self.gpu = self.h2d = None
+        self.scale, self.dtype = scale, dtype
+        self.gpu = self.gpu_scale = self.h2d = None
+
+
+# FP8 storage of offloaded layer inputs. One scale per row (token), not per tensor: a few tokens of the
+# residual stream carry activations hundreds of times the median (attention sinks); a per-tensor scale set
+# by them would push every other token into e4m3's subnormals. A row's scale costs 4 bytes per d_model bytes.
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+_QUANT_ROWS = 16384  # rows per (de)quantization pass: bounds the fp32 temporaries to rows x width x 4 bytes
+
+
+def _fp8_ok(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.dtype != FP8 and t.is_contiguous() and t.dim() >= 2 and t.shape[-1] >= 16
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values, fp32 scale per row) of a contiguous tensor, rows = all dims but the last: each row is
+    scaled so its largest magnitude maps to e4m3's largest finite value (all-zero rows get scale 1)."""
+    rows = t.reshape(-1, t.shape[-1])
+    q = torch.empty(rows.shape, dtype=FP8, device=t.device)
+    scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=t.device)
+    for i in range(0, rows.shape[0], _QUANT_ROWS):
+        x = rows[i:i + _QUANT_ROWS].float()
+        amax = x.abs().amax(-1, keepdim=True)
+        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        scale[i:i + _QUANT_ROWS] = s
+        q[i:i + _QUANT_ROWS] = (x / s).to(FP8)
+    return q.view(t.shape), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `quantize_rows`, as `dtype` (on q's device, in row passes like it)."""
+    rows = q.reshape(-1, q.shape[-1])
+    out = torch.empty(rows.shape, dtype=dtype, device=q.device)
+    for i in range(0, rows.shape[0], _QUANT_ROWS):
+        out[i:i + _QUANT_ROWS] = rows[i:i + _QUANT_ROWS].float() * scale[i:i + _QUANT_ROWS]
+    return out.view(q.shape)
 
 
 _VIEWS = {"TBackward0", "ViewBackward0", "TransposeBackward0", "ExpandBackward0", "UnsafeViewBackward0",
@@ -130,10 +172,16 @@ class ActivationOffloader:
     unpack: brings the tensor back on another side stream and prefetches the tensors packed just before it
     (backward runs in reverse order) up to `prefetch_bytes` ahead; the compute stream waits only on events.
     Tensors smaller than `min_bytes`, weights, tensors that need no grad (rotary tables, shared by every
-    block) and CPU tensors when `cpu_copy` is off are left where they are."""
+    block) and CPU tensors when `cpu_copy` is off are left where they are.
+    `dtype="fp8"`: floating, contiguous tensors go over as e4m3 + a scale per row (`quantize_rows`, on the
+    compute stream before the copy) and come back dequantized to their dtype when backward first reads them;
+    meant for full checkpointing, where the only tensors packed are the block inputs."""
 
-    def __init__(self, min_bytes: int = 1 << 20, prefetch_bytes: int = 2 << 30, cpu_copy: bool = True):
-        self.min_bytes, self.prefetch_bytes, self.cpu_copy = min_bytes, prefetch_bytes, cpu_copy
+    def __init__(self, min_bytes: int = 1 << 20, prefetch_bytes: int = 2 << 30, cpu_copy: bool = True,
+                 dtype: str = "native"):
+        if dtype not in ("native", "fp8"):
+            raise ValueError(f"offload dtype must be native | fp8, got {dtype!r}")
+        self.min_bytes, self.prefetch_bytes, self.cpu_copy, self.dtype = min_bytes, prefetch_bytes, cpu_copy, dtype
         self.order: list[_Packed | None] = []
         self.packed_bytes = 0  # bytes offloaded in the current forward (for tests and benchmarks)
         self.packed_count = 0
@@ -174,22 +222,29 @@ class ActivationOffloader:
         return (p, None, None, 0)
 
     def _copy_out(self, src: torch.Tensor) -> _Packed:
-        nbytes = src.numel() * src.element_size()
+        scale = dtype = None
+        if self.dtype == "fp8" and _fp8_ok(src):
+            dtype = src.dtype
+            src, scale = quantize_rows(src.detach())
+        parts = [src] if scale is None else [src, scale]
+        nbytes = sum(x.numel() * x.element_size() for x in parts)
         if src.device.type == "cpu":
-            p = _Packed(src.detach().clone(memory_format=torch.preserve_format), None, src.device,
-                        len(self.order), nbytes)
+            host = [x.detach().clone(memory_format=torch.preserve_format) for x in parts]
+            ev = None
         else:
             d2h, _ = self._streams_for(src.device)
             d2h.wait_stream(torch.cuda.current_stream(src.device))
-            cpu = torch.empty_strided(src.shape, src.stride() if _dense(src) else None, dtype=src.dtype,
-                                      pin_memory=True) if _dense(src) else torch.empty(src.shape, dtype=src.dtype,
-                                                                                       pin_memory=True)
+            host = [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, pin_memory=True) if _dense(x)
+                    else torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in parts]
             with torch.cuda.stream(d2h):
-                cpu.copy_(src.detach(), non_blocking=True)
+                for h, x in zip(host, parts):
+                    h.copy_(x.detach(), non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(d2h)
-            src.record_stream(d2h)
-            p = _Packed(cpu, ev, src.device, len(self.order), nbytes)
+            for x in parts:
+                x.record_stream(d2h)
+        p = _Packed(host[0], ev, src.device, len(self.order), nbytes, scale=host[1] if scale is not None else None,
+                    dtype=dtype)
         self.order.append(p)
         self.packed_bytes += nbytes
         self.packed_count += 1
@@ -200,6 +255,8 @@ class ActivationOffloader:
         with torch.cuda.stream(h2d):
             h2d.wait_event(p.d2h)
             p.gpu = p.cpu.to(p.device, non_blocking=True)
+            if p.scale is not None:
+                p.gpu_scale = p.scale.to(p.device, non_blocking=True)
             p.h2d = torch.cuda.Event()
             p.h2d.record(h2d)
 
@@ -214,7 +271,9 @@ class ActivationOffloader:
 
     def _get(self, p: _Packed) -> torch.Tensor:
         if p.device.type == "cpu":
-            return p.cpu
+            if p.scale is not None and p.gpu is None:
+                p.gpu = dequantize_rows(p.cpu, p.scale, p.dtype)
+            return p.cpu if p.scale is None else p.gpu
         main = torch.cuda.current_stream(p.device)
         if p.gpu is not None and self.order[p.index] is None:  # unpacked before (a shared handle)
             main.wait_event(p.h2d)
@@ -232,20 +291,26 @@ class ActivationOffloader:
         self.order[p.index] = None  # in use: no more prefetching of it
         main.wait_event(p.h2d)
         p.gpu.record_stream(main)
+        if p.gpu_scale is not None:  # dequantized once, on the compute stream, when backward needs it
+            p.gpu_scale.record_stream(main)
+            p.gpu, p.gpu_scale = dequantize_rows(p.gpu, p.gpu_scale, p.dtype), None
         return p.gpu
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
-def apply_activation_offload(model: nn.Module, offloader: ActivationOffloader) -> ActivationOffloader:
-    """Run every block's forward under the offloader's hooks (outside any checkpoint of the block, so a
-    fully checkpointed block offloads exactly its input); reset the handles at each root forward."""
+def apply_activation_offload(model: nn.Module, offloader: ActivationOffloader, keep_layers: int = 0
+                             ) -> ActivationOffloader:
+    """Run every block's forward but the last `keep_layers` under the offloader's hooks (outside any checkpoint
+    of the block, so a fully checkpointed block offloads exactly its input; the kept blocks' inputs stay on
+    the GPU, where backward reads them first); reset the handles at each root forward."""
     def wrap(orig, *args, **kwargs):
         with offloader.hooks():
             return orig(*args, **kwargs)
 
-    for block in model.model.layers:
+    layers = list(model.model.layers)
+    for block in layers[:max(len(layers) - keep_layers, 0)]:
         block._spotlm_offload_forward = block.forward
         block.forward = functools.partial(wrap, block.forward)
     model.register_forward_pre_hook(lambda *_: offloader.reset())
@@ -296,8 +361,9 @@ def parallelize(model: nn.Module, mem: MemoryConfig, *, device: torch.device | s
     mem.validate()
     apply_checkpointing(model, mem.checkpointing, mem.mlp_chunk)
     if mem.offload_activations:
-        off = offloader or ActivationOffloader(min_bytes=mem.offload_min_bytes if device.type == "cuda" else 0)
-        model.spotlm_offloader = apply_activation_offload(model, off)
+        off = offloader or ActivationOffloader(min_bytes=mem.offload_min_bytes if device.type == "cuda" else 0,
+                                               dtype=mem.offload_dtype)
+        model.spotlm_offloader = apply_activation_offload(model, off, mem.offload_keep_layers)
     if mem.fsdp:
         import torch.distributed as dist
 
