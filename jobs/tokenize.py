@@ -1,20 +1,25 @@
 """Ray job: tokenize text files (.txt, .jsonl, .parquet; local or s3://) into token shards.
 
     python -m jobs.tokenize --inputs='data/*.jsonl' --output=runs/shards [--tokenizer=tokenizer.json]
+    python -m jobs.tokenize --corpus=python --output=runs/pyshards   # this machine's Python sources
 """
 from __future__ import annotations
 
 import sys
 
 from app.config import parse_config, refuse
-from app.data.corpus import InputError, TokenizeConfig, resolve_inputs, tokenize_corpus
+from app.data.corpus import InputError, TokenizeConfig, check_roots, resolve_inputs, tokenize_corpus
 from app.data.tokenizer import eot_id, load_tokenizer
 from app.ray_env import init_ray
 
 
 def preflight(cfg: TokenizeConfig) -> None:
-    """Before Ray: every input pattern matches a file, and a given tokenizer file is a usable tokenizer."""
-    resolve_inputs(cfg.inputs)
+    """Before Ray: every input pattern matches a file (python corpus: every root is a local directory),
+    and a given tokenizer file is a usable tokenizer."""
+    if cfg.corpus == "python":
+        check_roots(cfg.inputs)
+    else:
+        resolve_inputs(cfg.inputs)
     if cfg.tokenizer not in (None, "char"):
         eot_id(load_tokenizer(cfg.tokenizer))
 

@@ -1,8 +1,10 @@
-"""The tokenize stage: round trip, determinism, resume, quarantine of bad records, S3, clear errors."""
+"""The tokenize stage: round trip, determinism, resume, quarantine of bad records, S3, clear errors,
+the python-source corpus."""
 import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +149,72 @@ def test_char_tokenizer_and_tail_split(ray_session, tmp_path):
     cut = round(len(text) * 0.9)
     assert tok.decode(train[:-1].tolist()) == text[:cut] and tok.decode(val[:-1].tolist()) == text[cut:]
     assert len(train) == cut + 1 and train[-1] == m.eot_id
+
+
+def _py_tree(root: Path) -> dict[str, str]:
+    """A small tree of .py files: distinct modules, two exact copies, a non-.py file, an undecodable .py."""
+    files = {f"pkg{i % 3}/mod{i}.py": f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(40)}
+    files["copy/a.py"] = files["pkg0/mod0.py"]
+    files["copy/b.py"] = files["pkg1/mod1.py"]
+    files["pkg0/notes.txt"] = "not python"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / "pkg2" / "latin1.py").write_bytes(b"# caf\xe9\nx = 1\n")
+    return files
+
+
+def _py_cfg(root, out, **kw):
+    return TokenizeConfig(corpus="python", inputs=[str(root)], output=str(out), vocab_size=300, val_fraction=0.3,
+                          files_per_task=7, **kw)
+
+
+def test_python_corpus_dedups_splits_by_file_and_lists_files(ray_session, tmp_path):
+    root = tmp_path / "src"
+    files = _py_tree(root)
+    m = tokenize_corpus(_py_cfg(root, tmp_path / "out"))
+    rows = [json.loads(x) for x in (tmp_path / "out" / "files.jsonl").read_text().splitlines()]
+    kept = {r["path"]: r for r in rows}
+    # 40 distinct modules + the undecodable one; of each pair of copies the first path in sorted order stays
+    assert len(rows) == 41 and str(root / "copy" / "a.py") in kept and str(root / "pkg0" / "mod0.py") not in kept
+    assert not any(p.endswith(".txt") for p in kept)
+    assert kept[str(root / "pkg2" / "latin1.py")]["split"] == "none" and m.rejected == {"invalid_utf8": 1}
+    good = [r for r in rows if r["split"] != "none"]
+    assert {r["split"] for r in good} == {"train", "val"}  # each file wholly in one split, both splits used
+    for r in good:  # the split follows the content hash; the counts are the file's tokens plus end-of-text
+        text = Path(r["path"]).read_text()
+        assert r["hash"] == f"{corpus.content_hash(text.encode()):016x}"
+        assert r["split"] == corpus.split_of(text, 0.3)
+        assert r[r["split"]] == len(load_tokenizer(m.tokenizer_path).encode(text).ids) + 1
+    assert sum(r["train"] for r in rows) == m.num_tokens("train") and sum(r["val"] for r in rows) == m.num_tokens("val")
+    summary = json.loads((tmp_path / "out" / "corpus.json").read_text())
+    assert summary["found"] == 43 and summary["duplicates"] == 2 and summary["roots"] == [str(root)]
+    assert summary["files"] == dict(Counter(r["split"] for r in rows))
+    assert summary["tokens"] == {"train": m.num_tokens("train"), "val": m.num_tokens("val")}
+    assert sorted(_decoded_docs(m)) == sorted({t for rel, t in files.items() if rel.endswith(".py")})
+
+
+def test_python_corpus_is_deterministic_across_task_sizes(ray_session, tmp_path):
+    root = tmp_path / "src"
+    _py_tree(root)
+    a = tokenize_corpus(_py_cfg(root, tmp_path / "a"))
+    b = tokenize_corpus(TokenizeConfig(**{**_py_cfg(root, tmp_path / "b").__dict__, "files_per_task": 0}))
+    for split in ("train", "val"):
+        assert [s["sha256"] for s in a.shards[split]] == [s["sha256"] for s in b.shards[split]]
+    assert (tmp_path / "a" / "files.jsonl").read_text() == (tmp_path / "b" / "files.jsonl").read_text()
+
+
+def test_python_corpus_defaults_to_this_interpreters_sources():
+    import sysconfig
+
+    roots = corpus.python_roots()
+    assert os.path.realpath(sysconfig.get_paths()["stdlib"]) in roots
+    assert all(not a.startswith(b + os.sep) for a in roots for b in roots)  # none nested in another
+
+
+def test_python_corpus_root_must_be_a_directory(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "jobs.tokenize", "--corpus=python", f"--inputs={tmp_path}/nope",
+                        f"--output={tmp_path}/o"], capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                       timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"tokenize: python corpus root '{tmp_path}/nope' is not a local directory"]

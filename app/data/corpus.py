@@ -4,7 +4,10 @@ Each input file is one unit of work: an actor of the pool (tokenizer loaded once
 records, rejects bad ones, tokenizes, appends end-of-text after each document, splits documents
 train/val by a hash of their text, and writes per-file token arrays under `<output>/_work/`.
 The driver then packs those, in sorted input order, into `train_%06d.bin` / `val_%06d.bin`
-shards and writes `manifest.json` last. Every file is written atomically and finished work is
+shards, lists every input file with its split and token counts in `files.jsonl` beside them, and
+writes `manifest.json` last. With `corpus=python` the inputs are the `.py` files of the standard
+library and site-packages (or of the given directories), de-duplicated by content hash; each file is
+one document, so a file lies wholly in one split, chosen by the same content hash. Every file is written atomically and finished work is
 skipped when the job runs again, so an interrupted run resumes without loss or duplication.
 """
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import sysconfig
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,7 +42,8 @@ class InputError(ValueError):
 class TokenizeConfig:
     """Tokenize text files into token shards."""
 
-    inputs: list[str] = field(default_factory=list)  # globs/paths, local or s3://: .jsonl, .parquet, else plain text
+    corpus: Literal["files", "python"] = "files"  # files: the inputs; python: every .py file under the inputs' directories
+    inputs: list[str] = field(default_factory=list)  # globs/paths, local or s3://: .jsonl, .parquet, else plain text; python: local directories (none = stdlib and site-packages)
     output: str = "runs/shards"  # output directory, local or s3://
     tokenizer: str | None = None  # tokenizer.json to use; None = train a byte-level BPE on the data; "char" = characters
     vocab_size: int = 8192  # vocabulary of the trained BPE
@@ -48,17 +54,18 @@ class TokenizeConfig:
     split: Literal["hash", "tail"] = "hash"  # hash: whole documents by text hash; tail: the last val_fraction of every document
     shard_tokens: int = 2**24  # tokens per shard file
     num_actors: int = 1  # tokenizer actors
+    files_per_task: int = 0  # input files per Ray Data task; 0 = 1 for the files corpus, 256 for python's small files
     actor_cpus: float = 0.5  # CPUs per actor (fractional: leave room for Ray Data's read tasks)
     max_rejected_samples: int = 100  # bad records kept in rejected/rejected.jsonl
     keep_work: bool = False  # keep the per-file intermediate arrays in _work/
 
     def validate(self) -> None:
-        if not self.inputs:
+        if not self.inputs and self.corpus == "files":
             raise ConfigError("inputs: give at least one file or glob")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.shard_tokens < 1 or self.num_actors < 1 or self.vocab_size < 300:
-            raise ConfigError("shard_tokens and num_actors must be >= 1, vocab_size >= 300")
+        if self.shard_tokens < 1 or self.num_actors < 1 or self.vocab_size < 300 or self.files_per_task < 0:
+            raise ConfigError("shard_tokens and num_actors must be >= 1, vocab_size >= 300, files_per_task >= 0")
 
 
 # ---------------------------------------------------------------- reading records
@@ -121,10 +128,14 @@ def _field(rec: Any, name: str, path: str, index: int) -> tuple[str | None, dict
     return text, None
 
 
+def content_hash(data: bytes) -> int:
+    """A stable 64-bit hash of some bytes (splits documents and de-duplicates source files)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 def split_of(text: str, val_fraction: float) -> str:
     """`val` for a stable `val_fraction` share of documents (by text hash), else `train`."""
-    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-    return "val" if h < val_fraction * 2**64 else "train"
+    return "val" if content_hash(text.encode()) < val_fraction * 2**64 else "train"
 
 
 # ---------------------------------------------------------------- the Ray Data stage
@@ -135,7 +146,7 @@ def _work_paths(output: str, index: int) -> dict[str, str]:
 
 
 class TokenizeFiles:
-    """Ray Data actor: tokenizes whole input files, writes their per-split arrays to `_work/`."""
+    """Ray Data actor: tokenizes a task's input files, writes their per-split arrays to `_work/`."""
 
     def __init__(self, tokenizer_path: str, cfg: dict[str, Any]):
         self.tok = load_tokenizer(tokenizer_path)
@@ -144,32 +155,41 @@ class TokenizeFiles:
         self.cfg = cfg
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        metas = [self._file(str(p), int(i)) for p, i in zip(batch["path"], batch["index"])]
+        metas = [self._task(json.loads(str(p)), int(i)) for p, i in zip(batch["paths"], batch["index"])]
         return {"meta": np.array([json.dumps(m) for m in metas])}
 
-    def _file(self, path: str, index: int) -> dict[str, Any]:
+    def _task(self, paths: list[str], index: int) -> dict[str, Any]:
         out = _work_paths(self.cfg["output"], index)
         if storage.exists(out["meta"]):  # finished in an earlier, interrupted run
             return storage.read_json(out["meta"])
         docs: dict[str, list[str]] = {s: [] for s in SPLITS}
+        owner: dict[str, list[int]] = {s: [] for s in SPLITS}  # the file (position in `paths`) of each document
+        files = [{"path": p, "train": 0, "val": 0, "rejected": 0} for p in paths]
         rejects: list[dict] = []
-        for text, rej in iter_records(path, self.cfg["text_field"], self.cfg["text_unit"]):
-            if rej is not None:
-                rejects.append(rej)
-            elif self.cfg["split"] == "tail":  # nanoGPT's split: the head trains, the tail validates
-                cut = round(len(text) * (1 - self.cfg["val_fraction"]))
-                docs["train"].append(text[:cut])
-                docs["val"].append(text[cut:])
-            else:
-                docs[split_of(text, self.cfg["val_fraction"])].append(text)
-        meta: dict[str, Any] = {"path": path, "rejected": dict(Counter(r["reason"] for r in rejects)),
-                                "rejected_samples": rejects[: self.cfg["max_rejected_samples"]]}
+        for k, path in enumerate(paths):
+            for text, rej in iter_records(path, self.cfg["text_field"], self.cfg["text_unit"]):
+                if rej is not None:
+                    rejects.append(rej)
+                    files[k]["rejected"] += 1
+                    continue
+                if self.cfg["split"] == "tail":  # nanoGPT's split: the head trains, the tail validates
+                    cut = round(len(text) * (1 - self.cfg["val_fraction"]))
+                    pieces = {"train": text[:cut], "val": text[cut:]}
+                else:
+                    pieces = {split_of(text, self.cfg["val_fraction"]): text}
+                for split, piece in pieces.items():
+                    docs[split].append(piece)
+                    owner[split].append(k)
+        meta: dict[str, Any] = {"index": index, "rejected": dict(Counter(r["reason"] for r in rejects)),
+                                "rejected_samples": rejects[: self.cfg["max_rejected_samples"]], "files": files}
         for split in SPLITS:
             ids = [e.ids + [self.eot] for e in self.tok.encode_batch(docs[split])] if docs[split] else []
+            for k, doc in zip(owner[split], ids):
+                files[k][split] += len(doc)
             tokens = np.fromiter((t for doc in ids for t in doc), dtype=self.dtype)
             storage.write_bytes(out[split], encode_shard(tokens))
             meta[split] = {"docs": len(docs[split]), "tokens": int(len(tokens))}
-        storage.write_json(out["meta"], meta)  # last: marks this file done
+        storage.write_json(out["meta"], meta)  # last: marks this task done
         return meta
 
 
@@ -187,6 +207,67 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
             raise InputError(f"input {pattern!r} matches no file")
         files += matched
     return sorted(set(files))
+
+
+def python_roots() -> list[str]:
+    """This interpreter's standard library and site-packages directories (none nested in another)."""
+    paths = sysconfig.get_paths()
+    roots = {os.path.realpath(paths[k]) for k in ("stdlib", "purelib", "platlib") if os.path.isdir(paths.get(k, ""))}
+    return sorted(r for r in roots if not any(r.startswith(o + os.sep) for o in roots))
+
+
+def check_roots(roots: list[str]) -> list[str]:
+    """The roots of a python corpus as absolute local directories; InputError for anything else."""
+    out = []
+    for root in roots:
+        if storage.is_s3(root) or not os.path.isdir(root):
+            raise InputError(f"python corpus root {root!r} is not a local directory")
+        out.append(os.path.realpath(root))
+    return out
+
+
+def collect_python_files(roots: list[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The `.py` files under `roots`, in sorted path order, one per distinct content (the first path
+    wins): `[{"path", "hash"}]`, and counts of what was found, duplicated and unreadable."""
+    paths = sorted({os.path.join(d, n) for r in roots for d, _, names in os.walk(r) for n in names if n.endswith(".py")})
+    seen: set[int] = set()
+    files, stats = [], Counter(found=len(paths), found_bytes=0, duplicates=0, duplicate_bytes=0, unreadable=0)
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:  # a broken link, a file removed meanwhile, no permission
+            stats["unreadable"] += 1
+            continue
+        h = content_hash(data)
+        stats["found_bytes"] += len(data)
+        if h in seen:
+            stats["duplicates"] += 1
+            stats["duplicate_bytes"] += len(data)
+            continue
+        seen.add(h)
+        files.append({"path": path, "hash": f"{h:016x}"})
+    return files, dict(stats)
+
+
+def corpus_files(cfg: TokenizeConfig) -> tuple[list[str], dict[str, Any]]:
+    """The input files of a corpus and what to record of each beyond its counts (python: its hash),
+    plus a summary of how they were found."""
+    if cfg.corpus == "files":
+        files = resolve_inputs(cfg.inputs)
+        return files, {"corpus": "files", "extra": {}}
+    roots = check_roots(cfg.inputs) if cfg.inputs else python_roots()
+    found, stats = collect_python_files(roots)
+    if not found:
+        raise InputError(f"no .py file under {', '.join(roots)}")
+    return [f["path"] for f in found], {"corpus": "python", "roots": roots, **stats,
+                                         "extra": {f["path"]: {"hash": f["hash"]} for f in found}}
+
+
+def _tasks(cfg: TokenizeConfig, files: list[str]) -> list[list[str]]:
+    """The input files in groups of consecutive files, one group per Ray Data task."""
+    n = cfg.files_per_task or (256 if cfg.corpus == "python" else 1)
+    return [files[i:i + n] for i in range(0, len(files), n)]
 
 
 def _prepare_tokenizer(cfg: TokenizeConfig, files: list[str], out: str) -> str:
@@ -217,27 +298,44 @@ def _sample_texts(cfg: TokenizeConfig, files: list[str]) -> Iterator[str]:
                 budget -= len(text)
 
 
-def _tokenize_files(cfg: TokenizeConfig, files: list[str], out: str, tokenizer_path: str) -> list[dict]:
+def _tokenize_files(cfg: TokenizeConfig, tasks: list[list[str]], out: str, tokenizer_path: str) -> list[dict]:
     import ray
 
-    items = [{"path": p, "index": i} for i, p in enumerate(files)]
+    items = [{"paths": json.dumps(paths), "index": i} for i, paths in enumerate(tasks)]
     worker_cfg = {**to_dict(cfg), "output": out}
     ds = ray.data.from_items(items).map_batches(
         TokenizeFiles, fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "cfg": worker_cfg},
         batch_size=1, num_cpus=cfg.actor_cpus, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors))
-    order = {p: i for i, p in enumerate(files)}
-    progress = Progress(log, "tokenize", len(files), "files")
+    progress = Progress(log, "tokenize", len(tasks), "tasks")
     metas = []
     for row in ds.iter_rows():
         metas.append(json.loads(row["meta"]))
         progress.update()
-    return sorted(metas, key=lambda m: order[m["path"]])
+    return sorted(metas, key=lambda m: m["index"])
 
 
-def _pack(out: str, split: str, files: int, shard_tokens: int, dtype: np.dtype) -> list[dict[str, Any]]:
-    """Concatenate the per-file arrays of a split into full shards (the last may be partial)."""
+def _file_split(row: dict[str, Any]) -> str:
+    """Where a file's tokens went: one split, `mixed`, or `none` (all its records rejected or empty)."""
+    used = [s for s in SPLITS if row[s]]
+    return used[0] if len(used) == 1 else "mixed" if used else "none"
+
+
+def write_file_list(out: str, metas: list[dict], found: dict[str, Any]) -> dict[str, Any]:
+    """Write `files.jsonl` (each input file: path, split, tokens, rejected records, and the corpus's
+    extra fields) and `corpus.json` (how the files were found, files and tokens per split); returns the latter."""
+    rows = [{**f, **found["extra"].get(f["path"], {}), "split": _file_split(f)} for m in metas for f in m["files"]]
+    storage.write_text(storage.join(out, "files.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    summary = {k: v for k, v in found.items() if k != "extra"}
+    summary["files"] = dict(sorted(Counter(r["split"] for r in rows).items()))
+    summary["tokens"] = {s: sum(r[s] for r in rows) for s in SPLITS}
+    storage.write_json(storage.join(out, "corpus.json"), summary)
+    return summary
+
+
+def _pack(out: str, split: str, tasks: int, shard_tokens: int, dtype: np.dtype) -> list[dict[str, Any]]:
+    """Concatenate the per-task arrays of a split into full shards (the last may be partial)."""
     infos, buf, n = [], [], 0
-    progress = Progress(log, f"packing {split}", files, "files")
+    progress = Progress(log, f"packing {split}", tasks, "tasks")
 
     def flush(tokens: np.ndarray) -> None:
         name = f"{split}_{len(infos):06d}.bin"
@@ -247,7 +345,7 @@ def _pack(out: str, split: str, files: int, shard_tokens: int, dtype: np.dtype) 
             storage.write_bytes(path, data)
         infos.append({"file": name, "n_tokens": int(len(tokens)), "sha256": hashlib.sha256(data).hexdigest()})
 
-    for i in range(files):
+    for i in range(tasks):
         progress.update()
         arr = read_shard(_work_paths(out, i)[split])
         while len(arr):
@@ -274,12 +372,14 @@ def tokenize_corpus(cfg: TokenizeConfig) -> Manifest:
             return done
     except ShardFormatError:
         pass
-    files = resolve_inputs(cfg.inputs)
+    files, found = corpus_files(cfg)
     log.info("tokenizing %d files into %s", len(files), out)
     tokenizer_path = _prepare_tokenizer(cfg, files, out)
     tok = load_tokenizer(tokenizer_path)
     dtype = token_dtype(tok.get_vocab_size())
-    metas = _tokenize_files(cfg, files, out, tokenizer_path)
+    tasks = _tasks(cfg, files)
+    metas = _tokenize_files(cfg, tasks, out, tokenizer_path)
+    write_file_list(out, metas, found)
 
     rejected: Counter = Counter()
     samples: list[dict] = []
@@ -291,7 +391,7 @@ def tokenize_corpus(cfg: TokenizeConfig) -> Manifest:
                            "".join(json.dumps(s) + "\n" for s in samples[: cfg.max_rejected_samples]))
     manifest = Manifest(dtype=dtype.name, vocab_size=tok.get_vocab_size(), eot_id=eot_id(tok),
                         tokenizer_sha256=tokenizer_sha256(tok), shard_tokens=cfg.shard_tokens,
-                        shards={s: _pack(out, s, len(files), cfg.shard_tokens, dtype) for s in SPLITS},
+                        shards={s: _pack(out, s, len(tasks), cfg.shard_tokens, dtype) for s in SPLITS},
                         docs={s: sum(m[s]["docs"] for m in metas) for s in SPLITS},
                         rejected=dict(sorted(rejected.items())), inputs=len(files), config=to_dict(cfg))
     manifest.root = out
