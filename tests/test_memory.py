@@ -1,7 +1,7 @@
 """Memory options (app/train/parallel.py, app/train/offload.py, app/train/memory_plan.py): same numbers, less memory."""
 import copy
-import copy
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -293,3 +293,78 @@ def test_estimate_with_bf16_master_weights():
     for mem in (MemoryConfig(offload_optimizer=True), MemoryConfig(fsdp=True)):
         assert estimate("gpt2-1.5b", 16384, 1, mem, master_weights=True) == estimate("gpt2-1.5b", 16384, 1, mem)
     assert plan("gpt2-1.5b", 80, 65536, master_weights=True).estimate.peak < plan("gpt2-1.5b", 80, 65536).estimate.peak
+
+
+def _measured_probes():
+    import glob
+    import json
+
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "bench", "results", "memory*.json"))):
+        with open(path) as fh:
+            run = json.load(fh)
+        for res in run.get("results", []):
+            for probe in res.get("probes", []):
+                yield run, res, probe
+
+
+def test_planner_predicts_the_measured_peaks_within_10_percent():
+    """Every probe bench/memory.py measured (committed JSON) replayed through the planner: the GPU peak
+    (max_memory_allocated) and, where measured, the host peak within 10%; a probe that ran out of GPU
+    memory was predicted not to fit."""
+    checked = 0
+    for run, res, probe in _measured_probes():
+        if "seq_len" not in probe or "memory" not in res:
+            continue
+        mem = MemoryConfig(**res["memory"])
+        e = estimate(probe["preset"], probe["seq_len"], 1, mem, fused_loss=True)
+        if probe.get("ok") and "peak_gb" in probe:
+            assert e.peak / 1e9 == pytest.approx(probe["peak_gb"], rel=0.10), (res["option"], probe["seq_len"])
+            if "host_peak_gb" in probe:
+                assert e.host / 1e9 == pytest.approx(probe["host_peak_gb"], rel=0.10), (res["option"], probe["seq_len"])
+            checked += 1
+        elif probe.get("oom"):
+            assert e.gpu_need / 1e9 > run.get("gpu_total_gb", 80.0), (res["option"], probe["seq_len"])
+            checked += 1
+    assert checked > 0
+
+
+def test_host_available_reads_meminfo_and_the_cgroup_limit(tmp_path):
+    from app.train.memory_plan import host_available_gb
+
+    proc, cg = tmp_path / "proc", tmp_path / "cg"
+    proc.mkdir()
+    cg.mkdir()
+    (proc / "meminfo").write_text("MemTotal:       134217728 kB\nMemAvailable:   125000000 kB\n")
+    assert host_available_gb(str(proc), str(cg)) == pytest.approx(125000000 * 1024 / 1e9)
+    (cg / "memory.max").write_text("max\n")
+    (cg / "memory.current").write_text("1000\n")
+    assert host_available_gb(str(proc), str(cg)) == pytest.approx(125000000 * 1024 / 1e9)  # no limit
+    (cg / "memory.max").write_text(f"{64 * 10**9}\n")
+    (cg / "memory.current").write_text(f"{4 * 10**9}\n")
+    assert host_available_gb(str(proc), str(cg)) == pytest.approx(60.0)  # cgroup v2: the limit's room
+    (cg / "memory.max").unlink()
+    (cg / "memory").mkdir()
+    (cg / "memory" / "memory.limit_in_bytes").write_text(f"{32 * 10**9}\n")
+    (cg / "memory" / "memory.usage_in_bytes").write_text(f"{2 * 10**9}\n")
+    assert host_available_gb(str(proc), str(cg)) == pytest.approx(30.0)  # cgroup v1
+
+
+def test_planner_respects_the_host_budget_and_refuses_in_one_line():
+    from app.config import ConfigError
+    from app.train.memory_plan import resolve
+
+    for host_gb in (110.0, 150.0):  # 256K of llama3-8b: the CPU optimizer alone holds ~64 GB of host memory
+        p = plan("llama3-8b", 80, 262144, host_gb=host_gb)
+        assert p.fits and p.estimate.host <= host_gb * 1e9 and p.estimate.gpu_need <= 79e9
+        assert p.memory.offload_activations and p.memory.offload_optimizer
+    tight = plan("llama3-8b", 80, 262144, host_gb=110.0)
+    assert tight.memory.offload_dtype == "fp8"  # bf16 layer inputs (~69 GB) would not fit beside the optimizer
+    # with room on the GPU, blocks keep their inputs there and the host holds less
+    p128 = plan("llama3-8b", 80, 131072, host_gb=110.0)
+    assert 0 < p128.memory.offload_keep_layers < 32
+    assert p128.estimate.host_activations < estimate("llama3-8b", 131072, 1, replace(p128.memory, offload_keep_layers=0)).host_activations
+    with pytest.raises(ConfigError, match=r"^memory.auto: .* host short by [0-9.]+ GB") as err:
+        resolve(MemoryConfig(auto=True), "llama3-8b", 262144, 1, 80.0, host_gb=60.0)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"GPU short by [0-9.]+ GB"):
+        resolve(MemoryConfig(auto=True), "llama3-8b", 1 << 20, 1, 80.0, host_gb=500.0)

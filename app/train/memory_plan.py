@@ -78,23 +78,43 @@ class MemoryConfig:
 # TRANSIENT_F: bytes of one ffn-wide bf16 gradient; the MLP's backward holds mlp_inputs + 1 of them (SwiGLU: dgate,
 # dup, dproduct).
 TRANSIENT_D, TRANSIENT_F = 12, 2  # 3 residual-wide grads (x r bytes / 4 here: 12 -> 3 r d)
-ALLOCATOR_SLACK = 1.08  # caching-allocator fragmentation on top of the live bytes
+# `peak` predicts torch.cuda.max_memory_allocated; the GPU must also hold the allocator's fragmentation. With
+# expandable segments the allocator unmaps cached free pages before it reports out of memory, so the reserved
+# bytes beyond the live ones (bench/results/memory_*.json: reserved_gb vs peak_gb) are mostly a cache, not a need.
+ALLOCATOR_SLACK = 1.05
 OFFLOAD_RING_BYTES = 4 * 16 * 2**20 * 2 * 2  # app.train.offload: 4 pinned slots x 16M bf16 elements, grads + params
 CUDA_CONTEXT_GB = 0.6  # CUDA context + cuBLAS workspaces are outside max_memory_allocated, but not outside the GPU
+PREFETCH_BYTES = 2 * GiB  # app.train.parallel.ActivationOffloader's prefetch window (stored bytes)
+# Host memory of a training process beyond the options' buffers: the CUDA runtime, torch's libraries, Python
+# and the data loader (an estimate: bench/memory.py measures the host peak beside the prediction).
+HOST_FIXED_GB = 5.0
+KEEP_MARGIN = 0.95  # plan: blocks kept on the GPU under activation offload fill at most this share of its budget
+HOST_SAFETY = 0.9  # the auto host budget: this share of what the machine has available (the kernel, other processes)
+
+
+def _pow2(n: float) -> float:
+    """torch's caching host allocator hands out pinned blocks rounded up to a power of two."""
+    return float(1 << max(int(n) - 1, 0).bit_length()) if n > 0 else 0.0
 
 
 @dataclass
 class Estimate:
-    """Bytes of one training step at its peak, by part (GPU), and the host memory the options need."""
+    """Bytes of one training step at its peak, by part: GPU (`peak` = the live bytes, what
+    torch.cuda.max_memory_allocated reports; `gpu_need` adds fragmentation and the CUDA context) and host
+    (`host` = the CPU optimizer's state and staging, the pinned copies of offloaded activations, and the
+    process's fixed share)."""
 
     weights: float
     grads: float
     optimizer: float
-    activations: float
+    activations: float  # on the GPU
     loss: float
     transient: float
-    peak: float  # GPU peak (sum of the parts x ALLOCATOR_SLACK)
-    host: float  # CPU memory: offloaded optimizer + pinned activation copies
+    peak: float  # GPU: max_memory_allocated
+    gpu_need: float  # GPU memory the step needs: peak x ALLOCATOR_SLACK + the CUDA context
+    host_optimizer: float
+    host_activations: float  # pinned copies of the offloaded activations (whole power-of-two blocks)
+    host: float  # host peak: the two above + HOST_FIXED_GB
 
     def gb(self) -> dict[str, float]:
         return {k: round(v / GB, 2) for k, v in asdict(self).items()}
@@ -108,12 +128,21 @@ class Plan:
     fits: bool
     step_s: float  # estimated seconds per step (app.train.memory_plan.step_seconds)
     gpu_gb: float
+    host_gb: float  # the host budget the plan was made for
     considered: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {"memory": asdict(self.memory), "label": self.memory.label(), "fused_loss": self.fused_loss,
-                "fits": self.fits, "step_s": self.step_s, "gpu_gb": self.gpu_gb, "estimate_gb": self.estimate.gb(),
-                "considered": self.considered}
+                "fits": self.fits, "step_s": self.step_s, "gpu_gb": self.gpu_gb, "host_gb": self.host_gb,
+                "estimate_gb": self.estimate.gb(), "considered": self.considered}
+
+    def shortfall(self) -> str:
+        """One line: which budget the plan misses and by how much (empty when it fits)."""
+        e, short = self.estimate, []
+        for name, need, have in (("GPU", e.gpu_need / GB, self.gpu_gb), ("host", e.host / GB, self.host_gb)):
+            if need > have:
+                short.append(f"{name} short by {need - have:.1f} GB (needs {need:.1f} of {have:.1f})")
+        return "; ".join(short)
 
 
 def _shape(preset_or_cfg):
@@ -158,9 +187,26 @@ def layer_activation_bytes(cfg, checkpointing: str, residual_bytes: int) -> floa
     raise ValueError(checkpointing)
 
 
+def _offloaded(cfg, mem: MemoryConfig, T: int, r: int) -> tuple[float, float]:
+    """(GPU bytes, host bytes) of the saved activations under activation offload: the kept blocks' and the
+    copies in flight (the block in use + the prefetch window) on the GPU; the pinned copies on the host
+    (FP8: one byte a value + a 4-byte scale per token, held as two pinned blocks)."""
+    L = cfg.n_layer
+    per_layer = layer_activation_bytes(cfg, mem.checkpointing, r) * T
+    kept = min(mem.offload_keep_layers, L)
+    moved = L - kept
+    if mem.offload_dtype == "fp8":
+        stored = [per_layer / r, 4 * T]
+    else:
+        stored = [per_layer]
+    host = moved * sum(_pow2(b) for b in stored)
+    window = min(moved * per_layer, 2 * per_layer + PREFETCH_BYTES * per_layer / sum(stored))
+    return kept * per_layer + window, host
+
+
 def estimate(preset_or_cfg, seq_len: int, batch: int = 1, mem: MemoryConfig | None = None, *,
              fused_loss: bool = True, world_size: int = 1, master_weights: bool = False) -> Estimate:
-    """Peak GPU bytes (and host bytes) of one training step (forward, backward, AdamW step) under `mem`.
+    """Peak GPU bytes and host bytes of one training step (forward, backward, AdamW step) under `mem`.
     `master_weights`: bf16 weights and gradients with fp32 masters on the GPU (app/train/master.py) where `mem`
     has neither the CPU optimizer nor FSDP (which bring their own mixed precision)."""
     cfg = _shape(preset_or_cfg)
@@ -171,18 +217,18 @@ def estimate(preset_or_cfg, seq_len: int, batch: int = 1, mem: MemoryConfig | No
     master_weights = master_weights and not (mem.offload_optimizer or mem.fsdp)
     bf16_params = mem.offload_optimizer or mem.fsdp or master_weights  # FSDP2 unshards to bf16 (mixed precision)
     r = 2 if bf16_params else 4
-    host = 0.0
+    host_opt = host_acts = 0.0
     block_params = P - V * d * (1 if cfg.tie_embeddings else 2)
     block_params /= L
     if mem.offload_optimizer:
         weights, grads, optimizer = 2 * P, 2 * P, 0.0
-        host += _opt_host(cfg, mem)  # fp32 master + moments + pinned staging rings
+        host_opt = _opt_host(cfg, mem)  # fp32 master + moments + pinned staging rings
     elif mem.fsdp:
         n = max(world_size, 1)
         sharded = 16 * P / n  # fp32 params + grads + Adam moments, this rank's shard
         unsharded = 2 * 2 * block_params * 2 + 2 * (P - L * block_params)  # two bf16 blocks in flight + root
         if mem.fsdp_cpu_offload:
-            weights, grads, optimizer, host = unsharded, 2 * 2 * block_params, 0.0, host + sharded
+            weights, grads, optimizer, host_opt = unsharded, 2 * 2 * block_params, 0.0, sharded
         else:
             weights, grads, optimizer = 4 * P / n + unsharded, 4 * P / n, 8 * P / n
     elif master_weights:
@@ -190,14 +236,15 @@ def estimate(preset_or_cfg, seq_len: int, batch: int = 1, mem: MemoryConfig | No
     else:
         weights, grads, optimizer = 4 * P + 2 * P, 4 * P, 8 * P  # fp32 + autocast's bf16 copies, fp32 grads, Adam
 
-    per_layer = layer_activation_bytes(cfg, mem.checkpointing, r) * T
-    acts = L * per_layer
     if mem.offload_activations:
-        host += acts
-        acts = min(acts, 2 * per_layer + 2 * GiB)  # the copies in flight and the prefetch window
+        acts, host_acts = _offloaded(cfg, mem, T, r)
+    else:
+        acts = L * layer_activation_bytes(cfg, mem.checkpointing, r) * T
     acts += 2 * T * cfg.head_dim * r + 8 * T  # rotary tables, token ids
     # backward of one block: gradients of the residual, of q/k/v/out and of the MLP (per MLP tile when
-    # tiled), plus what that block recomputes (selective: norms and the MLP's activation; full: its selective set)
+    # tiled), plus what that block recomputes (selective: norms and the MLP's activation; full: its selective
+    # set, the MLP's part per tile; the norms' fp32 recompute runs at each norm's own backward, after the
+    # attention's or the MLP's saved tensors and gradients are freed, so it is not on top of them)
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     g = cfg.mlp_inputs
     tile = min(T, mem.mlp_chunk) if mem.checkpointing == "full" and mem.mlp_chunk else T
@@ -205,16 +252,53 @@ def estimate(preset_or_cfg, seq_len: int, batch: int = 1, mem: MemoryConfig | No
     if mem.checkpointing == "selective":
         transient += T * (8 * d + 2 * g * f)
     elif mem.checkpointing == "full":
-        transient += (layer_activation_bytes(cfg, "selective", r) * T - 2 * g * f * (T - tile)
-                      + T * (8 * d + 2 * g * f))
+        transient += layer_activation_bytes(cfg, "selective", r) * T - 2 * g * f * (T - tile) + tile * 2 * g * f
     # final norm and the loss
     loss = T * (4 * d + 4 + r * d + 2 * d)
     if fused_loss:  # grad_weight (fp32) and grad_hidden kept from forward, one chunk of logits
         loss += 4 * V * d + 2 * T * d + 2 * 2 * T * d
     else:  # bf16 logits, fp32 copy, log_softmax output, its gradient
         loss += 14 * T * V
-    peak = (weights + grads + optimizer + acts + max(loss, transient)) * ALLOCATOR_SLACK
-    return Estimate(weights, grads, optimizer, acts, loss, transient, peak, host)
+    peak = weights + grads + optimizer + acts + max(loss, transient)
+    return Estimate(weights, grads, optimizer, acts, loss, transient, peak,
+                    peak * ALLOCATOR_SLACK + CUDA_CONTEXT_GB * GB, host_opt, host_acts,
+                    host_opt + host_acts + HOST_FIXED_GB * GB)
+
+
+def host_available_gb(proc: str = "/proc", cgroup: str = "/sys/fs/cgroup") -> float:
+    """Host memory this process may still use, in GB: /proc/meminfo's MemAvailable, lowered to the room
+    left under a cgroup limit when one is set (cgroup v2 memory.max - memory.current; v1
+    memory.limit_in_bytes - memory.usage_in_bytes)."""
+    avail = float("inf")
+    try:
+        with open(f"{proc}/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(f"{cgroup}/{limit}") as fh:
+                raw = fh.read().strip()
+            with open(f"{cgroup}/{usage}") as fh:
+                used = int(fh.read().strip())
+        except (OSError, ValueError):
+            continue
+        if raw.isdigit() and int(raw) < 1 << 60:  # "max" / v1's huge number: no limit
+            avail = min(avail, max(int(raw) - used, 0))
+    if avail == float("inf"):
+        raise RuntimeError(f"cannot read the host's available memory from {proc}/meminfo")
+    return avail / GB
+
+
+def host_budget_gb(mem: MemoryConfig, sharers: int = 1) -> float:
+    """The host budget of a plan: `mem.host_budget_gb`, or (0) HOST_SAFETY x what the machine has available,
+    split between the `sharers` training processes of this node."""
+    if mem.host_budget_gb > 0:
+        return mem.host_budget_gb
+    return HOST_SAFETY * host_available_gb() / max(sharers, 1)
 
 
 # Step-time model for ranking plans (bench/memory.py measures the real numbers): achieved bf16 FLOP/s,
@@ -238,8 +322,7 @@ def step_seconds(preset_or_cfg, seq_len: int, batch: int, mem: MemoryConfig, est
         flops *= 1.02
     t = flops / GPU_FLOPS
     if mem.offload_activations:
-        est = est or estimate(cfg, seq_len, batch, mem)
-        acts = est.host - (_opt_host(cfg, mem) if mem.offload_optimizer else 0)
+        acts = (est or estimate(cfg, seq_len, batch, mem)).host_activations  # bytes each way
         t += max(0.0, acts / PCIE_BPS - t / 3) + max(0.0, acts / PCIE_BPS - 2 * t / 3)
     if mem.offload_optimizer:
         P = num_params(cfg)
@@ -254,7 +337,8 @@ def _opt_host(cfg, mem: MemoryConfig) -> float:
 
 
 def candidates(world_size: int = 1) -> list[MemoryConfig]:
-    """The option sets the planner weighs, from the cheapest in speed."""
+    """The option sets the planner weighs, from the cheapest in speed (how many blocks keep their inputs on
+    the GPU under activation offload is `plan`'s choice)."""
     out = []
     for opt in ({}, {"offload_optimizer": True}, {"offload_optimizer": True, "optimizer_state_dtype": "bf16"}):
         for ck in CHECKPOINTING:
@@ -263,7 +347,9 @@ def candidates(world_size: int = 1) -> list[MemoryConfig]:
                     continue  # offloading every saved tensor moves ~20x the bytes of full checkpointing
                 out.append(MemoryConfig(checkpointing=ck, offload_activations=act, **opt))
                 if ck == "full":
-                    out.append(MemoryConfig(checkpointing=ck, offload_activations=act, mlp_chunk=16384, **opt))
+                    for dtype in ("native", "fp8") if act else ("native",):
+                        out.append(MemoryConfig(checkpointing=ck, offload_activations=act, mlp_chunk=16384,
+                                                offload_dtype=dtype, **opt))
     if world_size > 1:
         for ck in CHECKPOINTING:
             for cpu in (False, True):
@@ -271,44 +357,68 @@ def candidates(world_size: int = 1) -> list[MemoryConfig]:
     return out
 
 
+def _options(mem: MemoryConfig) -> int:
+    """How many speed-costing options `mem` turns on (the planner's tie-break: fewer is simpler)."""
+    return (CHECKPOINTING.index(mem.checkpointing) + (mem.mlp_chunk > 0) + mem.offload_activations
+            + (mem.offload_dtype == "fp8") + mem.offload_optimizer)
+
+
 def plan(preset_or_cfg, gpu_gb: float, seq_len: int, batch: int = 1, *, host_gb: float = 100.0,
          fused_loss: bool = True, world_size: int = 1, headroom_gb: float = 1.0, master_weights: bool = False) -> Plan:
-    """The fastest (by `step_seconds`) option set whose estimated peak fits in `gpu_gb` (less the CUDA context and
-    `headroom_gb`) and whose host memory fits in `host_gb`; ties go to the lower peak. When nothing fits,
-    the set with the lowest peak, with fits=False. `master_weights`: as in `estimate`."""
-    budget = (gpu_gb - CUDA_CONTEXT_GB - headroom_gb) * GB
+    """The fastest (by `step_seconds`) option set whose `gpu_need` fits in `gpu_gb` less `headroom_gb` and whose
+    host peak fits in `host_gb`; within 1% of the fastest, the fewest options, then the lower GPU peak.
+    Under activation offload, the last blocks keep their inputs on the GPU, as many as its budget holds (fewer
+    transfers). When nothing fits, the set closest to fitting (the least shortfall, as shares of the two
+    budgets), with fits=False. `master_weights`: as in `estimate`."""
+    gpu_budget, host_budget = (gpu_gb - headroom_gb) * GB, host_gb * GB
+    L = _shape(preset_or_cfg).n_layer
+
+    def est(m: MemoryConfig) -> Estimate:
+        return estimate(preset_or_cfg, seq_len, batch, m, fused_loss=fused_loss, world_size=world_size,
+                        master_weights=master_weights)
+
     rows = []
     for mem in candidates(world_size):
-        e = estimate(preset_or_cfg, seq_len, batch, mem, fused_loss=fused_loss, world_size=world_size,
-                     master_weights=master_weights)
-        ok = e.peak <= budget and e.host <= host_gb * GB
+        e = est(mem)
+        if mem.offload_activations and e.gpu_need <= gpu_budget:
+            keep = max((k for k in range(1, L + 1)  # a margin: each kept block is a little speed, an OOM a run
+                        if est(replace(mem, offload_keep_layers=k)).gpu_need <= KEEP_MARGIN * gpu_budget), default=0)
+            if 0 < keep < L:  # all of them kept is the same set without offload
+                mem = replace(mem, offload_keep_layers=keep)
+                e = est(mem)
+        ok = e.gpu_need <= gpu_budget and e.host <= host_budget
         rows.append((mem, e, ok, step_seconds(preset_or_cfg, seq_len, batch, mem, e)))
     fitting = [r for r in rows if r[2]]
     if fitting:
-        # the fastest; within 1% of it (offload hidden behind compute) the fewest options, then the lower peak
         best = min(r[3] for r in fitting)
         near = [r for r in fitting if r[3] <= best * 1.01]
-        mem, e, ok, s = min(near, key=lambda r: (CHECKPOINTING.index(r[0].checkpointing) + (r[0].mlp_chunk > 0)
-                                                 + r[0].offload_activations + r[0].offload_optimizer, r[1].peak))
+        mem, e, ok, s = min(near, key=lambda r: (_options(r[0]), r[1].peak))
     else:
-        mem, e, ok, s = min(rows, key=lambda r: (r[1].host > host_gb * GB, r[1].peak))
-    considered = [{"label": m.label(), "peak_gb": round(x.peak / GB, 2), "host_gb": round(x.host / GB, 2),
-                   "fits": k, "step_s": round(sp, 3)} for m, x, k, sp in rows]
-    return Plan(replace(mem), fused_loss, e, ok, round(s, 3), gpu_gb, considered)
+        mem, e, ok, s = min(rows, key=lambda r: max(r[1].gpu_need / gpu_budget - 1, 0)
+                            + max(r[1].host / host_budget - 1, 0))
+    considered = [{"label": m.label(), "peak_gb": round(x.peak / GB, 2), "gpu_need_gb": round(x.gpu_need / GB, 2),
+                   "host_gb": round(x.host / GB, 2), "fits": k, "step_s": round(sp, 3)} for m, x, k, sp in rows]
+    return Plan(replace(mem), fused_loss, e, ok, round(s, 3), gpu_gb - headroom_gb, host_gb, considered)
 
 
 def resolve(mem: MemoryConfig, preset_or_cfg, seq_len: int, batch: int, gpu_gb: float, **kw) -> MemoryConfig:
-    """`mem` itself, or the planner's choice when `mem.auto` (keeps the explicit non-default fields)."""
+    """`mem` itself, or the planner's choice when `mem.auto`; raises ConfigError (one line: which budget is
+    short and by how much) when no option set fits both the GPU and the host."""
     if not mem.auto:
         return mem
-    return plan(preset_or_cfg, gpu_gb, seq_len, batch, **kw).memory
+    p = plan(preset_or_cfg, gpu_gb, seq_len, batch, **kw)
+    if not p.fits:
+        name = preset_or_cfg if isinstance(preset_or_cfg, str) else getattr(preset_or_cfg, "name", "the model")
+        raise ConfigError(f"memory.auto: no option set trains {name} at {seq_len} tokens x {batch}; the closest, "
+                          f"{p.memory.label()}: {p.shortfall()}")
+    return replace(p.memory, host_budget_gb=mem.host_budget_gb)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="llama3-8b")
     ap.add_argument("--gpu_gb", type=float, default=80.0)
-    ap.add_argument("--host_gb", type=float, default=100.0)
+    ap.add_argument("--host_gb", type=float, default=0.0, help="host budget (0: what this machine has available)")
     ap.add_argument("--seq_len", type=int, default=131072)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--world_size", type=int, default=1)
@@ -319,10 +429,12 @@ def main(argv: list[str] | None = None) -> None:
     from app.model.gpt import ModelConfig
 
     cfg = ModelConfig.preset(a.preset, **({"vocab_size": a.vocab_size} if a.vocab_size else {}))
-    p = plan(cfg, a.gpu_gb, a.seq_len, a.batch, host_gb=a.host_gb, fused_loss=not a.no_fused_loss,
+    host_gb = a.host_gb or host_budget_gb(MemoryConfig())
+    p = plan(cfg, a.gpu_gb, a.seq_len, a.batch, host_gb=host_gb, fused_loss=not a.no_fused_loss,
              world_size=a.world_size)
     out = p.summary()
     out.update(preset=a.preset, seq_len=a.seq_len, batch=a.batch, params_b=round(num_params(cfg) / 1e9, 3))
+    out["shortfall"] = p.shortfall()
     if not a.all:
         out.pop("considered")
     print(json.dumps(out, indent=2))

@@ -387,20 +387,22 @@ def compiles_per_block(mem: MemoryConfig) -> bool:
 
 def resolve_memory(mem: MemoryConfig, mcfg, seq_len: int, micro_batch: int, device: torch.device | str,
                    world_size: int = 1, fused_loss: bool = True, master_weights: bool = False) -> MemoryConfig:
-    """`mem`, or with `mem.auto` the planner's choice for this GPU's memory and this host's RAM (on CPU:
-    no option, as CPU runs are small). `master_weights`: the run keeps bf16 weights with fp32 masters
-    where the chosen options allow (`memory_plan.estimate`)."""
-    from app.train.memory_plan import resolve
+    """`mem`, or with `mem.auto` the planner's choice for this GPU's memory and the host budget
+    (`mem.host_budget_gb`, or what the machine has available, shared by this node's training processes:
+    LOCAL_WORLD_SIZE, which Ray Train sets); on CPU no option, as CPU runs are small. Raises ConfigError when
+    nothing fits. `master_weights`: the run keeps bf16 weights with fp32 masters where the chosen options
+    allow (`memory_plan.estimate`)."""
+    import os
+
+    from app.train.memory_plan import host_budget_gb, resolve
 
     device = torch.device(device)
     if not mem.auto:
         return mem
     if device.type != "cuda":
         return MemoryConfig()
-    import os
-
     gpu_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
-    host_gb = 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    host_gb = host_budget_gb(mem, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return resolve(mem, mcfg, seq_len, micro_batch, gpu_gb, host_gb=host_gb, world_size=world_size,
                    fused_loss=fused_loss, master_weights=master_weights)
 
