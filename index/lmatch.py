@@ -553,6 +553,17 @@ class LMatchIndex:
         nxt, L, _ = self._lookup(self.query_lanes(context_ids))
         return nxt, L
 
+    def continuation(self, context_ids: Sequence[int], k: int) -> tuple[list[int], int]:
+        """(up to k tokens that followed the longest earliest match of `context_ids` in the train split,
+        match length): the match's follower (`lookup`'s next id) and the tokens after it, ending with its
+        document's EOT at the latest; ([], 0) when nothing matches. A draft for speculative decoding."""
+        _, L, j = self._lookup(self.query_lanes(context_ids))
+        if L == 0 or k < 1:
+            return [], L
+        nxt = self.stream.read(j + 1, j + 1 + k).tolist()
+        end = nxt.index(self.eot) + 1 if self.eot in nxt else len(nxt)
+        return nxt[:end], L
+
     def lookup_batch(self, contexts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Many contexts: (next ids, lengths) arrays."""
         nd = next_dtype(self.vocab_size)

@@ -3,7 +3,8 @@ and CUDA-graph decode against eager decode and `generate` (GPU)."""
 import pytest
 import torch
 
-from app.serve.engine import DecodeState, Engine, SamplingParams, Sequence, batch_buckets, bucket_for
+from app.serve.engine import (DecodeState, Engine, SamplingParams, Sequence, batch_buckets, bucket_for,
+                              length_buckets)
 from app.serve.generate import generate, sample_tokens, sampling_kind, uniforms
 from app.model.gpt import GPT, ModelConfig
 
@@ -34,6 +35,27 @@ def test_batch_buckets():
     assert batch_buckets(5) == [1, 2, 4, 5]
     assert batch_buckets(128) == [1, 2, 4, 8, 16, 32, 64, 128]
     assert [bucket_for(r, [1, 2, 4, 5]) for r in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, 5]
+
+
+def test_length_buckets():
+    assert length_buckets(64, 1032) == [64, 128, 256, 512, 1024, 1032]
+    assert length_buckets(16, 40) == [16, 32, 40]
+    assert length_buckets(0, 100) == [100] and length_buckets(128, 64) == [64]
+
+
+def test_reading_only_the_used_length_decodes_like_reading_all():
+    """Attention over the used length's bucket (8, 16, 32, 64 keys) gives the tokens of whole-cache reads."""
+    m = tiny()
+    ps, params = prompts(8), [mixed(i, max_tokens=20) for i in range(8)]
+
+    def run(kv_bucket: int) -> list[list[int]]:
+        engine = Engine(m, eot_id=None, max_batch=4, max_len=64, kv_bucket=kv_bucket)
+        seqs = [engine.submit(p, q) for p, q in zip(ps, params)]
+        while not all(s.done for s in seqs):
+            engine.step()
+        return [s.tokens for s in seqs]
+
+    assert run(8) == run(0)
 
 
 def test_state_places_each_sequences_uniforms_from_its_prompt_end():

@@ -10,12 +10,22 @@ A sequence finishes at its stop id, its token budget, the context's end, its dea
 
 Decode runs on static memory: every slot's last token, position, sampling parameters and uniforms live
 in device tensors (`DecodeState`), and a step decodes cache rows [0, n) for n the smallest batch bucket
-(1, 2, 4, ... max_batch) holding every active slot, whatever their lengths (`DecodeSlots` masks each row
-to its own keys). So a step's shapes depend on n only: on CUDA (`cuda_graphs`) each bucket's step is
-captured once as a CUDA graph and replayed; elsewhere the same code runs eagerly. A step reads one
-tensor back (the new tokens); free rows inside the bucket are computed and ignored.
+(1, 2, 4, ... max_batch) holding every active slot, reading the first L cached positions for L the
+smallest length bucket (kv_bucket, 2 kv_bucket, ... max_len) holding the longest active sequence
+(`DecodeSlots` masks each row to its own keys). So a step's shapes depend on (n, L) only: on CUDA
+(`cuda_graphs`) each pair's step is captured once as a CUDA graph and replayed; elsewhere the same code
+runs eagerly. A step reads one tensor back (the new tokens); free rows inside the bucket are computed and
+ignored.
 
-Memory is bounded: the KV cache is allocated once ([max_batch, heads, max_len, head_dim] per layer),
+Speculative decoding (a `drafter`, app/serve/speculative.py): before a step each running sequence may get
+up to its `draft_tokens` drafts (from the LMatch index's continuation of its context, or from its own
+text); when any has one, the step is a verify step instead: every row reads its last token and K drafts
+(K the drafts' bucket, rows with fewer masked by their count) in one forward, accepts the longest prefix
+speculative sampling agrees with, and emits those drafts plus one token (greedy: exactly plain decoding's
+tokens). A row's position advances by what it accepted + 1; the keys of rejected drafts lie past it and
+are overwritten by its next tokens. Verify steps are graphed per (n, K, L) on first use.
+
+Memory is bounded: the KV cache is allocated once ([max_batch, heads, max_len + max_draft, head_dim] per layer),
 at most `max_batch` sequences are active and `max_queue` wait; `submit` raises `EngineFull` (with a
 retry-after estimate) beyond that. Sampling is per row from the sequence's own seeded uniforms
 (app.serve.generate.sample_tokens), so a seed gives the same tokens alone, batched, or through `generate`.
@@ -46,6 +56,7 @@ from app.serve.generate import check_args, forward_last, sample_tokens, sampling
 from app.log import get_logger
 from app.model.gpt import GPT
 from app.serve.kvcache import KVCache
+from app.serve.speculative import Drafter, verify
 
 log = get_logger(__name__)
 
@@ -78,6 +89,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; n >= 0: the chosen token's logprob and the n most likely
     timeout_s: float | None = None  # from submission; the sequence then finishes with "timeout"
     stop_ids: Seq[int] | None = None  # None = the engine's eot id
+    draft_tokens: int | None = None  # speculative drafts per step (0 = off); None = the engine's default
 
 
 @dataclass
@@ -104,13 +116,14 @@ class Sequence:
         self.slot: int | None = None
         self.budget = 0
         self.kind = "greedy"  # app.serve.generate.sampling_kind of the params
+        self.draft = 0  # speculative drafts per step (0 = off)
         self.stops: frozenset[int] = frozenset()  # token ids that end it
         self.index_ms = 0.0  # time in the lmatch / kNN hooks for this sequence
         self.t_submit = time.monotonic()
         self.t_first: float | None = None
         self.t_done: float | None = None
         self.listener: Callable[[], None] | None = None
-        self._context: list[int] = []  # prompt + tokens, when an lmatch hook reads it
+        self._context: list[int] = []  # prompt + tokens, when an lmatch hook or a drafter reads it
         self._cancel: str | None = None
         self._cond = threading.Condition()  # iter_tokens waits on it: woken at every token
         self._finished = threading.Event()  # wait waits on it: woken once
@@ -158,6 +171,15 @@ def batch_buckets(max_batch: int) -> list[int]:
     return out + [max_batch] if out[-1] < max_batch else out
 
 
+def length_buckets(first: int, total: int) -> list[int]:
+    """The key counts attention reads are padded to: first, 2 first, 4 first, ... below total, then total
+    (first 0: total only, the whole cache every step)."""
+    out = []
+    while 0 < first < total and (not out or out[-1] < total):
+        out.append(min(total, first << len(out)))
+    return out if out and out[-1] == total else out + [total]
+
+
 def bucket_for(rows: int, buckets: Seq[int]) -> int:
     """The smallest bucket >= rows (rows <= the largest bucket)."""
     return next(b for b in buckets if b >= rows)
@@ -167,15 +189,19 @@ class DecodeState:
     """Per-slot decode inputs in device memory, [max_batch] each unless noted, written at admission and by
     each decode step (never rebuilt from Python lists per step):
     tok: the last sampled token (the next input); pos: the number of filled KV positions (where tok goes);
-    lm: its lmatch id (written per step by the engine, when there is an lmatch hook);
+    lm: its lmatch id (written per step by the engine, when there is an lmatch hook); drafts [max_batch,
+    max_draft], n_draft, lm_draft [max_batch, max_draft + 1]: a speculative step's drafts and lmatch ids;
     temperature / top_k / top_p: the sampling parameters; u [max_batch, max_len + 1]: u[slot, p] is the
     uniform that samples the token at position p (the sequence's seeded `uniforms`, from its prompt end)."""
 
-    def __init__(self, max_batch: int, max_len: int, none_id: int, device: torch.device):
+    def __init__(self, max_batch: int, max_len: int, none_id: int, device: torch.device, max_draft: int = 0):
         long = dict(dtype=torch.long, device=device)
         self.tok = torch.zeros(max_batch, **long)
         self.pos = torch.zeros(max_batch, **long)
         self.lm = torch.full((max_batch,), none_id, **long)
+        self.drafts = torch.zeros(max_batch, max_draft, **long)  # a verify step's draft tokens per row
+        self.n_draft = torch.zeros(max_batch, **long)  # how many of them are real
+        self.lm_draft = torch.full((max_batch, max_draft + 1), none_id, **long)  # lmatch ids of verified positions
         self.temperature = torch.zeros(max_batch, device=device)
         self.top_k = torch.zeros(max_batch, **long)
         self.top_p = torch.ones(max_batch, device=device)
@@ -200,71 +226,71 @@ class DecodeState:
 
 
 class DecodeSlots:
-    """Cache rows [0, n) as one decode batch (a `kv_cache` for GPT.trunk): row r's one new token goes to
-    position pos[r] and attends the row's keys 0..pos[r]; attention reads the whole cache length under a
-    mask, so no shape depends on the rows' lengths and a forward through this can be graph-captured.
-    The engine moves `pos` itself (after sampling); free rows write at their clamped position, unread."""
+    """Cache rows [0, n) as one decode batch (a `kv_cache` for GPT.trunk): row r's `new` tokens go to positions
+    pos[r] + i and query i attends the row's keys 0..pos[r] + i among the first `length` positions (the used
+    length's bucket, so attention reads only those); no shape depends on the rows' own lengths, and a forward
+    through this can be graph-captured. The engine moves `pos` itself (after sampling); free rows write at
+    positions clamped into the read length, unread."""
 
-    def __init__(self, cache: KVCache, pos: torch.Tensor):
-        self.cache, self.batch = cache, pos.size(0)
-        self.pos = pos
-        self._rows = torch.arange(self.batch, device=pos.device)
-        self._at = pos.clamp(max=cache.max_len - 1)
-        self._keys = torch.arange(cache.max_len, device=pos.device)
-        self._mask = (self._keys[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, max_len]
+    def __init__(self, cache: KVCache, pos: torch.Tensor, new: int, length: int):
+        self.cache, self.batch, self.length = cache, pos.size(0), length
+        self._rows = torch.arange(self.batch, device=pos.device)[:, None]
+        self._at = (pos[:, None] + torch.arange(new, device=pos.device)).clamp(max=length - 1)  # [n, new]
+        self._keys = torch.arange(length, device=pos.device)
+        self._mask = (self._keys <= self._at[:, :, None])[:, None]  # [n, 1, new, length]
 
     def positions(self, new: int, device: torch.device | str) -> torch.Tensor:
-        return self.pos[:, None]
+        return self._at
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ck, cv = self.cache.k[layer], self.cache.v[layer]
-        ck[self._rows, :, self._at] = k[:, :, 0]  # indexed dims first: [n, Hkv, D]
-        cv[self._rows, :, self._at] = v[:, :, 0]
-        return ck[:self.batch], cv[:self.batch]
+        ck[self._rows, :, self._at] = k.transpose(1, 2)  # indexed dims first: [n, new, Hkv, D]
+        cv[self._rows, :, self._at] = v.transpose(1, 2)
+        return ck[:self.batch, :, :self.length], cv[:self.batch, :, :self.length]
 
     def attn_mask(self, new: int, device: torch.device | str, window: int = 0) -> torch.Tensor:
-        """[n, 1, 1, max_len]: row r sees keys 0..pos[r], with a window w >= 1 only the w most recent."""
+        """[n, 1, new, length]: query i of row r sees keys 0..pos[r] + i, with a window w >= 1 only the w most
+        recent (positions clamped: a free row always keeps its last key, never a fully masked row)."""
         if not window:
             return self._mask
-        # From the clamped position: a free row's pos runs on past max_len, and a window past every key
-        # would leave it none (a fully masked row: NaN on some kernels); a live row's pos is below max_len.
-        return self._mask & (self._keys[None, :] > (self._at - window)[:, None])[:, None, None, :]
+        return self._mask & (self._keys > (self._at - window)[:, :, None])[:, None]
 
     def advance(self, new: int) -> None:
         pass
 
 
 class DecodeGraphs:
-    """CUDA graphs of `fn(n, kinds)` (a decode step over rows [0, n)), captured on first use of each
-    (n, kinds) and replayed after; the outputs are the graph's static tensors, valid until the next replay.
+    """CUDA graphs of `fn(*key)` (a decode or verify step over rows [0, n), key = its static shape and
+    sampling kinds), captured on first use of each key and replayed after; the outputs are the graph's
+    static tensors, valid until the next replay.
     Capture runs `fn` twice eagerly first (kernel selection, lazy init); those runs may move the decode
     state, so `state` (tok, pos) is saved and restored around them: the KV they write lies at or past each
     row's position, where the real step writes before anything reads it."""
 
-    def __init__(self, fn: Callable[[int, Kinds], tuple[torch.Tensor, ...]], state: DecodeState):
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], state: DecodeState,
+                 pool: Any = None):
         self.fn, self.state = fn, state
-        self.graphs: dict[tuple[int, Kinds], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if pool is None else pool
 
-    def __call__(self, n: int, kinds: Kinds) -> tuple[torch.Tensor, ...]:
-        key = (n, kinds)
+    def __call__(self, *key: Any) -> tuple[torch.Tensor, ...]:
         if key not in self.graphs:
-            self.graphs[key] = self.capture(n, kinds)
+            self.graphs[key] = self.capture(*key)
         graph, out = self.graphs[key]
         graph.replay()
         return out
 
-    def capture(self, n: int, kinds: Kinds) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
+    def capture(self, *key: Any) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
         saved = self.state.tok.clone(), self.state.pos.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.fn(n, kinds)
+                self.fn(*key)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.fn(n, kinds)
+            out = self.fn(*key)
         self.state.tok.copy_(saved[0])
         self.state.pos.copy_(saved[1])
         return graph, out
@@ -277,8 +303,12 @@ class Engine:
     def __init__(self, model: GPT, *, eot_id: int | None = None, vocab_limit: int | None = None,
                  max_batch: int = 32, max_queue: int = 256, max_len: int | None = None,
                  max_prefill_tokens: int = 4096, lmatch: LMatchLookup | None = None, knn: KnnFn | None = None,
-                 knn_lambda: float = 0.25, knn_temperature: float = 1.0, cuda_graphs: bool | None = None):
-        """`cuda_graphs`: replay decode steps as CUDA graphs (None = when the model is on CUDA)."""
+                 knn_lambda: float = 0.25, knn_temperature: float = 1.0, cuda_graphs: bool | None = None,
+                 drafter: Drafter | None = None, draft_tokens: int = 4, max_draft: int = 8, kv_bucket: int = 64):
+        """`cuda_graphs`: replay decode steps as CUDA graphs (None = when the model is on CUDA).
+        `drafter`: speculative decoding (None = off), `draft_tokens` drafts per step for requests that do
+        not say, at most `max_draft`; `kv_bucket`: the smallest number of cached positions attention reads
+        (powers of two of it up to max_len cover the longest sequence of a step; 0 = always all)."""
         cfg = model.cfg
         if bool(cfg.lmatch_vocab) != (lmatch is not None):
             raise ValueError("an lmatch index is needed exactly when the model has a retrieval-match table "
@@ -287,6 +317,11 @@ class Engine:
             raise ValueError("max_batch and max_prefill_tokens must be >= 1, max_queue >= 0")
         if not 0.0 <= knn_lambda <= 1.0 or knn_temperature <= 0:
             raise ValueError("knn_lambda must be in [0, 1] and knn_temperature > 0")
+        if drafter is not None and knn is not None:  # kNN mixes on the host per position: not with verify
+            raise ValueError("speculative decoding (a drafter) does not combine with a kNN index")
+        if not 0 <= draft_tokens <= max_draft or kv_bucket < 0:
+            raise ValueError(f"draft_tokens={draft_tokens} must be in [0, max_draft={max_draft}], "
+                             f"kv_bucket={kv_bucket} >= 0")
         self.model, self.cfg = model, cfg
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
@@ -295,16 +330,23 @@ class Engine:
         self.max_batch, self.max_queue, self.max_prefill_tokens = max_batch, max_queue, max_prefill_tokens
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         self.lmatch, self.knn, self.knn_lambda, self.knn_temperature = lmatch, knn, knn_lambda, knn_temperature
-        self.cache = KVCache(cfg, max_batch, self.max_len, self.device, self.dtype)
-        self.state = DecodeState(max_batch, self.max_len, cfg.vocab_size, self.device)
+        self.drafter, self.draft_tokens = drafter, draft_tokens
+        self.max_draft = max_draft if drafter is not None else 0
+        self.cache = KVCache(cfg, max_batch, self.max_len, self.device, self.dtype, spare=self.max_draft)
+        self.state = DecodeState(max_batch, self.max_len, cfg.vocab_size, self.device, self.max_draft)
         self.buckets = batch_buckets(max_batch)
+        self.lengths = length_buckets(kv_bucket, self.max_len + self.max_draft)
+        self.draft_buckets = batch_buckets(self.max_draft) if self.max_draft else []
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a model on CUDA (this one is on {self.device})")
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._step_fn = DecodeGraphs(self._decode_rows, self.state) if use_graphs else self._decode_rows
+        self._verify_fn = (DecodeGraphs(self._verify_rows, self.state, self._step_fn.pool) if use_graphs
+                           else self._verify_rows)
         self._kinds = {"greedy": 0, "plain": 0, "cut": 0}  # active sequences by sampling kind
-        self._lm_host = torch.full((max_batch,), cfg.vocab_size, dtype=torch.long,
-                                   pin_memory=self.device.type == "cuda")  # pinned: the copy is asynchronous
+        pin = self.device.type == "cuda"  # pinned: the copies are asynchronous
+        self._lm_host = torch.full((max_batch,), cfg.vocab_size, dtype=torch.long, pin_memory=pin)
+        self._draft_host = torch.zeros(max_batch, 2 * self.max_draft + 2, dtype=torch.long, pin_memory=pin)
         self._free = list(range(max_batch - 1, -1, -1))  # a stack: the lowest slot is reused first
         self._active: dict[int, Sequence] = {}  # slot -> sequence
         self._waiting: deque[Sequence] = deque()
@@ -313,6 +355,7 @@ class Engine:
         self._closed = False
         self._busy_s = 0.25  # running mean of a sequence's time in a slot (for Retry-After)
         self.steps = self.generated = self.prefilled = 0
+        self.drafted = self.accepted = self.verify_steps = 0
         self.failures = 0
         self.last_error: str | None = None
 
@@ -334,11 +377,14 @@ class Engine:
                 raise ValueError(f"logprobs={p.logprobs} must be in [0, 20]")
             if p.timeout_s is not None and not p.timeout_s > 0:
                 raise ValueError(f"timeout_s={p.timeout_s} must be > 0")
+            if p.draft_tokens is not None and not 0 <= p.draft_tokens <= (self.max_draft if self.drafter else 1 << 30):
+                raise ValueError(f"draft_tokens={p.draft_tokens} must be in [0, max_draft={self.max_draft}]")
             seq = Sequence(prompt, p, time.monotonic() + p.timeout_s if p.timeout_s else None)
             seq.budget = min(p.max_tokens, self.max_len - len(prompt) + 1)
             seq.kind = sampling_kind(p.temperature, p.top_k, p.top_p, self.vocab_limit)
             seq.stops = frozenset(p.stop_ids if p.stop_ids is not None else
                                   (() if self.eot_id is None else (self.eot_id,)))
+            seq.draft = (self.draft_tokens if p.draft_tokens is None else p.draft_tokens) if self.drafter else 0
             if seq.budget <= 0:  # max_tokens=0: finishes at admission, no forward
                 seq._cancel = "length"
             seqs.append(seq)
@@ -357,12 +403,15 @@ class Engine:
         return max(1, min(60, math.ceil((len(self._waiting) + 1) * self._busy_s / self.max_batch)))
 
     def stats(self) -> dict[str, Any]:
-        graphs = self._step_fn.graphs if isinstance(self._step_fn, DecodeGraphs) else None
+        graphs = isinstance(self._step_fn, DecodeGraphs)
         return {"active": len(self._active), "waiting": len(self._waiting), "free_slots": len(self._free),
                 "max_batch": self.max_batch, "max_queue": self.max_queue, "steps": self.steps,
                 "generated_tokens": self.generated, "prefilled_tokens": self.prefilled,
                 "failures": self.failures, "alive": self.alive,
-                "cuda_graphs": None if graphs is None else len(graphs)}
+                "cuda_graphs": len(self._step_fn.graphs) + len(self._verify_fn.graphs) if graphs else None,
+                "speculative_steps": self.verify_steps, "drafted_tokens": self.drafted,
+                "accepted_tokens": self.accepted,
+                "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else None}
 
     @property
     def alive(self) -> bool:
@@ -370,13 +419,13 @@ class Engine:
 
     def start(self) -> Engine:
         """Run the loop in a daemon thread (with CUDA graphs: after capturing every bucket's greedy and
-        plain-sampling step, so that first requests do not wait for captures)."""
+        plain-sampling decode step, so that first requests do not wait for captures; speculative steps are
+        captured on first use)."""
         if self._thread is None:
             if isinstance(self._step_fn, DecodeGraphs):
                 with torch.inference_mode():
-                    for n in self.buckets:
-                        for kinds in ((False, False), (True, False)):
-                            self._step_fn.graphs[(n, kinds)] = self._step_fn.capture(n, kinds)
+                    for key in itertools.product(self.buckets, self.lengths, ((False, False), (True, False))):
+                        self._step_fn.graphs[key] = self._step_fn.capture(*key)
             self._thread = threading.Thread(target=self._run, name="spotlm-engine", daemon=True)
             self._thread.start()
         return self
@@ -432,7 +481,7 @@ class Engine:
         for group in admitted:
             self._guarded(group, self._prefill)
         if decoded is not None:
-            self._guarded(running, lambda seqs: self._emit(seqs, [s.slot for s in seqs], *decoded))
+            self._guarded(running, lambda seqs: self._emit_decoded(seqs, *decoded))
         self.steps += 1
 
     def _guarded(self, seqs: list[Sequence], fn: Callable[[list[Sequence]], Any]) -> Any:
@@ -484,9 +533,9 @@ class Engine:
         for i, s in enumerate(seqs):
             idx[i, :len(s.prompt)] = torch.tensor(s.prompt)
             self.cache.lengths[s.slot] = 0  # the prefill writes from position 0
+            s._context = list(s.prompt) if self.lmatch is not None or self.drafter is not None else []
             if lmatch is not None:
                 t0 = time.perf_counter()
-                s._context = list(s.prompt)
                 lmatch[i, :len(s.prompt)] = torch.tensor([self.lmatch.lookup(s._context[:p + 1])[0]
                                                           for p in range(len(s.prompt))])
                 s.index_ms += 1e3 * (time.perf_counter() - t0)
@@ -500,35 +549,96 @@ class Engine:
         tokens = st.sample(logits, slots, lengths, self._kinds_of(seqs))
         st.tok[slots], st.pos[slots] = tokens, lengths
         self.prefilled += int(sum(len(s.prompt) for s in seqs))
-        self._emit(seqs, list(range(len(seqs))), logits, tokens)
+        self._emit(seqs, [[i] for i in range(len(seqs))], logits, tokens)
 
-    def _decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queue one token for every running sequence: a step over the bucket of rows [0, n) holding their
-        slots -> (logits, tokens) on the device, row = slot (read back by `_emit`). Rows admitted since
-        are free rows here: their prefill, queued after, overwrites what this step writes to them."""
+    def _decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """Queue the next tokens of every running sequence: a step over the bucket of rows [0, n) holding
+        their slots, reading the bucket of cached positions holding the longest -> (logits [n T, V], tokens,
+        accepted drafts per row or None, T) on the device, row = slot (read back by `_emit_decoded`): a plain
+        decode (T = 1), or with drafts a verify step (T = 1 + the drafts' bucket). Rows admitted since are
+        free rows here: their prefill, queued after, overwrites what this step writes to them."""
         n = bucket_for(max(s.slot for s in seqs) + 1, self.buckets)
+        K = self._draft(seqs, n) if self.drafter is not None else 0
+        used = max(len(s.prompt) + len(s.tokens) for s in seqs) + K  # keys up to the last new position
+        L = bucket_for(used, self.lengths)
+        kinds = (self._kinds["plain"] > 0, self._kinds["cut"] > 0)
+        if K:
+            logits, accepted, tokens = self._verify_fn(n, K, L, kinds)
+            self.verify_steps += 1
+            return logits, tokens, accepted, K + 1
         if self.lmatch is not None:
             self._lookup(seqs, n)
-        kinds = (self._kinds["plain"] > 0, self._kinds["cut"] > 0)
         if self.knn is None:
-            logits, tokens = self._step_fn(n, kinds)
+            logits, tokens = self._step_fn(n, L, kinds)
         else:  # the kNN hook runs on the host between the forward and the sampling
-            logits, hidden = self._step_fn(n, None)
+            logits, hidden = self._step_fn(n, L, None)
             logits = self._knn_mix(seqs, logits, hidden)
             tokens = self._advance(n, logits, kinds)
-        return logits, tokens
+        return logits, tokens, None, 1
 
-    def _decode_rows(self, n: int, kinds: Kinds) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode step of rows [0, n) from the device state alone (graph-capturable): the forward, then
-        (kinds given) sampling and the state's advance -> (logits [n, vocab_limit] float, tokens [n]);
-        kinds None -> (logits, hidden [n, d_model]): the caller mixes in the kNN hook and calls `_advance`."""
+    def _decode_rows(self, n: int, L: int, kinds: Kinds) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step of rows [0, n) reading L cached positions, from the device state alone
+        (graph-capturable): the forward, then (kinds given) sampling and the state's advance -> (logits
+        [n, vocab_limit] float, tokens [n]); kinds None -> (logits, hidden [n, d_model]): the caller mixes
+        in the kNN hook and calls `_advance`."""
         st = self.state
-        logits, hidden = forward_last(self.model, st.tok[:n, None], DecodeSlots(self.cache, st.pos[:n]),
+        logits, hidden = forward_last(self.model, st.tok[:n, None], DecodeSlots(self.cache, st.pos[:n], 1, L),
                                       st.pos.new_zeros(n), None if self.lmatch is None else st.lm[:n, None])
         logits = logits[:, :self.vocab_limit].float()
         if kinds is None:
             return logits, hidden
         return logits, self._advance(n, logits, kinds)
+
+    def _verify_rows(self, n: int, K: int, L: int, kinds: Kinds) -> tuple[torch.Tensor, ...]:
+        """The speculative step of rows [0, n) (graph-capturable): each row's last token and K drafts (its
+        first n_draft real) in one forward over L cached positions, verified (app.serve.speculative.verify);
+        each row's position advances by its accepted drafts + 1 -> (logits [n (K + 1), vocab_limit] float,
+        accepted [n], tokens [n, K + 1]). Rejected drafts' keys lie past the new position: overwritten later."""
+        st, T = self.state, K + 1
+        idx = torch.cat([st.tok[:n, None], st.drafts[:n, :K]], 1)
+        lm = None if self.lmatch is None else st.lm_draft[:n, :T]
+        x = self.model.trunk(idx, lm, DecodeSlots(self.cache, st.pos[:n], T, L))
+        logits = self.model.lm_head(self.model.model.norm(x))[..., :self.vocab_limit].float()
+        at = (st.pos[:n, None] + 1 + torch.arange(T, device=idx.device)).clamp(max=st.u.size(1) - 1)
+        accepted, tokens = verify(logits, st.drafts[:n, :K], st.n_draft[:n], st.temperature[:n], st.top_k[:n],
+                                  st.top_p[:n], st.u[st.rows[:n, None], at], kinds)
+        st.tok[:n] = tokens.gather(1, accepted[:, None]).squeeze(1)
+        st.pos[:n] += accepted + 1
+        return logits.reshape(n * T, -1), accepted, tokens
+
+    def _draft(self, seqs: list[Sequence], n: int) -> int:
+        """Propose drafts for the running sequences (each at most its `draft` and what its budget leaves
+        after one more token) into the device state, with their positions' lmatch ids for an lmatch model
+        -> the drafts' bucket K (0: no sequence has a draft, a plain decode step)."""
+        M, props = self.max_draft, {}
+        for s in seqs:
+            k = min(s.draft, s.budget - len(s.tokens) - 1)
+            if k > 0:
+                t0 = time.perf_counter()
+                d = self.drafter.propose(s._context, k)
+                s.index_ms += 1e3 * (time.perf_counter() - t0)
+                if d:
+                    props[s.slot] = d
+        if not props:
+            return 0
+        host = self._draft_host.numpy()  # [slot]: M drafts | their count | M + 1 lmatch ids
+        host[:n, M] = 0
+        for slot, d in props.items():
+            host[slot, :len(d)], host[slot, M] = d, len(d)
+        self.drafted += sum(len(d) for d in props.values())
+        if self.lmatch is not None:
+            host[:n, M + 1:] = self.cfg.vocab_size
+            for s in seqs:
+                t0 = time.perf_counter()
+                d = props.get(s.slot, [])
+                host[s.slot, M + 1:M + 2 + len(d)] = [self.lmatch.lookup(s._context + d[:i])[0]
+                                                      for i in range(len(d) + 1)]
+                s.index_ms += 1e3 * (time.perf_counter() - t0)
+        st, src = self.state, self._draft_host[:n]
+        st.drafts[:n].copy_(src[:, :M], non_blocking=True)
+        st.n_draft[:n].copy_(src[:, M], non_blocking=True)
+        st.lm_draft[:n].copy_(src[:, M + 1:], non_blocking=True)
+        return bucket_for(max(len(d) for d in props.values()), self.draft_buckets)
 
     def _advance(self, n: int, logits: torch.Tensor, kinds: tuple[bool, bool]) -> torch.Tensor:
         """Sample rows [0, n)'s next tokens and make them the next step's inputs."""
@@ -551,30 +661,47 @@ class Engine:
         kinds = {s.kind for s in seqs}
         return "plain" in kinds, "cut" in kinds
 
-    def _emit(self, seqs: list[Sequence], rows: list[int], logits: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Append each sequence's token (row rows[i] of `tokens` / `logits`) with its logprobs if asked,
-        finish those at a stop id or their budget; wake the listeners."""
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        lps = self._logprobs([seqs[i] for i in want], [rows[i] for i in want], logits, tokens) if want else []
+    def _emit_decoded(self, seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor,
+                      accepted: torch.Tensor | None, T: int) -> None:
+        """Emit a decode step's tokens (`_decode`'s outputs): one per sequence, or its accepted drafts + 1."""
+        if accepted is None:
+            self._emit(seqs, [[s.slot] for s in seqs], logits, tokens)
+            return
+        n = accepted.size(0)
+        host = torch.cat([accepted, tokens.flatten()]).tolist()  # the step's one read-back
+        acc = host[:n]
+        self.accepted += sum(acc[s.slot] for s in seqs)
+        self._emit(seqs, [[s.slot * T + i for i in range(acc[s.slot] + 1)] for s in seqs], logits,
+                   tokens.flatten(), host[n:])
+
+    def _emit(self, seqs: list[Sequence], rows: list[list[int]], logits: torch.Tensor, tokens: torch.Tensor,
+              host: list[int] | None = None) -> None:
+        """Append each sequence's tokens (rows rows[i] of `tokens` / `logits`, in order) with their logprobs
+        if asked, finish those at a stop id or their budget; wake the listeners. `host`: tokens read back."""
+        want = [(i, r) for i, s in enumerate(seqs) if s.params.logprobs is not None for r in rows[i]]
+        lps = self._logprobs([seqs[i] for i, _ in want], [r for _, r in want], logits, tokens) if want else []
         lp_of = dict(zip(want, lps))
-        host = tokens.tolist()  # the step's one read-back
+        host = tokens.tolist() if host is None else host  # the step's one read-back
         now = time.monotonic()
-        for i, (s, r) in enumerate(zip(seqs, rows)):
-            t = host[r]
-            if t in s.stops:
-                self._finish(s, "stop")
-                continue
-            if i in lp_of:
-                s.logprobs.append(lp_of[i])
-            s.tokens.append(t)
-            if s.t_first is None:
-                s.t_first = now
-            if self.lmatch is not None:
-                s._context.append(t)
-            self.generated += 1
-            if len(s.tokens) >= s.budget:
-                self._finish(s, "length")
-            else:
+        keep_context = self.lmatch is not None or self.drafter is not None
+        for i, (s, rs) in enumerate(zip(seqs, rows)):
+            for r in rs:
+                t = host[r]
+                if t in s.stops:
+                    self._finish(s, "stop")
+                    break
+                if (i, r) in lp_of:
+                    s.logprobs.append(lp_of[(i, r)])
+                s.tokens.append(t)
+                if s.t_first is None:
+                    s.t_first = now
+                if keep_context:
+                    s._context.append(t)
+                self.generated += 1
+                if len(s.tokens) >= s.budget:
+                    self._finish(s, "length")
+                    break
+            if not s.done:
                 s._notify()
 
     @staticmethod

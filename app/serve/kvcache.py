@@ -15,15 +15,16 @@ from app.model.gpt import ModelConfig, window_mask
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, [B, n_kv_head, max_len, head_dim] each, and how many
+    """Preallocated keys and values of every layer, [B, n_kv_head, max_len + spare, head_dim] each, and how many
     positions are filled. The model appends to it; dropping the object frees the memory."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        if batch < 1 or not 1 <= max_len <= cfg.max_seq_len:
-            raise ValueError(f"KVCache needs batch >= 1 and 1 <= max_len <= max_seq_len={cfg.max_seq_len}; "
-                             f"got batch={batch}, max_len={max_len}")
-        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+                 dtype: torch.dtype = torch.float32, spare: int = 0):
+        """`spare`: scratch positions after max_len, written (never read) by padded speculative queries."""
+        if batch < 1 or not 1 <= max_len <= cfg.max_seq_len or spare < 0:
+            raise ValueError(f"KVCache needs batch >= 1, 1 <= max_len <= max_seq_len={cfg.max_seq_len} and "
+                             f"spare >= 0; got batch={batch}, max_len={max_len}, spare={spare}")
+        shape = (batch, cfg.n_kv_head, max_len + spare, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.batch, self.max_len, self.length = batch, max_len, 0
