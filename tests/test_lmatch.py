@@ -306,3 +306,27 @@ def test_lexsort_fallback_equals_the_packed_sort(monkeypatch):
     monkeypatch.setattr(lmatch, "_sort_level", lambda g, ln, ee, lb, eb: calls.append(2 * eb + lb) or real(g, ln, ee, lb, eb))
     lmatch_stream(t * (1 << 24), EOT, 1 << 31)
     assert calls and min(calls) > 64
+
+
+def test_continuation_is_the_text_after_the_longest_earliest_match(tmp_path):
+    """The draft of a context: up to k train tokens after its match j (lookup's j), cut after their EOT."""
+    rng = np.random.default_rng(13)
+    train, val = _stream(rng, 600, eot_p=0.05), _stream(rng, 50)
+    root = tmp_path / "ds"
+    _write_dataset(root, train, val, shard_tokens=150)
+    build_index(IndexConfig(data=str(root)), use_ray=False)
+    idx = LMatchIndex.open(str(root))
+    ctxs = [list(train[a:a + int(rng.integers(1, 20))]) for a in rng.integers(0, len(train) - 20, 40)]
+    ctxs += [list(rng.integers(1, V, 6)) for _ in range(10)] + [[EOT]]
+    for c in ctxs:
+        c = [int(x) for x in c]
+        _, L, j = idx.lookup_key(idx.query_key(c))
+        for k in (1, 4, 9):
+            got, got_len = idx.continuation(c, k)
+            assert got_len == L
+            if not L:
+                assert got == []
+                continue
+            want = [int(t) for t in train[j + 1:j + 1 + k]]
+            assert got == (want[:want.index(EOT) + 1] if EOT in want else want), (c, k)
+            assert got[0] == idx.lookup(c)[0]
