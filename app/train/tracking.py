@@ -60,8 +60,10 @@ def _local_dir(run_dir: str) -> str:
     return os.path.join(storage.cache_dir(), "tracking", hashlib.sha256(run_dir.encode()).hexdigest()[:16])
 
 
-def draw_curves(curves: dict[str, dict[int, float]], path: str, title: str) -> None:
-    """A PNG of each named curve (step -> loss); no pyplot, so no global backend is chosen."""
+def draw_curves(curves: dict[str, dict[float, float]], path: str, title: str, xlabel: str = "step",
+                target: float | None = None) -> None:
+    """A PNG of each named curve (x -> loss), with an optional target line; no pyplot, so no global
+    backend is chosen."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -73,10 +75,12 @@ def draw_curves(curves: dict[str, dict[int, float]], path: str, title: str) -> N
             steps = sorted(curve)
             ax.plot(steps, [curve[s] for s in steps], marker="." if len(steps) < 50 else None,
                     label=name.replace("_", " "))
-    ax.set_xlabel("step")
+    if target is not None:
+        ax.axhline(target, color="gray", linestyle="--", label=f"target {target:.4f}")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("loss")
     ax.set_title(title)
-    if any(curves.values()):
+    if any(curves.values()) or target is not None:
         ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
