@@ -199,17 +199,19 @@ class NetnsCluster:
 
     def kill(self, node: Node) -> None:
         """Stop every process of `node`: those running in its namespace (SIGTERM, then SIGKILL)."""
-        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
+        signalled: set[int] = set()
+        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
             pids = self._pids(node)
+            signalled |= set(pids)
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
             deadline = time.time() + wait
-            while pids and time.time() < deadline and self._pids(node):
+            # until gone from /proc: a killed process leaves the namespace first, then is reaped
+            while time.time() < deadline and (self._pids(node) or any(Path(f"/proc/{p}").exists() for p in signalled)):
+                if node.proc:
+                    node.proc.poll()  # reap our own child
                 time.sleep(0.1)
-        if node.proc:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.proc.wait(timeout=2)
 
     def _pids(self, node: Node) -> list[int]:
         r = subprocess.run(["ip", "netns", "pids", node.ns], capture_output=True, text=True)
@@ -254,9 +256,15 @@ class NetnsCluster:
                 " if n>=%d: sys.exit(0)\n time.sleep(0.3)\nsys.exit(3)\n") % (timeout, count)
         r = self.run_in_head([sys.executable, "-c", code], capture_output=True, text=True)
         if r.returncode:
-            dead = [n.ns for n in self.nodes if n.proc.poll() is not None]
-            why = f"`ray start` exited in {dead} (see {self.temp_dir}/<namespace>.out)" if dead else r.stderr.strip()[-300:]
+            dead = [n for n in self.nodes if n.proc.poll() is not None]
+            why = (f"`ray start` exited in {dead[0].ns}: " + self._start_log(dead[0])) if dead else r.stderr[-300:]
             raise TimeoutError(f"{count} worker nodes not up after {timeout:.0f} s: {why}")
+
+    def _start_log(self, node: Node) -> str:
+        """The last lines `ray start` wrote for `node` (why it exited)."""
+        with contextlib.suppress(OSError):
+            return " | ".join((Path(self.temp_dir) / f"{node.ns}.out").read_text().strip().splitlines()[-3:])
+        return "(no output)"
 
     def run_in_head(self, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
         """Run a command (the driver) in the head's namespace, connected to this cluster (RAY_ADDRESS)."""
