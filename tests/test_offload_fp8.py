@@ -111,3 +111,25 @@ def test_fp8_offload_on_cuda_side_streams():
     assert all(torch.equal(nat[k], ref[k]) for k in ref)
     rel = max(((fp8[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref if ref[k].norm() > 0)
     assert 0 < rel <= U
+
+
+def test_host_copies_are_cut_into_pieces_without_power_of_two_waste(monkeypatch):
+    from app.train import memory_plan
+
+    for n in (0, 5, 2 << 20, (2 << 20) + 4, 1_610_612_736, 3 * 2**30 + 12345):
+        sizes = memory_plan.piece_sizes(n)
+        assert sum(sizes) == n and sizes == sorted(sizes, reverse=True)
+        assert all(s & (s - 1) == 0 for s in sizes[:-1]) and memory_plan.pinned_bytes(n) - n < memory_plan.PIECE_MIN
+    assert memory_plan.pinned_bytes(1_610_612_736) == 1_610_612_736  # 1.5 GiB: 1 GiB + 512 MiB, not 2 GiB
+    # the offload path with small pieces: several per tensor, training unchanged (bitwise; FP8 as before)
+    monkeypatch.setattr(memory_plan, "PIECE_MIN", 100)
+    ref_loss, ref, _ = _grads(MemoryConfig(checkpointing="full"))
+    for dtype in ("native", "fp8"):
+        loss, got, m = _grads(MemoryConfig(checkpointing="full", offload_activations=True, offload_dtype=dtype))
+        packed = m.spotlm_offloader.order
+        assert len(packed) == CFG["n_layer"] and all(len(p.cpu.pieces) > 1 for p in packed)
+        assert loss == ref_loss
+        if dtype == "native":
+            assert all(torch.equal(got[k], ref[k]) for k in ref)
+        else:
+            assert max(((got[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref if ref[k].norm() > 0) <= U

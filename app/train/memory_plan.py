@@ -92,9 +92,23 @@ KEEP_MARGIN = 0.95  # plan: blocks kept on the GPU under activation offload fill
 HOST_SAFETY = 0.9  # the auto host budget: this share of what the machine has available (the kernel, other processes)
 
 
-def _pow2(n: float) -> float:
-    """torch's caching host allocator hands out pinned blocks rounded up to a power of two."""
-    return float(1 << max(int(n) - 1, 0).bit_length()) if n > 0 else 0.0
+PIECE_MIN = 2 << 20  # bytes: the smallest piece an offloaded tensor's host copy is cut into
+
+
+def piece_sizes(nbytes: int) -> list[int]:
+    """Byte sizes, largest first, that add up to `nbytes`: powers of two down to PIECE_MIN, then what remains.
+    torch's caching host allocator rounds every pinned block up to a power of two (a 1.2 GB block holds
+    2.1 GB), so app.train.parallel cuts host copies into these pieces: less than PIECE_MIN is wasted."""
+    out, rem = [], int(nbytes)
+    while rem > PIECE_MIN:
+        out.append(1 << (rem.bit_length() - 1))
+        rem -= out[-1]
+    return out + ([rem] if rem else [])
+
+
+def pinned_bytes(nbytes: float) -> float:
+    """Pinned host bytes that hold a tensor of `nbytes` cut by `piece_sizes`."""
+    return float(sum(1 << max(n - 1, 0).bit_length() for n in piece_sizes(int(nbytes))))
 
 
 @dataclass
@@ -113,7 +127,7 @@ class Estimate:
     peak: float  # GPU: max_memory_allocated
     gpu_need: float  # GPU memory the step needs: peak x ALLOCATOR_SLACK + the CUDA context
     host_optimizer: float
-    host_activations: float  # pinned copies of the offloaded activations (whole power-of-two blocks)
+    host_activations: float  # pinned copies of the offloaded activations (`pinned_bytes`)
     host: float  # host peak: the two above + HOST_FIXED_GB
 
     def gb(self) -> dict[str, float]:
@@ -190,7 +204,7 @@ def layer_activation_bytes(cfg, checkpointing: str, residual_bytes: int) -> floa
 def _offloaded(cfg, mem: MemoryConfig, T: int, r: int) -> tuple[float, float]:
     """(GPU bytes, host bytes) of the saved activations under activation offload: the kept blocks' and the
     copies in flight (the block in use + the prefetch window) on the GPU; the pinned copies on the host
-    (FP8: one byte a value + a 4-byte scale per token, held as two pinned blocks)."""
+    (FP8: one byte a value + a 4-byte scale per token; each cut into pieces, `pinned_bytes`)."""
     L = cfg.n_layer
     per_layer = layer_activation_bytes(cfg, mem.checkpointing, r) * T
     kept = min(mem.offload_keep_layers, L)
@@ -199,7 +213,7 @@ def _offloaded(cfg, mem: MemoryConfig, T: int, r: int) -> tuple[float, float]:
         stored = [per_layer / r, 4 * T]
     else:
         stored = [per_layer]
-    host = moved * sum(_pow2(b) for b in stored)
+    host = moved * sum(pinned_bytes(b) for b in stored)
     window = min(moved * per_layer, 2 * per_layer + PREFETCH_BYTES * per_layer / sum(stored))
     return kept * per_layer + window, host
 

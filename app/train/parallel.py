@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from app.train.memory_plan import MemoryConfig
+from app.train.memory_plan import MemoryConfig, piece_sizes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,9 +86,41 @@ def apply_checkpointing(model: nn.Module, mode: str, mlp_chunk: int = 0) -> nn.M
 # ----------------------------------------------------------------------------------------------------------
 # activation offload
 # ----------------------------------------------------------------------------------------------------------
+class _Host:
+    """A tensor's host copy: contiguous ones as `piece_sizes` pieces of its bytes (no power-of-two rounding of
+    one large pinned block), others as one block with their strides (dense) or contiguous."""
+
+    __slots__ = ("whole", "pieces", "shape", "dtype")
+
+    def __init__(self, x: torch.Tensor, pinned: bool):
+        """Start the copy of `x` (call on the copy stream; non-blocking when pinned)."""
+        x = x.detach()
+        self.shape, self.dtype, self.whole, self.pieces = x.shape, x.dtype, None, []
+        if not x.is_contiguous():
+            self.whole = (torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, pin_memory=pinned) if _dense(x)
+                          else torch.empty(x.shape, dtype=x.dtype, pin_memory=pinned))
+            self.whole.copy_(x, non_blocking=pinned)
+            return
+        flat, o = x.reshape(-1).view(torch.uint8), 0
+        for n in piece_sizes(flat.numel()):
+            self.pieces.append(torch.empty(n, dtype=torch.uint8, pin_memory=pinned))
+            self.pieces[-1].copy_(flat[o:o + n], non_blocking=pinned)
+            o += n
+
+    def to(self, device: torch.device, non_blocking: bool) -> torch.Tensor:
+        """The tensor back on `device` (on the current stream)."""
+        if self.whole is not None:
+            return self.whole.to(device, non_blocking=non_blocking)
+        out, o = torch.empty(sum(p.numel() for p in self.pieces), dtype=torch.uint8, device=device), 0
+        for p in self.pieces:
+            out[o:o + p.numel()].copy_(p, non_blocking=non_blocking)
+            o += p.numel()
+        return out.view(self.dtype).view(self.shape)
+
+
 class _Packed:
-    """One offloaded tensor: its host copy (`cpu`; fp8: the e4m3 values with `scale`, one fp32 per row) and,
-    once fetched, its device copy (`gpu`, `gpu_scale`; dequantized into `gpu` on first use)."""
+    """One offloaded tensor: its host copy (`cpu`, a _Host; fp8: the e4m3 values with `scale`, one fp32 per
+    row) and, once fetched, its device copy (`gpu`, `gpu_scale`; dequantized into `gpu` on first use)."""
 
     __slots__ = ("cpu", "scale", "dtype", "d2h", "gpu", "gpu_scale", "h2d", "device", "index", "nbytes")
 
@@ -229,16 +261,12 @@ class ActivationOffloader:
         parts = [src] if scale is None else [src, scale]
         nbytes = sum(x.numel() * x.element_size() for x in parts)
         if src.device.type == "cpu":
-            host = [x.detach().clone(memory_format=torch.preserve_format) for x in parts]
-            ev = None
+            host, ev = [_Host(x, pinned=False) for x in parts], None
         else:
             d2h, _ = self._streams_for(src.device)
             d2h.wait_stream(torch.cuda.current_stream(src.device))
-            host = [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, pin_memory=True) if _dense(x)
-                    else torch.empty(x.shape, dtype=x.dtype, pin_memory=True) for x in parts]
             with torch.cuda.stream(d2h):
-                for h, x in zip(host, parts):
-                    h.copy_(x.detach(), non_blocking=True)
+                host = [_Host(x, pinned=True) for x in parts]
                 ev = torch.cuda.Event()
                 ev.record(d2h)
             for x in parts:
@@ -271,9 +299,11 @@ class ActivationOffloader:
 
     def _get(self, p: _Packed) -> torch.Tensor:
         if p.device.type == "cpu":
-            if p.scale is not None and p.gpu is None:
-                p.gpu = dequantize_rows(p.cpu, p.scale, p.dtype)
-            return p.cpu if p.scale is None else p.gpu
+            if p.gpu is None:
+                p.gpu = p.cpu.to(p.device, non_blocking=False)
+                if p.scale is not None:
+                    p.gpu = dequantize_rows(p.gpu, p.scale.to(p.device, non_blocking=False), p.dtype)
+            return p.gpu
         main = torch.cuda.current_stream(p.device)
         if p.gpu is not None and self.order[p.index] is None:  # unpacked before (a shared handle)
             main.wait_event(p.h2d)
