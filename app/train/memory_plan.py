@@ -1,6 +1,7 @@
-"""Memory options of a training run (`MemoryConfig`) and a planner that picks the fastest set that fits.
+"""Memory options of a training run (`MemoryConfig`) and a planner that picks the fastest set that fits both
+the GPU and the host memory (read from the machine: MemAvailable and cgroup limits), or says which is short.
 
-    python -m app.train.memory_plan --preset llama3-8b --gpu_gb 80 --seq_len 131072
+    python -m app.train.memory_plan --preset llama3-8b --gpu_gb 80 --seq_len 262144 [--host_gb 115]
 
 How the activation numbers were calibrated: the per-token, per-layer bytes below are not a fit but a count
 of the tensors autograd saves in one `Block` of app/model/gpt.py, for each checkpointing mode and for both
@@ -10,7 +11,9 @@ byte for byte, against `torch.autograd.graph.saved_tensors_hooks` counts of the 
 CPU flash-attention kernel saves the same tensors as CUDA's: q, k, v, out, logsumexp). What the count
 cannot see, the transient working memory of backward and of the loss, is a formula with constants
 (`TRANSIENT_*` below) that bench/memory.py reports against torch.cuda.max_memory_allocated on the GPU
-(`predicted_peak_gb` beside `peak_gb`), so the error is visible in every benchmark run.
+(`predicted_peak_gb` beside `peak_gb`), so the error is visible in every benchmark run; the host side
+likewise (`predicted_host_gb` beside `host_peak_gb`). tests/test_memory.py replays every probe committed in
+bench/results/memory*.json through `estimate` and holds both within 10%.
 """
 from __future__ import annotations
 
