@@ -25,6 +25,10 @@ speculative sampling agrees with, and emits those drafts plus one token (greedy:
 tokens). A row's position advances by what it accepted + 1; the keys of rejected drafts lie past it and
 are overwritten by its next tokens. Verify steps are graphed per (n, K, L) on first use.
 
+Prefix reuse (`prefix_cache_tokens`, app.serve.kvcache.PrefixCache): a prompt's leading blocks whose KV an
+earlier prompt left in the prefix cache are copied into its slot, and its prefill computes the rest only;
+admission puts a prompt whose blocks an earlier prompt of the same round will store into a later group.
+
 Memory is bounded: the KV cache is allocated once ([max_batch, heads, max_len + max_draft, head_dim] per layer),
 at most `max_batch` sequences are active and `max_queue` wait; `submit` raises `EngineFull` (with a
 retry-after estimate) beyond that. Sampling is per row from the sequence's own seeded uniforms
@@ -55,7 +59,7 @@ import torch
 from app.serve.generate import check_args, forward_last, sample_tokens, sampling_kind, uniforms
 from app.log import get_logger
 from app.model.gpt import GPT
-from app.serve.kvcache import KVCache
+from app.serve.kvcache import KVCache, PrefixCache
 from app.serve.speculative import Drafter, verify
 
 log = get_logger(__name__)
@@ -304,11 +308,14 @@ class Engine:
                  max_batch: int = 32, max_queue: int = 256, max_len: int | None = None,
                  max_prefill_tokens: int = 4096, lmatch: LMatchLookup | None = None, knn: KnnFn | None = None,
                  knn_lambda: float = 0.25, knn_temperature: float = 1.0, cuda_graphs: bool | None = None,
-                 drafter: Drafter | None = None, draft_tokens: int = 4, max_draft: int = 8, kv_bucket: int = 64):
+                 drafter: Drafter | None = None, draft_tokens: int = 4, max_draft: int = 8, kv_bucket: int = 64,
+                 prefix_cache_tokens: int = 0, prefix_block: int = 16):
         """`cuda_graphs`: replay decode steps as CUDA graphs (None = when the model is on CUDA).
         `drafter`: speculative decoding (None = off), `draft_tokens` drafts per step for requests that do
         not say, at most `max_draft`; `kv_bucket`: the smallest number of cached positions attention reads
-        (powers of two of it up to max_len cover the longest sequence of a step; 0 = always all)."""
+        (powers of two of it up to max_len cover the longest sequence of a step; 0 = always all);
+        `prefix_cache_tokens`: prompt positions whose KV is kept for prompts sharing a prefix, in blocks of
+        `prefix_block` (0 = off)."""
         cfg = model.cfg
         if bool(cfg.lmatch_vocab) != (lmatch is not None):
             raise ValueError("an lmatch index is needed exactly when the model has a retrieval-match table "
@@ -333,6 +340,8 @@ class Engine:
         self.drafter, self.draft_tokens = drafter, draft_tokens
         self.max_draft = max_draft if drafter is not None else 0
         self.cache = KVCache(cfg, max_batch, self.max_len, self.device, self.dtype, spare=self.max_draft)
+        self.prefix = (PrefixCache(cfg, prefix_cache_tokens, prefix_block, self.device, self.dtype)
+                       if prefix_cache_tokens else None)
         self.state = DecodeState(max_batch, self.max_len, cfg.vocab_size, self.device, self.max_draft)
         self.buckets = batch_buckets(max_batch)
         self.lengths = length_buckets(kv_bucket, self.max_len + self.max_draft)
@@ -411,7 +420,9 @@ class Engine:
                 "cuda_graphs": len(self._step_fn.graphs) + len(self._verify_fn.graphs) if graphs else None,
                 "speculative_steps": self.verify_steps, "drafted_tokens": self.drafted,
                 "accepted_tokens": self.accepted,
-                "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else None}
+                "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else None,
+                "prefix_reused_tokens": None if self.prefix is None else self.prefix.reused,
+                "prefix_cached_blocks": None if self.prefix is None else len(self.prefix.table)}
 
     @property
     def alive(self) -> bool:
@@ -500,9 +511,13 @@ class Engine:
             return None
 
     def _admit(self, now: float) -> list[list[Sequence]]:
-        """Move waiting sequences into free slots; groups whose padded prompts fit the prefill budget."""
+        """Move waiting sequences into free slots; groups whose padded prompts (less their blocks in the
+        prefix cache) fit the prefill budget. With a prefix cache a prompt whose leading blocks an earlier
+        prompt of this round will store goes to a later group, which then loads them."""
         groups: list[list[Sequence]] = []
         group: list[Sequence] = []
+        new: list[int] = []  # the group's prompt tokens to compute
+        pending: dict[bytes, int] = {}  # blocks this round's groups will store -> the group storing them
         with self._lock:
             while self._waiting and self._free:
                 seq = self._waiting[0]
@@ -510,12 +525,23 @@ class Engine:
                     self._waiting.popleft()
                     self._finish(seq, seq._cancel or "timeout")
                     continue
-                longest = max([len(s.prompt) for s in group] + [len(seq.prompt)])
-                if group and longest * (len(group) + 1) > self.max_prefill_tokens:
+                todo, digests, after = len(seq.prompt), [], -1
+                if self.prefix is not None:
+                    digests = self.prefix.digests(seq.prompt, full=True)
+                    n = 0
+                    while n < len(digests) and (digests[n] in self.prefix.table or digests[n] in pending):
+                        after = max(after, pending.get(digests[n], -1))
+                        n += 1
+                    todo -= min(n, (len(seq.prompt) - 1) // self.prefix.block) * self.prefix.block
+                if group and (max(new + [todo]) * (len(group) + 1) > self.max_prefill_tokens
+                              or after == len(groups)):
                     groups.append(group)
-                    group = []
+                    group, new = [], []
                     if len(groups) >= 4:  # bound the time before the running sequences' next token
                         break
+                for d in digests:
+                    pending.setdefault(d, len(groups))
+                new.append(todo)
                 self._waiting.popleft()
                 seq.slot = self._free.pop()
                 self._active[seq.slot] = seq
@@ -526,29 +552,35 @@ class Engine:
         return groups
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """Read the prompts (right-padded, one forward), sample each one's first token, set its decode state."""
-        T = max(len(s.prompt) for s in seqs)
+        """Read the prompts (right-padded, one forward, each from its first block not in the prefix cache),
+        sample each one's first token, set its decode state, keep the prompts' blocks in the prefix cache."""
+        starts = [self.prefix.load(self.cache, s.slot, s.prompt) if self.prefix is not None else 0 for s in seqs]
+        T = max(len(s.prompt) - m for s, m in zip(seqs, starts))
         idx = torch.zeros(len(seqs), T, dtype=torch.long)
         lmatch = torch.full((len(seqs), T), self.cfg.vocab_size, dtype=torch.long) if self.lmatch else None
-        for i, s in enumerate(seqs):
-            idx[i, :len(s.prompt)] = torch.tensor(s.prompt)
-            self.cache.lengths[s.slot] = 0  # the prefill writes from position 0
+        for i, (s, m) in enumerate(zip(seqs, starts)):
+            idx[i, :len(s.prompt) - m] = torch.tensor(s.prompt[m:])
+            self.cache.lengths[s.slot] = m  # the prefill writes from the first position not loaded
             s._context = list(s.prompt) if self.lmatch is not None or self.drafter is not None else []
             if lmatch is not None:
                 t0 = time.perf_counter()
-                lmatch[i, :len(s.prompt)] = torch.tensor([self.lmatch.lookup(s._context[:p + 1])[0]
-                                                          for p in range(len(s.prompt))])
+                lmatch[i, :len(s.prompt) - m] = torch.tensor([self.lmatch.lookup(s._context[:p + 1])[0]
+                                                              for p in range(m, len(s.prompt))])
                 s.index_ms += 1e3 * (time.perf_counter() - t0)
         dev, st = self.device, self.state
         slots = torch.tensor([s.slot for s in seqs], device=dev)
         lengths = torch.tensor([len(s.prompt) for s in seqs], device=dev)
         st.admit(slots, seqs, dev)
         logits, hidden = forward_last(self.model, idx.to(dev), self.cache.slots([s.slot for s in seqs]),
-                                      lengths - 1, None if lmatch is None else lmatch.to(dev))
+                                      lengths - torch.tensor(starts, device=dev) - 1,
+                                      None if lmatch is None else lmatch.to(dev))
+        if self.prefix is not None:
+            for s in seqs:
+                self.prefix.store(self.cache, s.slot, s.prompt)
         logits = self._knn_mix(seqs, logits[:, :self.vocab_limit].float(), hidden)
         tokens = st.sample(logits, slots, lengths, self._kinds_of(seqs))
         st.tok[slots], st.pos[slots] = tokens, lengths
-        self.prefilled += int(sum(len(s.prompt) for s in seqs))
+        self.prefilled += int(sum(len(s.prompt) - m for s, m in zip(seqs, starts)))
         self._emit(seqs, [[i] for i in range(len(seqs))], logits, tokens)
 
     def _decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:

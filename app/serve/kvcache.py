@@ -4,11 +4,15 @@ independent sequences at their own positions (`KVSlots`, slot-based continuous b
 Both implement the cache protocol the model talks to (`app.model.gpt.Cache`): `positions` of the new tokens,
 `update` (store a layer's new keys/values, return what attention reads), `attn_mask`, `advance`, and for
 `GPT.forward`'s input checks `check_room`. The engine's decode view (`app.serve.engine.DecodeSlots`) is a third.
+`PrefixCache` keeps the KV of prompt blocks for later prompts that start with the same tokens.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from app.model.gpt import ModelConfig, window_mask
@@ -128,3 +132,76 @@ class KVSlots:
     def advance(self, new: int) -> None:
         for r in self.rows:
             self.cache.lengths[r] += new
+
+
+class PrefixCache:
+    """Keys and values of prompt blocks (`block` positions each) kept for reuse by later prompts that start
+    with the same tokens (chat system prompts): a pool of `tokens // block` blocks per layer, found by a
+    chain digest of the block's tokens and all before it (blake2b: a block's KV depends on every earlier
+    token), least recently used first out. `load` copies a prompt's longest cached run of blocks into a
+    KVCache row; `store` keeps the full blocks of a row's prompt after its prefill. Reused keys are those
+    the same model computed for the same tokens at the same positions, so a prefill from them continues
+    exactly as from scratch (up to the floating-point order of a differently batched forward)."""
+
+    def __init__(self, cfg: ModelConfig, tokens: int, block: int = 16, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        if block < 1 or tokens < block:
+            raise ValueError(f"a prefix cache needs block >= 1 and tokens >= block; got tokens={tokens}, "
+                             f"block={block}")
+        self.block, n = block, tokens // block
+        shape = (n, cfg.n_kv_head, block, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.table: OrderedDict[bytes, int] = OrderedDict()  # chain digest -> pool block, oldest use first
+        self.free = list(range(n - 1, -1, -1))
+        self.reused = 0  # prompt tokens loaded instead of computed
+
+    def digests(self, prompt: Sequence[int], full: bool = False) -> list[bytes]:
+        """Chain digests of the prompt's blocks: the full ones with `full`, else those that leave at least
+        one prompt token to prefill (its logits give the first new token)."""
+        n = len(prompt) // self.block if full else (len(prompt) - 1) // self.block
+        ids = np.asarray(prompt[:n * self.block], dtype=np.int64).reshape(n, self.block)
+        out, h = [], b""
+        for row in ids:
+            h = hashlib.blake2b(h + row.tobytes(), digest_size=16).digest()
+            out.append(h)
+        return out
+
+    def cached(self, digests: Sequence[bytes]) -> int:
+        """How many leading blocks are cached (no LRU touch)."""
+        n = 0
+        while n < len(digests) and digests[n] in self.table:
+            n += 1
+        return n
+
+    def load(self, cache: KVCache, row: int, prompt: Sequence[int]) -> int:
+        """Copy the prompt's longest cached run of leading blocks into `cache` row `row` (positions from 0)
+        and mark them recently used -> the number of positions loaded (a multiple of `block`)."""
+        digests = self.digests(prompt)
+        n = self.cached(digests)
+        if not n:
+            return 0
+        for d in reversed(digests[:n]):  # the first block last: the most recently used, evicted last
+            self.table.move_to_end(d)
+        ids = torch.tensor([self.table[d] for d in digests[:n]], device=self.k[0].device)
+        m = n * self.block
+        for layer in range(len(self.k)):  # [n, H, block, D] -> [H, n block, D]
+            cache.k[layer][row, :, :m] = self.k[layer][ids].transpose(0, 1).flatten(1, 2)
+            cache.v[layer][row, :, :m] = self.v[layer][ids].transpose(0, 1).flatten(1, 2)
+        self.reused += m
+        return m
+
+    def store(self, cache: KVCache, row: int, prompt: Sequence[int]) -> None:
+        """Keep the full blocks of `prompt`, prefilled in `cache` row `row`, that are not cached yet
+        (evicting the least recently used blocks when the pool is full)."""
+        for b, d in enumerate(self.digests(prompt, full=True)):
+            if d in self.table:
+                continue
+            if not self.free:
+                self.free.append(self.table.popitem(last=False)[1])
+            slot = self.free.pop()
+            self.table[d] = slot
+            span = slice(b * self.block, (b + 1) * self.block)
+            for layer in range(len(self.k)):
+                self.k[layer][slot] = cache.k[layer][row, :, span]
+                self.v[layer][slot] = cache.v[layer][row, :, span]
