@@ -119,10 +119,12 @@ def _sync(dev) -> None:
 
 
 def _pcie_gbps(dev) -> dict:
-    """Pinned copy bandwidth each way (256 MB), GB/s: what the offloaded bytes cost if not overlapped."""
+    """Pinned copy bandwidth each way (256 MB), GB/s: what the offloaded bytes cost if not overlapped; and
+    whether pinned pages count in this process's RSS (drivers differ), so host peaks count them once."""
     import torch
 
     n = 256 * 2**20
+    rss0 = _host_rss().get("VmRSS", 0.0)
     host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
     gpu = torch.empty(n, dtype=torch.uint8, device=dev)
     out = {}
@@ -134,17 +136,23 @@ def _pcie_gbps(dev) -> dict:
             dst.copy_(src, non_blocking=True)
         _sync(dev)
         out[name] = round(4 * n / (time.perf_counter() - t) / 1e9, 1)
+    out["pinned_in_rss"] = _host_rss().get("VmRSS", 0.0) - rss0 > 0.5 * n / 1e9
+    del host, gpu
+    if hasattr(torch.accelerator, "empty_host_cache"):
+        torch.accelerator.empty_host_cache()
     return out
 
 
-def _profile_split(prof, wall_s: float) -> dict:
-    """Device time of one profiled step by kind: attention kernels, matmuls, copies each way, the rest.
-    The copies run on side streams, so kinds may sum to more than the wall time (that is the overlap)."""
+def _profile_split(prof, wall_s: float, cuda: bool) -> dict:
+    """Device time (CPU: operator self time) of one profiled step by kind: attention kernels, matmuls, copies
+    each way, the rest. The copies run on side streams, so kinds may sum to more than the wall time (that is
+    the overlap)."""
     kinds = {"attention_ms": ("flash", "fmha", "attention", "cudnn"), "memcpy_d2h_ms": ("memcpy dtoh",),
-             "memcpy_h2d_ms": ("memcpy htod",), "matmul_ms": ("gemm", "cutlass", "xmma", "nvjet", "matmul")}
+             "memcpy_h2d_ms": ("memcpy htod",),
+             "matmul_ms": ("gemm", "cutlass", "xmma", "nvjet", "matmul", "aten::mm", "aten::addmm", "aten::bmm")}
     out = dict.fromkeys([*kinds, "other_ms"], 0.0)
     for e in prof.key_averages():
-        us = getattr(e, "self_device_time_total", 0) or 0
+        us = getattr(e, "self_device_time_total", 0) if cuda else e.self_cpu_time_total
         if not us:
             continue
         name = e.key.lower()
@@ -213,15 +221,16 @@ def _probe(spec: dict) -> None:
             y = torch.randint(0, cfg.vocab_size, (1, T), device=dev)
             losses, phases = [], {}
             for step in range(spec.get("steps", 1)):
-                profile = spec.get("profile") and step == spec.get("steps", 1) - 1
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
-                                              + ([torch.profiler.ProfilerActivity.CUDA] if cuda else []))
-                with prof if profile else contextlib.nullcontext():
+                prof = None
+                if spec.get("profile") and step == spec.get("steps", 1) - 1:
+                    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                                  + ([torch.profiler.ProfilerActivity.CUDA] if cuda else []))
+                with prof or contextlib.nullcontext():
                     phases = _one_step(model, opt, x, y, autocast, attention, dev, fault if T == fault.get("seq_len")
                                        else {})
                 losses.append(phases.pop("loss"))
-                if profile:
-                    out["profile"] = _profile_split(prof, phases["step_s"])
+                if prof is not None:
+                    out["profile"] = _profile_split(prof, phases["step_s"], cuda)
             out.update(ok=True, loss=round(losses[0], 4), losses=[round(v, 4) for v in losses], **phases,
                        tokens_per_s=round(T / phases["step_s"], 1))
             out["finite"] = all(v == v and abs(v) != float("inf") for v in losses)
@@ -244,7 +253,8 @@ def _probe(spec: dict) -> None:
                     pinned = torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0) / 1e9
                 out.update(pcie)
             out["pinned_peak_gb"] = round(pinned, 2)
-            out["host_peak_gb"] = round(rss.get("VmHWM", 0.0) + pinned, 2)  # pinned pages: driver mappings, not RSS
+            in_rss = pcie.get("pinned_in_rss", True)
+            out["host_peak_gb"] = round(rss.get("VmHWM", 0.0) + (0.0 if in_rss else pinned), 2)
             del x, y
             out.update(_attention_time(cfg, T, dev))
             if cuda and hasattr(torch.accelerator, "empty_host_cache"):

@@ -12,13 +12,15 @@ TINY = {"preset": "tiny", "device": "cpu", "overrides": {"n_layer": 2, "d_model"
 @pytest.mark.parametrize("kind,reason,error", [("sigkill", "killed", "SIGKILL"),
                                                ("raise", "error", "ValueError: deliberate failure")])
 def test_a_failing_probe_is_a_row_with_its_reason_and_length(kind, reason, error):
-    spec = {**TINY, "option": "full_offload_opt_fp8", "seqs": [128, 256], "fault": {"seq_len": 256, "kind": kind}}
+    spec = {**TINY, "option": "full_offload_opt_fp8", "seqs": [128, 256], "fault": {"seq_len": 256, "kind": kind},
+            "profile": True}
     rows = memory._run("probe", spec, timeout=120)
     assert [r["seq_len"] for r in rows] == [128, 256]
     good, bad = rows
     assert good["ok"] and good["finite"] and good["tokens_per_s"] > 0 and good["host_peak_gb"] > 0
     assert {"predicted_peak_gb", "predicted_host_gb", "forward_s", "backward_s", "optimizer_s",
             "recompute_s_est", "attention_backend", "offloaded_gb"} <= set(good)
+    assert good["profile"]["attention_ms"] > 0 and good["profile"]["matmul_ms"] > 0
     assert not bad["ok"] and bad["reason"] == reason and error in bad["error"]
     if kind == "sigkill":
         assert bad["exit_code"] == -9 and "MemAvailable" in bad["error"]  # the host memory seen, for the OOM guess
