@@ -1,8 +1,10 @@
 """Save and load all resumable training state in a checkpoint directory, with a completion marker.
 
 A checkpoint directory holds `model.pt`, `optimizer.pt`, `scheduler.pt`, `rng.pt` and
-`state.json` (step, data position, config), `ema.pt` when the run averages its weights, then `DONE`, written last: a directory without it is
-incomplete and is never loaded. When the optimizer keeps fp32 master weights of bf16 ones (app/train/master.py,
+`state.json` (step, data position, config), `ema.pt` when the run averages its weights, `sync.pt` (DiLoCo's outer
+momentum) under sync.mode=diloco, then `DONE`, written last: a directory without it is incomplete and is never loaded.
+Each rank with state of its own (1-bit residuals, a DiLoCo worker's optimizer) writes `rank_<r>.pt` before rank 0
+writes `DONE`. When the optimizer keeps fp32 master weights of bf16 ones (app/train/master.py,
 app/train/offload.py), `model.pt` holds the masters, so a run resumed without them continues from the exact weights.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -26,6 +29,7 @@ log = get_logger(__name__)
 DONE = "DONE"
 FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json")
 EMA = "ema.pt"  # the weight average, in checkpoints of runs that keep one (app/train/ema.py)
+SYNC = "sync.pt"  # DiLoCo's outer state shared by the ranks (app/train/sync.py)
 
 
 class CheckpointError(RuntimeError):
@@ -45,6 +49,8 @@ class TrainState:
     loss_curve: dict[str, float] = field(default_factory=dict)  # step -> train loss, at every logged step
     val_curve: dict[str, list[float]] = field(default_factory=dict)  # step -> [train seconds so far, val loss]
     train_time_s: float = 0.0  # wall time in training steps (not eval, checkpoints or each start's first step)
+    comm_bytes: float = 0.0  # bytes rank 0 sent to synchronise gradients or DiLoCo deltas (app/train/sync.py)
+    sync_rounds: int = 0  # DiLoCo outer steps done
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,9 +95,10 @@ def model_weights(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
 
 def snapshot(model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | dict,
              scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainState,
-             ema: WeightEMA | None = None) -> dict[str, Any]:
+             ema: WeightEMA | None = None, sync: dict[str, Any] | None = None) -> dict[str, Any]:
     """All resumable state, copied to CPU now: cheap next to writing it, so training can go on
-    while `write` puts it on disk. Model and optimizer may be given as their (full) state dicts."""
+    while `write` puts it on disk. Model and optimizer may be given as their (full) state dicts; `sync`:
+    the synchronisation's shared state (`SYNC`)."""
     model_sd = model if isinstance(model, dict) else model_weights(model, optimizer)
     optim_sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     snap = {"model.pt": _to_cpu(model_sd), "optimizer.pt": _to_cpu(optim_sd),
@@ -99,6 +106,8 @@ def snapshot(model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | d
             "state.json": json.loads(json.dumps(state.__dict__))}
     if ema is not None:
         snap[EMA] = _to_cpu(ema.state_dict())
+    if sync is not None:
+        snap[SYNC] = _to_cpu(sync)
     return snap
 
 
@@ -153,6 +162,29 @@ def load(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimize
             return TrainState(**json.load(f))
     except (RuntimeError, ValueError, KeyError, EOFError) as e:
         raise CheckpointError(f"checkpoint {directory} cannot be loaded: {e}") from e
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank}.pt"
+
+
+def save_rank_state(dest: str, rank: int, obj: dict[str, Any]) -> None:
+    """Write this rank's own state into the checkpoint directory `dest` (local or S3)."""
+    with tempfile.TemporaryDirectory(prefix="spotlm-rank-") as d:
+        path = os.path.join(d, rank_file(rank))
+        torch.save(_to_cpu(obj), path)
+        storage.upload_file(path, storage.join(dest, rank_file(rank)))
+
+
+def load_rank_state(directory: str, rank: int) -> dict[str, Any] | None:
+    """This rank's own state from a checkpoint directory; None when it has none (a rank the run did not have)."""
+    path = os.path.join(directory, rank_file(rank))
+    return torch.load(path, map_location="cpu") if os.path.exists(path) else None
+
+
+def load_sync_state(directory: str) -> dict[str, Any] | None:
+    path = os.path.join(directory, SYNC)
+    return torch.load(path, map_location="cpu") if os.path.exists(path) else None
 
 
 def upload(local_dir: str, dest: str, retries: int = 5, backoff_s: float = 1.0) -> None:

@@ -88,7 +88,8 @@ class ClusterConfig:
     use_gpu: Switch = "auto"  # one GPU per worker: auto = if the Ray cluster has GPUs
     cpus_per_worker: float = 1.0  # CPU resources each worker reserves
     max_failures: int = 3  # worker-group restarts on errors before the run fails
-    max_preemptions: int = 100  # restarts after preemption notices (not counted as failures)
+    max_preemptions: int = 100  # restarts after preemption notices and node losses (not counted as failures)
+    preemption_grace_s: float = 30.0  # how long Ray lets the other workers run on past a drained node's deadline
     spot_notice: str = "auto"  # poll the AWS spot interruption notice: auto (on EC2) | off | <metadata URL>
     catch_sigterm: bool = True  # SIGTERM means "checkpoint at the next step and stop", not "die now"
 
@@ -99,8 +100,30 @@ class ClusterConfig:
         if self.min_workers > self.num_workers:
             raise ConfigError(f"cluster.min_workers={self.min_workers} is more than "
                               f"cluster.num_workers={self.num_workers}")
-        if self.max_preemptions < 0:
-            raise ConfigError(f"cluster.max_preemptions must be >= 0, got {self.max_preemptions}")
+        if self.max_preemptions < 0 or self.preemption_grace_s < 0:
+            raise ConfigError(f"cluster.max_preemptions and cluster.preemption_grace_s must be >= 0, got "
+                              f"{self.max_preemptions} and {self.preemption_grace_s}")
+
+
+@dataclass
+class SyncConfig:
+    """How the workers combine their work (app/train/sync.py): DDP's all-reduce of the gradients, 1-bit
+    gradients, or DiLoCo rounds of local steps joined by an outer step."""
+
+    mode: Literal["ddp", "onebit", "diloco"] = "ddp"  # ddp: fp32 all-reduce; onebit: 1-bit gradients; diloco: rounds
+    inner_steps: int = 50  # diloco: inner steps per round (H), when rounds are not timed
+    round_s: float = 0.0  # diloco: > 0 = timed rounds, ending at the first step past this many seconds
+    outer_lr: float = 0.7  # diloco: the outer SGD's learning rate
+    outer_momentum: float = 0.9  # diloco: the outer SGD's Nesterov momentum
+    compress: Literal["none", "int8", "onebit"] = "none"  # diloco: the deltas sent as int8 or 1 bit, error feedback
+
+    def validate(self) -> None:
+        check_choices(self, "sync.")
+        if self.inner_steps < 1 or self.round_s < 0 or self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
+            raise ConfigError("sync.inner_steps must be >= 1, sync.round_s >= 0, sync.outer_lr > 0 and "
+                              "sync.outer_momentum in [0, 1)")
+        if self.compress != "none" and self.mode != "diloco":
+            raise ConfigError(f"sync.compress={self.compress} compresses DiLoCo's deltas: only with sync.mode=diloco")
 
 
 @dataclass
@@ -131,6 +154,7 @@ class TrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)  # workers and fault tolerance
     perf: PerfConfig = field(default_factory=PerfConfig)  # speed: kernels, FP8, compile, CUDA graph
     memory: MemoryConfig = field(default_factory=MemoryConfig)  # memory: checkpointing, offload, FSDP
+    sync: SyncConfig = field(default_factory=SyncConfig)  # how the workers combine their work
 
     def validate(self) -> None:
         """Each section's own checks, then the mixes of sections that cannot run together."""
@@ -141,7 +165,7 @@ class TrainConfig:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.eval_tokens < 0:
             raise ConfigError(f"eval_tokens must be >= 0 (0 = the whole split), got {self.eval_tokens}")
-        for section in (self.optim, self.schedule, self.ckpt, self.cluster, self.perf, self.memory):
+        for section in (self.optim, self.schedule, self.ckpt, self.cluster, self.perf, self.memory, self.sync):
             section.validate()
         optim, memory = self.optim, self.memory
         if optim.name == "muon" and (memory.offload_optimizer or memory.fsdp):
@@ -153,6 +177,11 @@ class TrainConfig:
         if optim.bf16_weights == "true" and optim.masters_excluded(memory):
             raise ConfigError("optim.bf16_weights=true steps fp32 master weights with AdamW: not with "
                               "optim.name=muon, optim.ema_decay, memory.fsdp or memory.offload_optimizer")
+        if self.sync.mode != "ddp" and (memory.fsdp or memory.offload_optimizer):
+            raise ConfigError(f"sync.mode={self.sync.mode} needs whole weights and gradients on each worker: not "
+                              "with memory.fsdp or memory.offload_optimizer")
+        if self.sync.mode == "diloco" and optim.bf16_weights == "true":
+            raise ConfigError("sync.mode=diloco averages fp32 weights: not with optim.bf16_weights=true")
 
     @property
     def run_dir(self) -> str:

@@ -34,10 +34,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
 def uses_bf16_weights(cfg: TrainConfig, device: torch.device, memory: MemoryConfig | None = None) -> bool:
     """Whether the run keeps bf16 weights with fp32 masters (`cfg.optim.bf16_weights`, "auto" resolved on
-    `device`), under `memory` (default: the run's)."""
+    `device`), under `memory` (default: the run's). Not by default under DiLoCo: its outer step works on fp32 weights."""
     if cfg.optim.bf16_weights != "auto":
         return cfg.optim.bf16_weights == "true"
-    return device.type == "cuda" and not cfg.optim.masters_excluded(cfg.memory if memory is None else memory)
+    return (device.type == "cuda" and cfg.sync.mode != "diloco"
+            and not cfg.optim.masters_excluded(cfg.memory if memory is None else memory))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

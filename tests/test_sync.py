@@ -1,0 +1,293 @@
+"""How workers combine their work (app/train/sync.py): the onebit DDP hook and DiLoCo's outer step on a
+2-process gloo group, then each sync mode through Ray Train with 2 workers."""
+import json
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from app.train.config import SyncConfig
+from app.train.run import list_checkpoints, train
+from app.train.sync import CommCounter, DiLoCo, OneBitState, allreduce_bytes, counting_allreduce_hook, onebit_hook
+from tests.conftest import train_config
+
+WORLD = 2
+
+
+def _spawn(fn, *args) -> list:
+    """Run fn(rank, *args) in WORLD processes joined in a gloo group; returns each rank's result."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_entry, args=(fn, d, args), nprocs=WORLD)
+        return [torch.load(os.path.join(d, f"out_{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def _entry(rank: int, fn, d: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{d}/store", rank=rank, world_size=WORLD)
+    try:
+        torch.save(fn(rank, *args), os.path.join(d, f"out_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+class FakeBucket:
+    """The three things a DDP comm hook reads of its GradBucket."""
+
+    def __init__(self, grads: list[torch.Tensor], index: int = 0):
+        self._buf = torch.cat([g.view(-1) for g in grads])
+        self._grads = [self._buf[o:o + g.numel()].view(g.shape) for o, g in
+                       zip(torch.tensor([0, *[g.numel() for g in grads]]).cumsum(0).tolist(), grads)]
+        self._index = index
+
+    def buffer(self):
+        return self._buf
+
+    def gradients(self):
+        return self._grads
+
+    def index(self):
+        return self._index
+
+
+SHAPES = [(37,), (10, 10), (5,)]
+
+
+def _grads(rank: int, scale: float = 1.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    return [torch.randn(s, generator=g) * scale * (i + 1) for i, s in enumerate(SHAPES)]
+
+
+def _onebit_rounds(rank: int, rounds: int) -> dict:
+    state = OneBitState(CommCounter())
+    outs, sent = [], []
+    for _ in range(rounds):
+        before = state.counter.sent
+        outs.append(onebit_hook(state, FakeBucket(_grads(rank))).value().clone())
+        sent.append(state.counter.sent - before)
+    lay = state.layouts[0]
+    return {"outs": torch.stack(outs), "sent": sent, "chunk": lay.chunk, "chunk_segs": [len(s) for s in lay.chunk_segs]}
+
+
+def test_onebit_average_is_close_error_feedback_converges_and_bytes_are_the_packed_sizes():
+    res = _spawn(_onebit_rounds, 40)
+    truth = (torch.cat([g.view(-1) for g in _grads(0)]) + torch.cat([g.view(-1) for g in _grads(1)])) / 2
+    a, b = res[0]["outs"], res[1]["outs"]
+    assert torch.equal(a, b)  # every rank gets the same average
+    first, after10, after40 = ((a[:t].mean(0) - truth).norm() / truth.norm() for t in (1, 10, 40))
+    assert first < 1.0  # one round: 1 bit per element, coarse but bounded
+    # error feedback: what one round leaves out comes in later ones, so the running mean closes in on the truth
+    assert after40 < 0.2 and after40 < first / 4 and after40 < 0.6 * after10
+    # Each tensor keeps its scale: 1-bit with mean |x| per tensor gets each tensor's magnitude right on average.
+    offsets = [0, 37, 137, 142]
+    for i in range(3):
+        seg_out, seg_true = a.mean(0)[offsets[i]:offsets[i + 1]], truth[offsets[i]:offsets[i + 1]]
+        assert seg_out.abs().mean() == pytest.approx(seg_true.abs().mean(), rel=0.25)
+
+    cb = res[0]["chunk"] // 8  # sign bytes of one chunk
+    segs = res[0]["chunk_segs"]  # how many tensors (and padding) each chunk touches
+    assert res[0]["chunk"] == 72 and segs == [2, 3]  # 142 elements padded to 144: [37 | 63] and [37 | 5 | pad]
+    width = max(segs)
+    for rank in range(WORLD):
+        other = 1 - rank
+        phase1 = cb + 4 * segs[other]  # chunk `other`'s bits and its tensors' scales
+        phase2 = (WORLD - 1) * (cb + 4 * width)  # all-gather of this rank's re-compressed chunk
+        assert res[rank]["sent"] == [phase1 + phase2] * 40
+
+
+def _big_bucket(rank: int) -> float:
+    state = OneBitState(CommCounter())
+    g = torch.Generator().manual_seed(rank)
+    onebit_hook(state, FakeBucket([torch.randn(256, 256, generator=g), torch.randn(1000, generator=g)]))
+    return state.counter.sent
+
+
+def test_onebit_sends_over_25x_fewer_bytes_than_fp32_allreduce():
+    sent = _spawn(_big_bucket)
+    fp32 = allreduce_bytes((256 * 256 + 1000) * 4, WORLD)
+    assert all(fp32 / s >= 25 for s in sent), [fp32 / s for s in sent]
+
+
+def _ddp_grads(rank: int, hook: bool) -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    counter = CommCounter()
+    if hook:
+        ddp.register_comm_hook(counter, counting_allreduce_hook)
+    for step in range(3):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(10 * rank + step))
+        ddp.zero_grad()
+        ddp(x).pow(2).mean().backward()
+    return {"grads": [p.grad.clone() for p in model.parameters()], "sent": counter.sent,
+            "numel": sum(p.numel() for p in model.parameters())}
+
+
+def test_counting_hook_is_ddps_default_bitwise():
+    plain, counted = _spawn(_ddp_grads, False), _spawn(_ddp_grads, True)
+    for r in range(WORLD):
+        assert all(torch.equal(a, b) for a, b in zip(plain[r]["grads"], counted[r]["grads"]))
+        assert counted[r]["sent"] == 3 * allreduce_bytes(counted[r]["numel"] * 4, WORLD)
+
+
+# ---------------------------------------------------------------- DiLoCo's outer step
+
+G0 = [torch.linspace(-1, 1, 12).view(3, 4), torch.linspace(0, 2, 5)]
+
+
+def _local_delta(rank: int, round_: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * round_ + rank)
+    return [torch.randn(t.shape, generator=g) * 0.1 for t in G0]
+
+
+def _outer_rounds(rank: int, cfg: SyncConfig, steps: list[list[int]]) -> dict:
+    params = [torch.nn.Parameter(t.clone()) for t in G0]
+    diloco = DiLoCo(params, cfg, CommCounter())
+    out = []
+    for i, per_rank in enumerate(steps):
+        with torch.no_grad():
+            for p, g, d in zip(params, diloco.global_params, _local_delta(rank, i)):
+                p.copy_(g - d)  # as if the inner steps moved the weights by -d
+        result = diloco.outer_step(per_rank[rank])
+        out.append({"params": [p.detach().clone() for p in params], "steps": result.inner_steps,
+                    "sent": result.sent})
+    return {"rounds": out, "residuals": [r.clone() for r in diloco.residuals]}
+
+
+def _reference(steps: list[list[int]], cfg: SyncConfig) -> list[list[torch.Tensor]]:
+    """torch's own Nesterov SGD on the weighted mean delta as the gradient."""
+    params = [torch.nn.Parameter(t.clone()) for t in G0]
+    opt = torch.optim.SGD(params, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=True)
+    out = []
+    for i, per_rank in enumerate(steps):
+        w = [s / sum(per_rank) for s in per_rank]
+        for j, p in enumerate(params):
+            p.grad = sum(w[r] * _local_delta(r, i)[j] for r in range(WORLD))
+        opt.step()
+        out.append([p.detach().clone() for p in params])
+    return out
+
+
+@pytest.mark.parametrize("steps", [[[5, 5], [5, 5], [5, 5]], [[1, 3], [4, 2], [2, 2]]],
+                         ids=["equal", "weighted"])
+def test_diloco_outer_step_is_nesterov_on_the_weighted_mean_delta(steps):
+    cfg = SyncConfig(mode="diloco")
+    res = _spawn(_outer_rounds, cfg, steps)
+    ref = _reference(steps, cfg)
+    n = sum(t.numel() for t in G0) + 0
+    for r in range(WORLD):
+        for i, rnd in enumerate(res[r]["rounds"]):
+            assert rnd["steps"] == steps[i]
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(rnd["params"], ref[i]))
+            assert rnd["sent"] == allreduce_bytes(n * 4, WORLD)
+    if steps[0] == [5, 5]:  # equal weights: the first round's mean is the plain average
+        plain = [(a + b) / 2 for a, b in zip(_local_delta(0, 0), _local_delta(1, 0))]
+        first = [g - cfg.outer_lr * (1 + cfg.outer_momentum) * d for g, d in zip(G0, plain)]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(res[0]["rounds"][0]["params"], first))
+
+
+@pytest.mark.parametrize("how", ["int8", "onebit"])
+def test_diloco_compressed_deltas_with_error_feedback(how):
+    cfg = SyncConfig(mode="diloco", compress=how, outer_momentum=0.0, outer_lr=1.0)
+    rounds = 1 if how == "int8" else 40
+    res = _spawn(_same_delta_rounds, cfg, rounds)
+    exact = [(a + b) / 2 for a, b in zip(_local_delta(0, 0), _local_delta(1, 0))]
+    moved = [(g - p) / rounds for g, p in zip(G0, res[0]["params"])]  # mean applied delta per round
+    err = sum((m - e).norm() ** 2 for m, e in zip(moved, exact)) ** 0.5 / sum(e.norm() ** 2 for e in exact) ** 0.5
+    assert err < (0.02 if how == "int8" else 0.1), err
+    assert torch.equal(res[0]["params"][0], res[1]["params"][0])
+    n_bytes = sum(t.numel() for t in G0) * (1 if how == "int8" else 1 / 8)
+    assert res[0]["sent"] == pytest.approx((math.ceil(n_bytes) + 4 * len(G0)) * rounds)  # (W-1)/W of 2 payloads
+    assert res[0]["residual"] > 0  # what compression left out is carried to the next round
+
+
+def _same_delta_rounds(rank: int, cfg: SyncConfig, rounds: int) -> dict:
+    params = [torch.nn.Parameter(t.clone()) for t in G0]
+    diloco = DiLoCo(params, cfg, CommCounter())
+    for _ in range(rounds):
+        with torch.no_grad():
+            for p, g, d in zip(params, diloco.global_params, _local_delta(rank, 0)):
+                p.copy_(g - d)
+        diloco.outer_step(1)
+    return {"params": [p.detach().clone() for p in params], "sent": diloco.counter.sent,
+            "residual": float(sum(r.norm() for r in diloco.residuals))}
+
+
+# ---------------------------------------------------------------- through Ray Train, 2 workers
+
+def sync_cfg(data, tmp_path, name, **kw):
+    base = dict(data=data, storage=str(tmp_path / "runs"), name=name, preset="tiny", seq_len=64, micro_batch=4,
+                batch_tokens=512, eval_every=0, eval_tokens=2048, log_every=5, export="none", optim={"lr": 3e-3},
+                schedule={"warmup_steps": 3}, model={"n_layer": 1}, perf={"deterministic": True},
+                cluster={"num_workers": 2, "cpus_per_worker": 0.5})
+    return train_config(base, **kw)
+
+
+def _progress(cfg) -> dict:
+    return json.load(open(os.path.join(cfg.run_dir, "progress.json")))
+
+
+def _curve(cfg) -> dict[int, float]:
+    last = list_checkpoints(cfg.run_dir)[-1]
+    return {int(k): v for k, v in json.load(open(os.path.join(last, "state.json")))["loss_curve"].items()}
+
+
+def test_ddp_and_onebit_train_and_onebit_sends_25x_less(shakespeare_shards, tmp_path):
+    runs = {}
+    for mode in ("ddp", "onebit"):
+        cfg = sync_cfg(shakespeare_shards, tmp_path, mode, max_steps=30, ckpt={"every": 15}, sync={"mode": mode})
+        assert train(cfg).error is None
+        runs[mode] = cfg
+    for cfg in runs.values():
+        curve = _curve(cfg)
+        assert curve[30] < curve[5] - 0.5, curve
+        p = _progress(cfg)
+        assert p["step"] == 30 and p["comm_bytes"] == pytest.approx(30 * p["comm_bytes_per_step"])
+    ddp, onebit = _progress(runs["ddp"])["comm_bytes"], _progress(runs["onebit"])["comm_bytes"]
+    assert ddp / onebit >= 25, ddp / onebit
+    # onebit's residuals are each rank's own: both ranks' files are in the checkpoint
+    last = list_checkpoints(runs["onebit"].run_dir)[-1]
+    assert all(os.path.exists(os.path.join(last, f"rank_{r}.pt")) for r in range(2))
+    # ddp's learning is the fp32 one: onebit ends close to it at equal steps
+    assert _curve(runs["onebit"])[30] == pytest.approx(_curve(runs["ddp"])[30], rel=0.1)
+
+
+def test_diloco_trains_and_resumes_exactly(shakespeare_shards, tmp_path, train_worker_pids):
+    kw = dict(max_steps=40, ckpt={"every": 10}, sync={"mode": "diloco", "inner_steps": 5, "compress": "int8"},
+              optim={"name": "adamw"})
+    clean = sync_cfg(shakespeare_shards, tmp_path, "clean", **kw)
+    assert train(clean).error is None
+    curve = _curve(clean)
+    assert curve[40] < curve[5] - 0.5, curve
+    p = _progress(clean)
+    assert p["sync_rounds"] == 8 and p["step"] == 40
+    assert 0 < p["comm_bytes"] < allreduce_bytes(4 * 196_800, 2) * 8  # int8 deltas, once a round
+
+    broken = sync_cfg(shakespeare_shards, tmp_path, "broken", **kw)
+    sent: list[int] = []
+
+    def term_once():  # SIGTERM one worker once training is under way: it checkpoints at the next round's end
+        deadline = time.time() + 120
+        while not sent and time.time() < deadline:
+            try:
+                step = _progress(broken)["step"]
+            except (OSError, ValueError):
+                step = 0
+            if 10 <= step < 30 and (pids := train_worker_pids()):
+                os.kill(pids[0], signal.SIGTERM)
+                sent.append(pids[0])
+            time.sleep(0.02)
+
+    threading.Thread(target=term_once, daemon=True).start()
+    assert train(broken).error is None and sent
+    a, b = (torch.load(os.path.join(list_checkpoints(c.run_dir)[-1], "model.pt")) for c in (clean, broken))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    state = json.load(open(os.path.join(list_checkpoints(broken.run_dir)[-1], "state.json")))
+    assert state["resumes"] == 1 and state["preemptions"] == 1 and state["sync_rounds"] == 8
+    assert state["comm_bytes"] == pytest.approx(p["comm_bytes"])  # carried over the resume, nothing twice
