@@ -217,7 +217,7 @@ def _offloaded(cfg, mem: MemoryConfig, T: int, r: int) -> tuple[float, float]:
     else:
         stored = [per_layer]
     host = moved * sum(pinned_bytes(b) for b in stored)
-    window = min(moved * per_layer, 2 * per_layer + PREFETCH_BYTES * per_layer / sum(stored))
+    window = min(moved * per_layer, 2 * per_layer + PREFETCH_BYTES)  # prefetched copies stay as stored till used
     return kept * per_layer + window, host
 
 
