@@ -362,7 +362,8 @@ def test_planner_respects_the_host_budget_and_refuses_in_one_line():
     # with room on the GPU, blocks keep their inputs there and the host holds less
     p128 = plan("llama3-8b", 80, 131072, host_gb=110.0)
     assert 0 < p128.memory.offload_keep_layers < 32
-    assert p128.estimate.host_activations < estimate("llama3-8b", 131072, 1, replace(p128.memory, offload_keep_layers=0)).host_activations
+    none_kept = estimate("llama3-8b", 131072, 1, replace(p128.memory, offload_keep_layers=0))
+    assert p128.estimate.host_activations < none_kept.host_activations
     with pytest.raises(ConfigError, match=r"^memory.auto: .* host short by [0-9.]+ GB") as err:
         resolve(MemoryConfig(auto=True), "llama3-8b", 262144, 1, 80.0, host_gb=60.0)
     assert "\n" not in str(err.value)

@@ -39,7 +39,8 @@ class MemoryConfig:
     mlp_chunk: int = 0  # checkpointing=full: run the MLP over checkpointed tiles of this many tokens (0 = whole)
     offload_activations: bool = False  # saved activations (with full checkpointing: the block inputs) to pinned CPU memory
     offload_min_bytes: int = 1 << 20  # smaller saved tensors stay on the GPU
-    offload_dtype: Literal["native", "fp8"] = "native"  # offloaded layer inputs as saved, or FP8 e4m3 + a scale per token (checkpointing=full)
+    # offloaded layer inputs as saved, or FP8 e4m3 with a scale per token (needs checkpointing=full)
+    offload_dtype: Literal["native", "fp8"] = "native"
     offload_keep_layers: int = 0  # offload_activations: the last this many blocks keep their inputs on the GPU
     host_budget_gb: float = 0.0  # auto: host memory the plan may use (0 = what the machine has available)
     offload_optimizer: bool = False  # AdamW on the CPU over fp32 master weights; bf16 weights and grads on the GPU
