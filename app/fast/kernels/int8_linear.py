@@ -4,8 +4,10 @@ A decode step multiplies a few rows (one per stream) by every weight of the mode
 read the weights: an 8-bit copy halves it. The kernel here reads q [N, K] in its 8 bits, converts each tile to the
 activation dtype in registers and multiplies it on the tensor cores (fp32 sums), so the bf16 weight never exists in
 memory. Scales are fp32 [N, G]: one per output channel (G = 1, applied once to each output) or one per group of
-K / G consecutive input channels (applied to each weight tile before its product). Rows beyond `SMALL_M` (prefills)
-dequantize the weight and use the dense matmul instead: there the product's compute, not the weight read, is the cost.
+K / G consecutive input channels (applied to each weight tile before its product). Its tile shape is tuned per weight
+shape on the first call (Triton's autotuner; one fixed shape under the interpreter). Rows beyond `SMALL_M` (prefills)
+take the dense matmul of the weight cast to x's dtype instead: there the product's compute, not the weight read, is
+the cost. torch._int_mm (int8 x int8, rows > 16 only) would quantize the activations too, which this keeps exact.
 """
 from __future__ import annotations
 
@@ -70,25 +72,15 @@ def _dense(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 def _launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     (M, K), N = x.shape, q.shape[0]
     block_m = max(16, next_power_of_2(M))  # tl.dot's smallest tile is 16
-    block_n = _block_n(M, N, block_m, x.device)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
-    _weight_only_kernel[grid](x, q, scale, y, M, N, K, x.stride(0), q.stride(0), scale.stride(0), y.stride(0),
-                              GROUP=K // scale.shape[1], PER_CHANNEL=scale.shape[1] == 1,
-                              IEEE=x.dtype == torch.float32 or INTERPRET, BLOCK_M=block_m, BLOCK_N=block_n,
-                              BLOCK_K=128, num_warps=4, num_stages=4)
+    args = (x, q, scale, y, M, N, K, x.stride(0), q.stride(0), scale.stride(0), y.stride(0))
+    consts = dict(GROUP=K // scale.shape[1], PER_CHANNEL=scale.shape[1] == 1,
+                  IEEE=x.dtype == torch.float32 or INTERPRET, BLOCK_M=block_m)
+    if INTERPRET:  # one tile shape: the interpreter checks the arithmetic, not the speed
+        _weight_only_kernel[(triton.cdiv(N, 32), triton.cdiv(M, block_m))](*args, **consts, BLOCK_N=32, BLOCK_K=128)
+    else:
+        _tuned_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))](*args, **consts)
     return y
-
-
-def _block_n(M: int, N: int, block_m: int, device: torch.device) -> int:
-    """The widest output tile (64, 32 or 16 channels) that still gives every SM a program: few rows read the whole
-    weight, so the weight's N rows must be spread over the whole GPU to use its bandwidth."""
-    tiles_m = triton.cdiv(M, block_m)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    for block_n in (64, 32):
-        if triton.cdiv(N, block_n) * tiles_m >= sms:
-            return block_n
-    return 16
 
 
 @jit
@@ -120,3 +112,12 @@ def _weight_only_kernel(x_ptr, q_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_q
         acc = acc * tl.load(s_ptr + rn * stride_sn, mask=rn < N, other=0.0)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# Tile shapes tried once per weight shape and row tile (on the first call, e.g. the engine's warm-up before its graph
+# captures): narrow output tiles spread a weight's rows over every SM, long K tiles keep more bytes in flight per SM.
+_CONFIGS = [(16, 128, 4, 4), (16, 256, 4, 3), (16, 512, 4, 2), (32, 128, 4, 4), (32, 256, 4, 3), (32, 512, 8, 2),
+            (64, 128, 4, 4), (64, 256, 8, 3)]  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+_tuned_kernel = None if triton is None else triton.autotune(
+    [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st) for n, k, w, st in _CONFIGS],
+    key=["N", "K", "BLOCK_M", "PER_CHANNEL"])(_weight_only_kernel)
