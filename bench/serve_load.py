@@ -3,6 +3,7 @@
     python -m bench.serve_load                 # GPT-2-124M shape (random init), 1/8/32/128 streams, 2,000 requests
     python -m bench.serve_load --quick         # tiny model on CPU, a few requests per level
     python -m bench.serve_load --http          # also through Ray Serve over HTTP (streamed, TTFT from the first event)
+    python -m bench.serve_load --prefix_tokens=1024 --no_hf   # + TTFT of 32 requests sharing a prefix, reuse on/off
 
 Builds a model of the preset's shape (random init), exports it with app.model.export, then for each
 concurrency level c runs c client threads that each submit requests back to back (fixed-length
@@ -13,7 +14,13 @@ prompts one request at a time (c=1) and in static batches of c (no streaming: TT
 1-token generate of the batch); by default on fewer requests than the engine (8 at c=1, 2 batches at
 c > 1, so that the whole default run fits a 10-minute device call; the counts are in the JSON). `--lmatch` adds the per-token latency with an lmatch lookup hook (a
 model of the same shape with a retrieval-match table, a dictionary lookup on the last 3 tokens) next
-to the same model without the hook. Prints one JSON object; ratios are engine / baseline.
+to the same model without the hook. Each engine level also reports its mean time per engine step
+(`step_ms`: wall time / steps); with `--http` each level's HTTP numbers are set beside the engine's
+(`http_overhead`: tokens/s ratio HTTP / engine, TTFT p50 difference). `--prefix_tokens=N` adds the time
+to first token of `--prefix_requests` requests submitted together whose prompts share their first N
+tokens (then 16 own ones), with the engine's prefix cache off and on (`prefix_reuse`, ratio off / on).
+`--kv_bucket` is the engine's smallest attention read length (0 = the whole cache every step).
+Prints one JSON object; ratios are engine / baseline.
 """
 from __future__ import annotations
 
@@ -91,7 +98,7 @@ def drive(n: int, conc: int, one) -> dict:
 
 def run_engine(engine: Engine, prompts: list[list[int]], conc: int, max_tokens: int) -> dict:
     """`conc` client threads submitting `prompts` back to back; per-request TTFT and per-token latency,
-    and the mean time in the index hooks per generated token."""
+    the mean time in the index hooks per generated token and the mean time per engine step."""
     index_ms: list[float] = []
 
     def one(i: int):
@@ -103,8 +110,11 @@ def run_engine(engine: Engine, prompts: list[list[int]], conc: int, max_tokens: 
         index_ms.append(seq.index_ms / n)
         return n, seq.t_first - seq.t_submit, (seq.t_done - seq.t_first) / (n - 1) if n > 1 else None
 
+    steps = engine.stats()["steps"]
     out = drive(len(prompts), conc, one)
     out["index_ms_per_token"] = round(statistics.mean(index_ms), 4) if index_ms else None
+    steps = engine.stats()["steps"] - steps
+    out["step_ms"] = round(1e3 * out["wall_s"] / steps, 4) if steps else None
     return out
 
 
@@ -199,6 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--http", action="store_true", help="also measure through Ray Serve over HTTP")
     p.add_argument("--lmatch", action="store_true", help="per-token latency with and without an lmatch hook")
     p.add_argument("--index", default=None, help="a real LMatch index (dataset dir) for --lmatch")
+    p.add_argument("--kv_bucket", type=int, default=64, help="the engine's smallest attention read (0 = all)")
+    p.add_argument("--prefix_tokens", type=int, default=0, help="also TTFT of requests sharing this long a prefix")
+    p.add_argument("--prefix_requests", type=int, default=32, help="requests submitted together for --prefix_tokens")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 helps on a busy CPU")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
@@ -225,13 +238,15 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"preset": a.preset, "device": device, "dtype": str(dtype).removeprefix("torch."),
                     "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "hf_baseline": not a.no_hf, "levels": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        max_len = max(ModelConfig.preset(a.preset).max_seq_len, a.prompt_len + a.max_tokens)
+        max_len = max(ModelConfig.preset(a.preset).max_seq_len, a.prompt_len + a.max_tokens,
+                      a.prefix_tokens + PREFIX_OWN + a.max_tokens)
         export = make_export(a.preset, Path(tmp), max_seq_len=max_len)
         ex = load_exported(export, device=device, dtype=dtype)
         vocab = ex.config.vocab_size
         t0 = time.perf_counter()
         engine = Engine(ex.model, eot_id=None, max_batch=max(levels), max_queue=max(per_level),
-                        max_len=a.prompt_len + a.max_tokens, cuda_graphs=False if a.eager else None).start()
+                        max_len=a.prompt_len + a.max_tokens, cuda_graphs=False if a.eager else None,
+                        kv_bucket=a.kv_bucket).start()
         result["engine_start_s"] = round(time.perf_counter() - t0, 2)  # graph captures included
         run_engine(engine, make_prompts(2, a.prompt_len, vocab, 99), 2, 4)  # warm-up
         for c, n in zip(levels, per_level):
@@ -258,14 +273,51 @@ def main(argv: list[str] | None = None) -> dict:
         result["requests"] = sum(lv["engine"]["requests"] for lv in result["levels"].values())
         if a.http:
             result["http"] = http_levels(a, export, levels, per_level, vocab)
+            result["http_overhead"] = {c: http_overhead(result["levels"][c]["engine"], h)
+                                       for c, h in result["http"].items()}
             result["errors"] += sum(lv["errors"] for lv in result["http"].values())
             result["requests"] += sum(lv["requests"] for lv in result["http"].values())
         if a.lmatch:
             result["lmatch"] = lmatch_overhead(a, Path(tmp), device, dtype, max_len)
+        if a.prefix_tokens:
+            result["prefix_reuse"] = prefix_reuse(a, ex.model, vocab)
     print(json.dumps(result, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def http_overhead(engine: dict, http: dict) -> dict:
+    """HTTP through Ray Serve next to the engine alone at one level."""
+    ratio = http["tokens_per_s"] / engine["tokens_per_s"] if http["tokens_per_s"] and engine["tokens_per_s"] else None
+    ttft = (None if http["ttft_ms_p50"] is None or engine["ttft_ms_p50"] is None
+            else round(http["ttft_ms_p50"] - engine["ttft_ms_p50"], 3))
+    return {"tokens_per_s_ratio_http_vs_engine": None if ratio is None else round(ratio, 3),
+            "ttft_ms_p50_added": ttft}
+
+
+PREFIX_OWN = 16  # each --prefix_tokens request's own tokens after the shared prefix
+
+
+def prefix_reuse(a, model, vocab: int) -> dict:
+    """TTFT of `prefix_requests` requests submitted together, prompts = one shared `prefix_tokens` prefix +
+    16 own tokens, `max_tokens` 4: the engine without, then with a prefix cache (fresh engines)."""
+    n, new = a.prefix_requests, 4
+    head = make_prompts(1, a.prefix_tokens, vocab, seed=11)[0]
+    prompts = [head + own for own in make_prompts(n, PREFIX_OWN, vocab, seed=12)]
+    other = [p[::-1] for p in prompts[:2]]  # warm-up: the same shapes, no shared prefix with the load
+    out = {"requests": n, "prefix_tokens": a.prefix_tokens, "own_tokens": PREFIX_OWN}
+    for name, tokens in (("without", 0), ("with", a.prefix_tokens + 2 * PREFIX_OWN)):
+        engine = Engine(model, eot_id=None, max_batch=n, max_queue=n, max_len=len(prompts[0]) + new,
+                        cuda_graphs=False if a.eager else None, kv_bucket=a.kv_bucket,
+                        prefix_cache_tokens=tokens).start()
+        run_engine(engine, other, 2, new)
+        out[name] = run_engine(engine, prompts, n, new)
+        out[name]["prefilled_tokens"] = engine.stats()["prefilled_tokens"]
+        engine.close()
+    w, wo = out["with"]["ttft_ms_p50"], out["without"]["ttft_ms_p50"]
+    out["ttft_p50_ratio_without_vs_with"] = round(wo / w, 2) if w else None
+    return out
 
 
 def http_levels(a, export: str, levels: list[int], per_level: list[int], vocab: int) -> dict:

@@ -91,3 +91,14 @@ def test_prefix_cache_lru_and_load():
     assert pc.cached(pc.digests(a)) == 2 and pc.load(cache, 1, [5, 5]) == 0
     with pytest.raises(ValueError, match="tokens >= block"):
         PrefixCache(cfg, tokens=3, block=4)
+
+
+def test_serve_load_bench_reports_prefix_reuse_and_step_time():
+    from bench.serve_load import main
+
+    out = main(["--quick", "--no_hf", "--threads", "1", "--concurrency", "2", "--requests", "4",
+                "--prefix_tokens", "48", "--prefix_requests", "4"])
+    assert out["errors"] == 0 and out["levels"]["2"]["engine"]["step_ms"] > 0
+    pr = out["prefix_reuse"]
+    assert pr["with"]["errors"] == pr["without"]["errors"] == 0
+    assert pr["with"]["prefilled_tokens"] < pr["without"]["prefilled_tokens"]

@@ -181,3 +181,19 @@ def test_graphed_verify_steps_equal_eager_ones():
     graphed = make(True)
     assert run(graphed, ps, params) == run(make(False), ps, params)
     assert graphed.stats()["speculative_steps"] > 0
+
+
+def test_the_benchmark_smoke_run(shakespeare_shards, tmp_path):
+    """bench.speculative --smoke on the tinyshakespeare shards: every variant's greedy completions equal
+    plain decoding's, and drafting happened."""
+    import shutil
+
+    from bench.speculative import main
+
+    data = str(shutil.copytree(shakespeare_shards, tmp_path / "shards"))  # never index the shared fixture
+    out = main(["--smoke", "--data", data, "--threads", "1", "--streams", "1,3", "--prompts", "4",
+                "--prompt_len", "24", "--max_tokens", "12"])
+    assert out["all_identical"] and set(out["levels"]) == {"1", "3"}
+    for level in out["levels"].values():
+        assert level["plain"]["tokens"] == level["index"]["tokens"] > 0
+        assert level["index+prompt"]["drafted"] > 0 and level["plain"]["drafted"] == 0
