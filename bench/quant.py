@@ -8,9 +8,9 @@ Speed: the same weights, quantized per mode (`app.fast.quant.quantize`), served 
 on CUDA) at each stream count (greedy, exactly max_tokens new tokens per request, random prompts); ratios are
 mode / none at the same count, in the same run. Quality: perplexity on the held-out text of --data for each mode,
 its change relative to none, and the relative logit error ||logits_q - logits|| / ||logits||. A randomly initialised
-model's perplexity means nothing, so without --model the quality section uses a small model trained here for
---train_steps on the text's first 90% with the GPT-2 tokenizer (perplexity on the last 10%); the speed model's logit
-error is reported beside it. Prints one JSON object.
+model's perplexity means nothing, so without --model the quality section uses a model of --train_preset's shape
+trained here for --train_steps on the text's first 90% with the GPT-2 tokenizer (perplexity on the last 10%, in the
+serving dtype); the speed model's logit error is reported beside it. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -67,14 +67,17 @@ def logit_error(ref: GPT, other: GPT, idx: torch.Tensor) -> float:
     return round(((b - a).norm() / a.norm()).item(), 6)
 
 
-def train_small(tokens: torch.Tensor, vocab: int, steps: int, seq_len: int, batch: int, device: str) -> GPT:
-    """The `tiny` shape over `vocab`, trained `steps` AdamW steps on random windows of `tokens` (fp32)."""
+def train_small(tokens: torch.Tensor, vocab: int, a, device: str) -> GPT:
+    """The --train_preset shape over `vocab`, trained --train_steps AdamW steps (fp32) on random windows of
+    `tokens`."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig.preset("tiny", vocab_size=vocab, max_seq_len=seq_len, tie_embeddings=True)).to(device)
+    cfg = ModelConfig.preset(a.train_preset, vocab_size=vocab, max_seq_len=a.seq_len, tie_embeddings=True)
+    model = GPT(cfg).to(device)
     model.init_weights()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.train_lr, weight_decay=0.0, foreach=True)
+    seq_len, batch = a.seq_len, a.train_batch
     g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
+    for _ in range(a.train_steps):
         starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch,), generator=g)
         w = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()]).to(device)
         opt.zero_grad(set_to_none=True)
@@ -136,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokenizer", default=str(SHARED / "gpt2_tokenizer" / "tokenizer.json"),
                    help="tokenizer.json of the model trained here (an export brings its own)")
     p.add_argument("--train_steps", type=int, default=600, help="steps of the small model trained without --model")
-    p.add_argument("--train_batch", type=int, default=16, help="windows per step of the small model")
+    p.add_argument("--train_preset", default="tiny", help="shape of the model trained without --model")
+    p.add_argument("--train_lr", type=float, default=3e-3, help="its AdamW learning rate")
+    p.add_argument("--train_batch", type=int, default=16, help="its windows per step")
     p.add_argument("--seq_len", type=int, default=256, help="perplexity window (and the small model's context)")
     p.add_argument("--eval_windows", type=int, default=200, help="held-out windows scored per mode")
     p.add_argument("--eval_batch", type=int, default=8)
@@ -183,9 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
                                              for m in modes if m != "none"}
         del base
         split = int(0.9 * tokens.numel())
-        small = train_small(tokens[:split], tokenizer.get_vocab_size(), a.train_steps, a.seq_len, a.train_batch,
-                            device)
-        result["quality"] = {"model": f"tiny trained {a.train_steps} steps on {Path(a.data).name}",
+        small = train_small(tokens[:split], tokenizer.get_vocab_size(), a, device).to(dtype)  # served in dtype
+        result["quality"] = {"model": f"{a.train_preset} trained {a.train_steps} steps on {Path(a.data).name}",
                              **quality(small, tokens[split:], modes, a)}
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result, indent=1))
