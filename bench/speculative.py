@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 max_len=a.prompt_len + a.max_tokens, cuda_graphs=False if a.eager else None,
                                 drafter=drafter_of(variant, index, a.ngram, a.min_match),
                                 draft_tokens=a.draft if variant != "plain" else 0, max_draft=max(a.draft, 1)).start()
-                complete(engine, prompts[:streams], streams, 8, a.draft)  # warm-up: lazy graph captures
+                complete(engine, prompts[:streams], streams, a.max_tokens, a.draft)  # warm-up: graph captures
                 level[variant] = complete(engine, prompts, streams, a.max_tokens, a.draft)
                 engine.close()
             plain = level["plain"]

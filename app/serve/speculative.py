@@ -100,7 +100,7 @@ def verify(logits: torch.Tensor, drafts: torch.Tensor, n_draft: torch.Tensor, te
     n, T, V = logits.shape
     K = T - 1
     flat = logits.reshape(n * T, V)
-    rep = lambda x: x.repeat_interleave(T)  # noqa: E731 - per row -> per position
+    rep = lambda x: x[:, None].expand(n, T).reshape(-1)  # noqa: E731 - per row -> per position (no sync)
     temp, tk, tp, uf = rep(temperature), rep(top_k), rep(top_p), u.reshape(-1)
     plain = sample_tokens(flat, temp, tk, tp, uf, kinds).view(n, T)  # greedy rows: the argmax
     d = torch.cat([drafts, drafts.new_zeros(n, 1)], 1)  # the draft position i decides (none at K)
