@@ -1,5 +1,5 @@
 """Evaluate a model's loss / perplexity on a split, plain and with its retrieval indexes (LMatch ids,
-kNN-LM interpolation, both); also the shared pieces of the kNN build: loading a model from an export or
+kNN-LM interpolation, both), or on standard tasks (HellaSwag, LAMBADA: `app.indexing.tasks`); also the shared pieces of the kNN build: loading a model from an export or
 a run dir, capturing final hidden states, and the lmatch ids aligned with a split.
 
 Every number is a token-weighted mean over the same fixed windows `app.data.loader.eval_batches` gives
@@ -41,6 +41,7 @@ class LoadedModel:
     source: str  # the export dir or checkpoint dir it was loaded from
     kind: str  # export | checkpoint
     sha256: str  # of the weights file (model.safetensors / model.pt)
+    tokenizer: str  # its tokenizer.json: the export's, or a checkpoint's dataset's
     meta: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
@@ -79,10 +80,11 @@ def load_model(path: str, device: str = "cpu", data: str | None = None) -> Loade
     the dataset's vocabulary: `data` overrides the run's dataset), in eval mode, float32."""
     kind, src = resolve_model(path)
     if kind == "export":
-        from app.model.export import WEIGHTS, load_exported
+        from app.model.export import TOKENIZER, WEIGHTS, load_exported
 
         ex = load_exported(src, device=device, dtype=torch.float32)
-        return LoadedModel(ex.model, ex.config, src, kind, _sha256(storage.join(src, WEIGHTS)), ex.meta)
+        return LoadedModel(ex.model, ex.config, src, kind, _sha256(storage.join(src, WEIGHTS)),
+                           storage.join(src, TOKENIZER), ex.meta)
     from app.train.config import TrainConfig, model_config
 
     local = storage.local_dir(src)
@@ -94,7 +96,8 @@ def load_model(path: str, device: str = "cpu", data: str | None = None) -> Loade
     sd = torch.load(os.path.join(local, "model.pt"), map_location="cpu")
     model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()})
     model.to(device=device, dtype=torch.float32).eval()
-    return LoadedModel(model, cfg, src, kind, _sha256(os.path.join(local, "model.pt")), {"step": state.get("step")})
+    return LoadedModel(model, cfg, src, kind, _sha256(os.path.join(local, "model.pt")), manifest.tokenizer_path,
+                       {"step": state.get("step")})
 
 
 def pick_device(spec: str = "auto") -> str:
@@ -172,14 +175,19 @@ def embed_windows(model: GPT, stream: TokenStream, match: TokenStream | None, wi
 
 @dataclass
 class EvalConfig:
-    """Evaluate a model on a split: plain, with LMatch ids, with kNN-LM interpolation, and both."""
+    """Evaluate a model on a split: plain, with LMatch ids, with kNN-LM interpolation, and both; or, with
+    `tasks`, on standard evals scored as lm-evaluation-harness scores them."""
 
     model: str = "runs/spotlm-run/export"  # export dir, or a run dir (its export, else its newest checkpoint)
-    data: str = "runs/shards"  # tokenized dataset dir (manifest.json), local or s3://
+    data: str = "runs/shards"  # tokenized dataset dir (manifest.json), local or s3://; tasks: unused
+    tasks: list[str] = field(default_factory=list)  # hellaswag,lambada: score these instead of the split's loss
+    hellaswag: str = ""  # tasks: HellaSwag file, 6 lines per item (.txt or .txt.bz2)
+    lambada: str = ""  # tasks: LAMBADA file, JSON lines of {"text": ...}
+    limit: int = 0  # tasks: score the first N items of each; 0 = all
     split: Literal["train", "val"] = "val"  # which split to score
     max_tokens: int = 0  # score the first N tokens of the split; 0 = all of it
     seq_len: int = 0  # window length; 0 = the model's max_seq_len
-    batch: int = 8  # windows per forward
+    batch: int = 8  # windows (tasks: requests) per forward
     knn: str = "auto"  # kNN index dir; auto = <model>/knn when it exists; none = skip
     k: int = 16  # neighbours per position
     nprobe: int = 32  # IVF cells searched per query
@@ -190,8 +198,15 @@ class EvalConfig:
     output: str = ""  # also write the JSON result to this file (local or s3://)
 
     def validate(self) -> None:
-        if self.batch < 1 or self.k < 1 or self.max_tokens < 0 or self.seq_len < 0:
-            raise ConfigError("batch and k must be >= 1; max_tokens and seq_len >= 0")
+        if self.batch < 1 or self.k < 1 or self.max_tokens < 0 or self.seq_len < 0 or self.limit < 0:
+            raise ConfigError("batch and k must be >= 1; max_tokens, seq_len and limit >= 0")
+        from app.indexing.tasks import TASKS
+
+        for task in self.tasks:
+            if task not in TASKS:
+                raise ConfigError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+            if not getattr(self, task):
+                raise ConfigError(f"--tasks={task} needs --{task}=PATH (its data file)")
         if any(not 0 < lam < 1 for lam in self.lambdas) or not self.lambdas:
             raise ConfigError(f"lambdas must be in (0, 1), got {self.lambdas}")
         if any(t <= 0 for t in self.temperatures) or not self.temperatures:
@@ -333,3 +348,22 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return {"model": lm.describe(), "data": manifest.root, "split": cfg.split,
             "seq_len": seq_len, "tokens": results["lm"]["tokens"], "device": device, "knn_index": knn_info or None,
             "results": results, "notes": notes, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def evaluate_tasks(cfg: EvalConfig) -> dict[str, Any]:
+    """The JSON-able result of `cfg.tasks` (lm_eval's results block: per task its metrics and item count), with
+    the model and the device. A checkpoint's vocabulary and tokenizer are its run's dataset's."""
+    from app.data.tokenizer import load_tokenizer
+    from app.indexing.tasks import run_tasks
+
+    t0 = time.perf_counter()
+    device = pick_device(cfg.device)
+    lm = load_model(cfg.model, device)
+    notes = []
+    if lm.config.lmatch_vocab:
+        notes.append("the model has an lmatch table: scored with all-NONE lmatch ids (free text has no LMatch ids)")
+    paths = {task: getattr(cfg, task) for task in cfg.tasks}
+    results = run_tasks(lm.model, load_tokenizer(lm.tokenizer), cfg.tasks, paths, cfg.limit, cfg.batch, device)
+    return {**results, "n": {task: r["n"] for task, r in results.items()}, "model": lm.describe(),
+            "device": device, "max_length": lm.config.max_seq_len, "notes": notes,
+            "seconds": round(time.perf_counter() - t0, 3)}
