@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--roots", default="", help="directories of .py files, comma-separated (default: stdlib and site-packages)")
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: GPT-2's; the smoke run trains a small BPE)")
     p.add_argument("--val_fraction", type=float, default=0.01, help="share of files held out for validation")
-    p.add_argument("--train_tokens", type=int, default=2**27, help="the plain model's training tokens")
+    p.add_argument("--train_tokens", type=int, default=2**26, help="the plain model's training tokens")
     p.add_argument("--time_tolerance", type=float, default=0.05, help="retrain the LMatch model beyond this time gap")
     p.add_argument("--knn_tokens", type=int, default=2**22, help="training positions in each kNN datastore")
     p.add_argument("--eval_tokens", type=int, default=2**20, help="validation tokens scored per column")

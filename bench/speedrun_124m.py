@@ -14,8 +14,9 @@ and evaluation, reported apart. Prints JSON (written to `<out>/speedrun_124m.jso
 curves against training seconds in `<out>/speedrun_124m.png`.
 
     python -m bench.speedrun_124m --out=runs/speedrun124m                    # GPU: corpus, baseline, spotlm
-    python -m bench.speedrun_124m --out=runs/speedrun124m --phase=baseline   # or in two commands: the
-    python -m bench.speedrun_124m --out=runs/speedrun124m --phase=spotlm     # target is kept in <out>
+    python -m bench.speedrun_124m --out=runs/speedrun124m --phase=corpus     # or step by step: the corpus
+    python -m bench.speedrun_124m --out=runs/speedrun124m --phase=baseline   # and the baseline's target
+    python -m bench.speedrun_124m --out=runs/speedrun124m --phase=spotlm     # are kept in <out>
     python -m bench.speedrun_124m --smoke                                    # CPU: tiny corpus and model
 """
 from __future__ import annotations
@@ -165,8 +166,8 @@ def plot(results: dict[str, dict], target: float, path: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="", help="directory for the corpus, runs, JSON and PNG (default: a temp dir)")
-    p.add_argument("--phase", choices=("all", "baseline", "spotlm"), default="all",
-                   help="baseline: build the corpus and train the baseline (its target kept in <out>); "
+    p.add_argument("--phase", choices=("all", "corpus", "baseline", "spotlm"), default="all",
+                   help="corpus: only build it; baseline: and train the baseline (its target kept in <out>); "
                         "spotlm: train spotlm to the kept target")
     p.add_argument("--roots", default="", help="directories of .py files, comma-separated (default: stdlib and site-packages)")
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: GPT-2's; the smoke run trains a small BPE)")
@@ -196,6 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     init_ray()
     tokenizer = args.tokenizer or (None if args.smoke else str(GPT2_TOKENIZER))
     m, corpus = build_corpus(out, roots, tokenizer, args.val_fraction)
+    if args.phase == "corpus":
+        report = {"corpus": corpus_summary(corpus, m, m.root), "train_tokens": m.num_tokens("train")}
+        print(json.dumps(report, indent=1))
+        return report
     results: dict[str, dict] = {}
     kept = os.path.join(out, "baseline.json")
     if args.target:

@@ -1,4 +1,4 @@
-"""bench.speedrun_124m: the baseline's schedule, and a smoke run of both phases on a tiny python corpus."""
+"""bench.speedrun_124m: the baseline's schedule, and a smoke run, phase by phase, on a tiny python corpus."""
 import json
 import math
 
@@ -19,10 +19,12 @@ def test_baseline_schedule_warms_up_then_decays_to_a_tenth():
 
 
 @pytest.mark.slow
-def test_smoke_run_in_two_phases(ray_session, tmp_path):
+def test_smoke_run_in_phases(ray_session, tmp_path):
     out = tmp_path / "run"
-    base = speedrun_124m.main(["--smoke", f"--out={out}", "--phase=baseline"])["nanoGPT baseline"]
+    corpus = speedrun_124m.main(["--smoke", f"--out={out}", "--phase=corpus"])
+    assert corpus["train_tokens"] == corpus["corpus"]["tokens"]["train"] > 0 and not (out / "baseline.json").exists()
     shard_mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.bin")}
+    base = speedrun_124m.main(["--smoke", f"--out={out}", "--phase=baseline"])["nanoGPT baseline"]
     assert base["steps"] == 12 and len(base["curve"]) == 3  # evaluated every 4 steps
     assert base["final_val_loss"] == round(base["curve"][-1][2], 4) < base["curve"][0][2]
     assert all(t1 < t2 for (_, t1, _), (_, t2, _) in zip(base["curve"], base["curve"][1:]))
