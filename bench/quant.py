@@ -25,7 +25,8 @@ import torch
 
 from app.data.tokenizer import load_tokenizer
 from app.fast.kernels.fp8_linear import on_fp8_gpu
-from app.fast.quant import QuantLinear, quantize
+from app.fast.kernels.int8_linear import quantize_weight, weight_only_linear
+from app.fast.quant import STORAGE, QuantLinear, quantize
 from app.model.export import load_exported
 from app.model.gpt import GPT, ModelConfig
 from app.serve.engine import Engine
@@ -107,6 +108,62 @@ def speed(base: GPT, modes: list[str], levels: list[int], requests: list[int], a
     return out
 
 
+def kernel_times(cfg: ModelConfig, modes: list[str], rows_list: list[int], device: str, dtype: torch.dtype,
+                 reps: int) -> dict:
+    """Per-product time (us) of the model's three linear shapes alone: `F.linear` on the dtype weight (none) vs
+    `weight_only_linear` per mode, for each row count, and the weight bytes per second each reaches. On CUDA the
+    `reps` products run as one CUDA graph (no launch overhead, as in the engine) over enough weight copies that
+    each product reads from memory, not from L2."""
+    shapes = {"qkvo": (cfg.d_model, cfg.d_model), "up": (cfg.ffn_hidden, cfg.d_model),
+              "down": (cfg.d_model, cfg.ffn_hidden)}
+    out: dict = {}
+    for name, (N, K) in shapes.items():
+        copies = max(2, -(-400_000_000 // (N * K * 2))) if device == "cuda" else 2  # 400 MB: several times L2
+        ws = [torch.randn(N, K, device=device, dtype=dtype) / K ** 0.5 for _ in range(copies)]
+        packed = {m: [quantize_weight(w, STORAGE[m]) for w in ws] for m in modes if m != "none"}
+        for rows in rows_list:
+            x = torch.randn(rows, K, device=device, dtype=dtype)
+            entry: dict = {}
+            for mode in modes:
+                calls = [(lambda w=w: torch.nn.functional.linear(x, w)) for w in ws] if mode == "none" else \
+                    [(lambda q=q, sc=sc: weight_only_linear(x, q, sc)) for q, sc in packed[mode]]
+                nbytes = (ws[0].numel() * ws[0].element_size() if mode == "none"
+                          else sum(t.numel() * t.element_size() for t in packed[mode][0]))
+                us = _time_us(calls, reps, device)
+                entry[mode] = {"us": round(us, 2), "gb_per_s": round(nbytes / us / 1e3, 1)}
+            for mode in modes[1:]:
+                entry[f"ratio_{mode}_vs_none"] = round(entry["none"]["us"] / entry[mode]["us"], 3)
+            out[f"{name} {N}x{K} rows={rows}"] = entry
+            print(json.dumps({"kernel": {f"{name} rows={rows}": entry}}), flush=True)
+        del ws, packed
+    return out
+
+
+@torch.no_grad()
+def _time_us(calls: list, reps: int, device: str) -> float:
+    """Mean microseconds per call over `reps` calls cycling through `calls` (after each ran once: tuning)."""
+    for c in calls:
+        c()
+    seq = [calls[i % len(calls)] for i in range(reps)]
+    if device != "cuda":
+        t0 = time.perf_counter()
+        for c in seq:
+            c()
+        return (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in seq:
+            c()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps * 1e3
+
+
 def quality(model: GPT, tokens: torch.Tensor, modes: list[str], a) -> dict:
     """Perplexity of `model` per mode on `tokens`, its change relative to none, and the relative logit error."""
     out: dict = {}
@@ -132,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--head", action="store_true", help="quantize the output layer too")
     p.add_argument("--group_size", type=int, default=0, help="input channels per scale (0 = per output channel)")
     p.add_argument("--streams", default="1,8")
+    p.add_argument("--kernel_rows", default="1,8,32", help="row counts of the products timed alone (none: skip)")
+    p.add_argument("--kernel_reps", type=int, default=200, help="products per timing")
     p.add_argument("--requests", default="", help="requests per stream count, comma list (default 16 x streams)")
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--max_tokens", type=int, default=128)
@@ -151,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.smoke:
         a.preset, a.prompt_len, a.max_tokens, a.seq_len, a.eval_windows = "tiny", 16, 16, 32, 8
-        a.train_steps, a.train_batch, a.max_chars = 10, 4, a.max_chars or 100_000
+        a.train_steps, a.train_batch, a.max_chars, a.kernel_reps = 10, 4, a.max_chars or 100_000, 5
         a.requests = a.requests or "4,8"
         a.data = a.data if a.data != p.get_default("data") else str(SHARED / "tinyshakespeare.txt")
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -178,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer, result["model"] = load_tokenizer(a.tokenizer), f"{a.preset} (random init)"
     tokens = text_tokens(a.data, tokenizer, a.max_chars)
     result["data"] = {"file": Path(a.data).name, "tokens": tokens.numel()}
+    if a.kernel_rows != "none":
+        rows = [int(r) for r in a.kernel_rows.split(",")]
+        result["kernel"] = kernel_times(base.cfg, modes, rows, device, dtype, a.kernel_reps)
     result["speed"] = speed(base, modes, levels, requests, a)
     if a.model:
         result["quality"] = quality(base, tokens[int(0.9 * tokens.numel()):], modes, a)

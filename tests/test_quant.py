@@ -189,6 +189,8 @@ def test_bench_smoke():
     for mode in ("none", "int8", "fp8"):
         assert result["speed"][mode]["1"]["tokens_per_s"] > 0 and result["speed"][mode]["8"]["errors"] == 0
     assert result["speed"]["int8"]["weight_mb"] < result["speed"]["none"]["weight_mb"]  # the blocks: fp32 -> int8
+    assert len(result["kernel"]) == 3 * 3  # three linear shapes x three row counts, each timed per mode
+    assert all(entry[m]["us"] > 0 for entry in result["kernel"].values() for m in ("none", "int8", "fp8"))
     quality = result["quality"]
     assert quality["none"]["perplexity"] > 1 and quality["int8"]["relative_logit_error"] > 0
     assert abs(quality["int8"]["perplexity_change"]) < 0.05  # rounding costs a trained model little
