@@ -1,5 +1,6 @@
-"""Preemption notices: the AWS spot interruption notice (against a fake metadata server on
-loopback), SIGTERM while the loop runs, and Ray's drain notice all raise the same flag."""
+"""Preemption notices Ray does not see: the AWS spot interruption notice (against a fake metadata server on
+loopback) and SIGTERM while the loop runs raise the same flag; Ray's own (node drains, lost nodes) are given to
+Ray's budget."""
 import os
 import signal
 import threading
@@ -64,15 +65,25 @@ def test_unreachable_metadata_is_no_notice():
     assert not aws_spot_notice("http://127.0.0.1:9", timeout=0.2)
 
 
-def test_drain_check_and_notify():
-    drained = {"v": False}
-    w = PreemptionWatcher(aws_auto=False, extra_check=lambda: drained["v"])
+def test_notify_keeps_the_first_reason():
+    w = PreemptionWatcher(aws_auto=False)
     assert not w.should_stop()
-    drained["v"] = True
-    assert w.should_stop() and w.reason == "ray node drain"
-    w2 = PreemptionWatcher(aws_auto=False)
-    w2.notify("signal SIGTERM")
-    assert w2.should_stop() and w2.reason == "signal SIGTERM"
+    w.notify("signal SIGTERM")
+    w.notify("aws spot interruption notice")
+    assert w.should_stop() and w.reason == "signal SIGTERM"
+
+
+def test_preemptions_are_rays_budget(tmp_path):
+    """cluster.max_preemptions is Ray's preemption budget (apart from max_failures); a drained node's
+    survivors may finish the just-in-time checkpoint's collectives without it, `preemption_grace_s` past it."""
+    from app.train.run import _trainer
+    from tests.conftest import train_config
+
+    cfg = train_config(storage=str(tmp_path), cluster={"max_failures": 2, "max_preemptions": 7,
+                                                       "preemption_grace_s": 12.5})
+    fc = _trainer(cfg, use_gpu=False).run_config.failure_config
+    assert (fc.max_failures, fc.max_preemption_failures) == (2, 7)
+    assert fc.relax_collectives_on_preemption and fc.preemption_grace_s == 12.5
 
 
 def test_sigterm_is_a_notice_only_until_the_watcher_closes(ray_session):

@@ -27,6 +27,7 @@ from app.train.optim import make_optimizer, make_scheduler, uses_bf16_weights
 from app.train.parallel import compiles_per_block, full_state_dicts, parallelize, resolve_memory, set_full_state_dicts
 from app.train.preemption import PreemptionWatcher, install_sigterm_handler
 from app.train.step import build_model, compile_args, compiled, step_function
+from app.train.sync import Sync
 
 log = get_logger(__name__)
 
@@ -71,40 +72,52 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
     ema = WeightEMA(raw, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
 
     # ---- resume from the latest complete checkpoint, if any; watch for preemption notices ----
-    state = _resume(cfg, raw, optimizer, scheduler, ema, rank)
+    sync = Sync(cfg.sync, raw, world)
+    state = _resume(cfg, raw, optimizer, scheduler, ema, sync, rank)
     watcher = _watch_preemption(cfg)
-    model = ray.train.torch.prepare_model(raw, move_to_device=False) if world > 1 and not cfg.memory.fsdp else raw
+    model = raw
+    if sync.wraps() and not cfg.memory.fsdp:
+        model = ray.train.torch.prepare_model(raw, move_to_device=False, parallel_strategy_kwargs=sync.ddp_kwargs())
+        sync.register(model)
     fwd = model if per_block else compiled(model, cfg, device)
     if rank == 0:
-        log.info("model %s: %.2fM params, seq %d, global batch %d seqs (%d tokens), %d accum x %d micro x %d workers",
-                 cfg.preset, raw.num_params() / 1e6, seq_len, plan.global_batch, plan.global_batch * seq_len,
-                 plan.accum_steps, plan.micro_batch, world)
+        log.info("model %s: %.2fM params, seq %d, global batch %d seqs (%d tokens), %d accum x %d micro x %d workers, "
+                 "sync %s", cfg.preset, raw.num_params() / 1e6, seq_len, plan.global_batch,
+                 plan.global_batch * seq_len, plan.accum_steps, plan.micro_batch, world, cfg.sync.mode)
 
     step = step_function(cfg, fwd, model, raw, optimizer, device, autocast, world)
     flops_per_token = raw.flops_per_token(seq_len)
     t_last, steps_since, last_stall, resumed_from, first_step_s = time.perf_counter(), 0, 0.0, state.step, 0.0
-    start_step, metrics = state.step, {}
+    start_step, metrics, sent_before, drain_saved = state.step, {}, state.comm_bytes, False
     while state.step < cfg.max_steps:
-        # ---- forward/backward with gradient accumulation ----
-        batches = loader.micro_batches(state.step)
-        mean_loss, grad_norm = step(batches)
-        scheduler.step()
-        if ema is not None:
-            ema.update()
+        # ---- one optimizer step (forward/backward with gradient accumulation), or one DiLoCo round ----
+        prev = state.step
+        if sync.diloco is None:
+            mean_loss, grad_norm = step(loader.micro_batches(state.step))
+            scheduler.step()
+            if ema is not None:
+                ema.update()
+            done = [1] * world
+        else:
+            mean_loss, grad_norm, done = _diloco_round(cfg, sync, step, loader, scheduler, ema, state, bool(val),
+                                                       rank)
         if state.step == start_step:  # the first step of each start compiles: timed apart
             first_step_s = synced_seconds(t_last, device)
-            t_last, steps_since = time.perf_counter(), -1
-        state.step += 1
-        state.samples += plan.global_batch
-        state.tokens += plan.global_batch * seq_len
-        steps_since += 1
+            t_last, steps_since = time.perf_counter(), -max(done)
+        state.step += max(done)
+        state.samples += plan.per_rank * sum(done)
+        state.tokens += plan.per_rank * sum(done) * seq_len
+        state.comm_bytes = sent_before + sync.counter.sent
+        steps_since += max(done)
         last = state.step == cfg.max_steps
 
         # ---- log ----
         metrics: dict[str, Any] = {"step": state.step, "tokens": state.tokens, "resumes": state.resumes,
-                                   "preemptions": state.preemptions}
+                                   "preemptions": state.preemptions, "comm_bytes": state.comm_bytes,
+                                   "comm_bytes_per_step": state.comm_bytes / state.step,
+                                   "sync_rounds": state.sync_rounds}
         progress_from = None  # set when this step logs
-        if state.step % cfg.log_every == 0 or last or (val and _eval_due(cfg, state.step)):
+        if _due(cfg.log_every, prev, state.step) or last or (val and _due(cfg.eval_every, prev, state.step)):
             dt = synced_seconds(t_last, device)
             state.train_time_s += dt
             (train_loss,) = _all_reduce_mean([mean_loss.item()], device)
@@ -121,7 +134,7 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
             t_last, steps_since, last_stall, resumed_from = time.perf_counter(), 0, 0.0, state.step
 
         # ---- evaluate ----
-        if val and (_eval_due(cfg, state.step) or last):
+        if val and (_due(cfg.eval_every, prev, state.step) or last):
             last = _validate(cfg, fwd, val, device, autocast, ema, state, metrics) or last
             t_last = time.perf_counter()
         if rank == 0 and progress_from is not None:
@@ -129,18 +142,24 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
             _write_progress(cfg.run_dir, state, metrics, progress_from)
         metrics["done"] = last
 
-        # ---- preemption: checkpoint at this step boundary and hand back to the driver ----
-        preempted = _any_rank(watcher.should_stop(check_extra=state.step % DRAIN_CHECK_EVERY == 0), device)
-        if preempted:
+        # ---- preemption notices Ray does not see (SIGTERM, the AWS spot notice): checkpoint and hand back to
+        # the driver. Ray's node-drain notice: a just-in-time checkpoint, and training goes on (Ray restarts the
+        # group from it once the node is gone). ----
+        preempted = _any_rank(watcher.should_stop(), device)
+        drained = (not drain_saved and _due(DRAIN_CHECK_EVERY, prev, state.step)
+                   and ray.train.get_preemption_info() is not None)
+        if preempted or drained:
             state.preemptions += 1
             metrics["preemptions"] = state.preemptions
+            drain_saved = drain_saved or drained
             if rank == 0:
-                log.warning("preempted (%s) at step %d: checkpointing and stopping", watcher.reason or "another rank",
-                            state.step)
+                log.warning("preempted (%s) at step %d: checkpointing%s", watcher.reason or
+                            ("ray node drain" if drained else "another rank"), state.step,
+                            " and stopping" if preempted else ", training on until the node goes")
 
         # ---- checkpoint ----
-        if preempted or state.step % cfg.ckpt.every == 0 or last:
-            last_stall = _report(metrics, state, raw, optimizer, scheduler, rank, cfg, ema)
+        if preempted or drained or _due(cfg.ckpt.every, prev, state.step) or last:
+            last_stall = _report(metrics, state, raw, optimizer, scheduler, rank, cfg, ema, sync)
             t_last = time.perf_counter()
         if preempted or last:
             break
@@ -154,6 +173,46 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
 
 
 # ---------------------------------------------------------------- the phases of the loop
+
+def _diloco_round(cfg: TrainConfig, sync: Sync, step, loader: TrainLoader, scheduler, ema: WeightEMA | None,
+                  state: checkpoint.TrainState, evaluates: bool, rank: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One DiLoCo round from `state.step`: inner steps on this worker's slice of each global batch, up to
+    `sync.inner_steps` (or, with `sync.round_s`, until the first step boundary past the round's deadline), never
+    past the next checkpoint, evaluation or the end; then the outer step. Returns the last inner step's loss and
+    grad norm, and every worker's inner steps (the schedule moves on by the most, as the global step does).
+
+    The deadline is this worker's clock `round_s` after the round began: the rounds begin together (each ends in
+    the outer step's collectives), so no collective per step and no clocks agreed between machines are needed."""
+    c = cfg.sync
+    ends = [cfg.max_steps, state.step + (cfg.max_steps if c.round_s else c.inner_steps)]
+    ends += [_next_multiple(state.step, every) for every in (cfg.ckpt.every, cfg.eval_every if evaluates else 0)
+             if every]
+    end, deadline = min(ends), time.monotonic() + c.round_s
+    n = 0
+    while state.step + n < end and (n == 0 or not c.round_s or time.monotonic() < deadline):
+        mean_loss, grad_norm = step(loader.micro_batches(state.step + n))
+        scheduler.step()
+        if ema is not None:
+            ema.update()
+        n += 1
+    result = sync.diloco.outer_step(n)
+    for _ in range(max(result.inner_steps) - n):  # a slower worker's schedule catches up with the global step
+        scheduler.step()
+    state.sync_rounds += 1
+    if rank == 0:
+        log.info("diloco round %d: inner steps per worker %s, %.0f bytes sent", state.sync_rounds,
+                 result.inner_steps, result.sent)
+    return mean_loss, grad_norm, result.inner_steps
+
+
+def _next_multiple(step: int, every: int) -> int:
+    return (step // every + 1) * every
+
+
+def _due(every: int, prev: int, step: int) -> bool:
+    """Whether the steps after `prev` up to `step` reach a multiple of `every` (0: never)."""
+    return bool(every) and prev // every != step // every
+
 
 def index_stream(manifest: Manifest, split: str) -> TokenStream:
     """`--index`: the split's LMatch ids (app.data.loader.match_stream); a ConfigError when they were not built."""
@@ -176,10 +235,10 @@ def _batches(cfg: TrainConfig, manifest: Manifest, seq_len: int, plan: BatchPlan
     return loader, val
 
 
-def _resume(cfg: TrainConfig, raw: GPT, optimizer, scheduler, ema: WeightEMA | None,
+def _resume(cfg: TrainConfig, raw: GPT, optimizer, scheduler, ema: WeightEMA | None, sync: Sync,
             rank: int) -> checkpoint.TrainState:
-    """The run's state: loaded (with the weights, optimizer, schedule and average) from Ray Train's latest
-    checkpoint, else a fresh one."""
+    """The run's state: loaded (with the weights, optimizer, schedule, average, and the synchronisation's state,
+    shared and this rank's own) from Ray Train's latest checkpoint, else a fresh one."""
     import ray.train
 
     state = checkpoint.TrainState(config=to_dict(cfg))
@@ -189,6 +248,7 @@ def _resume(cfg: TrainConfig, raw: GPT, optimizer, scheduler, ema: WeightEMA | N
     with ckpt.as_directory() as d:
         state = checkpoint.load(d, raw, optimizer, scheduler, set_state=functools.partial(
             set_full_state_dicts, raw, optimizer) if cfg.memory.fsdp else None, ema=ema)
+        sync.load(checkpoint.load_sync_state(d), checkpoint.load_rank_state(d, rank), optimizer, rank)
     state.resumes += 1
     if rank == 0:
         log.info("resumed %s at step %d (%d tokens seen)", cfg.name, state.step, state.tokens)
@@ -196,13 +256,10 @@ def _resume(cfg: TrainConfig, raw: GPT, optimizer, scheduler, ema: WeightEMA | N
 
 
 def _watch_preemption(cfg: TrainConfig) -> PreemptionWatcher:
-    """A watcher of this worker's preemption notices: the AWS spot notice (`cluster.spot_notice`), Ray's
-    node drain, and SIGTERM (`cluster.catch_sigterm`)."""
-    import ray.train
-
+    """A watcher of the preemption notices Ray does not see: the AWS spot notice (`cluster.spot_notice`) and
+    SIGTERM (`cluster.catch_sigterm`). (The loop asks Ray itself about node drains.)"""
     notice = cfg.cluster.spot_notice
-    watcher = PreemptionWatcher(aws_endpoint=None if notice in ("auto", "off") else notice, aws_auto=notice == "auto",
-                                extra_check=lambda: ray.train.get_preemption_info() is not None)
+    watcher = PreemptionWatcher(aws_endpoint=None if notice in ("auto", "off") else notice, aws_auto=notice == "auto")
     if cfg.cluster.catch_sigterm:
         install_sigterm_handler(watcher)
     return watcher
@@ -263,12 +320,19 @@ def _final_weights(model: GPT, optimizer: torch.optim.Optimizer, cfg: TrainConfi
 # ---------------------------------------------------------------- checkpoints through Ray Train
 
 def _report(metrics: dict[str, Any], state: checkpoint.TrainState, model, optimizer, scheduler, rank: int,
-            cfg: TrainConfig, ema: WeightEMA | None) -> float:
-    """Checkpoint through Ray Train: rank 0 writes the state, every rank calls report (a barrier).
+            cfg: TrainConfig, ema: WeightEMA | None, sync: Sync) -> float:
+    """Checkpoint through Ray Train: each rank with state of its own writes it first (then a barrier, so that
+    rank 0's `DONE` comes after every rank's file); rank 0 writes the rest, every rank calls report (a barrier).
     Returns the seconds the training loop was held up."""
     import ray.train
 
     t0 = time.perf_counter()
+    dir_name = f"checkpoint_{state.step:08d}"
+    own = sync.rank_state(optimizer, rank)
+    if own is not None:
+        checkpoint.save_rank_state(storage.join(cfg.run_dir, dir_name), rank, own)
+        if dist.is_initialized():
+            dist.barrier()
     if cfg.memory.fsdp:  # gathering the shards is a collective: every rank takes part
         model, optimizer = full_state_dicts(model, optimizer)
     if rank != 0:
@@ -277,11 +341,11 @@ def _report(metrics: dict[str, Any], state: checkpoint.TrainState, model, optimi
     # Training stalls only for the copy to CPU memory: writing the files and uploading them happen
     # in Ray's upload hook, in the background when ckpt.async_upload is on. The directory is not a
     # context manager: Ray deletes it once uploaded.
-    snap = checkpoint.snapshot(model, optimizer, scheduler, state, ema)
+    snap = checkpoint.snapshot(model, optimizer, scheduler, state, ema, sync.shared_state())
     d = tempfile.mkdtemp(prefix=f"spotlm-ckpt-{cfg.name}-")
     mode = ray.train.CheckpointUploadMode.ASYNC if cfg.ckpt.async_upload else ray.train.CheckpointUploadMode.SYNC
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                     checkpoint_dir_name=f"checkpoint_{state.step:08d}", checkpoint_upload_mode=mode,
+                     checkpoint_dir_name=dir_name, checkpoint_upload_mode=mode,
                      checkpoint_upload_fn=functools.partial(_write_and_upload, snap, cfg.run_dir,
                                                             cfg.ckpt.upload_retries),
                      delete_local_checkpoint_after_upload=True)
@@ -314,12 +378,8 @@ def _write_progress(run_dir: str, state: checkpoint.TrainState, metrics: dict[st
     storage.write_json(storage.join(run_dir, "progress.json"), {
         "step": state.step, "time": time.time(), "resumes": state.resumes, "resumed_from_step": resumed_from,
         "train_time_s": state.train_time_s, "val_curve": state.val_curve,
-        **{k: metrics[k] for k in ("train_loss", "tokens_per_s", "checkpoint_stall_s", "first_step_s", "val_loss")
-           if k in metrics}})
-
-
-def _eval_due(cfg: TrainConfig, step: int) -> bool:
-    return bool(cfg.eval_every) and step % cfg.eval_every == 0
+        **{k: metrics[k] for k in ("train_loss", "tokens_per_s", "checkpoint_stall_s", "first_step_s", "val_loss",
+                                   "comm_bytes", "comm_bytes_per_step", "sync_rounds") if k in metrics}})
 
 
 def _mfu(flops_per_token: float, tokens_per_s: float, world: int) -> float | None:

@@ -1,6 +1,7 @@
-"""Preemption notices for a training worker: SIGTERM, the AWS spot interruption notice, Ray's own
-node-drain notice. The training loop asks `should_stop()` at every step boundary, saves a
-checkpoint and returns; the driver then starts the run again, outside Ray's failure budget.
+"""Preemption notices Ray does not see, for a training worker: SIGTERM and the AWS spot interruption notice.
+The training loop asks `should_stop()` at every step boundary, saves a checkpoint and returns; the driver then
+starts the run again (app/train/run.py). Ray's own node-drain notice is Ray's to handle: the loop asks
+`ray.train.get_preemption_info()`, saves a checkpoint and trains on, and Ray restarts the group when the node goes.
 """
 from __future__ import annotations
 
@@ -51,11 +52,9 @@ def aws_spot_notice(endpoint: str = AWS_METADATA, timeout: float = 1.0) -> bool:
 class PreemptionWatcher:
     """Collects preemption notices into one flag; `should_stop()` is cheap and thread-safe."""
 
-    def __init__(self, poll_s: float = 5.0, aws_endpoint: str | None = None, aws_auto: bool = True,
-                 extra_check: Callable[[], bool] | None = None):
+    def __init__(self, poll_s: float = 5.0, aws_endpoint: str | None = None, aws_auto: bool = True):
         self._flag = threading.Event()
         self.reason = ""
-        self._extra_check = extra_check
         self._stop = threading.Event()
         self._on_close: list[Callable[[], None]] = []
         if aws_endpoint is None and aws_auto and on_aws():
@@ -72,11 +71,8 @@ class PreemptionWatcher:
                 log.warning("preemption notice (%s): checkpointing at the next step boundary", reason)
             self._flag.set()
 
-    def should_stop(self, check_extra: bool = True) -> bool:
-        """Whether a notice came in; `check_extra=False` skips the extra check (Ray's drain query is a
-        barrier across workers, so the loop asks it only every few steps, on the same steps everywhere)."""
-        if check_extra and not self._flag.is_set() and self._extra_check is not None and self._extra_check():
-            self.notify("ray node drain")
+    def should_stop(self) -> bool:
+        """Whether a notice came in."""
         return self._flag.is_set()
 
     def on_close(self, fn: Callable[[], None]) -> None:

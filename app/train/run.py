@@ -1,5 +1,5 @@
 """The training driver: checks a run's configuration before any Ray work (`preflight`), then runs the
-per-worker loop on a Ray Train `TorchTrainer`, starting it again after preemptions (`train`)."""
+per-worker loop on a Ray Train `TorchTrainer` (`train`), with Ray's failure and preemption budgets."""
 from __future__ import annotations
 
 import functools
@@ -66,8 +66,10 @@ def list_checkpoints(run_dir: str) -> list[str]:
 def train(cfg: TrainConfig):
     """Run (or continue) a training run on Ray Train; returns Ray's `Result`.
 
-    Errors restart the worker group up to `cluster.max_failures` times (Ray's budget); a preempted run
-    checkpoints and is started again here, up to `cluster.max_preemptions` times, without using it."""
+    Errors restart the worker group up to `cluster.max_failures` times, lost nodes (Ray's preemptions) up to
+    `cluster.max_preemptions` times: both Ray's budgets. A worker that saw a notice Ray does not see (SIGTERM, the
+    AWS spot notice) checkpoints and returns; Ray counts a worker that returns as a finished run, so the run is
+    started again here, within the same `cluster.max_preemptions`."""
     preflight(cfg)
     use_gpu = _cluster_has_gpus() if cfg.cluster.use_gpu == "auto" else cfg.cluster.use_gpu == "true"
     # Ray Train's controller polls workers every 2 s by default, which stalls every report().
@@ -76,11 +78,11 @@ def train(cfg: TrainConfig):
     with relay_worker_logs() as log_sink:
         for _ in range(cfg.cluster.max_preemptions + 1):
             result = _trainer(cfg, use_gpu, log_sink).fit()
-            # The loop only returns unfinished when it was preempted (after a checkpoint).
+            # The loop only returns unfinished after one of our own notices (and a checkpoint).
             metrics = result.metrics or {}
             if result.error or metrics.get("done") or metrics.get("step", 0) >= cfg.max_steps:
                 break
-            log.warning("run %s was preempted at step %d; starting it again from that checkpoint",
+            log.warning("run %s stopped for a preemption notice at step %d; starting it again from that checkpoint",
                         cfg.name, result.metrics["step"])
     if not result.error:
         _log_summary(cfg, result.metrics or {}, time.perf_counter() - t0)
@@ -117,6 +119,10 @@ def _trainer(cfg: TrainConfig, use_gpu: bool, log_sink: Any = None):
             elastic_resize_monitor_interval_s=c.resize_check_s),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=storage.absolute(cfg.storage),
-            failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
+            # A drained node's workers may be gone before a just-in-time checkpoint's collectives end: the others
+            # finish them without it, and keep running `preemption_grace_s` past its deadline to upload.
+            failure_config=ray.train.FailureConfig(
+                max_failures=c.max_failures, max_preemption_failures=c.max_preemptions,
+                relax_collectives_on_preemption=True, preemption_grace_s=c.preemption_grace_s),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ckpt.keep)),
     )
