@@ -15,6 +15,7 @@ MemAvailable), timeout. Plus the fused linear+CE against F.cross_entropy on full
 
     python -m bench.memory                                   # GPU: gpt2-1.5b and llama3-8b (minutes)
     python -m bench.memory --presets gpt2-1.5b --options none,full --max_seq 65536
+    python -m bench.memory --presets llama3-8b --options auto --min_seq 262144 --max_seq 262144   # the planner's plan
     python -m bench.memory --smoke                           # CPU: tiny shapes, the same machinery + 2 failing probes
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+from dataclasses import asdict
 import os
 import signal
 import subprocess
@@ -41,6 +43,7 @@ OPTION_SETS = {
     # the 256K recipe: the same, with the offloaded layer inputs stored as FP8 + a scale per token (half the host bytes)
     "full_offload_opt_fp8": {"checkpointing": "full", "mlp_chunk": 16384, "offload_activations": True,
                              "offload_dtype": "fp8", "offload_optimizer": True, "optimizer_state_dtype": "bf16"},
+    "auto": None,  # the planner's choice for each length (app.train.memory_plan.resolve), one child per length
     "full_offload_opt_overlap": {"checkpointing": "full", "mlp_chunk": 16384, "offload_activations": True,
                                  "offload_optimizer": True, "optimizer_state_dtype": "bf16",
                                  "optimizer_mode": "overlap"},
@@ -172,14 +175,25 @@ def _probe(spec: dict) -> None:
     from app.fast.accelerate import accelerate
     from app.fast.config import PerfConfig
     from app.model.gpt import GPT, ModelConfig
-    from app.train.memory_plan import MemoryConfig, estimate
+    from app.config import ConfigError
+    from app.train.memory_plan import MemoryConfig, estimate, resolve
     from app.train.parallel import make_offload_optimizer, parallelize
 
     dev = torch.device(spec["device"])
     cuda = dev.type == "cuda"
-    mem = MemoryConfig(**OPTION_SETS[spec["option"]])
     seqs, fault = spec["seqs"], spec.get("fault") or {}
     cfg = ModelConfig.preset(spec["preset"], max_seq_len=max(seqs), **spec.get("overrides", {}))
+    if OPTION_SETS[spec["option"]] is None:  # auto: one length per child (the options depend on it)
+        try:
+            mem = resolve(MemoryConfig(auto=True), cfg, seqs[0], 1, spec["gpu_gb"], host_gb=spec["host_gb"],
+                          fused_loss=cuda)
+        except ConfigError as err:
+            print(json.dumps({"preset": spec["preset"], "option": "auto", "seq_len": seqs[0], "ok": False,
+                              "reason": "planner_refused", "error": str(err)}), flush=True)
+            return
+    else:
+        mem = MemoryConfig(**OPTION_SETS[spec["option"]])
+    chosen = {k: v for k, v in asdict(mem).items() if v != getattr(MemoryConfig(), k)}
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = GPT(cfg)
@@ -207,7 +221,8 @@ def _probe(spec: dict) -> None:
     pcie = _pcie_gbps(dev) if cuda else {}
     for i, T in enumerate(seqs):
         e = estimate(cfg, T, 1, mem, fused_loss=cuda)
-        out = {"preset": spec["preset"], "option": spec["option"], "seq_len": T, "setup_s": round(setup_s, 1),
+        out = {"preset": spec["preset"], "option": spec["option"], "memory": chosen, "seq_len": T,
+               "setup_s": round(setup_s, 1),
                "warm": i > 0, "predicted_peak_gb": round(e.peak / 1e9, 2),
                "predicted_host_gb": round(e.host / 1e9, 2)}
         try:
@@ -435,7 +450,7 @@ def search(preset: str, option: str, a, deadline: float, fault: dict | None = No
     """Longest length that trains: doubling in one process, then bisection in fresh processes. Every probe
     is a row, failed ones with their reason."""
     base = {"preset": preset, "option": option, "device": a.device, "overrides": a.overrides, "steps": a.steps,
-            "profile": a.profile, "fault": fault}
+            "profile": a.profile, "fault": fault, "gpu_gb": a.gpu_gb, "host_gb": a.host_gb}
     lo_seq = a.min_seq or DEFAULT_MIN_SEQ.get(preset, 1024)
     seqs = []
     s = lo_seq
@@ -444,7 +459,14 @@ def search(preset: str, option: str, a, deadline: float, fault: dict | None = No
         s *= 2
     if seqs and seqs[-1] != a.max_seq and a.max_seq > lo_seq:
         seqs.append(a.max_seq)
-    probes = _run("probe", {**base, "seqs": seqs}, deadline - time.time())
+    if OPTION_SETS[option] is None:  # auto: a child per length, up to the first failure
+        probes = []
+        for s in seqs:
+            probes += _run("probe", {**base, "seqs": [s]}, deadline - time.time())
+            if not probes[-1].get("ok") or time.time() > deadline:
+                break
+    else:
+        probes = _run("probe", {**base, "seqs": seqs}, deadline - time.time())
     ok = [r for r in probes if r.get("ok")]
     bad = [r for r in probes if not r.get("ok")]
     lo = max((r["seq_len"] for r in ok), default=0)
@@ -464,7 +486,8 @@ def search(preset: str, option: str, a, deadline: float, fault: dict | None = No
     best = next((r for r in probes if r.get("ok") and r["seq_len"] == lo), None)
     first_bad = next((r for r in probes if not r.get("ok") and r["seq_len"] == hi), None)
     keys = ("peak_gb", "predicted_peak_gb", "host_peak_gb", "predicted_host_gb", "tokens_per_s", "step_s")
-    return {"preset": preset, "option": option, "memory": OPTION_SETS[option], "max_seq_len": lo,
+    return {"preset": preset, "option": option, "memory": best["memory"] if best else OPTION_SETS[option],
+            "max_seq_len": lo,
             "first_failure": hi, "failure_reason": first_bad and first_bad.get("reason"),
             "reached_max_seq": hi is None and lo == a.max_seq, **{k: best and best.get(k) for k in keys},
             "probes": probes}
@@ -481,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab_size", type=int, default=0, help="override the presets' vocabulary (0 = theirs)")
     ap.add_argument("--budget_s", type=float, default=480, help="stop starting probes after this many seconds")
     ap.add_argument("--no_loss_bench", action="store_true")
+    ap.add_argument("--gpu_gb", type=float, default=0.0, help="auto: the GPU budget (0: this GPU's memory)")
+    ap.add_argument("--host_gb", type=float, default=0.0, help="auto: the host budget (0: the planner's, from this machine)")
     ap.add_argument("--steps", type=int, default=1, help="steps per length on one batch (the last one timed)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler on each length's last step: time by kind")
     ap.add_argument("--smoke", action="store_true",
@@ -498,11 +523,15 @@ def main(argv: list[str] | None = None) -> int:
 
     a.device = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
     a.overrides = {"vocab_size": a.vocab_size} if a.vocab_size else {}
+    from app.train.memory_plan import MemoryConfig, host_budget_gb
+
+    a.gpu_gb = a.gpu_gb or (torch.cuda.get_device_properties(0).total_memory / 1e9 if a.device == "cuda" else 80.0)
+    a.host_gb = a.host_gb or host_budget_gb(MemoryConfig())
     loss_case = {"tokens": 32768, "dim": 4096, "vocab": 128256}
     faults: list[tuple[str, dict]] = []
     if a.smoke:
         a.presets = "tiny"
-        a.options = a.options or "none,full_offload_opt_fp8"
+        a.options = a.options or "none,full_offload_opt_fp8,auto"
         a.min_seq, a.max_seq, a.granularity, a.bisect_steps = a.min_seq or 256, min(a.max_seq, 512), 128, 1
         a.overrides = {"n_layer": 2, "d_model": 64, "n_head": 4, "vocab_size": 512}
         loss_case = {"tokens": 512, "dim": 64, "vocab": 1024}
@@ -513,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
            "gpu_total_gb": round(torch.cuda.get_device_properties(0).total_memory / 1e9, 2) if a.device == "cuda"
            else None, "host_total_gb": round(host.get("MemTotal", 0.0), 2),
            "host_available_gb": round(host.get("MemAvailable", 0.0), 2),
+           "gpu_budget_gb": round(a.gpu_gb, 2), "host_budget_gb": round(a.host_gb, 2),
            "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"), "results": []}
     runs = [(preset, option, None) for preset in a.presets.split(",")
             for option in (a.options or DEFAULT_OPTIONS.get(preset, "none,full")).split(",")]

@@ -46,3 +46,11 @@ def test_smoke_lists_every_probe(capsys):
         assert r["probes"] and all("ok" in p and p["seq_len"] for p in r["probes"])
         assert r["max_seq_len"] > 0 and r["tokens_per_s"] > 0
     assert all(r["first_failure"] == 512 for r in faults)
+
+
+def test_auto_probes_run_the_planners_choice_or_report_its_refusal():
+    spec = {**TINY, "option": "auto", "seqs": [128], "gpu_gb": 80.0, "host_gb": 100.0}
+    (row,) = memory._run("probe", spec, timeout=120)
+    assert row["ok"] and row["memory"] == {}  # a tiny model needs no option
+    (row,) = memory._run("probe", {**spec, "host_gb": 1.0}, timeout=120)
+    assert not row["ok"] and row["reason"] == "planner_refused" and "host short by" in row["error"]
