@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from app.fast.kernels import backend, int8_linear
 from app.fast.kernels.int8_linear import dequantize_weight, quantize_weight, weight_only_linear_reference
-from app.fast.quant import QuantLinear, quantize
+from app.fast.quant import STORAGE, QuantLinear, quantize
 from app.model.gpt import GPT, ModelConfig
 from app.serve.engine import Engine, SamplingParams
 from app.serve.generate import generate
@@ -65,7 +65,7 @@ def test_quant_linear_matches_its_reference_and_bounds_the_fp32_error(mode, grou
     torch.manual_seed(0)
     linear = nn.Linear(64, 40, bias=False)
     x = torch.randn(3, 5, 64)
-    ql = QuantLinear.of(linear, torch.int8 if mode == "int8" else torch.float8_e4m3fn, group_size).eval()
+    ql = QuantLinear.of(linear, STORAGE[mode], group_size).eval()
     assert not list(ql.parameters())  # buffers only: nothing to train
     y = ql(x)
     assert torch.allclose(y, weight_only_linear_reference(x, ql.weight, ql.weight_scale), rtol=1e-5, atol=1e-5)
@@ -83,7 +83,7 @@ def test_quant_linear_matches_its_reference_and_bounds_the_fp32_error(mode, grou
 def test_weight_only_kernel_matches_reference(mode, group_size, dtype):
     torch.manual_seed(0)
     N, K = 72, 160  # neither a multiple of the tiles
-    q, scale = quantize_weight(torch.randn(N, K), torch.int8 if mode == "int8" else torch.float8_e4m3fn, group_size)
+    q, scale = quantize_weight(torch.randn(N, K), STORAGE[mode], group_size)
     for rows in (1, 5, 17, 33):  # one stream, a few, more than one 16-row tile, another tile size
         x = torch.randn(rows, K).to(dtype)
         y = int8_linear.weight_only_linear(x, q, scale)
@@ -115,13 +115,11 @@ def test_weight_only_kernel_on_cuda(mode, group_size):
         pytest.skip("FP8 needs compute capability 8.9+")
     torch.manual_seed(0)
     N, K = 1600, 4352  # gpt2-1.5b's MLP down projection
-    q, scale = quantize_weight(torch.randn(N, K, device="cuda"), STORAGE_OF[mode], group_size)
+    q, scale = quantize_weight(torch.randn(N, K, device="cuda"), STORAGE[mode], group_size)
     for rows in (1, 8, 32, 64, 200):  # the kernel's sizes, then the dense path
         x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
         assert _rel_err(int8_linear.weight_only_linear(x, q, scale), weight_only_linear_reference(x, q, scale)) < 1e-2
 
-
-STORAGE_OF = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 @pytest.mark.parametrize("mode,head", [("int8", False), ("int8", True), ("fp8", False)])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from app.fast.kernels.backend import INTERPRET, jit, next_power_of_2, tl, triton, use_triton
 
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}  # the largest magnitude each storage type holds
-SMALL_M = 64  # rows up to this many take the weight-only kernel; more: dequantize, then the dense matmul
+SMALL_M = 64  # rows up to this many take the weight-only kernel; more: the dense matmul (compute-bound there)
 
 
 def quantize_weight(weight: torch.Tensor, dtype: torch.dtype, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
