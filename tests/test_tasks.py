@@ -139,6 +139,8 @@ def test_batched_scoring_equals_the_reference_at_any_batch_size(tiny):
         got = loglikelihoods(model, reqs, batch, "cpu")
         assert [g for _, g in got] == [g for _, g in ref]
         assert np.allclose([lp for lp, _ in got], [lp for lp, _ in ref], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="longer than the model's window"):
+        loglikelihoods(model, [Request([1], [2] * (WINDOW + 1))], 1, "cpu")
 
 
 def _lm_eval(tiny, workdir: Path) -> dict:

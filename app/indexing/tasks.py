@@ -133,26 +133,38 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> Request:
 def loglikelihoods(model: GPT, requests: list[Request], batch: int, device: str) -> list[tuple[float, bool]]:
     """(sum of log p(continuation token), whether greedy decoding gives exactly the continuation) per request, in
     order. Inputs are (context + continuation)[-(max_seq_len + 1):][:-1] as lm_eval's HF model makes them; longest
-    first, `batch` per forward, right-padded (causal attention: padding after a row changes nothing before it)."""
+    first, `batch` per forward, right-padded (causal attention: padding after a row changes nothing before it).
+    Only the continuations' positions go through the output layer. ValueError for a continuation longer than
+    the model's window."""
     window = model.cfg.max_seq_len
+    too_long = max((len(r.continuation) for r in requests), default=0)
+    if too_long > window:
+        raise ValueError(f"a continuation of {too_long} tokens is longer than the model's window ({window})")
     inputs = [(r.context + r.continuation)[-(window + 1):][:-1] for r in requests]
     order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     for start in range(0, len(order), batch):
         rows = order[start:start + batch]
-        width = len(inputs[rows[0]])
-        x = torch.zeros(len(rows), width, dtype=torch.long)
+        x = torch.zeros(len(rows), len(inputs[rows[0]]), dtype=torch.long)
+        at_row, at_col, targets = [], [], []
         for j, i in enumerate(rows):
-            x[j, :len(inputs[i])] = torch.tensor(inputs[i])
+            n, cont = len(inputs[i]), requests[i].continuation
+            x[j, :n] = torch.tensor(inputs[i])
+            at_row += [j] * len(cont)
+            at_col += range(n - len(cont), n)
+            targets += cont
         x = x.to(device)
         lmatch = torch.full_like(x, model.cfg.vocab_size) if model.cfg.lmatch_vocab else None
-        logits, _ = model(x, lmatch=lmatch)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        for j, i in enumerate(rows):
-            cont = torch.tensor(requests[i].continuation, device=device)
-            n = len(inputs[i])
-            lp = logp[j, n - len(cont):n]
-            out[i] = (lp.gather(1, cont[:, None]).sum().item(), bool((lp.argmax(-1) == cont).all()))
+        h = model.model.norm(model.trunk(x, lmatch))  # GPT.forward, less the head's rows never read
+        logits = model.lm_head(h[torch.tensor(at_row, device=device), torch.tensor(at_col, device=device)]).float()
+        target = torch.tensor(targets, device=device)
+        logp = (logits.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)).cpu()
+        greedy = (logits.argmax(dim=-1) == target).cpu()
+        k = 0
+        for i in rows:
+            n = len(requests[i].continuation)
+            out[i] = (logp[k:k + n].sum().item(), bool(greedy[k:k + n].all()))
+            k += n
     return out
 
 
