@@ -104,6 +104,36 @@ def test_speculative_sampling_gives_the_models_distribution(temperature, top_k, 
     assert torch.equal(acc >= 1, out[:, 0] == d1)  # an emitted d1 is always an accepted draft
 
 
+def test_engine_samples_drafted_tokens_from_the_models_distribution():
+    """1,000 seeded sequences of one prompt through the engine, drafts [d2, d3] after the most likely first
+    token t1: the 2nd token given t1, and the 3rd given (t1, d2), follow the model's softmax."""
+    m = tiny()
+    m.lm_head.weight.data.mul_(20)
+    prompt = [5, 17, 99, 3]
+    with torch.no_grad():
+        probs = lambda ctx: torch.softmax(m(torch.tensor([ctx]))[0][0, -1, :V], -1)  # noqa: E731
+        t1 = int(probs(prompt).argmax())
+        d2 = int(probs(prompt + [t1]).argmax())
+        d3 = int(probs(prompt + [t1, d2]).argsort()[-2])
+        p2, p3 = probs(prompt + [t1]), probs(prompt + [t1, d2])
+    index = type("I", (), {"continuation": lambda self, ctx, k: (
+        ([d2, d3][:k], 9) if list(ctx) == prompt + [t1] else ([], 0))})()
+    engine = Engine(m, max_batch=64, max_queue=4096, drafter=Drafter(index, prompt_lookup=False), kv_bucket=16)
+    seqs = [engine.submit(prompt, SamplingParams(max_tokens=3, seed=i)) for i in range(1000)]
+    while not all(s.done for s in seqs):
+        engine.step()
+    assert engine.stats()["accepted_tokens"] > 0
+    out = torch.tensor([s.tokens for s in seqs])
+
+    def close(tokens: torch.Tensor, want: torch.Tensor) -> None:
+        freq = torch.bincount(tokens, minlength=V).double() / len(tokens)
+        assert len(tokens) > 150
+        assert 0.5 * (freq - want).abs().sum() <= 3 * 0.5 * (want.double() * (1 - want.double()) / len(tokens)).sqrt().sum()
+
+    close(out[out[:, 0] == t1, 1], p2)
+    close(out[(out[:, 0] == t1) & (out[:, 1] == d2), 2], p3)
+
+
 def test_greedy_verify_accepts_the_argmax_prefix():
     logits = torch.zeros(2, 4, 6)
     for i, best in enumerate([3, 1, 4, 2]):
