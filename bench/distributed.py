@@ -36,8 +36,8 @@ MODES = {"ddp": ["--sync.mode=ddp"], "onebit": ["--sync.mode=onebit"],
 FULL_MODES = "ddp,onebit,diloco_h10,diloco_h50,diloco_h200"
 SMOKE_MODES = "ddp,onebit,diloco_h2"  # rounds of 2 steps: a few steps still see outer steps
 # Gradient of ~5 MB fp32 against little compute per step (4 x 64 tokens per worker): the link dominates DDP.
-FULL = dict(n_layer=4, n_head=4, d_model=160, seq_len=64, micro_batch=4, steps=400, eval_every=100)
-SMOKE = dict(n_layer=1, n_head=2, d_model=32, seq_len=32, micro_batch=2, steps=4, eval_every=2)
+FULL = dict(n_layer=4, n_head=4, d_model=160, seq_len=64, micro_batch=4, steps=400, eval_every=50, log_every=10)
+SMOKE = dict(n_layer=1, n_head=2, d_model=32, seq_len=32, micro_batch=2, steps=4, eval_every=2, log_every=2)
 TARGETS = {"onebit": {"bytes_ratio_min": 25, "loss_ratio_max": 1.02},
            "diloco_h50": {"bytes_ratio_min": 50, "loss_ratio_max": 1.03, "tokens_per_s_ratio_min": 5}}
 
@@ -59,7 +59,7 @@ def train_args(shape: dict, data: Path, storage: Path, name: str, workers: int) 
             f"--model.n_layer={shape['n_layer']}", f"--model.n_head={shape['n_head']}",
             f"--model.d_model={shape['d_model']}", f"--model.max_seq_len={shape['seq_len']}",
             f"--seq_len={shape['seq_len']}", f"--micro_batch={shape['micro_batch']}", f"--max_steps={shape['steps']}",
-            f"--eval_every={shape['eval_every']}", "--eval_tokens=16384", f"--log_every={shape['eval_every']}",
+            f"--eval_every={shape['eval_every']}", "--eval_tokens=16384", f"--log_every={shape['log_every']}",
             "--export=none", "--schedule.warmup_steps=20", f"--cluster.num_workers={workers}",
             "--cluster.cpus_per_worker=1", "--cluster.catch_sigterm=false", "--cluster.spot_notice=off"]
 
@@ -170,7 +170,7 @@ def spot(a: argparse.Namespace, shape: dict, work: Path) -> dict:
                 p = run_dir / "progress.json"
                 step = json.loads(p.read_text())["step"] if p.exists() else 0
                 if step >= shape["steps"] // 3:
-                    cluster.kill(victim)
+                    cluster.kill(victim, abrupt=True)
                     fresh = cluster.add_node()
                     return {"killed_at_step": step, "killed_node": victim.ns, "replacement_node": fresh.ns}
                 time.sleep(0.5)

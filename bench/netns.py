@@ -192,15 +192,29 @@ class NetnsCluster:
             node.cgroup.mkdir()
             period = int((node.cgroup / "cpu.cfs_period_us").read_text())
             (node.cgroup / "cpu.cfs_quota_us").write_text(str(int(period * cpu_share)))
-        node.proc = self._ray_start(node, [f"--address={self.address}", f"--num-cpus={self.cpus}",
-                                           f"--resources={json.dumps({node.resource: 1})}"], node.cgroup)
         self.nodes.append(node)
-        return node
+        args = [f"--address={self.address}", f"--num-cpus={self.cpus}", f"--resources={json.dumps({node.resource: 1})}"]
+        for attempt in range(3):  # a raylet has 30 s to register: on a busy machine it sometimes misses them
+            node.proc = self._ray_start(node, args, node.cgroup)
+            if self._started(node):
+                return node
+            self.kill(node)
+        raise RuntimeError(f"`ray start` failed 3 times in {node.ns}: {self._start_log(node)}")
 
-    def kill(self, node: Node) -> None:
-        """Stop every process of `node`: those running in its namespace (SIGTERM, then SIGKILL)."""
+    def _started(self, node: Node, timeout: float = 90.0) -> bool:
+        """Whether `ray start` in `node` reports its node up (False when it exits or takes over `timeout`)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and node.proc.poll() is None:
+            if "Ray runtime started" in self._start_log(node, lines=0):
+                return True
+            time.sleep(0.3)
+        return False
+
+    def kill(self, node: Node, abrupt: bool = False) -> None:
+        """Stop every process of `node`: those running in its namespace (SIGTERM, then SIGKILL; only SIGKILL
+        when `abrupt`, as a lost spot node)."""
         signalled: set[int] = set()
-        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0))[abrupt:]:
             pids = self._pids(node)
             signalled |= set(pids)
             for pid in pids:
@@ -260,10 +274,10 @@ class NetnsCluster:
             why = (f"`ray start` exited in {dead[0].ns}: " + self._start_log(dead[0])) if dead else r.stderr[-300:]
             raise TimeoutError(f"{count} worker nodes not up after {timeout:.0f} s: {why}")
 
-    def _start_log(self, node: Node) -> str:
-        """The last lines `ray start` wrote for `node` (why it exited)."""
+    def _start_log(self, node: Node, lines: int = 3) -> str:
+        """The last `lines` lines (0 = all) `ray start` wrote for `node` (why it exited)."""
         with contextlib.suppress(OSError):
-            return " | ".join((Path(self.temp_dir) / f"{node.ns}.out").read_text().strip().splitlines()[-3:])
+            return " | ".join((Path(self.temp_dir) / f"{node.ns}.out").read_text().strip().splitlines()[-lines:])
         return "(no output)"
 
     def run_in_head(self, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
