@@ -170,7 +170,7 @@ def table(models: dict[str, dict], data: str, novel: Manifest | None, eval_token
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="", help="directory for the corpus, runs and JSON (default: a temp dir)")
-    p.add_argument("--roots", default="", help="directories of .py files, comma-separated (default: stdlib and site-packages)")
+    p.add_argument("--roots", default="", help="directories of .py files, comma-separated (default: stdlib, site-packages)")
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: GPT-2's; the smoke run trains a small BPE)")
     p.add_argument("--val_fraction", type=float, default=0.01, help="share of files held out for validation")
     p.add_argument("--train_tokens", type=int, default=2**26, help="the plain model's training tokens")

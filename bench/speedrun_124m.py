@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--phase", choices=("all", "corpus", "baseline", "spotlm"), default="all",
                    help="corpus: only build it; baseline: and train the baseline (its target kept in <out>); "
                         "spotlm: train spotlm to the kept target")
-    p.add_argument("--roots", default="", help="directories of .py files, comma-separated (default: stdlib and site-packages)")
+    p.add_argument("--roots", default="", help="directories of .py files, comma-separated (default: stdlib, site-packages)")
     p.add_argument("--tokenizer", default="", help="tokenizer.json (default: GPT-2's; the smoke run trains a small BPE)")
     p.add_argument("--val_fraction", type=float, default=0.01, help="share of files held out for validation")
     p.add_argument("--budget_tokens", type=int, default=2**27, help="the baseline's training tokens")
@@ -217,11 +217,12 @@ def main(argv: list[str] | None = None) -> dict:
         results["spotlm"] = run_spotlm(m.root, os.path.join(out, "runs"), shape, spot_steps, args.eval_every,
                                        args.eval_tokens, target, overrides)
     base_s = results.get("nanoGPT baseline", {}).get("train_time_s")
+    tokens_per_step = shape["micro_batch"] * shape["accum"] * shape["seq_len"]
     spot_s = results.get("spotlm", {}).get("time_to_target_s")
     report = {"summary": {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                           "target_val_loss": target, "baseline_time_s": base_s, "spotlm_time_to_target_s": spot_s,
                           "ratio (spotlm / baseline time)": round(spot_s / base_s, 3) if spot_s and base_s else None,
-                          "eval_tokens": args.eval_tokens, "tokens_per_step": shape["micro_batch"] * shape["accum"] * shape["seq_len"]},
+                          "eval_tokens": args.eval_tokens, "tokens_per_step": tokens_per_step},
               "corpus": corpus_summary(corpus, m, m.root), **results}
     plot(results, target, os.path.join(out, "speedrun_124m.png"))
     storage.write_json(os.path.join(out, "speedrun_124m.json"), report)

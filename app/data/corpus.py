@@ -1,13 +1,14 @@
 """The tokenize stage: raw text files -> fixed-size token shards + manifest, with Ray Data.
 
-Each input file is one unit of work: an actor of the pool (tokenizer loaded once) parses its
-records, rejects bad ones, tokenizes, appends end-of-text after each document, splits documents
-train/val by a hash of their text, and writes per-file token arrays under `<output>/_work/`.
-The driver then packs those, in sorted input order, into `train_%06d.bin` / `val_%06d.bin`
-shards, lists every input file with its split and token counts in `files.jsonl` beside them, and
-writes `manifest.json` last. With `corpus=python` the inputs are the `.py` files of the standard
-library and site-packages (or of the given directories), de-duplicated by content hash; each file is
-one document, so a file lies wholly in one split, chosen by the same content hash. Every file is written atomically and finished work is
+Each Ray Data task is a group of input files (one file, or many small ones): an actor of the pool
+(tokenizer loaded once) parses their records, rejects bad ones, tokenizes, appends end-of-text after
+each document, splits documents train/val by a hash of their text, and writes the task's token arrays
+under `<output>/_work/`. The driver then packs those, in sorted input order, into `train_%06d.bin` /
+`val_%06d.bin` shards, lists every input file with its split and token counts in `files.jsonl` (and
+sums them in `corpus.json`) beside them, and writes `manifest.json` last. With `corpus=python` the
+inputs are the `.py` files of the standard library and site-packages (or of the given directories),
+de-duplicated by content hash; each file is one document, so a file lies wholly in one split, chosen
+by the same content hash. Every file is written atomically and finished work is
 skipped when the job runs again, so an interrupted run resumes without loss or duplication.
 """
 from __future__ import annotations
@@ -42,8 +43,8 @@ class InputError(ValueError):
 class TokenizeConfig:
     """Tokenize text files into token shards."""
 
-    corpus: Literal["files", "python"] = "files"  # files: the inputs; python: every .py file under the inputs' directories
-    inputs: list[str] = field(default_factory=list)  # globs/paths, local or s3://: .jsonl, .parquet, else plain text; python: local directories (none = stdlib and site-packages)
+    corpus: Literal["files", "python"] = "files"  # files: the inputs; python: the .py files under the inputs
+    inputs: list[str] = field(default_factory=list)  # globs/paths, local or s3:// (.jsonl, .parquet, else text); python: dirs (none: stdlib, site-packages)
     output: str = "runs/shards"  # output directory, local or s3://
     tokenizer: str | None = None  # tokenizer.json to use; None = train a byte-level BPE on the data; "char" = characters
     vocab_size: int = 8192  # vocabulary of the trained BPE
