@@ -45,7 +45,8 @@ def tiny(shared_data, tmp_path_factory):
     for i, r in enumerate(rows):
         x[i, :len(r) - 1] = torch.tensor(r[:-1])
     # only the answers' positions go through the 50k-row head: the cost of a step is theirs
-    where = [(i, len(r) - 1 - k) for i, (r, p) in enumerate(zip(rows, pairs)) for k in range(1, len(p.continuation) + 1)]
+    where = [(i, len(r) - 1 - k) for i, (r, p) in enumerate(zip(rows, pairs))
+             for k in range(1, len(p.continuation) + 1)]
     rows_i, cols = torch.tensor(where).T
     targets = torch.tensor([rows[i][c + 1] for i, c in where])
     torch.manual_seed(0)
@@ -155,11 +156,12 @@ def _lm_eval(tiny, workdir: Path) -> dict:
 import json, lm_eval
 from lm_eval.tasks import TaskManager
 r = lm_eval.simple_evaluate(
-    model="hf", model_args="pretrained={tiny['export']},dtype=float32,device=cpu,max_length={WINDOW},prefix_token_id={eot}",
+    model="hf",
+    model_args="pretrained={tiny['export']},dtype=float32,device=cpu,max_length={WINDOW},prefix_token_id={eot}",
     tasks=["hellaswag_local", "lambada_local"], task_manager=TaskManager(include_path={str(TASK_DIR)!r}),
     batch_size=8, limit={N}, bootstrap_iters=0, log_samples=True)
-samples = {{t: [[list(map(float, x)) for x in s["filtered_resps"]] for s in sorted(r["samples"][t], key=lambda s: s["doc_id"])]
-           for t in r["samples"]}}
+samples = {{t: [[list(map(float, x)) for x in s["filtered_resps"]]
+               for s in sorted(r["samples"][t], key=lambda s: s["doc_id"])] for t in r["samples"]}}
 print("RESULT" + json.dumps({{"results": r["results"], "samples": samples}}))
 """
     env = {**os.environ, "HF_HOME": str(workdir / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

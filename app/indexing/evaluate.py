@@ -1,6 +1,7 @@
 """Evaluate a model's loss / perplexity on a split, plain and with its retrieval indexes (LMatch ids,
-kNN-LM interpolation, both), or on standard tasks (HellaSwag, LAMBADA: `app.indexing.tasks`); also the shared pieces of the kNN build: loading a model from an export or
-a run dir, capturing final hidden states, and the lmatch ids aligned with a split.
+kNN-LM interpolation, both), or on standard tasks (HellaSwag, LAMBADA: `app.indexing.tasks`); also the
+shared pieces of the kNN build: loading a model from an export or a run dir, capturing final hidden
+states, and the lmatch ids aligned with a split.
 
 Every number is a token-weighted mean over the same fixed windows `app.data.loader.eval_batches` gives
 (non-overlapping windows of `seq_len` + 1 tokens from the start of the split), so the plain loss is
