@@ -56,13 +56,20 @@ def summary(ttft: list[float], per_token: list[float], tokens: int, wall: float,
             "per_token_ms_p50": ms(pct(per_token, 50)), "per_token_ms_p99": ms(pct(per_token, 99))}
 
 
+GPT2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2_tokenizer" / "tokenizer.json"
+
+
 def make_export(preset: str, d: Path, lmatch: bool = False, max_seq_len: int | None = None) -> str:
-    tok_file = d / "tokenizer.json"
-    if not tok_file.exists():
-        text = " ".join(f"w{i % 997} x{i % 13}" for i in range(20000))
-        train_bpe([text], vocab_size=300).save(str(tok_file))
+    """An export of the preset's shape (random init); GPT-2's tokenizer for a GPT-2-sized vocabulary (so
+    that streamed tokens decode to text over HTTP), else a 300-id BPE trained here."""
     over = {"max_seq_len": max_seq_len} if max_seq_len else {}
     cfg = ModelConfig.preset(preset, **over)
+    tok_file = d / "tokenizer.json"
+    if cfg.vocab_size >= 50257 and GPT2_TOKENIZER.exists():
+        tok_file = GPT2_TOKENIZER
+    elif not tok_file.exists():
+        text = " ".join(f"w{i % 997} x{i % 13}" for i in range(20000))
+        train_bpe([text], vocab_size=300).save(str(tok_file))
     if lmatch:
         cfg = ModelConfig.preset(preset, lmatch_vocab=cfg.vocab_size + 1, **over)
     torch.manual_seed(0)
@@ -92,8 +99,8 @@ def drive(n: int, conc: int, one) -> dict:
         results = list(pool.map(safe, range(n)))
     wall = time.perf_counter() - t0
     ok = [r for r in results if r is not None]
-    return summary([r[1] for r in ok], [r[2] for r in ok if r[2] is not None], sum(r[0] for r in ok), wall,
-                   n - len(ok), n)
+    return summary([r[1] for r in ok if r[1] is not None], [r[2] for r in ok if r[2] is not None],
+                   sum(r[0] for r in ok), wall, n - len(ok), n)
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], conc: int, max_tokens: int) -> dict:
@@ -151,7 +158,8 @@ def _sync(device: str) -> None:
 
 
 def run_http(export: str, prompts: list[list[int]], conc: int, max_tokens: int, args) -> dict:
-    """The same load through Ray Serve over HTTP, streamed (TTFT = first event with text)."""
+    """The same load through Ray Serve over HTTP, streamed (TTFT = first event with text). The server stops
+    at the end-of-text id (a random model may emit it): such a completion counts with its tokens."""
     import urllib.request
 
     def one(i: int):
@@ -159,7 +167,7 @@ def run_http(export: str, prompts: list[list[int]], conc: int, max_tokens: int, 
                            "stream_options": {"include_usage": True}}).encode()
         req = urllib.request.Request(args.url + "/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})
-        t0, first, n = time.perf_counter(), None, 0
+        t0, first, n, reason = time.perf_counter(), None, 0, None
         with urllib.request.urlopen(req, timeout=600) as r:
             for line in r:
                 if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
@@ -169,12 +177,14 @@ def run_http(export: str, prompts: list[list[int]], conc: int, max_tokens: int, 
                     raise RuntimeError(ev["error"]["message"])
                 if ev.get("usage"):
                     n = ev["usage"]["completion_tokens"]
-                elif first is None and ev["choices"] and ev["choices"][0]["text"]:
-                    first = time.perf_counter()
+                elif ev["choices"]:
+                    reason = ev["choices"][0].get("finish_reason") or reason
+                    if first is None and ev["choices"][0]["text"]:
+                        first = time.perf_counter()
         end = time.perf_counter()
-        if n != max_tokens or first is None:
-            raise RuntimeError(f"request {i}: {n} tokens streamed")
-        return n, first - t0, (end - first) / max(1, n - 1)
+        if not (reason == "length" and n == max_tokens or reason == "stop" and n <= max_tokens):
+            raise RuntimeError(f"request {i}: {n} tokens streamed, finish_reason {reason}")
+        return n, None if first is None else first - t0, None if first is None or n < 2 else (end - first) / (n - 1)
 
     return drive(len(prompts), conc, one)
 
