@@ -19,7 +19,8 @@ to the same model without the hook. Each engine level also reports its mean time
 (`http_overhead`: tokens/s ratio HTTP / engine, TTFT p50 difference). `--prefix_tokens=N` adds the time
 to first token of `--prefix_requests` requests submitted together whose prompts share their first N
 tokens (then 16 own ones), with the engine's prefix cache off and on (`prefix_reuse`, ratio off / on).
-`--kv_bucket` is the engine's smallest attention read length (0 = the whole cache every step).
+`--kv_bucket` is the engine's smallest attention read length (0 = the whole cache every step);
+`--compare_kv` runs each level also on an engine reading the whole cache (`engine_full_kv`, ratio).
 Prints one JSON object; ratios are engine / baseline.
 """
 from __future__ import annotations
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lmatch", action="store_true", help="per-token latency with and without an lmatch hook")
     p.add_argument("--index", default=None, help="a real LMatch index (dataset dir) for --lmatch")
     p.add_argument("--kv_bucket", type=int, default=64, help="the engine's smallest attention read (0 = all)")
+    p.add_argument("--compare_kv", action="store_true", help="also each level with whole-cache reads (kv_bucket 0)")
     p.add_argument("--prefix_tokens", type=int, default=0, help="also TTFT of requests sharing this long a prefix")
     p.add_argument("--prefix_requests", type=int, default=32, help="requests submitted together for --prefix_tokens")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 helps on a busy CPU")
@@ -259,9 +261,19 @@ def main(argv: list[str] | None = None) -> dict:
                         kv_bucket=a.kv_bucket).start()
         result["engine_start_s"] = round(time.perf_counter() - t0, 2)  # graph captures included
         run_engine(engine, make_prompts(2, a.prompt_len, vocab, 99), 2, 4)  # warm-up
+        full_kv = None
+        if a.compare_kv:  # the baseline of the used-length reads: every step reads the whole cache
+            full_kv = Engine(ex.model, eot_id=None, max_batch=max(levels), max_queue=max(per_level),
+                             max_len=a.prompt_len + a.max_tokens, cuda_graphs=False if a.eager else None,
+                             kv_bucket=0).start()
+            run_engine(full_kv, make_prompts(2, a.prompt_len, vocab, 99), 2, 4)
         for c, n in zip(levels, per_level):
             prompts = make_prompts(n, a.prompt_len, vocab, seed=c)
             level = {"engine": run_engine(engine, prompts, c, a.max_tokens)}
+            if a.compare_kv:
+                level["engine_full_kv"] = run_engine(full_kv, prompts, c, a.max_tokens)
+                level["ratio_tokens_per_s_vs_full_kv"] = round(
+                    level["engine"]["tokens_per_s"] / level["engine_full_kv"]["tokens_per_s"], 3)
             if not a.no_hf:
                 hf_n = max(c, a.hf_requests) if a.hf_requests else \
                     (max(c, min(n, 2 * c)) if c > 1 else min(n, 8))  # at least one full batch
@@ -279,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps({str(c): level}), flush=True)
         result["cuda_graphs"] = engine.stats()["cuda_graphs"]  # captured (bucket, sampling kinds) steps
         engine.close()
+        if full_kv is not None:
+            full_kv.close()
         result["errors"] = sum(lv["engine"]["errors"] for lv in result["levels"].values())
         result["requests"] = sum(lv["engine"]["requests"] for lv in result["levels"].values())
         if a.http:
