@@ -54,6 +54,15 @@ def run(engine: Engine, ps, params) -> list[list[int]]:
     return [s.tokens for s in seqs]
 
 
+def sampled_like(tokens: torch.Tensor, want: torch.Tensor, at_least: int = 1) -> None:
+    """The tokens' frequencies are `want`'s distribution: total variation within 3 x its expected size for
+    a correct sampler (about sum sqrt(p (1 - p) / n) / 2)."""
+    assert len(tokens) >= at_least
+    freq = torch.bincount(tokens, minlength=V).double() / len(tokens)
+    tol = 3 * 0.5 * (want.double() * (1 - want.double()) / len(tokens)).sqrt().sum()
+    assert 0.5 * (freq - want).abs().sum() <= tol + 1e-9
+
+
 def test_prompt_lookup_drafts_the_text_after_the_last_earlier_ngram():
     d = Drafter(ngram=3)
     assert d.propose([1, 2, 3, 9, 8, 1, 2, 3], 2) == [9, 8]
@@ -92,15 +101,8 @@ def test_speculative_sampling_gives_the_models_distribution(temperature, top_k, 
                       torch.full((n,), 2), t.expand(n), k.expand(n), p.expand(n),
                       torch.rand(n, 3, generator=g, dtype=torch.float64))
     assert ((acc >= 0) & (acc <= 2)).all()
-
-    def close(tokens: torch.Tensor, want: torch.Tensor) -> None:
-        """Total variation within 3 x its expected size for a correct sampler (sum sqrt(p (1 - p) / n) / 2)."""
-        freq = torch.bincount(tokens, minlength=V).double() / len(tokens)
-        tol = 3 * 0.5 * (want.double() * (1 - want.double()) / len(tokens)).sqrt().sum()
-        assert 0.5 * (freq - want).abs().sum() <= tol + 1e-9
-
-    close(out[:, 0], probs[0])
-    close(out[acc >= 1, 1], probs[1])  # after an accepted first draft the second token is p_1's
+    sampled_like(out[:, 0], probs[0])
+    sampled_like(out[acc >= 1, 1], probs[1])  # after an accepted first draft the second token is p_1's
     assert torch.equal(acc >= 1, out[:, 0] == d1)  # an emitted d1 is always an accepted draft
 
 
@@ -124,14 +126,8 @@ def test_engine_samples_drafted_tokens_from_the_models_distribution():
         engine.step()
     assert engine.stats()["accepted_tokens"] > 0
     out = torch.tensor([s.tokens for s in seqs])
-
-    def close(tokens: torch.Tensor, want: torch.Tensor) -> None:
-        freq = torch.bincount(tokens, minlength=V).double() / len(tokens)
-        assert len(tokens) > 150
-        assert 0.5 * (freq - want).abs().sum() <= 3 * 0.5 * (want.double() * (1 - want.double()) / len(tokens)).sqrt().sum()
-
-    close(out[out[:, 0] == t1, 1], p2)
-    close(out[(out[:, 0] == t1) & (out[:, 1] == d2), 2], p3)
+    sampled_like(out[out[:, 0] == t1, 1], p2, at_least=150)
+    sampled_like(out[(out[:, 0] == t1) & (out[:, 1] == d2), 2], p3, at_least=150)
 
 
 def test_greedy_verify_accepts_the_argmax_prefix():
