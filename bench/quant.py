@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="gpt2-1.5b", help="the speed model's shape (random init) without --model")
     p.add_argument("--model", default=None, help="an export dir: its weights for speed and perplexity")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, on CPU unless --device says otherwise")
     p.add_argument("--modes", default="", help="comma list of none,int8,fp8 (default: all the device runs)")
     p.add_argument("--head", action="store_true", help="quantize the output layer too")
     p.add_argument("--group_size", type=int, default=0, help="input channels per scale (0 = per output channel)")
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         a.train_steps, a.train_batch, a.max_chars, a.kernel_reps = 10, 4, a.max_chars or 100_000, 5
         a.requests = a.requests or "4,8"
         a.data = a.data if a.data != p.get_default("data") else str(SHARED / "tinyshakespeare.txt")
-    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     levels = [int(c) for c in a.streams.split(",")]
     requests = [int(r) for r in a.requests.split(",")] if a.requests else [16 * c for c in levels]
