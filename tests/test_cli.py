@@ -152,6 +152,11 @@ CONFIG_ERRORS = [
     ("eval", ["--data={data}", "--knn={tmp}"], "no meta.json: not a kNN index"),
     ("eval", ["--lambdas=0,2"], "lambdas must be in (0, 1)"),
     ("serve", ["--model=/missing"], "/missing"),
+    ("serve", ["--draft_tokens=9"], "draft_tokens=9 is more than max_draft=8"),
+    ("serve", ["--draft_tokens=4", "--knn_index={tmp}"], "does not combine with knn_index"),
+    ("serve", ["--draft_tokens=4", "--prompt_lookup=false"], "needs a source of drafts"),
+    ("serve", ["--prefix_cache_tokens=8"], "blocks of 16 tokens"),
+    ("serve", ["--quantize=int4"], "'int4' is not one of ['none', 'int8', 'fp8']"),
 ]
 
 

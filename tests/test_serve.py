@@ -529,6 +529,30 @@ def test_a_retrieval_model_needs_an_index(tmp_path, export_dir):
         CompletionService(ServeConfig(model=path))
 
 
+def test_replica_options_speculative_prefix_and_int8_reach_the_engine(export_dir):
+    """A replica built with drafts, a prefix cache and int8 weights: greedy text equal to the plain replica's
+    where the weights are the same (drafts and prefix reuse), int8's Linear layers swapped, and the engine's stats
+    showing the drafts were tried."""
+    from app.fast.quant import QuantLinear
+    from app.serve.deployment import CompletionService
+
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+    plain = CompletionService(ServeConfig(model=export_dir, max_batch=4))
+    fast = CompletionService(ServeConfig(model=export_dir, max_batch=4, draft_tokens=4, prefix_cache_tokens=64))
+    int8 = CompletionService(ServeConfig(model=export_dir, max_batch=4, quantize="int8"))
+    try:
+        shared = plain.tokenizer.encode("ROMEO:\nWhat light through yonder window breaks? " * 3).ids
+        for prompt in (shared, shared + [5, 6], shared[:20]):
+            want = plain.engine.generate(prompt, greedy, timeout=60).tokens
+            assert fast.engine.generate(prompt, greedy, timeout=60).tokens == want
+        assert fast.engine.stats()["drafted_tokens"] > 0
+        assert any(isinstance(m, QuantLinear) for m in int8.exported.model.modules())
+        assert len(int8.engine.generate(shared, greedy, timeout=60).tokens) > 0
+    finally:
+        for s in (plain, fast, int8):
+            s.close()
+
+
 def test_preflight_refuses_what_a_replica_could_not_load(tmp_path, export_dir):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text(json.dumps({"spotlm": {"model": {}}}))

@@ -33,6 +33,13 @@ class ServeConfig:
     knn_lambda: float = 0.25  # p = lambda p_knn + (1 - lambda) p_lm
     knn_k: int = 16  # neighbours per token (1-1024)
     knn_temperature: float = 1.0  # p_knn = softmax(-distance / knn_temperature)
+    draft_tokens: int = 0  # speculative decoding: drafts per step from --index and the prompt (0 = off)
+    max_draft: int = 8  # the most drafts one step verifies (a request may ask for up to this many)
+    prompt_lookup: bool = True  # with draft_tokens: also draft from the request's own text
+    prefix_cache_tokens: int = 0  # prompt positions whose KV is kept for requests sharing a prefix (0 = off)
+    kv_bucket: int = 64  # the fewest cached positions attention reads per step (0 = always the whole cache)
+    quantize: Literal["none", "int8", "fp8"] = "none"  # weight-only 8-bit linears (fp8: Ada/Hopper GPUs)
+    quantize_head: bool = False  # also the output layer (a tied one gets its own 8-bit copy)
     num_replicas: int = 1  # fixed replica count (when autoscaling is off)
     autoscaling: bool = False  # scale between min_replicas and max_replicas on ongoing requests
     min_replicas: int = 1  # autoscaling's floor
@@ -45,7 +52,8 @@ class ServeConfig:
         """ConfigError, in one line, for a value out of range or an impossible mix (reads no file)."""
         for name, low in (("max_prompt_tokens", 1), ("max_tokens_limit", 1), ("max_n", 1), ("max_batch", 1),
                           ("max_queue", 0), ("max_prefill_tokens", 1), ("knn_k", 1), ("num_replicas", 1),
-                          ("min_replicas", 0), ("max_replicas", 1), ("num_cpus", 0), ("num_gpus", 0)):
+                          ("min_replicas", 0), ("max_replicas", 1), ("num_cpus", 0), ("num_gpus", 0),
+                          ("draft_tokens", 0), ("max_draft", 0), ("prefix_cache_tokens", 0), ("kv_bucket", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= {low}")
         for name in ("request_timeout_s", "knn_temperature", "target_ongoing_requests"):
@@ -57,6 +65,19 @@ class ServeConfig:
             raise ConfigError(f"knn_k={self.knn_k} must be <= 1024")
         if self.autoscaling and self.min_replicas > self.max_replicas:
             raise ConfigError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+        self._validate_decoding()
+
+    def _validate_decoding(self) -> None:
+        """The speculative-decoding and prefix-cache mixes that cannot run."""
+        if self.draft_tokens > self.max_draft:
+            raise ConfigError(f"draft_tokens={self.draft_tokens} is more than max_draft={self.max_draft}")
+        if 0 < self.prefix_cache_tokens < 16:
+            raise ConfigError(f"prefix_cache_tokens={self.prefix_cache_tokens}: the cache keeps blocks of 16 "
+                              "tokens (0 = off)")
+        if self.draft_tokens and self.knn_index:
+            raise ConfigError("draft_tokens (speculative decoding) does not combine with knn_index")
+        if self.draft_tokens and not (self.index or self.prompt_lookup):
+            raise ConfigError("draft_tokens needs a source of drafts: index=<dataset dir> or prompt_lookup=true")
 
     def bearer_token(self) -> str | None:
         """The token /v1 requests must carry: api_key, else env SPOTLM_API_KEY, else None (no auth)."""

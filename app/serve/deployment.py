@@ -247,6 +247,10 @@ class CompletionService:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             args.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
         self.exported = ex = load_exported(args.model, device=device, dtype=dtype)
+        if args.quantize != "none":  # after the dtype cast: a later cast would round the scales
+            from app.fast.quant import quantize
+
+            quantize(ex.model, args.quantize, head=args.quantize_head)
         self.args, self.tokenizer = args, ex.tokenizer
         self.name = ex.meta.get("run") or "spotlm"
         self.max_prompt = min(args.max_prompt_tokens, ex.config.max_seq_len)
@@ -256,6 +260,9 @@ class CompletionService:
                              max_batch=args.max_batch, max_queue=args.max_queue,
                              max_prefill_tokens=args.max_prefill_tokens, lmatch=lmatch, knn=knn,
                              knn_lambda=args.knn_lambda, knn_temperature=args.knn_temperature,
+                             drafter=self._drafter(args, lmatch), draft_tokens=args.draft_tokens,
+                             max_draft=args.max_draft, kv_bucket=args.kv_bucket,
+                             prefix_cache_tokens=args.prefix_cache_tokens,
                              cuda_graphs=None if args.cuda_graphs else False).start()
         self.api_key = args.bearer_token()
 
@@ -269,6 +276,19 @@ class CompletionService:
         from index.lmatch import LMatchIndex  # lazily: only servers with an index need it
 
         return LMatchIndex.open(args.index)
+
+    @staticmethod
+    def _drafter(args: ServeConfig, lmatch):
+        """The speculative drafter (`draft_tokens` > 0): the LMatch index's continuations and/or prompt lookup."""
+        if not args.draft_tokens:
+            return None
+        from app.serve.speculative import Drafter
+
+        if lmatch is None and args.index:
+            from index.lmatch import LMatchIndex
+
+            lmatch = LMatchIndex.open(args.index)
+        return Drafter(lmatch, prompt_lookup=args.prompt_lookup, min_match=2)
 
     @staticmethod
     def _open_knn(args: ServeConfig):
