@@ -1,6 +1,10 @@
 """Ray job: train (or continue) a GPT on tokenized shards with Ray Train; exports the model at the end.
 
     python -m jobs.train --data=runs/shards --name=my-run --preset=tiny --max_steps=300
+
+Across slow links (`--sync.*`, app/train/sync.py): 1-bit gradients, or DiLoCo rounds of local steps:
+    python -m jobs.train ... --cluster.num_workers=4 --sync.mode=onebit
+    python -m jobs.train ... --cluster.num_workers=4 --sync.mode=diloco --sync.inner_steps=50 --sync.compress=int8
 """
 from __future__ import annotations
 

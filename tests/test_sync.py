@@ -229,6 +229,19 @@ def sync_cfg(data, tmp_path, name, **kw):
     return train_config(base, **kw)
 
 
+def _descends_from_us(pid: int) -> bool:
+    """Whether `pid` is a descendant of this test process (its Ray's workers are; other sessions' are not)."""
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == os.getpid():
+            return True
+    return False
+
+
 def _progress(cfg) -> dict:
     return json.load(open(os.path.join(cfg.run_dir, "progress.json")))
 
@@ -279,7 +292,7 @@ def test_diloco_trains_and_resumes_exactly(shakespeare_shards, tmp_path, train_w
                 step = _progress(broken)["step"]
             except (OSError, ValueError):
                 step = 0
-            if 10 <= step < 30 and (pids := train_worker_pids()):
+            if 10 <= step < 30 and (pids := [p for p in train_worker_pids() if _descends_from_us(p)]):
                 os.kill(pids[0], signal.SIGTERM)
                 sent.append(pids[0])
             time.sleep(0.02)
@@ -291,3 +304,57 @@ def test_diloco_trains_and_resumes_exactly(shakespeare_shards, tmp_path, train_w
     state = json.load(open(os.path.join(list_checkpoints(broken.run_dir)[-1], "state.json")))
     assert state["resumes"] == 1 and state["preemptions"] == 1 and state["sync_rounds"] == 8
     assert state["comm_bytes"] == pytest.approx(p["comm_bytes"])  # carried over the resume, nothing twice
+
+
+# ---------------------------------------------------------------- DiLoCo rounds in the loop, one process
+
+class _Steps:
+    """Stands in for the loop's step function, loader and schedule: counts, and takes `seconds` a step."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.steps, self.scheduled = seconds, [], 0
+
+    def __call__(self, batches):
+        time.sleep(self.seconds)
+        return torch.tensor(1.0), torch.tensor(0.0)
+
+    def micro_batches(self, step: int):
+        self.steps.append(step)
+        return []
+
+    def step(self):  # the scheduler's
+        self.scheduled += 1
+
+
+def _round(seconds: float, start: int, **sync):
+    from app.train import checkpoint
+    from app.train.loop import _diloco_round
+    from app.train.sync import Sync
+
+    cfg = train_config(max_steps=100, ckpt={"every": 10}, eval_every=25, sync={"mode": "diloco", **sync})
+    model = torch.nn.Linear(2, 2)
+    fake, state = _Steps(seconds), checkpoint.TrainState(step=start)
+    _, _, done = _diloco_round(cfg, Sync(cfg.sync, model, 1), fake, fake, fake, None, state, True, 0)
+    return fake, done, state
+
+
+def test_diloco_rounds_end_at_h_steps_and_at_checkpoints_and_evaluations():
+    fake, done, state = _round(0.0, 0, inner_steps=4)
+    assert done == [4] and fake.steps == [0, 1, 2, 3] and fake.scheduled == 4 and state.sync_rounds == 1
+    assert _round(0.0, 8, inner_steps=4)[1] == [2]  # the checkpoint at step 10
+    assert _round(0.0, 21, inner_steps=50)[1] == [4]  # the evaluation at step 25
+
+
+def test_timed_diloco_rounds_end_at_the_first_step_past_the_deadline():
+    fake, done, _ = _round(0.05, 0, round_s=0.18)
+    assert 3 <= done[0] <= 5 and fake.steps == list(range(done[0]))  # ~0.18 s of 0.05 s steps, then one more
+    assert _round(0.0, 0, round_s=60.0)[1] == [10]  # a long round still ends at the checkpoint
+
+
+def test_sync_options_that_do_not_mix():
+    from app.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sync.compress"):
+        train_config(sync={"mode": "ddp", "compress": "int8"})
+    with pytest.raises(ConfigError, match="sync.mode=diloco"):
+        train_config(sync={"mode": "diloco"}, memory={"fsdp": True})

@@ -175,7 +175,8 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
 # ---------------------------------------------------------------- the phases of the loop
 
 def _diloco_round(cfg: TrainConfig, sync: Sync, step, loader: TrainLoader, scheduler, ema: WeightEMA | None,
-                  state: checkpoint.TrainState, evaluates: bool, rank: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                  state: checkpoint.TrainState, evaluates: bool,
+                  rank: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """One DiLoCo round from `state.step`: inner steps on this worker's slice of each global batch, up to
     `sync.inner_steps` (or, with `sync.round_s`, until the first step boundary past the round's deadline), never
     past the next checkpoint, evaluation or the end; then the outer step. Returns the last inner step's loss and
