@@ -251,6 +251,7 @@ def _curve(cfg) -> dict[int, float]:
     return {int(k): v for k, v in json.load(open(os.path.join(last, "state.json")))["loss_curve"].items()}
 
 
+@pytest.mark.slow  # two runs of 2 Ray Train workers
 def test_ddp_and_onebit_train_and_onebit_sends_25x_less(shakespeare_shards, tmp_path):
     runs = {}
     for mode in ("ddp", "onebit"):
@@ -271,6 +272,7 @@ def test_ddp_and_onebit_train_and_onebit_sends_25x_less(shakespeare_shards, tmp_
     assert _curve(runs["onebit"])[30] == pytest.approx(_curve(runs["ddp"])[30], rel=0.1)
 
 
+@pytest.mark.slow  # three starts of 2 Ray Train workers
 def test_diloco_trains_and_resumes_exactly(shakespeare_shards, tmp_path, train_worker_pids):
     kw = dict(max_steps=40, ckpt={"every": 10}, sync={"mode": "diloco", "inner_steps": 5, "compress": "int8"},
               optim={"name": "adamw"})
