@@ -53,14 +53,16 @@ def tokenize(cluster: NetnsCluster, out: Path) -> Path:
     return out
 
 
-def train_args(shape: dict, data: Path, storage: Path, name: str, workers: int) -> list[str]:
-    """`jobs.train` options shared by every mode: model, batch, steps, evaluation, workers."""
+def train_args(shape: dict, data: Path, storage: Path, name: str, workers: int, ckpt_every: int = 0) -> list[str]:
+    """`jobs.train` options shared by every mode: model, batch, steps, evaluation, workers; one checkpoint at
+    the end unless `ckpt_every` (DiLoCo ends a round at every checkpoint and evaluation)."""
     return [f"--data={data}", f"--storage={storage}", f"--name={name}", "--preset=tiny",
             f"--model.n_layer={shape['n_layer']}", f"--model.n_head={shape['n_head']}",
             f"--model.d_model={shape['d_model']}", f"--model.max_seq_len={shape['seq_len']}",
             f"--seq_len={shape['seq_len']}", f"--micro_batch={shape['micro_batch']}", f"--max_steps={shape['steps']}",
             f"--eval_every={shape['eval_every']}", "--eval_tokens=16384", f"--log_every={shape['log_every']}",
-            "--export=none", "--schedule.warmup_steps=20", f"--cluster.num_workers={workers}",
+            "--export=none", "--schedule.warmup_steps=20", f"--ckpt.every={ckpt_every or shape['steps']}",
+            f"--cluster.num_workers={workers}",
             "--cluster.cpus_per_worker=1", "--cluster.catch_sigterm=false", "--cluster.spot_notice=off"]
 
 
@@ -140,7 +142,9 @@ def compare(a: argparse.Namespace, shape: dict, work: Path) -> dict:
         tokens_per_step = a.workers * shape["micro_batch"] * shape["seq_len"]
         rows = {}
         for mode in a.modes.split(","):
-            args = train_args(shape, data, work, mode, a.workers) + MODES[mode]
+            h = int(mode.split("_h")[1]) if "_h" in mode else 0  # evaluations only between whole rounds
+            args = train_args({**shape, "eval_every": max(shape["eval_every"], h)}, data, work, mode, a.workers)
+            args += MODES[mode]
             rows[mode] = run_mode(cluster, args, work / mode, tokens_per_step)
             print(f"{mode}: {rows[mode]['s_per_step']} s/step, val {rows[mode]['val_loss']}", file=sys.stderr)
     rat = ratios(rows) if "ddp" in rows else {}
@@ -161,8 +165,8 @@ def spot(a: argparse.Namespace, shape: dict, work: Path) -> dict:
         cluster.wait_nodes(workers)
         data = tokenize(cluster, Path(a.data_dir))
         tokens_per_step = workers * shape["micro_batch"] * shape["seq_len"]
-        args = train_args(shape, data, work, "spot", workers) + [
-            "--sync.mode=diloco", f"--sync.round_s={a.round_s}", "--ckpt.every=50", "--cluster.max_failures=5"]
+        args = train_args(shape, data, work, "spot", workers, ckpt_every=50) + [
+            "--sync.mode=diloco", f"--sync.round_s={a.round_s}", "--cluster.max_failures=5"]
 
         def kill_and_replace(proc, run_dir: Path) -> dict:
             victim: Node = cluster.nodes[1]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import itertools
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ SUBNET = "10.77.0"  # every namespace has only its own eth0, so runs side by sid
 GCS_PORT = 6379  # inside the head's namespace: its own network stack, no clash with other Ray clusters
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 CLONE_NEWNET = 0x40000000
+_SEQ = (chr(c) for c in itertools.cycle(range(ord("a"), ord("z") + 1)))  # clusters of one process: distinct names
 
 
 def available() -> str | None:
@@ -101,7 +103,7 @@ class NetnsCluster:
     rate_mbit: float = 100.0  # tbf rate of every link, each direction; 0 = unshaped
     cpus: int = 1  # logical CPUs of each worker node (= cluster.cpus_per_worker; Ray wants a whole number)
     object_store_mb: int = 150  # plasma store of each node
-    prefix: str = field(default_factory=lambda: f"sl{os.getpid()}")  # names of namespaces, veths, bridge
+    prefix: str = field(default_factory=lambda: f"sl{os.getpid()}{next(_SEQ)}")  # names: namespaces, veths, bridge
     env: dict[str, str] = field(default_factory=dict)  # extra environment of the Ray nodes (and driver)
     head: Node | None = None
     nodes: list[Node] = field(default_factory=list)  # worker nodes, in order of start (killed ones too)
