@@ -218,7 +218,20 @@ def pids_with():
     return lambda *markers: [p for p in _pids_with(markers[0]) if all(m in _cmdline(p) for m in markers)]
 
 
+def descends_from_us(pid: int) -> bool:
+    """Whether `pid` is a descendant of this test process (its local Ray's workers are; other sessions' are not)."""
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == os.getpid():
+            return True
+    return False
+
+
 @pytest.fixture
 def train_worker_pids():
-    """A function listing the pids of Ray Train worker processes on this machine."""
-    return lambda: _pids_with("RayTrainWorker")
+    """A function listing the pids of the Ray Train workers of this test process's local Ray."""
+    return lambda: [p for p in _pids_with("RayTrainWorker") if descends_from_us(p)]

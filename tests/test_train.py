@@ -50,6 +50,11 @@ def test_loss_drops_on_shakespeare(shakespeare_shards, tmp_path):
     assert after < before - 1.0, (before, after)
     assert result.metrics["val_loss"] == pytest.approx(after, rel=1e-3)
     assert [os.path.basename(p) for p in list_checkpoints(cfg.run_dir)] == ["checkpoint_00000040", "checkpoint_00000080"]
+    # what a user watches beside the checkpoints: progress.json, TensorBoard events, the loss curve
+    progress = storage.read_json(storage.join(cfg.run_dir, "progress.json"))
+    assert progress["step"] == 80 and progress["workers"] == 1 and progress["tokens"] == 80 * 8 * 64
+    assert list((tmp_path / "runs" / "t" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "runs" / "t" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_killed_worker_restarts_from_checkpoint(shakespeare_shards, tmp_path, train_worker_pids):

@@ -28,6 +28,7 @@ from app.train.parallel import compiles_per_block, full_state_dicts, parallelize
 from app.train.preemption import PreemptionWatcher, install_sigterm_handler
 from app.train.step import build_model, compile_args, compiled, step_function
 from app.train.sync import Sync
+from app.train.tracking import RunTracker
 
 log = get_logger(__name__)
 
@@ -84,6 +85,8 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
         log.info("model %s: %.2fM params, seq %d, global batch %d seqs (%d tokens), %d accum x %d micro x %d workers, "
                  "sync %s", cfg.preset, raw.num_params() / 1e6, seq_len, plan.global_batch,
                  plan.global_batch * seq_len, plan.accum_steps, plan.micro_batch, world, cfg.sync.mode)
+    tracker = RunTracker(cfg.run_dir, title=cfg.name, history={
+        "train_loss": state.loss_curve, "val_loss": {s: v for s, (_, v) in state.val_curve.items()}}) if rank == 0 else None
 
     step = step_function(cfg, fwd, model, raw, optimizer, device, autocast, world)
     flops_per_token = raw.flops_per_token(seq_len)
@@ -139,7 +142,8 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
             t_last = time.perf_counter()
         if rank == 0 and progress_from is not None:
             _log_step(cfg, metrics)
-            _write_progress(cfg.run_dir, state, metrics, progress_from)
+            _write_progress(cfg.run_dir, state, metrics, progress_from, world, device)
+            tracker.log(state.step, metrics)
         metrics["done"] = last
 
         # ---- preemption notices Ray does not see (SIGTERM, the AWS spot notice): checkpoint and hand back to
@@ -164,6 +168,8 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
         if preempted or last:
             break
     watcher.close()
+    if tracker is not None:
+        tracker.close()
     if state.step < cfg.max_steps and not metrics.get("done"):
         return  # preempted: the driver starts the run again
 
@@ -374,11 +380,15 @@ def _log_step(cfg: TrainConfig, m: dict[str, Any]) -> None:
              m["lr"], f"{m['tokens_per_s']:,.0f}", mfu, m["epoch"], val)
 
 
-def _write_progress(run_dir: str, state: checkpoint.TrainState, metrics: dict[str, Any], resumed_from: int) -> None:
-    """`<run>/progress.json`: where the run is now (for people, dashboards and benchmarks)."""
+def _write_progress(run_dir: str, state: checkpoint.TrainState, metrics: dict[str, Any], resumed_from: int,
+                    world: int, device: torch.device) -> None:
+    """`<run>/progress.json`: where the run is now (for people, dashboards and benchmarks): also the workers now
+    in the group, the tokens seen and (on CUDA) rank 0's peak GPU memory since this start."""
+    peak = {"gpu_peak_gb": torch.cuda.max_memory_allocated(device) / 1e9} if device.type == "cuda" else {}
     storage.write_json(storage.join(run_dir, "progress.json"), {
         "step": state.step, "time": time.time(), "resumes": state.resumes, "resumed_from_step": resumed_from,
-        "train_time_s": state.train_time_s, "val_curve": state.val_curve,
+        "train_time_s": state.train_time_s, "val_curve": state.val_curve, "workers": world, "tokens": state.tokens,
+        **peak,
         **{k: metrics[k] for k in ("train_loss", "tokens_per_s", "checkpoint_stall_s", "first_step_s", "val_loss",
                                    "comm_bytes", "comm_bytes_per_step", "sync_rounds") if k in metrics}})
 
