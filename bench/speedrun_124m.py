@@ -42,7 +42,7 @@ from app.data.shards import Manifest, load_manifest
 from app.ray_env import init_ray
 from app.train.config import TrainConfig
 from app.train.loop import evaluate, synced_seconds
-from app.train.tracking import draw_curves
+from app.tracking import draw_curves
 from bench.train_speed import BaselineGPT, baseline_optimizer
 
 GPT2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2_tokenizer" / "tokenizer.json"

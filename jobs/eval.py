@@ -18,6 +18,7 @@ from app import storage
 from app.config import parse_config, refuse
 from app.data.shards import ShardFormatError, load_manifest
 from app.indexing.evaluate import EvalConfig, evaluate, evaluate_tasks, resolve_knn, resolve_model
+from app.tracking import record_results
 
 
 def preflight(cfg: EvalConfig) -> None:
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2, allow_nan=False)
     if cfg.output:
         storage.write_text(cfg.output, text + "\n")
+    if cfg.tensorboard:
+        record_results(result, cfg.tensorboard, step=result["model"].get("step") or 0)
     print(text)
     return 0
 

@@ -195,10 +195,16 @@ def test_jobs_print_json_and_fail_clearly(ray_session, tiny, tmp_path, capsys):
 
     out = str(tmp_path / "e.json")
     assert eval_job.main([f"--model={tiny['export']}", f"--data={tiny['data']}", "--seq_len=32", "--max_tokens=1024",
-                          "--lambdas=0.2,0.4", "--k=4", f"--output={out}"]) == 0
+                          "--lambdas=0.2,0.4", "--k=4", f"--output={out}", f"--tensorboard={tmp_path / 'tb'}"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(open(out).read())
     assert printed["tokens"] == 1024 and [c["lambda"] for c in printed["results"]["knn"]["curve"]] == [0.2, 0.4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    lm_loss = next(t for t in events.Tags()["scalars"] if t.startswith("results/lm/") and t.endswith("loss"))
+    assert events.Scalars(lm_loss)[0].value == pytest.approx(printed["results"]["lm"]["loss"])
 
     assert eval_job.main([f"--model={tmp_path / 'none'}", f"--data={tiny['data']}"]) == 2  # refused before any work
     assert "no model here" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from app import storage
-from app.train.tracking import EVENTS_DIR, PLOT, RunTracker
+from app.tracking import EVENTS_DIR, PLOT, RunTracker
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

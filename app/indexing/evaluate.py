@@ -46,7 +46,7 @@ class LoadedModel:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "kind": self.kind, "sha256": self.sha256,
+        return {"source": self.source, "kind": self.kind, "sha256": self.sha256, "step": self.meta.get("step"),
                 "params": self.model.num_params(), "config": to_dict(self.config)}
 
 
@@ -197,6 +197,7 @@ class EvalConfig:
     lmatch: Literal["auto", "off"] = "auto"  # auto: use the dataset's LMatch ids when the model has a table
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if available
     output: str = ""  # also write the JSON result to this file (local or s3://)
+    tensorboard: str = ""  # also write the results as TensorBoard scalars into this directory ("" = no)
 
     def validate(self) -> None:
         if self.batch < 1 or self.k < 1 or self.max_tokens < 0 or self.seq_len < 0 or self.limit < 0:

@@ -28,7 +28,7 @@ from app.train.parallel import compiles_per_block, full_state_dicts, parallelize
 from app.train.preemption import PreemptionWatcher, install_sigterm_handler
 from app.train.step import build_model, compile_args, compiled, step_function
 from app.train.sync import Sync
-from app.train.tracking import RunTracker
+from app.tracking import RunTracker
 
 log = get_logger(__name__)
 

@@ -1,4 +1,5 @@
-"""Run metrics a person can watch: TensorBoard event files and a loss-curve PNG in a run directory."""
+"""Run metrics a person can watch: TensorBoard event files and a loss-curve PNG in a run directory (training),
+and evaluation results as TensorBoard scalars (`record_results`)."""
 from __future__ import annotations
 
 import hashlib
@@ -87,3 +88,25 @@ def draw_curves(curves: dict[str, dict[float, float]], path: str, title: str, xl
     tmp = f"{path}.tmp"
     fig.savefig(tmp, dpi=110, format="png")
     os.replace(tmp, path)
+
+
+def record_results(result: dict[str, Any], directory: str, step: int = 0) -> int:
+    """Every finite number of a (nested) result dict, but its "model" description, as a TensorBoard scalar under
+    `directory`, tagged by its path ("hellaswag/acc_norm"), at `step` (e.g. the evaluated model's training
+    step); returns how many."""
+    tracker = RunTracker(directory)
+    flat = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            flat[prefix] = value
+
+    walk("", {k: v for k, v in result.items() if k != "model"})
+    tracker.log(step, flat)
+    tracker.writer.close()
+    if storage.is_s3(directory):
+        storage.upload_dir(tracker.local, directory)
+    return len(flat)
