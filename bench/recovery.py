@@ -53,7 +53,7 @@ def measure_recovery(cfg: TrainConfig) -> dict:
         while True:
             p = _progress(cfg)
             # Half-way through the interval after the second checkpoint (the first is surely registered).
-            if p.get("step", 0) >= 2 * every + every // 2 and (pids := _worker_pids()):
+            if p.get("step", 0) >= 2 * every + every // 2 and list_checkpoints(cfg.run_dir) and (pids := _worker_pids()):
                 out["step_at_kill"], out["kill_time"] = p["step"], time.time()
                 os.kill(pids[0], signal.SIGKILL)
                 break
