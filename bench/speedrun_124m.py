@@ -43,7 +43,7 @@ from app.ray_env import init_ray
 from app.train.config import TrainConfig
 from app.train.loop import evaluate, synced_seconds
 from app.tracking import draw_curves
-from bench.train_speed import BaselineGPT, baseline_optimizer
+from bench.train_speed import BaselineGPT, baseline_optimizer, baseline_step
 
 GPT2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2_tokenizer" / "tokenizer.json"
 # spotlm's fastest configuration: the README's fast GPT-2 recipe (window mix, ReLU², FP8 blocks and head,
@@ -98,14 +98,7 @@ def run_baseline(m: Manifest, shape: dict, steps: int, eval_every: int, eval_tok
         t = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = _schedule(it, steps, lr)
-        batches = loader.micro_batches(it)
-        for b in batches:
-            with autocast():
-                _, loss = fwd(b.inputs.to(device, non_blocking=True), b.targets.to(device, non_blocking=True))
-            (loss / len(batches)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        baseline_step(fwd, model, opt, loader.micro_batches(it), device, autocast)
         dt = synced_seconds(t, device)
         compile_s, train_s = (dt, train_s) if it == 0 else (compile_s, train_s + dt)
         if (it + 1) % eval_every == 0 or it + 1 == steps:

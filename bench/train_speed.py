@@ -262,6 +262,19 @@ def _reset() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def baseline_step(fwd, model: nn.Module, opt: torch.optim.Optimizer, batches: list[Batch], device: torch.device,
+                  autocast) -> torch.Tensor:
+    """One nanoGPT-style optimizer step over `batches` (accumulated, clipped at 1.0); the last micro-batch's loss."""
+    for b in batches:
+        with autocast():
+            _, loss = fwd(b.inputs.to(device, non_blocking=True), b.targets.to(device, non_blocking=True))
+        (loss / len(batches)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def run_baseline(mcfg: ModelConfig, batches: list[Batch], args, device: torch.device, autocast) -> dict:
     torch.manual_seed(0)
     model = BaselineGPT(mcfg.padded_vocab_size, mcfg.n_layer, mcfg.n_head, mcfg.d_model, args.seq_len).to(device)
@@ -269,14 +282,7 @@ def run_baseline(mcfg: ModelConfig, batches: list[Batch], args, device: torch.de
     fwd = torch.compile(model) if device.type == "cuda" or args.compile_cpu else model
 
     def step():
-        for b in batches:
-            with autocast():
-                _, loss = fwd(b.inputs.to(device, non_blocking=True), b.targets.to(device, non_blocking=True))
-            (loss / len(batches)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return baseline_step(fwd, model, opt, batches, device, autocast)
 
     check = grad_check(fwd, model, batches[0], device, autocast)
     warm, dt, losses = _time_steps(step, device, args)

@@ -218,6 +218,18 @@ def pids_with():
     return lambda *markers: [p for p in _pids_with(markers[0]) if all(m in _cmdline(p) for m in markers)]
 
 
+def tiny_gpt(vocab_size: int, **overrides):
+    """The `tiny` preset over `vocab_size` tokens, initialised from seed 0, in eval mode (serving tests)."""
+    import torch
+
+    from app.model.gpt import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("tiny", vocab_size=vocab_size, **overrides))
+    model.init_weights()
+    return model.eval()
+
+
 def descends_from_us(pid: int) -> bool:
     """Whether `pid` is a descendant of this test process (its local Ray's workers are; other sessions' are not)."""
     while pid > 1:

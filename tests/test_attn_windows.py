@@ -208,7 +208,7 @@ def test_kv_slots_at_different_positions_equal_full_forward():
 
 
 def test_engine_decode_slots_equal_full_forward():
-    """The engine's graph-capturable decode step (DecodeSlots: the whole cache length under a mask), with a
+    """The engine's graph-capturable decode step (DecodeSlots: the read length under a mask), with a
     free row whose position has run past max_len."""
     m = windowed()
     g = torch.Generator().manual_seed(4)
@@ -221,7 +221,7 @@ def test_engine_decode_slots_equal_full_forward():
         got = [[], []]
         for _ in range(6):
             tok = torch.cat([seqs[0][:, pos[0]], seqs[1][:, pos[1]], torch.zeros(1, dtype=torch.long)])
-            logits, _ = forward_last(m, tok[:, None], DecodeSlots(cache, pos), torch.zeros(3, dtype=torch.long))
+            logits, _ = forward_last(m, tok[:, None], DecodeSlots(cache, pos, 1, 16), torch.zeros(3, dtype=torch.long))
             assert not logits.isnan().any()
             got[0].append(logits[0])
             got[1].append(logits[1])

@@ -6,15 +6,13 @@ import torch
 from app.model.gpt import GPT, ModelConfig
 from app.serve.engine import Engine, SamplingParams
 from app.serve.kvcache import KVCache, PrefixCache
+from tests.conftest import tiny_gpt
 
 V = 300
 
 
 def tiny(**kw) -> GPT:
-    torch.manual_seed(0)
-    m = GPT(ModelConfig.preset("tiny", vocab_size=V, **kw))
-    m.init_weights()
-    return m.eval()
+    return tiny_gpt(V, **kw)
 
 
 def shared_prompts(n: int, prefix: int, seed: int = 0) -> list[list[int]]:

@@ -5,19 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from app.model.gpt import GPT, ModelConfig
+from app.model.gpt import GPT
 from app.serve.engine import Engine, SamplingParams
 from app.serve.generate import generate
 from app.serve.speculative import Drafter, target_probs, verify
+from tests.conftest import tiny_gpt
 
 V = 300
 
 
 def tiny(**kw) -> GPT:
-    torch.manual_seed(0)
-    m = GPT(ModelConfig.preset("tiny", vocab_size=V, **kw))
-    m.init_weights()
-    return m.eval()
+    return tiny_gpt(V, **kw)
 
 
 class Oracle:
