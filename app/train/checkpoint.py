@@ -178,12 +178,15 @@ def save_rank_state(dest: str, rank: int, obj: dict[str, Any]) -> None:
 
 def load_rank_state(directory: str, rank: int) -> dict[str, Any] | None:
     """This rank's own state from a checkpoint directory; None when it has none (a rank the run did not have)."""
-    path = os.path.join(directory, rank_file(rank))
-    return torch.load(path, map_location="cpu") if os.path.exists(path) else None
+    return _load_if_there(os.path.join(directory, rank_file(rank)))
 
 
 def load_sync_state(directory: str) -> dict[str, Any] | None:
-    path = os.path.join(directory, SYNC)
+    """The synchronisation's shared state (`SYNC`); None in checkpoints of runs without one."""
+    return _load_if_there(os.path.join(directory, SYNC))
+
+
+def _load_if_there(path: str) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu") if os.path.exists(path) else None
 
 
