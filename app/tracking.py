@@ -43,9 +43,11 @@ class RunTracker:
             self.flush()
 
     def flush(self) -> None:
-        """Write out the events, redraw the PNG, and upload both when the run lives on S3."""
+        """Write out the events, redraw the PNG (once there is a loss to draw), and upload both when the run
+        lives on S3."""
         self.writer.flush()
-        draw_curves(self.curves, os.path.join(self.local, PLOT), self.title)
+        if any(self.curves.values()):
+            draw_curves(self.curves, os.path.join(self.local, PLOT), self.title)
         if storage.is_s3(self.run_dir):
             storage.upload_dir(self.local, self.run_dir)
 
@@ -106,7 +108,5 @@ def record_results(result: dict[str, Any], directory: str, step: int = 0) -> int
 
     walk("", {k: v for k, v in result.items() if k != "model"})
     tracker.log(step, flat)
-    tracker.writer.close()
-    if storage.is_s3(directory):
-        storage.upload_dir(tracker.local, directory)
+    tracker.close()
     return len(flat)
