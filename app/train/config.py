@@ -30,7 +30,7 @@ class OptimConfig:
     beta2: float = 0.95  # AdamW's second-moment decay
     muon_lr: float = 0.02  # peak learning rate of the Muon matrices (same schedule as `lr`)
     muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    grad_clip: float = 1.0  # max global grad norm; 0 = off (sync.mode=onebit: not applied, Adam's update is bounded)
     # bf16 weights and gradients, AdamW on fp32 master copies (app/train/master.py): auto = on CUDA with AdamW, unless
     # memory.fsdp / memory.offload_optimizer (their own mixed precision) or optim.ema_decay (it averages fp32 weights)
     bf16_weights: Switch = "auto"
@@ -110,18 +110,20 @@ class SyncConfig:
     """How the workers combine their work (app/train/sync.py): DDP's all-reduce of the gradients, 1-bit
     gradients, or DiLoCo rounds of local steps joined by an outer step."""
 
-    mode: Literal["ddp", "onebit", "diloco"] = "ddp"  # ddp: fp32 all-reduce; onebit: 1-bit gradients; diloco: rounds
+    mode: Literal["ddp", "onebit", "diloco"] = "ddp"  # ddp: fp32 all-reduce; onebit: 1-bit Adam; diloco: rounds
     inner_steps: int = 50  # diloco: inner steps per round (H), when rounds are not timed
     round_s: float = 0.0  # diloco: > 0 = timed rounds, ending at the first step past this many seconds
     outer_lr: float = 0.7  # diloco: the outer SGD's learning rate
     outer_momentum: float = 0.9  # diloco: the outer SGD's Nesterov momentum
     compress: Literal["none", "int8", "onebit"] = "none"  # diloco: the deltas sent as int8 or 1 bit, error feedback
+    refresh_every: int = 256  # onebit: steps between int8 refreshes of the second moment (after 0, 1, 2, 4, ...)
 
     def validate(self) -> None:
         check_choices(self, "sync.")
-        if self.inner_steps < 1 or self.round_s < 0 or self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
-            raise ConfigError("sync.inner_steps must be >= 1, sync.round_s >= 0, sync.outer_lr > 0 and "
-                              "sync.outer_momentum in [0, 1)")
+        if (self.inner_steps < 1 or self.refresh_every < 1 or self.round_s < 0 or self.outer_lr <= 0
+                or not 0 <= self.outer_momentum < 1):
+            raise ConfigError("sync.inner_steps and sync.refresh_every must be >= 1, sync.round_s >= 0, "
+                              "sync.outer_lr > 0 and sync.outer_momentum in [0, 1)")
         if self.compress != "none" and self.mode != "diloco":
             raise ConfigError(f"sync.compress={self.compress} compresses DiLoCo's deltas: only with sync.mode=diloco")
 
@@ -180,6 +182,9 @@ class TrainConfig:
         if self.sync.mode != "ddp" and (memory.fsdp or memory.offload_optimizer):
             raise ConfigError(f"sync.mode={self.sync.mode} needs whole weights and gradients on each worker: not "
                               "with memory.fsdp or memory.offload_optimizer")
+        if self.sync.mode == "onebit" and (optim.name != "adamw" or optim.bf16_weights == "true"):
+            raise ConfigError("sync.mode=onebit is 1-bit Adam on fp32 weights: only with optim.name=adamw and "
+                              "optim.bf16_weights other than true")
         if self.sync.mode == "diloco" and optim.bf16_weights == "true":
             raise ConfigError("sync.mode=diloco averages fp32 weights: not with optim.bf16_weights=true")
 

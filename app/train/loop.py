@@ -73,13 +73,13 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
     ema = WeightEMA(raw, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
 
     # ---- resume from the latest complete checkpoint, if any; watch for preemption notices ----
-    sync = Sync(cfg.sync, raw, world)
+    sync = Sync(cfg.sync, raw, world, beta1=cfg.optim.beta1)
     state = _resume(cfg, raw, optimizer, scheduler, ema, sync, rank)
     watcher = _watch_preemption(cfg)
     model = raw
     if sync.wraps() and not cfg.memory.fsdp:
-        model = ray.train.torch.prepare_model(raw, move_to_device=False, parallel_strategy_kwargs=sync.ddp_kwargs())
-        sync.register(model)
+        model = sync.register(ray.train.torch.prepare_model(raw, move_to_device=False,
+                                                            parallel_strategy_kwargs=sync.ddp_kwargs()))
     fwd = model if per_block else compiled(model, cfg, device)
     if rank == 0:
         log.info("model %s: %.2fM params, seq %d, global batch %d seqs (%d tokens), %d accum x %d micro x %d workers, "

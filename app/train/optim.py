@@ -34,16 +34,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
 def uses_bf16_weights(cfg: TrainConfig, device: torch.device, memory: MemoryConfig | None = None) -> bool:
     """Whether the run keeps bf16 weights with fp32 masters (`cfg.optim.bf16_weights`, "auto" resolved on
-    `device`), under `memory` (default: the run's). Not by default under DiLoCo: its outer step works on fp32 weights."""
+    `device`), under `memory` (default: the run's). Not by default under DiLoCo (its outer step works on fp32 weights)
+    nor onebit (its hook is half of an fp32 Adam)."""
     if cfg.optim.bf16_weights != "auto":
         return cfg.optim.bf16_weights == "true"
-    return (device.type == "cuda" and cfg.sync.mode != "diloco"
+    return (device.type == "cuda" and cfg.sync.mode == "ddp"
             and not cfg.optim.masters_excluded(cfg.memory if memory is None else memory))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (weight decay on matrices only), its CPU-offloaded form, AdamW over fp32 masters of bf16 weights
-    (`uses_bf16_weights`: casts the model's weights), or Muon + AdamW (`cfg.optim.name`)."""
+    (`uses_bf16_weights`: casts the model's weights), Muon + AdamW (`cfg.optim.name`), or under sync.mode=onebit
+    momentum-free SGD applying the update direction its hook leaves in the gradients (1-bit Adam's second half;
+    SGD's L2 term is then exactly AdamW's decoupled decay)."""
     o = cfg.optim
     betas = (o.beta1, o.beta2)
     if o.name == "muon":
@@ -56,6 +59,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.sync.mode == "onebit":
+        return torch.optim.SGD(groups, lr=o.lr)
     if cfg.memory.offload_optimizer:  # AdamW on the CPU (fp32 master); the model's weights become bf16 on CUDA
         return make_offload_optimizer(model, groups, cfg.memory, lr=o.lr, betas=betas, weight_decay=o.weight_decay)
     if uses_bf16_weights(cfg, device):

@@ -87,12 +87,15 @@ def graph_fits(cfg: TrainConfig, device: torch.device, world: int) -> bool:
 def step_function(cfg: TrainConfig, fwd, model, raw: GPT, optimizer, device: torch.device, autocast, world: int):
     """batches -> (mean loss, pre-clip grad norm) of one optimizer step (gradients zeroed after it):
     eager, or replayed as one CUDA graph (`perf.cuda_graph`, one CUDA device, weights and optimizer on it)."""
-    no_sync = getattr(model, "no_sync", None) if world > 1 else None
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)  # also one worker's, under sync.mode=onebit
+    no_sync = model.no_sync if ddp else None
     # The foreach sums hold a micro-batch's gradients until its backward ends: not where memory is being saved
-    params = [p for p in raw.parameters() if p.requires_grad] if world == 1 and not cfg.memory.saving() else None
+    params = [p for p in raw.parameters() if p.requires_grad] if world == 1 and not ddp and not cfg.memory.saving() \
+        else None
     # Not ahead of FSDP (each forward gathers the weights from shards) nor of the offloaded optimizer (its
     # forward pre-hooks wait for the weights of the last update)
     cast_once = not (cfg.memory.fsdp or cfg.memory.offload_optimizer)
+    clip = 0.0 if cfg.sync.mode == "onebit" else cfg.optim.grad_clip  # onebit's "gradients" are Adam's updates
     cast = kernels.fp8_weights  # compiled in the default mode: Inductor fuses each weight's casts
     if cfg.perf.compiles(device):
         cast = torch.compile(cast, **compile_kwargs(wide_rows="rows" in cfg.perf.kernel_set()))
@@ -100,9 +103,9 @@ def step_function(cfg: TrainConfig, fwd, model, raw: GPT, optimizer, device: tor
     def body(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         with fp8_weights_cast_once(raw, cast) if cast_once else contextlib.nullcontext():
             loss = forward_backward(fwd, batches, device, autocast, no_sync, params)
-        return loss, optimizer_step(raw, optimizer, cfg.optim.grad_clip)
+        return loss, optimizer_step(raw, optimizer, clip)
 
-    if cfg.perf.cuda_graph != "false" and graph_fits(cfg, device, world):
+    if cfg.perf.cuda_graph != "false" and graph_fits(cfg, device, world) and not ddp:
         log.info("the training step runs as one CUDA graph (perf.cuda_graph=%s)", cfg.perf.cuda_graph)
         return StepGraph(body, raw, optimizer, device)  # its gradients stay in the graph's pool
     if cfg.perf.cuda_graph == "true":

@@ -1,8 +1,9 @@
 """How the Ray Train workers combine their work (`--sync.mode`), and the bytes each rank sends for it.
 
 - ddp: DDP's all-reduce of the gradients, through `counting_allreduce_hook` (DDP's own default hook, counted).
-- onebit: `onebit_hook`, a DDP communication hook sending 1 bit per gradient element plus one scale per tensor,
-  with error feedback on both sides of the two-phase compressed all-reduce of 1-bit Adam.
+- onebit: `onebit_hook`, 1-bit Adam as a DDP communication hook: the momentum averaged in 1 bit per element plus
+  one scale per tensor, error feedback on both sides of a two-phase all-reduce; the second moment refreshed from
+  an int8 all-reduce of the gradients at steps 0, 1, 2, 4, ... and every `sync.refresh_every`.
 - diloco: `DiLoCo`, rounds of local inner steps, then an outer Nesterov step on the workers' averaged deltas.
 
 Bytes are what this rank sends, by the standard ring costs: all-reduce 2(W-1)/W x payload, all-gather (W-1)/W x
@@ -46,9 +47,11 @@ def counting_allreduce_hook(counter: CommCounter, bucket: dist.GradBucket) -> to
     return default_hooks.allreduce_hook(None, bucket)
 
 
-# ---------------------------------------------------------------- 1-bit compression
+# ---------------------------------------------------------------- 1-bit Adam
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+BLOCK = 256  # elements per int8 scale; a bucket is padded to BLOCK x world elements
+_REFRESH_DECAY = 0.5  # the second moment's EMA over refreshes: they are far apart, so the newest weighs half
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
@@ -71,63 +74,10 @@ def segment_scales(x: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tens
     return sums / counts
 
 
-@dataclass
-class _Layout:
-    """A DDP bucket cut for the two-phase all-reduce: padded to `padded` elements (W chunks of `chunk`, each a
-    multiple of 8), a segment per gradient tensor (the padding is one more), each chunk's segments."""
-
-    numel: int
-    padded: int
-    chunk: int
-    seg: torch.Tensor  # [padded] segment of each element
-    n_seg: int
-    chunk_segs: list[torch.Tensor]  # per chunk: its segments, ascending
-
-    @staticmethod
-    def of(bucket: dist.GradBucket, world: int) -> "_Layout":
-        sizes = [g.numel() for g in bucket.gradients()]
-        numel = sum(sizes)
-        padded = math.ceil(numel / (8 * world)) * 8 * world
-        seg = torch.repeat_interleave(torch.arange(len(sizes) + 1),
-                                      torch.tensor([*sizes, padded - numel]))
-        chunk = padded // world
-        return _Layout(numel, padded, chunk, seg, len(sizes) + 1,
-                       [torch.unique(seg[j * chunk:(j + 1) * chunk]) for j in range(world)])
-
-
-@dataclass
-class OneBitState:
-    """The onebit hook's state on one rank: error-feedback residuals of its whole buckets (worker side) and of
-    the bucket chunk it averages (server side), by bucket index; the bytes it sent."""
-
-    counter: CommCounter
-    worker: dict[int, torch.Tensor] = field(default_factory=dict)
-    server: dict[int, torch.Tensor] = field(default_factory=dict)
-    layouts: dict[int, _Layout] = field(default_factory=dict)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"worker": {k: v.cpu() for k, v in self.worker.items()},
-                "server": {k: v.cpu() for k, v in self.server.items()}}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.worker, self.server = dict(sd["worker"]), dict(sd["server"])
-
-
-def _compress(x: torch.Tensor, seg: torch.Tensor, n_seg: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed signs, per-segment scales, the decompressed x) of `x`."""
-    scales = segment_scales(x, seg, n_seg)
-    packed = pack_signs(x)
-    return packed, scales, unpack_signs(packed) * scales[seg]
-
-
-def _residual(store: dict[int, torch.Tensor], key: int, like: torch.Tensor) -> torch.Tensor:
-    r = store.get(key)
-    if r is None:
-        r = store[key] = torch.zeros_like(like)
-    elif r.shape != like.shape:
-        raise RuntimeError(f"onebit: bucket {key} changed size ({r.numel()} -> {like.numel()} elements); "
-                           "the residuals no longer line up")
-    return r.to(like.device)
+def refreshes(step: int, every: int) -> bool:
+    """Whether optimizer step `step` (from 0) refreshes 1-bit Adam's second moment: steps 0, 1, 2, 4, 8, ...
+    (it changes fastest early on) and every `every` steps."""
+    return step & (step - 1) == 0 or step % every == 0
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -138,57 +88,189 @@ def _as_floats(b: torch.Tensor) -> torch.Tensor:
     return b.clone().view(torch.float32)  # a copy: a slice of a message need not be 4-byte aligned
 
 
-def onebit_hook(state: OneBitState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """The mean of the workers' gradients in 1 bit per element: each rank adds its residual, sends chunk j of
-    its sign bits (with the scales of chunk j's tensors) to rank j (all_to_all); rank j averages its chunk,
-    compresses it again with its own residual, and every rank all-gathers the compressed chunks."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    buf = bucket.buffer()
-    lay = state.layouts.get(bucket.index())
-    if lay is None:
-        lay = state.layouts[bucket.index()] = _Layout.of(bucket, world)
-    seg = lay.seg.to(buf.device)
-    x = torch.zeros(lay.padded, dtype=torch.float32, device=buf.device)
-    x[:lay.numel] = buf.float()
-    x += _residual(state.worker, bucket.index(), x)
-    packed, scales, approx = _compress(x, seg, lay.n_seg)
-    state.worker[bucket.index()] = x - approx
+@dataclass
+class BucketLayout:
+    """A DDP bucket cut for the two-phase all-reduce: padded to `padded` elements (W chunks of `chunk`, each a
+    multiple of BLOCK); per chunk, each element's segment (its gradient tensor, the padding one more) numbered
+    within the chunk, and the chunk's segment count."""
 
-    # Phase 1: chunk j's bits and its tensors' scales to rank j.
-    cb = lay.chunk // 8
-    send = [torch.cat([packed[j * cb:(j + 1) * cb], _as_bytes(scales[lay.chunk_segs[j]])]) for j in range(world)]
-    mine = cb + 4 * len(lay.chunk_segs[rank])
-    recv = torch.empty(world * mine, dtype=torch.uint8, device=buf.device)
-    dist.all_to_all_single(recv, torch.cat(send), [mine] * world, [len(s) for s in send])
-    state.counter.sent += sum(len(s) for j, s in enumerate(send) if j != rank)
+    numel: int
+    padded: int
+    chunk: int
+    local_seg: list[torch.Tensor]
+    n_local: list[int]
 
-    # This rank's chunk: the mean of the workers' decompressed chunks, compressed again with its residual.
-    my_seg = seg[rank * lay.chunk:(rank + 1) * lay.chunk]
-    local = torch.searchsorted(lay.chunk_segs[rank].to(buf.device), my_seg)  # segment -> its place in the scales
-    total = torch.zeros(lay.chunk, dtype=torch.float32, device=buf.device)
-    for m in recv.view(world, mine):
-        total += unpack_signs(m[:cb]) * _as_floats(m[cb:])[local]
-    y = total / world
-    y += _residual(state.server, bucket.index(), y)
-    n_local = len(lay.chunk_segs[rank])
-    c_packed, c_scales, c_approx = _compress(y, local, n_local)
-    state.server[bucket.index()] = y - c_approx
+    @staticmethod
+    def of(bucket: dist.GradBucket, world: int) -> "BucketLayout":
+        sizes = [g.numel() for g in bucket.gradients()]
+        numel = sum(sizes)
+        padded = math.ceil(numel / (BLOCK * world)) * BLOCK * world
+        seg = torch.repeat_interleave(torch.arange(len(sizes) + 1), torch.tensor([*sizes, padded - numel]))
+        chunk = padded // world
+        local, n_local = [], []
+        for j in range(world):
+            s = seg[j * chunk:(j + 1) * chunk]
+            local.append(s - s[0])
+            n_local.append(int(s[-1] - s[0]) + 1)
+        return BucketLayout(numel, padded, chunk, local, n_local)
 
-    # Phase 2: every rank's compressed chunk to every rank (scales padded to the longest chunk's count).
-    width = max(len(s) for s in lay.chunk_segs)
-    msg = torch.cat([c_packed, _as_bytes(torch.cat([c_scales, c_scales.new_zeros(width - n_local)]))])
+
+class SignCodec:
+    """1 bit per element and, per tensor in the chunk, the mean |x| (fp32)."""
+
+    def __init__(self, lay: BucketLayout):
+        self.lay = lay
+
+    def size(self, j: int) -> int:
+        return self.lay.chunk // 8 + 4 * self.lay.n_local[j]
+
+    def encode(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        seg = self.lay.local_seg[j].to(x.device)
+        return torch.cat([pack_signs(x), _as_bytes(segment_scales(x, seg, self.lay.n_local[j]))])
+
+    def decode(self, msg: torch.Tensor, j: int) -> torch.Tensor:
+        cb, seg = self.lay.chunk // 8, self.lay.local_seg[j].to(msg.device)
+        return unpack_signs(msg[:cb]) * _as_floats(msg[cb:self.size(j)])[seg]
+
+
+class Int8Codec:
+    """int8 per element and, per BLOCK elements, the max |x| / 127 (fp32)."""
+
+    def __init__(self, lay: BucketLayout):
+        self.lay = lay
+
+    def size(self, j: int) -> int:
+        return self.lay.chunk + 4 * (self.lay.chunk // BLOCK)
+
+    def encode(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        blocks = x.view(-1, BLOCK)
+        scale = blocks.abs().amax(1).clamp(min=1e-30) / 127
+        q = torch.round(blocks / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return torch.cat([_as_bytes(q), _as_bytes(scale)])
+
+    def decode(self, msg: torch.Tensor, j: int) -> torch.Tensor:
+        n = self.lay.chunk
+        return (msg[:n].view(torch.int8).float().view(-1, BLOCK) * _as_floats(msg[n:self.size(j)])[:, None]).view(-1)
+
+
+def two_phase_mean(x: torch.Tensor, lay: BucketLayout, codec, counter: "CommCounter",
+                   residuals: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The mean over ranks of `x` (padded to `lay.padded`), every message in `codec`'s form: each rank sends
+    chunk j to rank j (all_to_all); rank j averages its chunk, encodes the mean again, and every rank
+    all-gathers the encoded means. With `residuals` (this rank's whole-bucket and own-chunk error feedback,
+    updated in place) what an encoding leaves out is added to the next call's input on both sides."""
+    world, rank, chunk = dist.get_world_size(), dist.get_rank(), lay.chunk
+    if residuals is not None:
+        x = x + residuals[0]
+    send = [codec.encode(x[j * chunk:(j + 1) * chunk], j) for j in range(world)]
+    if residuals is not None:
+        residuals[0].copy_(x - torch.cat([codec.decode(m, j) for j, m in enumerate(send)]))
+    mine = codec.size(rank)
+    recv = torch.empty(world * mine, dtype=torch.uint8, device=x.device)
+    dist.all_to_all_single(recv, torch.cat(send), [mine] * world, [len(m) for m in send])
+    counter.sent += sum(len(m) for j, m in enumerate(send) if j != rank)
+
+    y = sum(codec.decode(m, rank) for m in recv.view(world, mine)) / world
+    if residuals is not None:
+        y = y + residuals[1]
+    msg = codec.encode(y, rank)
+    if residuals is not None:
+        residuals[1].copy_(y - codec.decode(msg, rank))
+    width = max(codec.size(j) for j in range(world))  # all_gather needs equal sizes: pad to the longest
+    msg = torch.cat([msg, msg.new_zeros(width - len(msg))])
     gathered = [torch.empty_like(msg) for _ in range(world)]
     dist.all_gather(gathered, msg)
-    state.counter.sent += allgather_bytes(world * msg.numel(), world)
-    out = torch.empty(lay.padded, dtype=torch.float32, device=buf.device)
-    for j, m in enumerate(gathered):
-        segs = seg[j * lay.chunk:(j + 1) * lay.chunk]
-        where = torch.searchsorted(lay.chunk_segs[j].to(buf.device), segs)
-        out[j * lay.chunk:(j + 1) * lay.chunk] = unpack_signs(m[:cb]) * _as_floats(m[cb:])[where]
-    buf.copy_(out[:lay.numel])
+    counter.sent += allgather_bytes(world * width, world)
+    return torch.cat([codec.decode(m, j) for j, m in enumerate(gathered)])
+
+
+@dataclass
+class Moments:
+    """1-bit Adam's state of one bucket, the same on every rank: momentum, second moment, steps, refreshes."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    steps: int = 0
+    refreshes: int = 0
+
+
+@dataclass
+class OneBitState:
+    """The onebit hook's state on one rank, by bucket index: 1-bit Adam's moments (shared by the ranks), the
+    error-feedback residuals of its whole buckets (worker side) and of the chunk it averages (server side)."""
+
+    counter: CommCounter
+    beta1: float = 0.9
+    eps: float = 1e-8
+    refresh_every: int = 256
+    moments: dict[int, Moments] = field(default_factory=dict)
+    worker: dict[int, torch.Tensor] = field(default_factory=dict)
+    server: dict[int, torch.Tensor] = field(default_factory=dict)
+    layouts: dict[int, BucketLayout] = field(default_factory=dict)
+
+    def shared_state(self) -> dict[str, Any]:
+        return {k: {"exp_avg": m.exp_avg.cpu(), "exp_avg_sq": m.exp_avg_sq.cpu(), "steps": m.steps,
+                    "refreshes": m.refreshes} for k, m in self.moments.items()}
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"worker": {k: v.cpu() for k, v in self.worker.items()},
+                "server": {k: v.cpu() for k, v in self.server.items()}}
+
+    def load(self, shared: dict[str, Any] | None, own: dict[str, Any] | None) -> None:
+        if shared is not None:
+            self.moments = {k: Moments(**m) for k, m in shared.items()}
+        if own is not None:
+            self.worker, self.server = dict(own["worker"]), dict(own["server"])
+
+
+def _residual(store: dict[int, torch.Tensor], key: int, size: int, device: torch.device) -> torch.Tensor:
+    r = store.get(key)
+    if r is None or r.numel() != size:  # new, or the world size changed the padding: start afresh
+        r = torch.zeros(size, dtype=torch.float32)
+    store[key] = r = r.to(device)
+    return r
+
+
+def onebit_hook(state: OneBitState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """1-bit Adam (Tang et al. 2021) for one DDP bucket: replaces the local gradients by Adam's update direction
+    m / sqrt(v), the same on every rank (the optimizer then is momentum-free SGD). Between refreshes each rank's
+    momentum step on its own gradient, divided by the shared sqrt(v), is averaged in 1 bit per element with
+    error feedback on both sides (Adam's normalised update is near ±1 everywhere, which 1 bit carries well). The
+    second moment, which 1 bit cannot carry, is refreshed from an int8 mean of the gradients at the steps
+    `refreshes` names (0/1 Adam's idea), where the momentum takes that same mean."""
+    world, i, buf = dist.get_world_size(), bucket.index(), bucket.buffer()
+    lay = state.layouts.get(i) or state.layouts.setdefault(i, BucketLayout.of(bucket, world))
+    m = state.moments.get(i)
+    if m is None:
+        m = state.moments[i] = Moments(torch.zeros(lay.numel), torch.zeros(lay.numel))
+    m.exp_avg, m.exp_avg_sq = m.exp_avg.to(buf.device), m.exp_avg_sq.to(buf.device)
+    b1, n = state.beta1, lay.numel
+    x = torch.zeros(lay.padded, dtype=torch.float32, device=buf.device)
+    if refreshes(m.steps, state.refresh_every):
+        x[:n] = buf.float()
+        g = two_phase_mean(x, lay, Int8Codec(lay), state.counter)[:n]
+        m.exp_avg_sq.mul_(_REFRESH_DECAY).addcmul_(g, g, value=1 - _REFRESH_DECAY)
+        m.exp_avg.mul_(b1).add_(g, alpha=1 - b1)
+        m.refreshes += 1
+        denom = _denominator(m, state.eps)
+        update = m.exp_avg / denom
+    else:
+        denom = _denominator(m, state.eps)
+        # An element no refresh has seen a gradient of has no scale yet: it waits for the next refresh.
+        x[:n] = torch.where(m.exp_avg_sq > 0, (m.exp_avg * b1 + buf.float() * (1 - b1)) / denom, 0.0)
+        res = (_residual(state.worker, i, lay.padded, buf.device), _residual(state.server, i, lay.chunk, buf.device))
+        update = two_phase_mean(x, lay, SignCodec(lay), state.counter, res)[:n]
+        m.exp_avg = update * denom
+    m.steps += 1
+    buf.copy_(update / (1 - b1 ** m.steps))
     fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(buf)
     return fut
+
+
+def _denominator(m: Moments, eps: float) -> torch.Tensor:
+    """Adam's sqrt(v) + eps from the bias-corrected second moment of the refreshes so far."""
+    return (m.exp_avg_sq / (1 - _REFRESH_DECAY ** m.refreshes)).sqrt() + eps
 
 
 # ---------------------------------------------------------------- DiLoCo
@@ -312,37 +394,45 @@ class Sync:
     """The run's synchronisation (`sync.mode`) on one worker: the DDP hook it puts on the wrapped model, the
     DiLoCo outer loop, the bytes sent, and the state a checkpoint keeps (shared, and this rank's own)."""
 
-    def __init__(self, cfg: SyncConfig, raw: torch.nn.Module, world: int):
+    def __init__(self, cfg: SyncConfig, raw: torch.nn.Module, world: int, beta1: float = 0.9):
         self.cfg, self.world = cfg, world
         self.counter = CommCounter()
-        self.onebit = OneBitState(self.counter) if cfg.mode == "onebit" and world > 1 else None
+        self.onebit = OneBitState(self.counter, beta1=beta1, refresh_every=cfg.refresh_every) \
+            if cfg.mode == "onebit" else None
         self.diloco = DiLoCo([p for p in raw.parameters() if p.requires_grad], cfg, self.counter) \
             if cfg.mode == "diloco" else None
 
     def wraps(self) -> bool:
-        """Whether the model is wrapped in DDP (DiLoCo's workers step on their own)."""
-        return self.world > 1 and self.diloco is None
+        """Whether the model is wrapped in DDP: with several workers, and always under onebit (its hook is the
+        optimizer's first half); DiLoCo's workers step on their own."""
+        return (self.world > 1 or self.onebit is not None) and self.diloco is None
 
     def ddp_kwargs(self) -> dict[str, Any]:
         # onebit: find_unused_parameters stops DDP from rebuilding its buckets after the first step, so the
         # residuals (one per bucket) line up with the same buckets after a resume.
         return {"find_unused_parameters": True} if self.onebit is not None else {}
 
-    def register(self, ddp: torch.nn.parallel.DistributedDataParallel) -> None:
-        """Put the mode's communication hook on the DDP-wrapped model."""
+    def register(self, model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
+        """Put the mode's communication hook on the DDP-wrapped model (wrapped here if Ray left one worker's
+        model bare); returns the wrapped model."""
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = torch.nn.parallel.DistributedDataParallel(model, **self.ddp_kwargs())
         if self.onebit is not None:
-            ddp.register_comm_hook(self.onebit, onebit_hook)
+            model.register_comm_hook(self.onebit, onebit_hook)
         else:
-            ddp.register_comm_hook(self.counter, counting_allreduce_hook)
+            model.register_comm_hook(self.counter, counting_allreduce_hook)
+        return model
 
     def shared_state(self) -> dict[str, Any] | None:
-        """What rank 0 saves for every rank (DiLoCo's outer momentum)."""
+        """What rank 0 saves for every rank: DiLoCo's outer momentum, 1-bit Adam's moments."""
+        if self.onebit is not None:
+            return {"onebit": self.onebit.shared_state()}
         return self.diloco.global_state() if self.diloco is not None else None
 
     def rank_state(self, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any] | None:
         """What this rank saves of its own: residuals; a DiLoCo worker's optimizer (rank 0's is the checkpoint's)."""
         if self.onebit is not None:
-            return {"onebit": self.onebit.state_dict()}
+            return {"onebit": self.onebit.rank_state()}
         if self.diloco is not None:
             return {**self.diloco.rank_state(), **({"optimizer": optimizer.state_dict()} if rank else {})}
         return None
@@ -356,8 +446,8 @@ class Sync:
                         " and optimizer" if self.diloco is not None and rank else "")
             if self.diloco is not None and rank:
                 optimizer.state.clear()
-        if self.onebit is not None and own is not None:
-            self.onebit.load_state_dict(own["onebit"])
+        if self.onebit is not None:
+            self.onebit.load(shared and shared["onebit"], own and own["onebit"])
         if self.diloco is not None:
             self.diloco.load(shared, own)
             if own is not None and rank:
