@@ -38,6 +38,7 @@ SMOKE_MODES = "ddp,onebit,diloco_h2"  # rounds of 2 steps: a few steps still see
 # Gradient of ~5 MB fp32 against little compute per step (4 x 64 tokens per worker): the link dominates DDP.
 FULL = dict(n_layer=4, n_head=4, d_model=160, seq_len=64, micro_batch=4, steps=400, eval_every=50, log_every=10)
 SMOKE = dict(n_layer=1, n_head=2, d_model=32, seq_len=32, micro_batch=2, steps=4, eval_every=2, log_every=2)
+DILOCO_WARMUP = 50  # DiLoCo starts from a warm model (the paper: a pretrained one); here 1-bit Adam's first steps
 TARGETS = {"onebit": {"bytes_ratio_min": 25, "loss_ratio_max": 1.02},
            "diloco_h50": {"bytes_ratio_min": 50, "loss_ratio_max": 1.03, "tokens_per_s_ratio_min": 5}}
 
@@ -105,6 +106,11 @@ def run_mode(cluster: NetnsCluster, args: list[str], run_dir: Path, tokens_per_s
             "val_loss": p.get("val_loss"), "val_curve": curve, **events}
 
 
+def diloco_args(a: argparse.Namespace) -> list[str]:
+    """DiLoCo's options shared by its rows: the synchronous 1-bit Adam warm start and the deltas' compression."""
+    return [f"--sync.warmup_steps={a.diloco_warmup}", f"--sync.compress={a.diloco_compress}"]
+
+
 def ratios(rows: dict, base: str = "ddp") -> dict:
     """Each mode against `base`: bytes (base / mode: > 1 = fewer), loss (mode / base), tokens/s (mode / base)."""
     b = rows[base]
@@ -144,7 +150,7 @@ def compare(a: argparse.Namespace, shape: dict, work: Path) -> dict:
         for mode in a.modes.split(","):
             h = int(mode.split("_h")[1]) if "_h" in mode else 0  # evaluations only between whole rounds
             args = train_args({**shape, "eval_every": max(shape["eval_every"], h)}, data, work, mode, a.workers)
-            args += MODES[mode]
+            args += MODES[mode] + (diloco_args(a) if h else [])
             rows[mode] = run_mode(cluster, args, work / mode, tokens_per_step)
             print(f"{mode}: {rows[mode]['s_per_step']} s/step, val {rows[mode]['val_loss']}", file=sys.stderr)
     rat = ratios(rows) if "ddp" in rows else {}
@@ -216,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="", help=f"comma-separated, from: {', '.join(MODES)} (default: {FULL_MODES})")
     ap.add_argument("--steps", type=int, default=0, help="optimizer steps of every mode (0 = the preset's)")
     ap.add_argument("--round_s", type=float, default=5.0, help="spot: seconds per DiLoCo round")
+    ap.add_argument("--diloco_warmup", type=int, default=None,
+                    help=f"DiLoCo rows: synchronous 1-bit Adam steps before the first round ({DILOCO_WARMUP}; smoke: 0)")
+    ap.add_argument("--diloco_compress", choices=["none", "int8", "onebit"], default="int8",
+                    help="DiLoCo rows: how the deltas are sent")
     ap.add_argument("--smoke", action="store_true", help="2 workers, a tiny model, a few steps, no targets")
     ap.add_argument("--data_dir", default=str(Path(tempfile.gettempdir()) / "spotlm-bench-shakespeare-char"))
     ap.add_argument("--out", default="", help="JSON path (PNG beside it); default bench/results/distributed[_spot].json")
@@ -229,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         shape["steps"] = a.steps
     if a.smoke:
         a.workers = 2
+    if a.diloco_warmup is None:
+        a.diloco_warmup = 0 if a.smoke else DILOCO_WARMUP
     with tempfile.TemporaryDirectory(prefix="spotlm-distributed-") as work:
         result = (spot if a.scenario == "spot" else compare)(a, shape, Path(work))
-    result.update(workers=result.get("workers", a.workers), rate_mbit=a.rate, shape=shape)
+    result.update(workers=result.get("workers", a.workers), rate_mbit=a.rate, shape=shape,
+                  diloco={"warmup_steps": a.diloco_warmup, "compress": a.diloco_compress})
     name = f"distributed{'_spot' if a.scenario == 'spot' else ''}.json"
     out = Path(a.out) if a.out else (Path(tempfile.gettempdir()) / f"smoke_{name}" if a.smoke else RESULTS / name)
     out.parent.mkdir(parents=True, exist_ok=True)

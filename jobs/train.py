@@ -2,9 +2,10 @@
 
     python -m jobs.train --data=runs/shards --name=my-run --preset=tiny --max_steps=300
 
-Across slow links (`--sync.*`, app/train/sync.py): 1-bit gradients, or DiLoCo rounds of local steps:
+Across slow links (`--sync.*`, app/train/sync.py): 1-bit Adam, or DiLoCo rounds of local steps after a warm start:
     python -m jobs.train ... --cluster.num_workers=4 --sync.mode=onebit
-    python -m jobs.train ... --cluster.num_workers=4 --sync.mode=diloco --sync.inner_steps=50 --sync.compress=int8
+    python -m jobs.train ... --cluster.num_workers=4 --sync.mode=diloco --sync.inner_steps=50 --sync.warmup_steps=50 \
+        --sync.compress=int8
 """
 from __future__ import annotations
 

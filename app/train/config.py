@@ -117,15 +117,16 @@ class SyncConfig:
     outer_momentum: float = 0.9  # diloco: the outer SGD's Nesterov momentum
     compress: Literal["none", "int8", "onebit"] = "none"  # diloco: the deltas sent as int8 or 1 bit, error feedback
     refresh_every: int = 256  # onebit: steps between int8 refreshes of the second moment (after 0, 1, 2, 4, ...)
+    warmup_steps: int = 0  # diloco: synchronous 1-bit Adam steps before the first round (a warm start)
 
     def validate(self) -> None:
         check_choices(self, "sync.")
-        if (self.inner_steps < 1 or self.refresh_every < 1 or self.round_s < 0 or self.outer_lr <= 0
-                or not 0 <= self.outer_momentum < 1):
-            raise ConfigError("sync.inner_steps and sync.refresh_every must be >= 1, sync.round_s >= 0, "
-                              "sync.outer_lr > 0 and sync.outer_momentum in [0, 1)")
-        if self.compress != "none" and self.mode != "diloco":
-            raise ConfigError(f"sync.compress={self.compress} compresses DiLoCo's deltas: only with sync.mode=diloco")
+        if (self.inner_steps < 1 or self.refresh_every < 1 or self.warmup_steps < 0 or self.round_s < 0
+                or self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1):
+            raise ConfigError("sync.inner_steps and sync.refresh_every must be >= 1, sync.warmup_steps and "
+                              "sync.round_s >= 0, sync.outer_lr > 0 and sync.outer_momentum in [0, 1)")
+        if (self.compress != "none" or self.warmup_steps) and self.mode != "diloco":
+            raise ConfigError("sync.compress and sync.warmup_steps are DiLoCo's: only with sync.mode=diloco")
 
 
 @dataclass
@@ -185,6 +186,8 @@ class TrainConfig:
         if self.sync.mode == "onebit" and (optim.name != "adamw" or optim.bf16_weights == "true"):
             raise ConfigError("sync.mode=onebit is 1-bit Adam on fp32 weights: only with optim.name=adamw and "
                               "optim.bf16_weights other than true")
+        if self.sync.warmup_steps and optim.name != "adamw":
+            raise ConfigError("sync.warmup_steps warms AdamW's state with 1-bit Adam: only with optim.name=adamw")
         if self.sync.mode == "diloco" and optim.bf16_weights == "true":
             raise ConfigError("sync.mode=diloco averages fp32 weights: not with optim.bf16_weights=true")
 

@@ -89,6 +89,9 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
         "train_loss": state.loss_curve, "val_loss": {s: v for s, (_, v) in state.val_curve.items()}}) if rank == 0 else None
 
     step = step_function(cfg, fwd, model, raw, optimizer, device, autocast, world)
+    warm_step = step_function(cfg, fwd, model, raw, optimizer, device, autocast, world,
+                              apply=lambda: sync.diloco.warmup_step(optimizer)) \
+        if sync.diloco is not None and sync.diloco.warm is not None else None
     flops_per_token = raw.flops_per_token(seq_len)
     t_last, steps_since, last_stall, resumed_from, first_step_s = time.perf_counter(), 0, 0.0, state.step, 0.0
     start_step, metrics, sent_before, drain_saved = state.step, {}, state.comm_bytes, False
@@ -102,8 +105,8 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
                 ema.update()
             done = [1] * world
         else:
-            mean_loss, grad_norm, done = _diloco_round(cfg, sync, step, loader, scheduler, ema, state, bool(val),
-                                                       rank)
+            mean_loss, grad_norm, done = _diloco_round(cfg, sync, step if sync.diloco.warm is None else warm_step,
+                                                       loader, scheduler, ema, state, bool(val), rank)
         if state.step == start_step:  # the first step of each start compiles: timed apart
             first_step_s = synced_seconds(t_last, device)
             t_last, steps_since = time.perf_counter(), -max(done)
@@ -187,22 +190,30 @@ def _diloco_round(cfg: TrainConfig, sync: Sync, step, loader: TrainLoader, sched
     `sync.inner_steps` (or, with `sync.round_s`, until the first step boundary past the round's deadline), never
     past the next checkpoint, evaluation or the end; then the outer step. Returns the last inner step's loss and
     grad norm, and every worker's inner steps (the schedule moves on by the most, as the global step does).
+    During the warm start (`sync.warmup_steps`) the steps are synchronous 1-bit Adam steps instead, and no round
+    ends; the last of them hands its moments to AdamW.
 
     The deadline is this worker's clock `round_s` after the round began: the rounds begin together (each ends in
     the outer step's collectives), so no collective per step and no clocks agreed between machines are needed."""
-    c = cfg.sync
-    ends = [cfg.max_steps, state.step + (cfg.max_steps if c.round_s else c.inner_steps)]
+    c, diloco = cfg.sync, sync.diloco
+    warming = diloco.warm is not None
+    ends = [cfg.max_steps, c.warmup_steps if warming else
+            state.step + (cfg.max_steps if c.round_s else c.inner_steps)]
     ends += [_next_multiple(state.step, every) for every in (cfg.ckpt.every, cfg.eval_every if evaluates else 0)
              if every]
     end, deadline = min(ends), time.monotonic() + c.round_s
     n = 0
-    while state.step + n < end and (n == 0 or not c.round_s or time.monotonic() < deadline):
+    while state.step + n < end and (warming or n == 0 or not c.round_s or time.monotonic() < deadline):
         mean_loss, grad_norm = step(loader.micro_batches(state.step + n))
         scheduler.step()
         if ema is not None:
             ema.update()
         n += 1
-    result = sync.diloco.outer_step(n)
+    if warming:
+        if state.step + n == c.warmup_steps:
+            diloco.end_warmup(scheduler.optimizer)
+        return mean_loss, grad_norm, [n] * (dist.get_world_size() if dist.is_initialized() else 1)
+    result = diloco.outer_step(n)
     for _ in range(max(result.inner_steps) - n):  # a slower worker's schedule catches up with the global step
         scheduler.step()
     state.sync_rounds += 1

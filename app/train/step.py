@@ -3,7 +3,7 @@ gradient accumulation, the clipped update; eager, or replayed as one CUDA graph.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -84,9 +84,12 @@ def graph_fits(cfg: TrainConfig, device: torch.device, world: int) -> bool:
             and not cfg.memory.saving())
 
 
-def step_function(cfg: TrainConfig, fwd, model, raw: GPT, optimizer, device: torch.device, autocast, world: int):
+def step_function(cfg: TrainConfig, fwd, model, raw: GPT, optimizer, device: torch.device, autocast, world: int,
+                  apply: Callable[[], torch.Tensor] | None = None):
     """batches -> (mean loss, pre-clip grad norm) of one optimizer step (gradients zeroed after it):
-    eager, or replayed as one CUDA graph (`perf.cuda_graph`, one CUDA device, weights and optimizer on it)."""
+    eager, or replayed as one CUDA graph (`perf.cuda_graph`, one CUDA device, weights and optimizer on it).
+    `apply` (eager only): what the step does with the gradients instead of the clipped optimizer step, returning
+    a gradient norm (DiLoCo's synchronous warm start)."""
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)  # also one worker's, under sync.mode=onebit
     no_sync = model.no_sync if ddp else None
     # The foreach sums hold a micro-batch's gradients until its backward ends: not where memory is being saved
@@ -103,9 +106,9 @@ def step_function(cfg: TrainConfig, fwd, model, raw: GPT, optimizer, device: tor
     def body(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         with fp8_weights_cast_once(raw, cast) if cast_once else contextlib.nullcontext():
             loss = forward_backward(fwd, batches, device, autocast, no_sync, params)
-        return loss, optimizer_step(raw, optimizer, clip)
+        return loss, optimizer_step(raw, optimizer, clip) if apply is None else apply()
 
-    if cfg.perf.cuda_graph != "false" and graph_fits(cfg, device, world) and not ddp:
+    if cfg.perf.cuda_graph != "false" and graph_fits(cfg, device, world) and not ddp and apply is None:
         log.info("the training step runs as one CUDA graph (perf.cuda_graph=%s)", cfg.perf.cuda_graph)
         return StepGraph(body, raw, optimizer, device)  # its gradients stay in the graph's pool
     if cfg.perf.cuda_graph == "true":

@@ -4,11 +4,13 @@
 - onebit: `onebit_hook`, 1-bit Adam as a DDP communication hook: the momentum averaged in 1 bit per element plus
   one scale per tensor, error feedback on both sides of a two-phase all-reduce; the second moment refreshed from
   an int8 all-reduce of the gradients at steps 0, 1, 2, 4, ... and every `sync.refresh_every`.
-- diloco: `DiLoCo`, rounds of local inner steps, then an outer Nesterov step on the workers' averaged deltas.
+- diloco: `DiLoCo`, rounds of local inner steps, then an outer Nesterov step on the workers' averaged deltas (in
+  fp32, or int8 / 1 bit through the same two-phase mean), optionally after a synchronous 1-bit Adam warm start.
 
 Bytes are what this rank sends, by the standard ring costs: all-reduce 2(W-1)/W x payload, all-gather (W-1)/W x
 the gathered total, all_to_all the exact sizes sent to other ranks.
 """
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,18 +62,12 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     return (bits * _BIT_WEIGHTS.to(x.device)).sum(1, dtype=torch.uint8)
 
 
+_SIGNS = ((torch.arange(256).unsqueeze(1) & _BIT_WEIGHTS) > 0).float() * 2 - 1  # byte -> its 8 signs as ±1.0
+
+
 def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
     """±1.0 per bit of `pack_signs`'s output."""
-    bits = (packed.unsqueeze(1) & _BIT_WEIGHTS.to(packed.device)) > 0
-    return bits.view(-1).float() * 2 - 1
-
-
-def segment_scales(x: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
-    """Mean |x| over each segment (`seg[i]` is element i's segment): the 1-bit scale that keeps each
-    tensor's mean magnitude."""
-    sums = torch.zeros(n_seg, dtype=torch.float32, device=x.device).index_add_(0, seg, x.abs().float())
-    counts = torch.bincount(seg, minlength=n_seg).clamp(min=1).to(sums)
-    return sums / counts
+    return _SIGNS.to(packed.device)[packed.long()].view(-1)
 
 
 def refreshes(step: int, every: int) -> bool:
@@ -90,29 +86,27 @@ def _as_floats(b: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class BucketLayout:
-    """A DDP bucket cut for the two-phase all-reduce: padded to `padded` elements (W chunks of `chunk`, each a
-    multiple of BLOCK); per chunk, each element's segment (its gradient tensor, the padding one more) numbered
-    within the chunk, and the chunk's segment count."""
+    """A flat buffer of tensors (`sizes`: a DDP bucket's, or a model's) cut for the two-phase all-reduce: padded
+    to `padded` elements, W chunks of `chunk` (a multiple of BLOCK); per chunk, the lengths of the pieces of its
+    tensors (the padding one more) in it."""
 
     numel: int
     padded: int
     chunk: int
-    local_seg: list[torch.Tensor]
-    n_local: list[int]
+    pieces: list[list[int]]
 
     @staticmethod
-    def of(bucket: dist.GradBucket, world: int) -> "BucketLayout":
-        sizes = [g.numel() for g in bucket.gradients()]
+    def of(sizes: list[int], world: int) -> "BucketLayout":
         numel = sum(sizes)
         padded = math.ceil(numel / (BLOCK * world)) * BLOCK * world
-        seg = torch.repeat_interleave(torch.arange(len(sizes) + 1), torch.tensor([*sizes, padded - numel]))
         chunk = padded // world
-        local, n_local = [], []
+        ends = [e for e in itertools.accumulate([*sizes, padded - numel]) if e > 0]
+        pieces = []
         for j in range(world):
-            s = seg[j * chunk:(j + 1) * chunk]
-            local.append(s - s[0])
-            n_local.append(int(s[-1] - s[0]) + 1)
-        return BucketLayout(numel, padded, chunk, local, n_local)
+            lo, hi = j * chunk, (j + 1) * chunk
+            cuts = sorted({lo, hi, *(e for e in ends if lo < e < hi)})
+            pieces.append([b - a for a, b in zip(cuts, cuts[1:])])
+        return BucketLayout(numel, padded, chunk, pieces)
 
 
 class SignCodec:
@@ -122,15 +116,18 @@ class SignCodec:
         self.lay = lay
 
     def size(self, j: int) -> int:
-        return self.lay.chunk // 8 + 4 * self.lay.n_local[j]
+        return self.lay.chunk // 8 + 4 * len(self.lay.pieces[j])
 
     def encode(self, x: torch.Tensor, j: int) -> torch.Tensor:
-        seg = self.lay.local_seg[j].to(x.device)
-        return torch.cat([pack_signs(x), _as_bytes(segment_scales(x, seg, self.lay.n_local[j]))])
+        scales = torch.stack([piece.abs().mean() for piece in x.split(self.lay.pieces[j])]).float()
+        return torch.cat([pack_signs(x), _as_bytes(scales)])
 
     def decode(self, msg: torch.Tensor, j: int) -> torch.Tensor:
-        cb, seg = self.lay.chunk // 8, self.lay.local_seg[j].to(msg.device)
-        return unpack_signs(msg[:cb]) * _as_floats(msg[cb:self.size(j)])[seg]
+        cb, pieces = self.lay.chunk // 8, self.lay.pieces[j]
+        out = unpack_signs(msg[:cb])
+        for piece, scale in zip(out.split(pieces), _as_floats(msg[cb:self.size(j)])):
+            piece.mul_(scale)
+        return out
 
 
 class Int8Codec:
@@ -153,7 +150,7 @@ class Int8Codec:
         return (msg[:n].view(torch.int8).float().view(-1, BLOCK) * _as_floats(msg[n:self.size(j)])[:, None]).view(-1)
 
 
-def two_phase_mean(x: torch.Tensor, lay: BucketLayout, codec, counter: "CommCounter",
+def two_phase_mean(x: torch.Tensor, lay: BucketLayout, codec: "SignCodec | Int8Codec", counter: CommCounter,
                    residuals: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The mean over ranks of `x` (padded to `lay.padded`), every message in `codec`'s form: each rank sends
     chunk j to rank j (all_to_all); rank j averages its chunk, encodes the mean again, and every rank
@@ -222,6 +219,39 @@ class OneBitState:
         if own is not None:
             self.worker, self.server = dict(own["worker"]), dict(own["server"])
 
+    def update(self, key: int, grad: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """1-bit Adam (Tang et al. 2021): Adam's update direction m / sqrt(v) for the flat gradient `grad` (of tensors
+        `sizes`; `key` names its state), the same on every rank. Between refreshes each rank's momentum step on its
+        own gradient, divided by the shared sqrt(v), is averaged in 1 bit per element with error feedback on both
+        sides (Adam's normalised update is near ±1 everywhere, which 1 bit carries well). The second moment, which
+        1 bit cannot carry, is refreshed from an int8 mean of the gradients at the steps `refreshes` names (0/1
+        Adam's idea), where the momentum takes that same mean."""
+        world = dist.get_world_size()
+        lay = self.layouts.get(key) or self.layouts.setdefault(key, BucketLayout.of(sizes, world))
+        m = self.moments.get(key)
+        if m is None:
+            m = self.moments[key] = Moments(torch.zeros(lay.numel), torch.zeros(lay.numel))
+        m.exp_avg, m.exp_avg_sq = m.exp_avg.to(grad.device), m.exp_avg_sq.to(grad.device)
+        b1, n = self.beta1, lay.numel
+        x = torch.zeros(lay.padded, dtype=torch.float32, device=grad.device)
+        if refreshes(m.steps, self.refresh_every):
+            x[:n] = grad.float()
+            g = two_phase_mean(x, lay, Int8Codec(lay), self.counter)[:n]
+            m.exp_avg_sq.mul_(_REFRESH_DECAY).addcmul_(g, g, value=1 - _REFRESH_DECAY)
+            m.exp_avg.mul_(b1).add_(g, alpha=1 - b1)
+            m.refreshes += 1
+            update = m.exp_avg / _denominator(m, self.eps)
+        else:
+            denom = _denominator(m, self.eps)
+            # An element no refresh has seen a gradient of has no scale yet: it waits for the next refresh.
+            x[:n] = torch.where(m.exp_avg_sq > 0, (m.exp_avg * b1 + grad.float() * (1 - b1)) / denom, 0.0)
+            res = (_residual(self.worker, key, lay.padded, grad.device),
+                   _residual(self.server, key, lay.chunk, grad.device))
+            update = two_phase_mean(x, lay, SignCodec(lay), self.counter, res)[:n]
+            m.exp_avg = update * denom
+        m.steps += 1
+        return update / (1 - b1 ** m.steps)
+
 
 def _residual(store: dict[int, torch.Tensor], key: int, size: int, device: torch.device) -> torch.Tensor:
     r = store.get(key)
@@ -232,37 +262,10 @@ def _residual(store: dict[int, torch.Tensor], key: int, size: int, device: torch
 
 
 def onebit_hook(state: OneBitState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """1-bit Adam (Tang et al. 2021) for one DDP bucket: replaces the local gradients by Adam's update direction
-    m / sqrt(v), the same on every rank (the optimizer then is momentum-free SGD). Between refreshes each rank's
-    momentum step on its own gradient, divided by the shared sqrt(v), is averaged in 1 bit per element with
-    error feedback on both sides (Adam's normalised update is near ±1 everywhere, which 1 bit carries well). The
-    second moment, which 1 bit cannot carry, is refreshed from an int8 mean of the gradients at the steps
-    `refreshes` names (0/1 Adam's idea), where the momentum takes that same mean."""
-    world, i, buf = dist.get_world_size(), bucket.index(), bucket.buffer()
-    lay = state.layouts.get(i) or state.layouts.setdefault(i, BucketLayout.of(bucket, world))
-    m = state.moments.get(i)
-    if m is None:
-        m = state.moments[i] = Moments(torch.zeros(lay.numel), torch.zeros(lay.numel))
-    m.exp_avg, m.exp_avg_sq = m.exp_avg.to(buf.device), m.exp_avg_sq.to(buf.device)
-    b1, n = state.beta1, lay.numel
-    x = torch.zeros(lay.padded, dtype=torch.float32, device=buf.device)
-    if refreshes(m.steps, state.refresh_every):
-        x[:n] = buf.float()
-        g = two_phase_mean(x, lay, Int8Codec(lay), state.counter)[:n]
-        m.exp_avg_sq.mul_(_REFRESH_DECAY).addcmul_(g, g, value=1 - _REFRESH_DECAY)
-        m.exp_avg.mul_(b1).add_(g, alpha=1 - b1)
-        m.refreshes += 1
-        denom = _denominator(m, state.eps)
-        update = m.exp_avg / denom
-    else:
-        denom = _denominator(m, state.eps)
-        # An element no refresh has seen a gradient of has no scale yet: it waits for the next refresh.
-        x[:n] = torch.where(m.exp_avg_sq > 0, (m.exp_avg * b1 + buf.float() * (1 - b1)) / denom, 0.0)
-        res = (_residual(state.worker, i, lay.padded, buf.device), _residual(state.server, i, lay.chunk, buf.device))
-        update = two_phase_mean(x, lay, SignCodec(lay), state.counter, res)[:n]
-        m.exp_avg = update * denom
-    m.steps += 1
-    buf.copy_(update / (1 - b1 ** m.steps))
+    """1-bit Adam as a DDP communication hook: replaces the bucket's local gradients by `OneBitState.update`'s
+    direction, the same on every rank (the optimizer then is momentum-free SGD)."""
+    buf = bucket.buffer()
+    buf.copy_(state.update(bucket.index(), buf, [g.numel() for g in bucket.gradients()]))
     fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(buf)
     return fut
@@ -275,26 +278,6 @@ def _denominator(m: Moments, eps: float) -> torch.Tensor:
 
 # ---------------------------------------------------------------- DiLoCo
 
-def encode(x: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x` compressed (`how`: int8 with a max-abs scale, or onebit: signs with a mean-abs scale) as
-    (uint8 payload, its fp32 scale); the payload of onebit is padded to whole bytes."""
-    flat = x.detach().float().view(-1)
-    if how == "int8":
-        scale = flat.abs().max().clamp(min=1e-30) / 127
-        return _as_bytes(torch.round(flat / scale).clamp(-127, 127).to(torch.int8)), scale.view(1)
-    pad = -flat.numel() % 8
-    return pack_signs(torch.cat([flat, flat.new_zeros(pad)])), flat.abs().mean().view(1)
-
-
-def decode(payload: torch.Tensor, scale: torch.Tensor, how: str, like: torch.Tensor) -> torch.Tensor:
-    """`encode`'s inverse, shaped like `like` (fp32)."""
-    if how == "int8":
-        values = payload.view(torch.int8).float()
-    else:
-        values = unpack_signs(payload)[:like.numel()]
-    return (values * scale).view(like.shape)
-
-
 @dataclass
 class RoundResult:
     """One outer step: each worker's inner steps this round, and the bytes this rank sent in it."""
@@ -305,13 +288,16 @@ class RoundResult:
 
 class DiLoCo:
     """DiLoCo's outer loop over `params` (this worker's model): a copy of the global parameters, the outer
-    Nesterov momentum, and this rank's error-feedback residuals of its compressed deltas."""
+    Nesterov momentum, this rank's error-feedback residuals of its compressed deltas, and, for the synchronous
+    warm start (`sync.warmup_steps`), 1-bit Adam's state."""
 
-    def __init__(self, params: list[torch.nn.Parameter], cfg: SyncConfig, counter: CommCounter):
+    def __init__(self, params: list[torch.nn.Parameter], cfg: SyncConfig, counter: CommCounter, beta1: float = 0.9):
         self.params, self.cfg, self.counter = params, cfg, counter
+        self.sizes = [p.numel() for p in params]
         self.global_params = [p.detach().float().clone() for p in params]
         self.momentum = [torch.zeros_like(g) for g in self.global_params]
-        self.residuals = [torch.zeros_like(g) for g in self.global_params] if cfg.compress != "none" else []
+        self.residuals: dict[int, torch.Tensor] = {}  # 0: the whole delta's (worker side), 1: own chunk's (server)
+        self.warm = OneBitState(counter, beta1=beta1, refresh_every=cfg.refresh_every) if cfg.warmup_steps else None
 
     @torch.no_grad()
     def outer_step(self, inner_steps: int) -> RoundResult:
@@ -321,59 +307,79 @@ class DiLoCo:
         world = dist.get_world_size() if dist.is_initialized() else 1
         before = self.counter.sent
         steps = _gather_ints(inner_steps, world, self.params[0].device)
-        weights = [s / sum(steps) for s in steps]
-        deltas = [g - p.detach().float() for g, p in zip(self.global_params, self.params)]
-        avg = self._mean_delta(deltas, weights, world) if world > 1 else deltas
+        delta = torch.cat([(g - p.detach().float()).view(-1) for g, p in zip(self.global_params, self.params)])
+        if world > 1:  # the mean of each rank's delta x (its share of the steps x world) is the weighted mean
+            delta = self._mean(delta * (steps[dist.get_rank()] / sum(steps) * world), world)
         lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
-        for g, m, d, p in zip(self.global_params, self.momentum, avg, self.params):
+        for g, m, d, p in zip(self.global_params, self.momentum, _split(delta, self.global_params), self.params):
             m.mul_(mu).add_(d)
             g.sub_(d.add(m, alpha=mu), alpha=lr)
             p.copy_(g)
         return RoundResult(steps, self.counter.sent - before)
 
-    def _mean_delta(self, deltas: list[torch.Tensor], weights: list[float], world: int) -> list[torch.Tensor]:
-        rank = dist.get_rank()
+    def _mean(self, x: torch.Tensor, world: int) -> torch.Tensor:
         if self.cfg.compress == "none":
-            flat = torch.cat([d.view(-1) for d in deltas]) * weights[rank]
-            dist.all_reduce(flat)
-            self.counter.sent += allreduce_bytes(flat.numel() * 4, world)
-            return _split(flat, deltas)
-        payloads, scales = [], []
-        for i, d in enumerate(deltas):
-            x = d + self.residuals[i]
-            p, s = encode(x, self.cfg.compress)
-            self.residuals[i] = x - decode(p, s, self.cfg.compress, x)
-            payloads.append(p)
-            scales.append(s)
-        msg = torch.cat([*payloads, _as_bytes(torch.cat(scales))])
-        gathered = [torch.empty_like(msg) for _ in range(world)]
-        dist.all_gather(gathered, msg)
-        self.counter.sent += allgather_bytes(world * msg.numel(), world)
-        sizes = [p.numel() for p in payloads]
-        total = [torch.zeros_like(d) for d in deltas]
-        for w, m in zip(weights, gathered):  # in rank order: every rank sums the same way
-            parts = list(m[:sum(sizes)].split(sizes))
-            sc = _as_floats(m[sum(sizes):])
-            for i, d in enumerate(deltas):
-                total[i] += w * decode(parts[i], sc[i:i + 1], self.cfg.compress, d)
-        return total
+            dist.all_reduce(x)
+            self.counter.sent += allreduce_bytes(x.numel() * 4, world)
+            return x / world
+        lay = BucketLayout.of(self.sizes, world)
+        padded = torch.cat([x, x.new_zeros(lay.padded - lay.numel)])
+        res = (_residual(self.residuals, 0, lay.padded, x.device), _residual(self.residuals, 1, lay.chunk, x.device))
+        codec = Int8Codec(lay) if self.cfg.compress == "int8" else SignCodec(lay)
+        return two_phase_mean(padded, lay, codec, self.counter, res)[:lay.numel]
+
+    @torch.no_grad()
+    def warmup_step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """One synchronous step of the warm start: 1-bit Adam's update from the workers' gradients (in `.grad`),
+        applied with each group's learning rate and decoupled weight decay; the rounds then start from these
+        weights. Returns the local gradient's norm."""
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().view(-1) for p in self.params])
+        update = _split(self.warm.update(0, grad, self.sizes), self.params)
+        index = {id(p): u for p, u in zip(self.params, update)}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"]).sub_(index[id(p)].to(p.dtype), alpha=group["lr"])
+        self.global_params = [p.detach().float().clone() for p in self.params]
+        return grad.norm()
+
+    def end_warmup(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hand 1-bit Adam's moments to each worker's AdamW (as its state after as many steps), then drop them."""
+        m = self.warm.moments[0]
+        v = (m.exp_avg_sq / (1 - _REFRESH_DECAY ** m.refreshes)).to(m.exp_avg.device)
+        exp_avg, exp_avg_sq = _split(m.exp_avg, self.params), _split(v, self.params)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        for group in optimizer.param_groups:
+            beta2, on_device = group["betas"][1], group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                i = index[id(p)]
+                optimizer.state[p] = {
+                    "step": torch.tensor(float(m.steps), device=p.device if on_device else "cpu"),
+                    "exp_avg": exp_avg[i].to(p).clone(), "exp_avg_sq": (exp_avg_sq[i] * (1 - beta2 ** m.steps)).to(p)}
+        self.warm = None
 
     def global_state(self) -> dict[str, Any]:
-        """What every rank shares (rank 0 saves it): the outer momentum."""
-        return {"momentum": [m.cpu().clone() for m in self.momentum]}
+        """What every rank shares (rank 0 saves it): the outer momentum; 1-bit Adam's moments while warming up."""
+        return {"momentum": [m.cpu().clone() for m in self.momentum],
+                **({"warm": self.warm.shared_state()} if self.warm is not None else {})}
 
     def rank_state(self) -> dict[str, Any]:
-        """What is this rank's own: its residuals."""
-        return {"residuals": [r.cpu().clone() for r in self.residuals]}
+        """What is this rank's own: its residuals (of the deltas; of 1-bit Adam while warming up)."""
+        return {"residuals": {k: r.cpu().clone() for k, r in self.residuals.items()},
+                **({"warm": self.warm.rank_state()} if self.warm is not None else {})}
 
     def load(self, global_state: dict[str, Any] | None, rank_state: dict[str, Any] | None) -> None:
         """Restore from a checkpoint (the global parameters are the model's weights, loaded already); a rank
-        without its own state (more workers than before) starts with empty residuals."""
+        without its own state (more workers than before) starts with empty residuals. A checkpoint past the warm
+        start keeps no 1-bit Adam state: the warm start is over."""
         self.global_params = [p.detach().float().clone() for p in self.params]
         if global_state is not None:
             self.momentum = [m.to(g.device) for m, g in zip(global_state["momentum"], self.global_params)]
-        if rank_state is not None and self.residuals:
-            self.residuals = [r.to(g.device) for r, g in zip(rank_state["residuals"], self.global_params)]
+            if "warm" not in global_state:
+                self.warm = None
+            elif self.warm is not None:
+                self.warm.load(global_state["warm"], rank_state and rank_state.get("warm"))
+        if rank_state is not None:
+            self.residuals = dict(rank_state["residuals"])
 
 
 def _gather_ints(value: int, world: int, device: torch.device) -> list[int]:
@@ -399,7 +405,7 @@ class Sync:
         self.counter = CommCounter()
         self.onebit = OneBitState(self.counter, beta1=beta1, refresh_every=cfg.refresh_every) \
             if cfg.mode == "onebit" else None
-        self.diloco = DiLoCo([p for p in raw.parameters() if p.requires_grad], cfg, self.counter) \
+        self.diloco = DiLoCo([p for p in raw.parameters() if p.requires_grad], cfg, self.counter, beta1=beta1) \
             if cfg.mode == "diloco" else None
 
     def wraps(self) -> bool:
