@@ -118,7 +118,7 @@ def test_int8_mean_is_within_int8_rounding_of_the_mean():
     assert res[0]["sent"][0] == (256 + 4) + (256 + 4)  # one chunk and its block scale each way
 
 
-def _adam_reference(steps: int, beta1: float = 0.9, every: int = 256) -> list[torch.Tensor]:
+def _adam_reference(steps: int, beta1: float = 0.9, every: int = 64) -> list[torch.Tensor]:
     """1-bit Adam's updates had the momentum been averaged exactly (the second moment refreshed alike)."""
     m = v = torch.zeros(142)
     out, k = [], 0
@@ -168,11 +168,12 @@ def test_onebit_hook_follows_adam_on_the_mean_and_resumes_exactly():
     drift = (a.cumsum(0) - ref.cumsum(0)).norm(dim=1) / ref.cumsum(0).norm(dim=1)
     assert drift[-1] < 0.2, drift
     sent = res[0]["sent"]
-    refresh = [t for t in range(steps) if refreshes(t, 256)]
+    refresh = [t for t in range(steps) if refreshes(t, 64)]
     assert refresh == [0, 1, 2, 4, 8, 16, 32]
     assert len({sent[t] for t in refresh}) == 1 and len({s for t, s in enumerate(sent) if t not in refresh}) == 1
+    norms = allreduce_bytes(4 * len(SHAPES), WORLD)  # every step: the tensors' squared gradient norms
     for r in res:  # a refresh sends int8 (one chunk and its block scale each way); the others 1 bit and scales
-        assert r["sent"][0] == 2 * (256 + 4) and r["sent"][3] < r["sent"][0] / 5
+        assert r["sent"][0] == 2 * (256 + 4) + norms and r["sent"][3] < r["sent"][0] / 5
 
 
 def _big_bucket(rank: int) -> list[float]:
@@ -385,7 +386,7 @@ def test_diloco_trains_and_resumes_exactly(shakespeare_shards, tmp_path, train_w
     clean = sync_cfg(shakespeare_shards, tmp_path, "clean", **kw)
     assert train(clean).error is None
     curve = _curve(clean)
-    assert curve[40] < curve[5] - 0.5, curve
+    assert curve[40] < curve[min(curve)] - 0.5, curve  # the warm start logs at its end and at the checkpoint
     p = _progress(clean)
     assert p["sync_rounds"] == 5 and p["step"] == 40
     # 1-bit Adam's 15 steps (5 of them int8 refreshes), then int8 deltas once a round: under 3 fp32 all-reduces
@@ -452,6 +453,9 @@ def test_diloco_rounds_end_at_h_steps_and_at_checkpoints_and_evaluations():
     assert done == [4] and fake.steps == [0, 1, 2, 3] and fake.scheduled == 4 and state.sync_rounds == 1
     assert _round(0.0, 8, inner_steps=4)[1] == [2]  # the checkpoint at step 10
     assert _round(0.0, 21, inner_steps=50)[1] == [4]  # the evaluation at step 25
+    # the warm start's synchronous steps run to the checkpoint (or to its end) and end no round
+    fake, done, state = _round(0.0, 0, inner_steps=4, warmup_steps=15)
+    assert done == [10] and fake.steps == list(range(10)) and state.sync_rounds == 0
 
 
 def test_timed_diloco_rounds_end_at_the_first_step_past_the_deadline():

@@ -116,7 +116,7 @@ class SyncConfig:
     outer_lr: float = 0.7  # diloco: the outer SGD's learning rate
     outer_momentum: float = 0.9  # diloco: the outer SGD's Nesterov momentum
     compress: Literal["none", "int8", "onebit"] = "none"  # diloco: the deltas sent as int8 or 1 bit, error feedback
-    refresh_every: int = 256  # onebit: steps between int8 refreshes of the second moment (after 0, 1, 2, 4, ...)
+    refresh_every: int = 64  # onebit: steps between int8 refreshes of the second moment (after 0, 1, 2, 4, ...)
     warmup_steps: int = 0  # diloco: synchronous 1-bit Adam steps before the first round (a warm start)
 
     def validate(self) -> None:

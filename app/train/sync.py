@@ -3,7 +3,8 @@
 - ddp: DDP's all-reduce of the gradients, through `counting_allreduce_hook` (DDP's own default hook, counted).
 - onebit: `onebit_hook`, 1-bit Adam as a DDP communication hook: the momentum averaged in 1 bit per element plus
   one scale per tensor, error feedback on both sides of a two-phase all-reduce; the second moment refreshed from
-  an int8 all-reduce of the gradients at steps 0, 1, 2, 4, ... and every `sync.refresh_every`.
+  an int8 all-reduce of the gradients at steps 0, 1, 2, 4, ... and every `sync.refresh_every`, rescaled per tensor
+  in between by its squared gradient norm.
 - diloco: `DiLoCo`, rounds of local inner steps, then an outer Nesterov step on the workers' averaged deltas (in
   fp32, or int8 / 1 bit through the same two-phase mean), optionally after a synchronous 1-bit Adam warm start.
 
@@ -54,6 +55,7 @@ def counting_allreduce_hook(counter: CommCounter, bucket: dist.GradBucket) -> to
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 BLOCK = 256  # elements per int8 scale; a bucket is padded to BLOCK x world elements
 _REFRESH_DECAY = 0.5  # the second moment's EMA over refreshes: they are far apart, so the newest weighs half
+_NORM_DECAY = 0.95  # the per-tensor squared-norm EMA that rescales the second moment between refreshes
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
@@ -183,12 +185,16 @@ def two_phase_mean(x: torch.Tensor, lay: BucketLayout, codec: "SignCodec | Int8C
 
 @dataclass
 class Moments:
-    """1-bit Adam's state of one bucket, the same on every rank: momentum, second moment, steps, refreshes."""
+    """1-bit Adam's state of one bucket, the same on every rank: momentum, second moment (as of the last refresh),
+    steps, refreshes; and per tensor an EMA of the workers' mean squared gradient norm, now and at the last
+    refresh (their ratio carries the second moment's overall drift between refreshes)."""
 
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     steps: int = 0
     refreshes: int = 0
+    norms: torch.Tensor | None = None
+    norms_at_refresh: torch.Tensor | None = None
 
 
 @dataclass
@@ -199,15 +205,15 @@ class OneBitState:
     counter: CommCounter
     beta1: float = 0.9
     eps: float = 1e-8
-    refresh_every: int = 256
+    refresh_every: int = 64
     moments: dict[int, Moments] = field(default_factory=dict)
     worker: dict[int, torch.Tensor] = field(default_factory=dict)
     server: dict[int, torch.Tensor] = field(default_factory=dict)
     layouts: dict[int, BucketLayout] = field(default_factory=dict)
 
     def shared_state(self) -> dict[str, Any]:
-        return {k: {"exp_avg": m.exp_avg.cpu(), "exp_avg_sq": m.exp_avg_sq.cpu(), "steps": m.steps,
-                    "refreshes": m.refreshes} for k, m in self.moments.items()}
+        return {k: {f: (v.cpu() if isinstance(v, torch.Tensor) else v) for f, v in vars(m).items()}
+                for k, m in self.moments.items()}
 
     def rank_state(self) -> dict[str, Any]:
         return {"worker": {k: v.cpu() for k, v in self.worker.items()},
@@ -225,7 +231,8 @@ class OneBitState:
         own gradient, divided by the shared sqrt(v), is averaged in 1 bit per element with error feedback on both
         sides (Adam's normalised update is near ±1 everywhere, which 1 bit carries well). The second moment, which
         1 bit cannot carry, is refreshed from an int8 mean of the gradients at the steps `refreshes` names (0/1
-        Adam's idea), where the momentum takes that same mean."""
+        Adam's idea), where the momentum takes that same mean; in between, each tensor's follows the workers' mean
+        squared gradient norm of that tensor (a float per tensor, all-reduced every step)."""
         world = dist.get_world_size()
         lay = self.layouts.get(key) or self.layouts.setdefault(key, BucketLayout.of(sizes, world))
         m = self.moments.get(key)
@@ -233,6 +240,7 @@ class OneBitState:
             m = self.moments[key] = Moments(torch.zeros(lay.numel), torch.zeros(lay.numel))
         m.exp_avg, m.exp_avg_sq = m.exp_avg.to(grad.device), m.exp_avg_sq.to(grad.device)
         b1, n = self.beta1, lay.numel
+        self._track_norms(m, grad, sizes)
         x = torch.zeros(lay.padded, dtype=torch.float32, device=grad.device)
         if refreshes(m.steps, self.refresh_every):
             x[:n] = grad.float()
@@ -240,9 +248,10 @@ class OneBitState:
             m.exp_avg_sq.mul_(_REFRESH_DECAY).addcmul_(g, g, value=1 - _REFRESH_DECAY)
             m.exp_avg.mul_(b1).add_(g, alpha=1 - b1)
             m.refreshes += 1
-            update = m.exp_avg / _denominator(m, self.eps)
+            m.norms_at_refresh = m.norms.clone()
+            update = m.exp_avg / self._denominator(m, sizes)
         else:
-            denom = _denominator(m, self.eps)
+            denom = self._denominator(m, sizes)
             # An element no refresh has seen a gradient of has no scale yet: it waits for the next refresh.
             x[:n] = torch.where(m.exp_avg_sq > 0, (m.exp_avg * b1 + grad.float() * (1 - b1)) / denom, 0.0)
             res = (_residual(self.worker, key, lay.padded, grad.device),
@@ -251,6 +260,25 @@ class OneBitState:
             m.exp_avg = update * denom
         m.steps += 1
         return update / (1 - b1 ** m.steps)
+
+    def _track_norms(self, m: Moments, grad: torch.Tensor, sizes: list[int]) -> None:
+        """Fold this step's mean (over ranks) squared gradient norm of each tensor into `m.norms`, an EMA (a few
+        floats all-reduced: counted, negligible)."""
+        sq = torch.stack([t.float().pow(2).sum() for t in grad.split(sizes)])
+        dist.all_reduce(sq)
+        self.counter.sent += allreduce_bytes(sq.numel() * 4, dist.get_world_size())
+        sq /= dist.get_world_size()
+        m.norms = sq if m.norms is None else m.norms.to(sq.device).mul_(_NORM_DECAY).add_(sq, alpha=1 - _NORM_DECAY)
+
+    def second_moment(self, m: Moments, sizes: list[int]) -> torch.Tensor:
+        """Adam's v: the bias-corrected second moment of the refreshes so far, each tensor's scaled by how its
+        squared gradient norm moved since the last refresh (gradients shrink fast early in training)."""
+        drift = torch.repeat_interleave(m.norms / m.norms_at_refresh.clamp(min=1e-30),
+                                        torch.tensor(sizes, device=m.norms.device))
+        return m.exp_avg_sq / (1 - _REFRESH_DECAY ** m.refreshes) * drift
+
+    def _denominator(self, m: Moments, sizes: list[int]) -> torch.Tensor:
+        return self.second_moment(m, sizes).sqrt() + self.eps
 
 
 def _residual(store: dict[int, torch.Tensor], key: int, size: int, device: torch.device) -> torch.Tensor:
@@ -269,11 +297,6 @@ def onebit_hook(state: OneBitState, bucket: dist.GradBucket) -> torch.futures.Fu
     fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(buf)
     return fut
-
-
-def _denominator(m: Moments, eps: float) -> torch.Tensor:
-    """Adam's sqrt(v) + eps from the bias-corrected second moment of the refreshes so far."""
-    return (m.exp_avg_sq / (1 - _REFRESH_DECAY ** m.refreshes)).sqrt() + eps
 
 
 # ---------------------------------------------------------------- DiLoCo
@@ -345,7 +368,7 @@ class DiLoCo:
     def end_warmup(self, optimizer: torch.optim.Optimizer) -> None:
         """Hand 1-bit Adam's moments to each worker's AdamW (as its state after as many steps), then drop them."""
         m = self.warm.moments[0]
-        v = (m.exp_avg_sq / (1 - _REFRESH_DECAY ** m.refreshes)).to(m.exp_avg.device)
+        v = self.warm.second_moment(m, self.sizes)
         exp_avg, exp_avg_sq = _split(m.exp_avg, self.params), _split(v, self.params)
         index = {id(p): i for i, p in enumerate(self.params)}
         for group in optimizer.param_groups:
