@@ -246,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         a.diloco_warmup = 0 if a.smoke else DILOCO_WARMUP
     with tempfile.TemporaryDirectory(prefix="spotlm-distributed-") as work:
         result = (spot if a.scenario == "spot" else compare)(a, shape, Path(work))
-    result.update(workers=result.get("workers", a.workers), rate_mbit=a.rate, shape=shape,
-                  diloco={"warmup_steps": a.diloco_warmup, "compress": a.diloco_compress})
+    result.update(workers=result.get("workers", a.workers), rate_mbit=a.rate, shape=shape)
+    if a.scenario == "compare":
+        result["diloco"] = {"warmup_steps": a.diloco_warmup, "compress": a.diloco_compress,
+                            "outer_lr": DILOCO_OUTER[0], "outer_momentum": DILOCO_OUTER[1]}
     name = f"distributed{'_spot' if a.scenario == 'spot' else ''}.json"
     out = Path(a.out) if a.out else (Path(tempfile.gettempdir()) / f"smoke_{name}" if a.smoke else RESULTS / name)
     out.parent.mkdir(parents=True, exist_ok=True)
