@@ -471,3 +471,11 @@ def test_sync_options_that_do_not_mix():
         train_config(sync={"mode": "ddp", "compress": "int8"})
     with pytest.raises(ConfigError, match="sync.mode=diloco"):
         train_config(sync={"mode": "diloco"}, memory={"fsdp": True})
+    with pytest.raises(ConfigError, match="sync.warmup_steps"):
+        train_config(sync={"mode": "onebit", "warmup_steps": 10})
+    with pytest.raises(ConfigError, match="1-bit Adam"):
+        train_config(sync={"mode": "onebit"}, optim={"name": "muon"})
+    with pytest.raises(ConfigError, match="warms AdamW"):
+        train_config(sync={"mode": "diloco", "warmup_steps": 10}, optim={"name": "muon"})
+    with pytest.raises(ConfigError, match="refresh_every"):
+        train_config(sync={"mode": "onebit", "refresh_every": 0})

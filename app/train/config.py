@@ -107,8 +107,8 @@ class ClusterConfig:
 
 @dataclass
 class SyncConfig:
-    """How the workers combine their work (app/train/sync.py): DDP's all-reduce of the gradients, 1-bit
-    gradients, or DiLoCo rounds of local steps joined by an outer step."""
+    """How the workers combine their work (app/train/sync.py): DDP's all-reduce of the gradients, 1-bit Adam,
+    or DiLoCo rounds of local steps joined by an outer step (after an optional 1-bit Adam warm start)."""
 
     mode: Literal["ddp", "onebit", "diloco"] = "ddp"  # ddp: fp32 all-reduce; onebit: 1-bit Adam; diloco: rounds
     inner_steps: int = 50  # diloco: inner steps per round (H), when rounds are not timed
