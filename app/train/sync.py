@@ -354,19 +354,19 @@ class DiLoCo:
     @torch.no_grad()
     def warmup_step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """One synchronous step of the warm start: 1-bit Adam's update from the workers' gradients (in `.grad`),
-        applied with each group's learning rate and decoupled weight decay; the rounds then start from these
-        weights. Returns the local gradient's norm."""
+        applied with each group's learning rate and decoupled weight decay. Returns the local gradient's norm."""
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().view(-1) for p in self.params])
         update = _split(self.warm.update(0, grad, self.sizes), self.params)
         index = {id(p): u for p, u in zip(self.params, update)}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.mul_(1 - group["lr"] * group["weight_decay"]).sub_(index[id(p)].to(p.dtype), alpha=group["lr"])
-        self.global_params = [p.detach().float().clone() for p in self.params]
         return grad.norm()
 
     def end_warmup(self, optimizer: torch.optim.Optimizer) -> None:
-        """Hand 1-bit Adam's moments to each worker's AdamW (as its state after as many steps), then drop them."""
+        """Hand 1-bit Adam's moments to each worker's AdamW (as its state after as many steps), then drop them;
+        the rounds start from the warm weights."""
+        self.global_params = [p.detach().float().clone() for p in self.params]
         m = self.warm.moments[0]
         v = self.warm.second_moment(m, self.sizes)
         exp_avg, exp_avg_sq = _split(m.exp_avg, self.params), _split(v, self.params)
