@@ -27,6 +27,7 @@ from app.data.shards import load_manifest
 from app.model.gpt import GPT
 from app.train.config import TrainConfig, model_config
 from bench.netns import NetnsCluster, Node
+from bench.report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -111,7 +112,7 @@ def diloco_args(a: argparse.Namespace) -> list[str]:
     """DiLoCo's options shared by its rows: the synchronous 1-bit Adam warm start, the deltas' compression, and
     an outer step for a few rounds (plain averaging plus half the last step; DiLoCo's 0.7 / 0.9 is for thousands)."""
     return [f"--sync.warmup_steps={a.diloco_warmup}", f"--sync.compress={a.diloco_compress}",
-            f"--sync.outer_lr={DILOCO_OUTER[0]}", f"--sync.outer_momentum={DILOCO_OUTER[1]}"]
+            f"--sync.outer_lr={a.outer_lr}", f"--sync.outer_momentum={a.outer_momentum}"]
 
 
 def ratios(rows: dict, base: str = "ddp") -> dict:
@@ -153,7 +154,7 @@ def compare(a: argparse.Namespace, shape: dict, work: Path) -> dict:
         for mode in a.modes.split(","):
             h = int(mode.split("_h")[1]) if "_h" in mode else 0  # evaluations only between whole rounds
             args = train_args({**shape, "eval_every": max(shape["eval_every"], h)}, data, work, mode, a.workers)
-            args += MODES[mode] + (diloco_args(a) if h else [])
+            args += MODES[mode] + (diloco_args(a) if h else []) + a.train_args.split()
             rows[mode] = run_mode(cluster, args, work / mode, tokens_per_step)
             print(f"{mode}: {rows[mode]['s_per_step']} s/step, val {rows[mode]['val_loss']}", file=sys.stderr)
     rat = ratios(rows) if "ddp" in rows else {}
@@ -229,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"DiLoCo rows: synchronous 1-bit Adam steps before the first round ({DILOCO_WARMUP}; smoke: 0)")
     ap.add_argument("--diloco_compress", choices=["none", "int8", "onebit"], default="int8",
                     help="DiLoCo rows: how the deltas are sent")
+    ap.add_argument("--outer_lr", type=float, default=DILOCO_OUTER[0], help="DiLoCo rows: the outer step's lr")
+    ap.add_argument("--outer_momentum", type=float, default=DILOCO_OUTER[1],
+                    help="DiLoCo rows: the outer step's Nesterov momentum")
+    ap.add_argument("--train_args", default="", help="more jobs.train options for every mode (e.g. --seed=1)")
     ap.add_argument("--smoke", action="store_true", help="2 workers, a tiny model, a few steps, no targets")
     ap.add_argument("--data_dir", default=str(Path(tempfile.gettempdir()) / "spotlm-bench-shakespeare-char"))
     ap.add_argument("--out", default="", help="JSON path (PNG beside it); default bench/results/distributed[_spot].json")
@@ -249,13 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     result.update(workers=result.get("workers", a.workers), rate_mbit=a.rate, shape=shape)
     if a.scenario == "compare":
         result["diloco"] = {"warmup_steps": a.diloco_warmup, "compress": a.diloco_compress,
-                            "outer_lr": DILOCO_OUTER[0], "outer_momentum": DILOCO_OUTER[1]}
+                            "outer_lr": a.outer_lr, "outer_momentum": a.outer_momentum}
     name = f"distributed{'_spot' if a.scenario == 'spot' else ''}.json"
     out = Path(a.out) if a.out else (Path(tempfile.gettempdir()) / f"smoke_{name}" if a.smoke else RESULTS / name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    emit(result, out)
     plot(result, out.with_suffix(".png"))
-    print(json.dumps(result, indent=1))
     return 0
 
 

@@ -30,7 +30,7 @@ import torch
 
 from app import storage
 from app.config import parse_config
-from app.data.shards import Manifest, load_manifest, read_shard, write_shard
+from app.data.shards import Manifest, read_shard, write_shard
 from app.indexing.evaluate import EvalConfig, evaluate
 from app.indexing.knn_build import KnnBuildConfig, build_knn
 from app.indexing.lmatch_build import IndexConfig, build_index

@@ -30,6 +30,7 @@ from app.fast.quant import STORAGE, QuantLinear, quantize
 from app.model.export import load_exported
 from app.model.gpt import GPT, ModelConfig
 from app.serve.engine import Engine
+from bench.report import emit
 from bench.serve_load import make_prompts, run_engine
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -254,9 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["quality"] = {"model": f"{a.train_preset} trained {a.train_steps} steps on {Path(a.data).name}",
                              **quality(small, tokens[split:], modes, a)}
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(result, indent=1))
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1))
+    emit(result, a.out)
     return result
 
 

@@ -40,6 +40,7 @@ from app.serve.engine import Engine, SamplingParams
 from app.model.export import export_model, load_exported
 from app.model.gpt import GPT, ModelConfig
 from app.data.tokenizer import train_bpe
+from bench.report import emit
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -305,9 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["lmatch"] = lmatch_overhead(a, Path(tmp), device, dtype, max_len)
         if a.prefix_tokens:
             result["prefix_reuse"] = prefix_reuse(a, ex.model, vocab)
-    print(json.dumps(result, indent=1))
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1))
+    emit(result, a.out)
     return result
 
 

@@ -32,6 +32,7 @@ from app.data.shards import load_manifest
 from app.model.gpt import GPT, ModelConfig
 from app.serve.engine import Engine, SamplingParams
 from app.serve.speculative import Drafter
+from bench.report import emit
 from index.lmatch import LMatchIndex, SplitStream
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -181,9 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps({str(streams): level}), flush=True)
         result["all_identical"] = all(v.get("outputs_identical", True) for lv in result["levels"].values()
                                       for v in lv.values())
-    print(json.dumps(result, indent=1))
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1))
+    emit(result, a.out)
     return result
 
 

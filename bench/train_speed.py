@@ -49,6 +49,7 @@ from app.train.config import TrainConfig
 from app.train.loop import PEAK_FLOPS, synced_seconds
 from app.train.optim import CosineSchedule, make_optimizer
 from app.train.step import build_model, compiled, forward_backward, step_function
+from bench.report import emit
 
 # ------------------------------------------------------------------ the baseline (nanoGPT / llm.c style)
 
@@ -428,10 +429,7 @@ def main() -> None:
         print(json.dumps({preset: rows}), flush=True)
     if os.path.exists(lock):
         os.remove(lock)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    print(json.dumps(report, indent=1))
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 
 from app.train.memory_plan import MemoryConfig, estimate, layer_activation_bytes, num_params, plan
 from app.model.gpt import GPT, ModelConfig, rotary_tables
-from app.train.offload import CPUOffloadAdamW, build
+from app.train.offload import build
 from app.train.parallel import (ActivationOffloader, apply_activation_offload, apply_checkpointing, full_state_dicts,
                           parallelize, set_full_state_dicts)
 

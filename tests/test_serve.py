@@ -1,7 +1,6 @@
 """Serving: the batching engine (no Ray), then the OpenAI-compatible Ray Serve endpoint over HTTP."""
 import json
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request

@@ -1,7 +1,6 @@
 """How workers combine their work (app/train/sync.py): the onebit DDP hook and DiLoCo's outer step on a
 2-process gloo group, then each sync mode through Ray Train with 2 workers."""
 import json
-import math
 import os
 import signal
 import tempfile

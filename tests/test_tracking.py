@@ -1,5 +1,4 @@
 """Run metrics: TensorBoard event files that parse back with the logged scalars, a loss-curve PNG, S3."""
-import os
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -25,7 +25,7 @@ from app.config import ConfigError, from_dict, to_dict
 from app.data.loader import TokenStream, eval_batches, match_stream
 from app.log import get_logger
 from app.model.gpt import GPT, ModelConfig
-from app.data.shards import Manifest, load_manifest
+from app.data.shards import load_manifest
 
 log = get_logger(__name__)
 

@@ -98,7 +98,6 @@ def verify(logits: torch.Tensor, drafts: torch.Tensor, n_draft: torch.Tensor, te
     tokens [n, K + 1]: row r emits tokens[r, :accepted[r] + 1], its accepted drafts then one drawn token).
     `kinds` as in `sample_tokens` (None: found from the tensors). No host read-back (graph-capturable)."""
     n, T, V = logits.shape
-    K = T - 1
     flat = logits.reshape(n * T, V)
     rep = lambda x: x[:, None].expand(n, T).reshape(-1)  # noqa: E731 - per row -> per position (no sync)
     temp, tk, tp, uf = rep(temperature), rep(top_k), rep(top_p), u.reshape(-1)

@@ -216,7 +216,7 @@ def _fp8_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     """`_chunks` with every product in FP8: the logits from the e4m3 `fp8` operands, the gradients from e5m2
     d loss / d logits (`_ce_grad_e5m2`); one weight-gradient product per group of `_FP8_WGRAD_TOKENS` tokens."""
     h8, h_inv, w8, w_inv, ht8, wt8 = fp8
-    (N, D), V = hidden.shape, weight.shape[0]
+    N, V = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     grad_scale = torch.full((), 1.0 / _GRAD_SCALE, dtype=torch.float32, device=dev)
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
