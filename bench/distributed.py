@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,16 +117,18 @@ def diloco_args(a: argparse.Namespace) -> list[str]:
 
 
 def ratios(rows: dict, base: str = "ddp") -> dict:
-    """Each mode against `base`: bytes (base / mode: > 1 = fewer), loss (mode / base), tokens/s (mode / base)."""
+    """Each mode against `base`: bytes (base / mode: > 1 = fewer), loss (mode / base: per seed, each mode's run
+    against the base's run of that seed, and their mean), tokens/s (mode / base); bytes and speed of the first seed."""
     b = rows[base]
     out = {}
     for name, r in rows.items():
         if name == base:
             continue
         hook = b["hook_bytes_per_step"] / r["hook_bytes_per_step"] if b["hook_bytes_per_step"] and r["hook_bytes_per_step"] else None
+        per_seed = {k: round(v / b["val_loss_seeds"][k], 4) for k, v in r["val_loss_seeds"].items()}
         out[name] = {"bytes_ratio_hook": round(hook, 1) if hook else None,
                      "bytes_ratio_wire": round(b["wire_bytes_per_node_step"] / r["wire_bytes_per_node_step"], 1),
-                     "loss_ratio": round(r["val_loss"] / b["val_loss"], 4),
+                     "loss_ratio": round(statistics.fmean(per_seed.values()), 4), "loss_ratio_seeds": per_seed,
                      "tokens_per_s_ratio": round(r["tokens_per_s"] / b["tokens_per_s"], 2)}
     return out
 
@@ -153,10 +156,13 @@ def compare(a: argparse.Namespace, shape: dict, work: Path) -> dict:
         rows = {}
         for mode in a.modes.split(","):
             h = int(mode.split("_h")[1]) if "_h" in mode else 0  # evaluations only between whole rounds
-            args = train_args({**shape, "eval_every": max(shape["eval_every"], h)}, data, work, mode, a.workers)
-            args += MODES[mode] + (diloco_args(a) if h else []) + a.train_args.split()
-            rows[mode] = run_mode(cluster, args, work / mode, tokens_per_step)
-            print(f"{mode}: {rows[mode]['s_per_step']} s/step, val {rows[mode]['val_loss']}", file=sys.stderr)
+            for seed in a.seeds:
+                name = f"{mode}-seed{seed}"
+                args = train_args({**shape, "eval_every": max(shape["eval_every"], h)}, data, work, name, a.workers)
+                args += MODES[mode] + (diloco_args(a) if h else []) + [f"--seed={seed}"] + a.train_args.split()
+                row = run_mode(cluster, args, work / name, tokens_per_step)
+                rows.setdefault(mode, {**row, "seed": seed, "val_loss_seeds": {}})["val_loss_seeds"][seed] = row["val_loss"]
+                print(f"{name}: {row['s_per_step']} s/step, val {row['val_loss']}", file=sys.stderr)
     rat = ratios(rows) if "ddp" in rows else {}
     return {"link_mbit_measured": round(link, 1), "gradient_bytes_fp32": param_bytes(shape, data),
             "tokens_per_step": tokens_per_step, "modes": rows, "vs_ddp": rat,
@@ -233,12 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outer_lr", type=float, default=DILOCO_OUTER[0], help="DiLoCo rows: the outer step's lr")
     ap.add_argument("--outer_momentum", type=float, default=DILOCO_OUTER[1],
                     help="DiLoCo rows: the outer step's Nesterov momentum")
-    ap.add_argument("--train_args", default="", help="more jobs.train options for every mode (e.g. --seed=1)")
+    ap.add_argument("--seeds", default="1337", help="comma-separated: every mode runs once per seed (model init and "
+                    "data order); loss ratios pair the runs of a seed; the first seed's runs give bytes, speed and curves")
+    ap.add_argument("--train_args", default="", help="more jobs.train options for every mode (e.g. --optim.lr=2e-3)")
     ap.add_argument("--smoke", action="store_true", help="2 workers, a tiny model, a few steps, no targets")
     ap.add_argument("--data_dir", default=str(Path(tempfile.gettempdir()) / "spotlm-bench-shakespeare-char"))
     ap.add_argument("--out", default="", help="JSON path (PNG beside it); default bench/results/distributed[_spot].json")
     a = ap.parse_args(argv)
     a.modes = a.modes or (SMOKE_MODES if a.smoke else FULL_MODES)
+    a.seeds = [int(x) for x in a.seeds.split(",")]
     unknown = set(a.modes.split(",")) - set(MODES)
     if unknown:
         ap.error(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
