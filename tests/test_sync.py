@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 from app.train.config import SyncConfig
 from app.train.run import list_checkpoints, train
-from app.train.sync import (BucketLayout, CommCounter, DiLoCo, Int8Codec, OneBitState, SignCodec, allreduce_bytes,
-                             counting_allreduce_hook, onebit_hook, refreshes, two_phase_mean)
+from app.train.sync import (SIGN_BLOCK, BucketLayout, CommCounter, DiLoCo, Int8Codec, OneBitState, SignCodec,
+                             allreduce_bytes, counting_allreduce_hook, onebit_hook, refreshes, two_phase_mean)
 from tests.conftest import train_config
 
 WORLD = 2
@@ -194,6 +194,22 @@ def test_onebit_sends_over_25x_fewer_bytes_than_fp32_allreduce_between_refreshes
     fp32 = allreduce_bytes((256 * 256 + 1000) * 4, WORLD)
     for sent in _spawn(_big_bucket):
         assert fp32 / sent[3] >= 25 and 3.9 <= fp32 / sent[0] <= 4, [fp32 / s for s in sent]
+
+
+def test_layout_cuts_each_tensor_into_runs_of_one_sign_scale():
+    sizes = [5000, 300, 7000]
+    lay = BucketLayout.of(sizes, 2)
+    assert lay.numel == 12300 and lay.padded == 12800 and lay.chunk == 6400
+    # chunk 0: the first tensor in runs of at most SIGN_BLOCK, the second, the third's start; chunk 1: its rest, pad
+    assert lay.pieces == [[SIGN_BLOCK, SIGN_BLOCK, 5000 - 2 * SIGN_BLOCK, 300, 1100],
+                          [SIGN_BLOCK, SIGN_BLOCK, 5900 - 2 * SIGN_BLOCK, 500]]
+    # a run keeps its own scale: decoded, each run's mean |x| is the encoded input's
+    x = torch.cat([torch.full((SIGN_BLOCK,), 4.0), -torch.full((SIGN_BLOCK,), 0.5), torch.randn(2304)])
+    codec = SignCodec(lay)
+    out = codec.decode(codec.encode(x, 0), 0)
+    assert torch.equal(out[:SIGN_BLOCK], torch.full((SIGN_BLOCK,), 4.0))
+    assert torch.equal(out[SIGN_BLOCK:2 * SIGN_BLOCK], torch.full((SIGN_BLOCK,), -0.5))
+    assert len(codec.encode(x, 0)) == codec.size(0) == 6400 // 8 + 4 * 5
 
 
 def test_refresh_schedule():

@@ -2,9 +2,9 @@
 
 - ddp: DDP's all-reduce of the gradients, through `counting_allreduce_hook` (DDP's own default hook, counted).
 - onebit: `onebit_hook`, 1-bit Adam as a DDP communication hook: the momentum averaged in 1 bit per element plus
-  one scale per tensor, error feedback on both sides of a two-phase all-reduce; the second moment refreshed from
-  an int8 all-reduce of the gradients at steps 0, 1, 2, 4, ... and every `sync.refresh_every`, rescaled per tensor
-  in between by its squared gradient norm.
+  one scale per run of up to 2,048 elements of a tensor, error feedback on both sides of a two-phase all-reduce;
+  the second moment refreshed from an int8 all-reduce of the gradients at steps 0, 1, 2, 4, ... and every
+  `sync.refresh_every`, rescaled per tensor in between by its squared gradient norm.
 - diloco: `DiLoCo`, rounds of local inner steps, then an outer Nesterov step on the workers' averaged deltas (in
   fp32, or int8 / 1 bit through the same two-phase mean), optionally after a synchronous 1-bit Adam warm start.
 
@@ -54,6 +54,7 @@ def counting_allreduce_hook(counter: CommCounter, bucket: dist.GradBucket) -> to
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 BLOCK = 256  # elements per int8 scale; a bucket is padded to BLOCK x world elements
+SIGN_BLOCK = 2048  # at most this many elements share a 1-bit scale (+1.6% bytes: 4 per 256 of bits)
 _REFRESH_DECAY = 0.5  # the second moment's EMA over refreshes: they are far apart, so the newest weighs half
 _NORM_DECAY = 0.95  # the per-tensor squared-norm EMA that rescales the second moment between refreshes
 
@@ -89,8 +90,8 @@ def _as_floats(b: torch.Tensor) -> torch.Tensor:
 @dataclass
 class BucketLayout:
     """A flat buffer of tensors (`sizes`: a DDP bucket's, or a model's) cut for the two-phase all-reduce: padded
-    to `padded` elements, W chunks of `chunk` (a multiple of BLOCK); per chunk, the lengths of the pieces of its
-    tensors (the padding one more) in it."""
+    to `padded` elements, W chunks of `chunk` (a multiple of BLOCK); per chunk, the lengths of its pieces: each
+    tensor's part in it (the padding one more) cut into runs of at most SIGN_BLOCK, one 1-bit scale each."""
 
     numel: int
     padded: int
@@ -107,12 +108,13 @@ class BucketLayout:
         for j in range(world):
             lo, hi = j * chunk, (j + 1) * chunk
             cuts = sorted({lo, hi, *(e for e in ends if lo < e < hi)})
-            pieces.append([b - a for a, b in zip(cuts, cuts[1:])])
+            pieces.append([n for a, b in zip(cuts, cuts[1:])
+                           for n in [SIGN_BLOCK] * ((b - a) // SIGN_BLOCK) + [(b - a) % SIGN_BLOCK] if n])
         return BucketLayout(numel, padded, chunk, pieces)
 
 
 class SignCodec:
-    """1 bit per element and, per tensor in the chunk, the mean |x| (fp32)."""
+    """1 bit per element and, per piece of the chunk (a tensor's run of at most SIGN_BLOCK), the mean |x| (fp32)."""
 
     def __init__(self, lay: BucketLayout):
         self.lay = lay
