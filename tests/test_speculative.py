@@ -175,6 +175,10 @@ def test_mixed_batch_per_request_drafts_and_sampled_rows():
     assert run(make(), ps, params) == spec
     with pytest.raises(ValueError, match="draft_tokens=9 must be in"):
         make().submit([1, 2], SamplingParams(draft_tokens=9))
+    plain_engine = Engine(m, max_batch=1, kv_bucket=16)  # no drafter: any count >= 0 is accepted and drafts nothing
+    assert plain_engine.submit([1, 2], SamplingParams(draft_tokens=9)).draft == 0
+    with pytest.raises(ValueError, match="draft_tokens=-1 must be in"):
+        plain_engine.submit([1, 2], SamplingParams(draft_tokens=-1))
 
 
 def test_lmatch_model_verifies_with_each_positions_lmatch_id():

@@ -386,7 +386,7 @@ class Engine:
                 raise ValueError(f"logprobs={p.logprobs} must be in [0, 20]")
             if p.timeout_s is not None and not p.timeout_s > 0:
                 raise ValueError(f"timeout_s={p.timeout_s} must be > 0")
-            if p.draft_tokens is not None and not 0 <= p.draft_tokens <= (self.max_draft if self.drafter else 1 << 30):
+            if p.draft_tokens is not None and (p.draft_tokens < 0 or self.drafter and p.draft_tokens > self.max_draft):
                 raise ValueError(f"draft_tokens={p.draft_tokens} must be in [0, max_draft={self.max_draft}]")
             seq = Sequence(prompt, p, time.monotonic() + p.timeout_s if p.timeout_s else None)
             seq.budget = min(p.max_tokens, self.max_len - len(prompt) + 1)
