@@ -100,3 +100,60 @@ def test_serve_load_bench_reports_prefix_reuse_and_step_time():
     pr = out["prefix_reuse"]
     assert pr["with"]["errors"] == pr["without"]["errors"] == 0
     assert pr["with"]["prefilled_tokens"] < pr["without"]["prefilled_tokens"]
+
+
+def test_batched_store_and_load_match_block_by_block_copies():
+    """store_many / load_many (one gather and one scatter per layer) keep the table, the LRU order and the pool
+    of a copy per block and prompt, evictions inside one batch included (a reused pool block keeps the last)."""
+    cfg = ModelConfig.preset("tiny", vocab_size=V)
+    cache = KVCache(cfg, 4, 40)
+    for layer in range(cfg.n_layer):
+        cache.k[layer].normal_()
+        cache.v[layer].normal_()
+    prompts = [list(range(13)), list(range(8)) + [50] * 9, [7] * 8]  # 3 + 4 + 2 full blocks into a pool of 4
+
+    def one_by_one(pc: PrefixCache, row: int, prompt: list[int]) -> None:
+        for b, d in enumerate(pc.digests(prompt, full=True)):
+            if d in pc.table:
+                continue
+            if not pc.free:
+                pc.free.append(pc.table.popitem(last=False)[1])
+            pc.table[d] = block = pc.free.pop()
+            for layer in range(cfg.n_layer):
+                pc.k[layer][block] = cache.k[layer][row, :, b * 4:(b + 1) * 4]
+                pc.v[layer][block] = cache.v[layer][row, :, b * 4:(b + 1) * 4]
+
+    want, got = PrefixCache(cfg, tokens=16, block=4), PrefixCache(cfg, tokens=16, block=4)
+    for row, p in enumerate(prompts):
+        one_by_one(want, row, p)
+    got.store_many(cache, [0, 1, 2], prompts)
+    assert list(got.table.items()) == list(want.table.items())
+    assert all(torch.equal(got.k[i], want.k[i]) and torch.equal(got.v[i], want.v[i]) for i in range(cfg.n_layer))
+    into = KVCache(cfg, 4, 40)
+    assert got.load_many(into, [3, 1], [[7] * 8 + [1], prompts[1]]) == [8, 0]  # prompts[1]'s first block is gone
+    for layer in range(cfg.n_layer):
+        for b, d in enumerate(got.digests([7] * 9)):
+            assert torch.equal(into.k[layer][3, :, b * 4:(b + 1) * 4], got.k[layer][got.table[d]])
+    assert list(got.table)[-2:] == got.digests([7] * 9)[::-1]  # loaded: most recently used, the first block last
+
+
+def test_engine_forwards_run_without_cudnn_attention():
+    """cuDNN's attention builds a plan per thread and input shape on first sight (tens of ms on a GPU, inside a
+    request: prefills come in new shapes, reused prefixes most of all): the engine's forwards go without it, and
+    the process's setting is back once no engine steps."""
+    from app.serve.engine import no_cudnn_attention
+
+    m = tiny()
+    seen = []
+    m.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda mod, args: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    engine = Engine(m, max_batch=4, prefix_cache_tokens=256, prefix_block=8)
+    run(engine, shared_prompts(4, 24), [SamplingParams(max_tokens=3, temperature=0.0)] * 4)
+    assert seen and not any(seen)  # prefills (from a reused prefix too) and decode steps
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with no_cudnn_attention():  # engines in several threads: the last one out restores the flag
+        with no_cudnn_attention():
+            pass
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

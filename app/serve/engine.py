@@ -27,7 +27,14 @@ are overwritten by its next tokens. Verify steps are graphed per (n, K, L) on fi
 
 Prefix reuse (`prefix_cache_tokens`, app.serve.kvcache.PrefixCache): a prompt's leading blocks whose KV an
 earlier prompt left in the prefix cache are copied into its slot, and its prefill computes the rest only;
-admission puts a prompt whose blocks an earlier prompt of the same round will store into a later group.
+admission puts a prompt whose blocks an earlier prompt of the same round will store into a later group. A
+prefill group's blocks are loaded and stored with one gather and one scatter per layer.
+
+Attention kernels: `step` runs without cuDNN's SDPA (`no_cudnn_attention`). cuDNN builds an execution plan
+per thread and input shape on first sight; prefills come in ever new shapes (group size, prompt length, cached
+length), so that cost landed inside requests, most of all those reading a cached prefix (masked, new shapes).
+Flash / memory-efficient attention need no such set-up. The decode graphs captured at `start` keep torch's
+own choice: their shapes are fixed, and their set-up is paid once, before the first request.
 
 Memory is bounded: the KV cache is allocated once ([max_batch, heads, max_len + max_draft, head_dim] per layer),
 at most `max_batch` sequences are active and `max_queue` wait; `submit` raises `EngineFull` (with a
@@ -46,6 +53,7 @@ No Ray here: app/serve/deployment.py wraps this in a Serve deployment; bench/ser
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
@@ -71,6 +79,30 @@ class LMatchLookup(Protocol):
 
 Kinds = tuple[bool, bool] | None  # (some row samples "plain", some row "cut"); None: forward only (kNN)
 KnnFn = Callable[[torch.Tensor], tuple[Any, Any]]  # hidden [B, d] -> (distances [B, k], next ids [B, k])
+
+
+_cudnn_lock = threading.Lock()
+_cudnn_users = 0  # engines inside `no_cudnn_attention` now
+_cudnn_was = True  # the flag before the first of them
+
+
+@contextlib.contextmanager
+def no_cudnn_attention() -> Iterator[None]:
+    """Scaled-dot-product attention without the cuDNN backend inside (a process-wide flag: the engines running in
+    one process share the setting, reference-counted, and the last one out restores the previous value)."""
+    global _cudnn_users, _cudnn_was
+    with _cudnn_lock:
+        if not _cudnn_users:
+            _cudnn_was = torch.backends.cuda.cudnn_sdp_enabled()
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        _cudnn_users += 1
+    try:
+        yield
+    finally:
+        with _cudnn_lock:
+            _cudnn_users -= 1
+            if not _cudnn_users:
+                torch.backends.cuda.enable_cudnn_sdp(_cudnn_was)
 
 
 class EngineFull(Exception):
@@ -128,6 +160,7 @@ class Sequence:
         self.t_done: float | None = None
         self.listener: Callable[[], None] | None = None
         self._context: list[int] = []  # prompt + tokens, when an lmatch hook or a drafter reads it
+        self._blocks: list[bytes] = []  # chain digests of the prompt's full blocks, with a prefix cache
         self._cancel: str | None = None
         self._cond = threading.Condition()  # iter_tokens waits on it: woken at every token
         self._finished = threading.Event()  # wait waits on it: woken once
@@ -434,7 +467,7 @@ class Engine:
         captured on first use)."""
         if self._thread is None:
             if isinstance(self._step_fn, DecodeGraphs):
-                with torch.inference_mode():
+                with torch.inference_mode():  # torch's own kernel choice: cuDNN's set-up is paid here, once
                     for key in itertools.product(self.buckets, self.lengths, ((False, False), (True, False))):
                         self._step_fn.graphs[key] = self._step_fn.capture(*key)
             self._thread = threading.Thread(target=self._run, name="spotlm-engine", daemon=True)
@@ -473,6 +506,10 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """One iteration: drop cancelled / timed-out sequences, admit and prefill, decode one token each."""
+        with no_cudnn_attention():
+            self._step()
+
+    def _step(self) -> None:
         now = time.monotonic()
         if self._waiting:  # cancelled / expired while waiting: out of the queue now, not at admission
             with self._lock:
@@ -527,7 +564,7 @@ class Engine:
                     continue
                 todo, digests, after = len(seq.prompt), [], -1
                 if self.prefix is not None:
-                    digests = self.prefix.digests(seq.prompt, full=True)
+                    digests = seq._blocks = self.prefix.digests(seq.prompt, full=True)
                     n = 0
                     while n < len(digests) and (digests[n] in self.prefix.table or digests[n] in pending):
                         after = max(after, pending.get(digests[n], -1))
@@ -554,7 +591,9 @@ class Engine:
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Read the prompts (right-padded, one forward, each from its first block not in the prefix cache),
         sample each one's first token, set its decode state, keep the prompts' blocks in the prefix cache."""
-        starts = [self.prefix.load(self.cache, s.slot, s.prompt) if self.prefix is not None else 0 for s in seqs]
+        rows, prompts = [s.slot for s in seqs], [s.prompt for s in seqs]
+        starts = ([0] * len(seqs) if self.prefix is None else
+                  self.prefix.load_many(self.cache, rows, prompts, [s._blocks for s in seqs]))
         T = max(len(s.prompt) - m for s, m in zip(seqs, starts))
         idx = torch.zeros(len(seqs), T, dtype=torch.long)
         lmatch = torch.full((len(seqs), T), self.cfg.vocab_size, dtype=torch.long) if self.lmatch else None
@@ -575,8 +614,7 @@ class Engine:
                                       lengths - torch.tensor(starts, device=dev) - 1,
                                       None if lmatch is None else lmatch.to(dev))
         if self.prefix is not None:
-            for s in seqs:
-                self.prefix.store(self.cache, s.slot, s.prompt)
+            self.prefix.store_many(self.cache, rows, prompts, [s._blocks for s in seqs])
         logits = self._knn_mix(seqs, logits[:, :self.vocab_limit].float(), hidden)
         tokens = st.sample(logits, slots, lengths, self._kinds_of(seqs))
         st.tok[slots], st.pos[slots] = tokens, lengths

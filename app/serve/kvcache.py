@@ -175,33 +175,60 @@ class PrefixCache:
         return n
 
     def load(self, cache: KVCache, row: int, prompt: Sequence[int]) -> int:
-        """Copy the prompt's longest cached run of leading blocks into `cache` row `row` (positions from 0)
-        and mark them recently used -> the number of positions loaded (a multiple of `block`)."""
-        digests = self.digests(prompt)
-        n = self.cached(digests)
-        if not n:
-            return 0
-        for d in reversed(digests[:n]):  # the first block last: the most recently used, evicted last
-            self.table.move_to_end(d)
-        ids = torch.tensor([self.table[d] for d in digests[:n]], device=self.k[0].device)
-        m = n * self.block
-        for layer in range(len(self.k)):  # [n, H, block, D] -> [H, n block, D]
-            cache.k[layer][row, :, :m] = self.k[layer][ids].transpose(0, 1).flatten(1, 2)
-            cache.v[layer][row, :, :m] = self.v[layer][ids].transpose(0, 1).flatten(1, 2)
-        self.reused += m
-        return m
+        """`load_many` of one prompt -> the number of positions loaded into `cache` row `row`."""
+        return self.load_many(cache, [row], [prompt])[0]
 
     def store(self, cache: KVCache, row: int, prompt: Sequence[int]) -> None:
-        """Keep the full blocks of `prompt`, prefilled in `cache` row `row`, that are not cached yet
-        (evicting the least recently used blocks when the pool is full)."""
-        for b, d in enumerate(self.digests(prompt, full=True)):
-            if d in self.table:
-                continue
-            if not self.free:
-                self.free.append(self.table.popitem(last=False)[1])
-            slot = self.free.pop()
-            self.table[d] = slot
-            span = slice(b * self.block, (b + 1) * self.block)
-            for layer in range(len(self.k)):
-                self.k[layer][slot] = cache.k[layer][row, :, span]
-                self.v[layer][slot] = cache.v[layer][row, :, span]
+        """`store_many` of one prompt, prefilled in `cache` row `row`."""
+        self.store_many(cache, [row], [prompt])
+
+    def load_many(self, cache: KVCache, rows: Sequence[int], prompts: Sequence[Sequence[int]],
+                  digests: Sequence[Sequence[bytes]] | None = None) -> list[int]:
+        """Copy each prompt's longest cached run of leading blocks into its `cache` row (positions from 0) and
+        mark them recently used -> the number of positions loaded per prompt (multiples of `block`). One gather
+        and one scatter per layer for all the prompts (a copy per block and layer costs a launch each).
+        `digests`: each prompt's `digests(full=True)`, when the caller has them."""
+        loaded, where, blocks = [], [], []  # where: (cache row, block index) of each pool block in `blocks`
+        for i, (row, prompt) in enumerate(zip(rows, prompts)):
+            ds = (digests[i] if digests is not None else self.digests(prompt, full=True))
+            ds = ds[:(len(prompt) - 1) // self.block]  # leave one token to prefill
+            n = self.cached(ds)
+            for d in reversed(ds[:n]):  # the first block last: the most recently used, evicted last
+                self.table.move_to_end(d)
+            where += [(row, b) for b in range(n)]
+            blocks += [self.table[d] for d in ds[:n]]
+            loaded.append(n * self.block)
+        if blocks:
+            at, pool = self._positions(where, blocks)
+            for layer in range(len(self.k)):  # pool [N, H, block, D] -> the rows' [N, block, H, D] at those positions
+                cache.k[layer][at] = self.k[layer][pool].transpose(1, 2)
+                cache.v[layer][at] = self.v[layer][pool].transpose(1, 2)
+        self.reused += sum(loaded)
+        return loaded
+
+    def store_many(self, cache: KVCache, rows: Sequence[int], prompts: Sequence[Sequence[int]],
+                   digests: Sequence[Sequence[bytes]] | None = None) -> None:
+        """Keep the full blocks of each prompt, prefilled in its `cache` row, that are not cached yet (evicting the
+        least recently used blocks when the pool is full), copied in one gather and one scatter per layer."""
+        copies: dict[int, tuple[int, int]] = {}  # pool block -> (cache row, block index); a reused pool block: the last
+        for i, (row, prompt) in enumerate(zip(rows, prompts)):
+            for b, d in enumerate(digests[i] if digests is not None else self.digests(prompt, full=True)):
+                if d in self.table:
+                    continue
+                if not self.free:
+                    self.free.append(self.table.popitem(last=False)[1])
+                slot = self.free.pop()
+                self.table[d] = slot
+                copies[slot] = (row, b)
+        if copies:
+            at, pool = self._positions(list(copies.values()), list(copies))
+            for layer in range(len(self.k)):  # the rows' [N, block, H, D] at those positions -> pool [N, H, block, D]
+                self.k[layer][pool] = cache.k[layer][at].transpose(1, 2)
+                self.v[layer][pool] = cache.v[layer][at].transpose(1, 2)
+
+    def _positions(self, where: list[tuple[int, int]], blocks: list[int]) -> tuple[tuple, torch.Tensor]:
+        """KVCache indices of N (row, block index) pairs (rows [N, 1], :, positions [N, block]: indexed dims first,
+        [N, block, H, D]) and the N pool blocks as a tensor, from one host-to-device copy."""
+        idx = torch.tensor([[r for r, _ in where], [b for _, b in where], blocks], device=self.k[0].device)
+        pos = idx[1, :, None] * self.block + torch.arange(self.block, device=idx.device)
+        return (idx[0, :, None], slice(None), pos), idx[2]
