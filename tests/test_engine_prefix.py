@@ -81,12 +81,12 @@ def test_prefix_cache_lru_and_load():
     for layer in range(cfg.n_layer):
         cache.k[layer][0] = torch.randn_like(cache.k[layer][0])
     a = list(range(13))  # 3 full blocks; 3 loadable (one token left to prefill)
-    pc.store(cache, 0, a)
+    pc.store_many(cache, [0], [a])
     assert pc.cached(pc.digests(a)) == 3 and pc.digests(a[:12]) == pc.digests(a)[:2]
-    assert pc.load(cache, 1, a[:12] + [99]) == 12
+    assert pc.load_many(cache, [1], [a[:12] + [99]]) == [12]
     assert torch.equal(cache.k[1][1][:, :12], cache.k[1][0][:, :12])
-    pc.store(cache, 0, [7] * 8)  # 2 more blocks into a pool of 4: the least recently used (a's 3rd) goes
-    assert pc.cached(pc.digests(a)) == 2 and pc.load(cache, 1, [5, 5]) == 0
+    pc.store_many(cache, [0], [[7] * 8])  # 2 more blocks into a pool of 4: the least recently used (a's 3rd) goes
+    assert pc.cached(pc.digests(a)) == 2 and pc.load_many(cache, [1], [[5, 5]]) == [0]
     with pytest.raises(ValueError, match="tokens >= block"):
         PrefixCache(cfg, tokens=3, block=4)
 

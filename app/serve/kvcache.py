@@ -159,7 +159,7 @@ class PrefixCache:
     def digests(self, prompt: Sequence[int], full: bool = False) -> list[bytes]:
         """Chain digests of the prompt's blocks: the full ones with `full`, else those that leave at least
         one prompt token to prefill (its logits give the first new token)."""
-        n = len(prompt) // self.block if full else (len(prompt) - 1) // self.block
+        n = len(prompt) // self.block if full else self.loadable(prompt)
         ids = np.asarray(prompt[:n * self.block], dtype=np.int64).reshape(n, self.block)
         out, h = [], b""
         for row in ids:
@@ -167,20 +167,16 @@ class PrefixCache:
             out.append(h)
         return out
 
+    def loadable(self, prompt: Sequence[int]) -> int:
+        """How many of the prompt's blocks a load may cover: those leaving at least one token to prefill."""
+        return (len(prompt) - 1) // self.block
+
     def cached(self, digests: Sequence[bytes]) -> int:
         """How many leading blocks are cached (no LRU touch)."""
         n = 0
         while n < len(digests) and digests[n] in self.table:
             n += 1
         return n
-
-    def load(self, cache: KVCache, row: int, prompt: Sequence[int]) -> int:
-        """`load_many` of one prompt -> the number of positions loaded into `cache` row `row`."""
-        return self.load_many(cache, [row], [prompt])[0]
-
-    def store(self, cache: KVCache, row: int, prompt: Sequence[int]) -> None:
-        """`store_many` of one prompt, prefilled in `cache` row `row`."""
-        self.store_many(cache, [row], [prompt])
 
     def load_many(self, cache: KVCache, rows: Sequence[int], prompts: Sequence[Sequence[int]],
                   digests: Sequence[Sequence[bytes]] | None = None) -> list[int]:
@@ -191,7 +187,7 @@ class PrefixCache:
         loaded, where, blocks = [], [], []  # where: (cache row, block index) of each pool block in `blocks`
         for i, (row, prompt) in enumerate(zip(rows, prompts)):
             ds = (digests[i] if digests is not None else self.digests(prompt, full=True))
-            ds = ds[:(len(prompt) - 1) // self.block]  # leave one token to prefill
+            ds = ds[:self.loadable(prompt)]
             n = self.cached(ds)
             for d in reversed(ds[:n]):  # the first block last: the most recently used, evicted last
                 self.table.move_to_end(d)
