@@ -26,7 +26,7 @@ def _log_run(tracker: RunTracker, steps: range) -> None:
 
 def test_scalars_parse_back_and_the_png_is_drawn(tmp_path):
     run = tmp_path / "run"
-    t = RunTracker(str(run))
+    t = RunTracker(str(run), redraw_every_s=0)
     _log_run(t, range(1, 6))
     first_png = (run / PLOT).read_bytes()
     assert first_png[:8] == PNG_MAGIC  # drawn at the first evaluation, before close
@@ -39,6 +39,18 @@ def test_scalars_parse_back_and_the_png_is_drawn(tmp_path):
     assert got["speed/tokens_per_s"][3] == (4, pytest.approx(1004.0)) and "epoch" in got
     assert "done" not in got and "step" not in got  # bools and the step itself are not scalars
     assert (run / PLOT).read_bytes() != first_png  # redrawn with the later points
+
+
+def test_png_waits_for_its_interval_events_do_not(tmp_path):
+    run = tmp_path / "run"
+    t = RunTracker(str(run))  # the default interval: not redrawn at every evaluation of a short run
+    _log_run(t, range(1, 11))
+    assert not (run / PLOT).exists()
+    assert [s for s, _ in _scalars(str(run / EVENTS_DIR))["loss/val"]] == [5, 10]  # written out at evaluations
+    t.redraw_every_s = 0
+    _log_run(t, range(11, 16))
+    assert (run / PLOT).read_bytes()[:8] == PNG_MAGIC
+    t.close()
 
 
 def test_resumed_run_keeps_its_curve(tmp_path):
