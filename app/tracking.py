@@ -14,9 +14,9 @@ TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "lr": "optim/lr", "g
         "tokens_per_s": "speed/tokens_per_s", "mfu": "speed/mfu"}  # the rest keep their own names
 EVENTS_DIR = "tensorboard"
 PLOT = "loss.png"
-# Least seconds between redraws of the PNG (and uploads to S3) during a run: a redraw costs ~0.1 s of the
-# loop's time (the first ~1 s, importing matplotlib), which at every evaluation of the shakespeare_char
-# speedrun (every 25 steps of 6 ms) took its steps from 6.2 to 10 ms.
+# Least seconds between redraws of the PNG (and uploads to S3) during a run: a matplotlib redraw runs in
+# the loop's time and costs as much as many small-model steps, so redrawing at every evaluation of a short
+# run (the speedrun evaluates every 25 steps) slowed it by half (bench/RESULTS.md, speedrun).
 REDRAW_EVERY_S = 60.0
 
 
