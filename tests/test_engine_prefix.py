@@ -63,6 +63,22 @@ def test_one_admission_round_computes_a_shared_prefix_once():
     assert engine.stats()["prefilled_tokens"] == sum(len(p) for p in ps) - 7 * 48
 
 
+def test_prompts_loading_cached_blocks_are_prefilled_in_one_group():
+    """Blocks already in the prefix cache hold no prompt back: seven prompts that only load a cached prefix
+    go in one prefill group (one forward), not the first alone and the rest after it."""
+    m = tiny()
+    ps = shared_prompts(8, 48, seed=2)
+    greedy = [SamplingParams(max_tokens=3, temperature=0.0)] * len(ps)
+    want = run(Engine(m, max_batch=8), ps, greedy)
+    engine = Engine(m, max_batch=8, prefix_cache_tokens=512, prefix_block=16)
+    assert run(engine, ps[:1], greedy[:1]) == want[:1]  # stores the prefix
+    groups, prefill = [], engine._prefill
+    engine._prefill = lambda seqs: (groups.append(len(seqs)), prefill(seqs))
+    assert run(engine, ps[1:], greedy[1:]) == want[1:]
+    assert groups == [7]
+    assert engine.stats()["prefix_reused_tokens"] == 7 * 48
+
+
 def test_eviction_and_lmatch_models_keep_the_tokens():
     m = tiny(lmatch_vocab=V + 1)
     hook = type("Lookup", (), {"lookup": lambda self, ctx: ((sum(ctx) * 7) % (V + 1), 1)})()

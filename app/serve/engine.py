@@ -576,8 +576,9 @@ class Engine:
                     group, new = [], []
                     if len(groups) >= 4:  # bound the time before the running sequences' next token
                         break
-                for d in digests:
-                    pending.setdefault(d, len(groups))
+                for d in digests:  # the blocks this group will store (a cached one holds no later prompt back)
+                    if d not in self.prefix.table:
+                        pending.setdefault(d, len(groups))
                 new.append(todo)
                 self._waiting.popleft()
                 seq.slot = self._free.pop()
