@@ -1,5 +1,5 @@
 """bench.serve_load.prefix_reuse (the bench's own round: 32 prompts, 1,024 shared + 16 own tokens, 4 new) x N on one model."""
-import json, os, sys, time
+import json, sys
 from types import SimpleNamespace
 import torch
 from app.model.gpt import GPT, ModelConfig
