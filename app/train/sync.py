@@ -65,12 +65,13 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     return (bits * _BIT_WEIGHTS.to(x.device)).sum(1, dtype=torch.uint8)
 
 
-_SIGNS = ((torch.arange(256).unsqueeze(1) & _BIT_WEIGHTS) > 0).float() * 2 - 1  # byte -> its 8 signs as ±1.0
+_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # bit 7 first, as pack_signs weighs them
 
 
 def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
     """±1.0 per bit of `pack_signs`'s output."""
-    return _SIGNS.to(packed.device)[packed.long()].view(-1)
+    bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
+    return bits.view(-1).float().mul_(2).sub_(1)
 
 
 def refreshes(step: int, every: int) -> bool:
@@ -114,24 +115,38 @@ class BucketLayout:
 
 
 class SignCodec:
-    """1 bit per element and, per piece of the chunk (a tensor's run of at most SIGN_BLOCK), the mean |x| (fp32)."""
+    """1 bit per element and, per piece of the chunk (a tensor's run of at most SIGN_BLOCK), the mean |x| (fp32).
+    Runs of equal-length pieces are reduced as the rows of one view: a handful of ops per chunk, not one per
+    piece (a large model's bucket has tens of thousands of pieces)."""
 
     def __init__(self, lay: BucketLayout):
         self.lay = lay
+        self.groups = [_equal_runs(p) for p in lay.pieces]  # per chunk: (offset, pieces, piece length)
 
     def size(self, j: int) -> int:
         return self.lay.chunk // 8 + 4 * len(self.lay.pieces[j])
 
     def encode(self, x: torch.Tensor, j: int) -> torch.Tensor:
-        scales = torch.stack([piece.abs().mean() for piece in x.split(self.lay.pieces[j])]).float()
+        scales = torch.cat([x[o:o + k * n].view(k, n).abs().mean(1) for o, k, n in self.groups[j]]).float()
         return torch.cat([pack_signs(x), _as_bytes(scales)])
 
     def decode(self, msg: torch.Tensor, j: int) -> torch.Tensor:
-        cb, pieces = self.lay.chunk // 8, self.lay.pieces[j]
-        out = unpack_signs(msg[:cb])
-        for piece, scale in zip(out.split(pieces), _as_floats(msg[cb:self.size(j)])):
-            piece.mul_(scale)
+        cb = self.lay.chunk // 8
+        out, scales, first = unpack_signs(msg[:cb]), _as_floats(msg[cb:self.size(j)]), 0
+        for o, k, n in self.groups[j]:
+            out[o:o + k * n].view(k, n).mul_(scales[first:first + k, None])
+            first += k
         return out
+
+
+def _equal_runs(pieces: list[int]) -> list[tuple[int, int, int]]:
+    """`pieces` (lengths, end to end) as runs of equal lengths: (offset of the run, pieces in it, their length)."""
+    runs, offset = [], 0
+    for n, same in itertools.groupby(pieces):
+        k = len(list(same))
+        runs.append((offset, k, n))
+        offset += k * n
+    return runs
 
 
 class Int8Codec:
@@ -275,9 +290,10 @@ class OneBitState:
     def second_moment(self, m: Moments, sizes: list[int]) -> torch.Tensor:
         """Adam's v: the bias-corrected second moment of the refreshes so far, each tensor's scaled by how its
         squared gradient norm moved since the last refresh (gradients shrink fast early in training)."""
-        drift = torch.repeat_interleave(m.norms / m.norms_at_refresh.clamp(min=1e-30),
-                                        torch.tensor(sizes, device=m.norms.device))
-        return m.exp_avg_sq / (1 - _REFRESH_DECAY ** m.refreshes) * drift
+        v = m.exp_avg_sq / (1 - _REFRESH_DECAY ** m.refreshes)
+        for part, drift in zip(v.split(sizes), m.norms / m.norms_at_refresh.clamp(min=1e-30)):
+            part.mul_(drift)
+        return v
 
     def _denominator(self, m: Moments, sizes: list[int]) -> torch.Tensor:
         return self.second_moment(m, sizes).sqrt() + self.eps
