@@ -88,16 +88,28 @@ def _as_floats(b: torch.Tensor) -> torch.Tensor:
     return b.clone().view(torch.float32)  # a copy: a slice of a message need not be 4-byte aligned
 
 
+def _equal_runs(pieces: list[int]) -> list[tuple[int, int, int]]:
+    """`pieces` (lengths, end to end) as runs of equal lengths: (offset of the run, pieces in it, their length)."""
+    runs, offset = [], 0
+    for n, same in itertools.groupby(pieces):
+        k = len(list(same))
+        runs.append((offset, k, n))
+        offset += k * n
+    return runs
+
+
 @dataclass
 class BucketLayout:
     """A flat buffer of tensors (`sizes`: a DDP bucket's, or a model's) cut for the two-phase all-reduce: padded
     to `padded` elements, W chunks of `chunk` (a multiple of BLOCK); per chunk, the lengths of its pieces: each
-    tensor's part in it (the padding one more) cut into runs of at most SIGN_BLOCK, one 1-bit scale each."""
+    tensor's part in it (the padding one more) cut into runs of at most SIGN_BLOCK, one 1-bit scale each; and
+    per chunk those pieces as runs of equal lengths (`_equal_runs`), which the 1-bit codec reduces as one view."""
 
     numel: int
     padded: int
     chunk: int
     pieces: list[list[int]]
+    runs: list[list[tuple[int, int, int]]]
 
     @staticmethod
     def of(sizes: list[int], world: int) -> "BucketLayout":
@@ -111,7 +123,7 @@ class BucketLayout:
             cuts = sorted({lo, hi, *(e for e in ends if lo < e < hi)})
             pieces.append([n for a, b in zip(cuts, cuts[1:])
                            for n in [SIGN_BLOCK] * ((b - a) // SIGN_BLOCK) + [(b - a) % SIGN_BLOCK] if n])
-        return BucketLayout(numel, padded, chunk, pieces)
+        return BucketLayout(numel, padded, chunk, pieces, [_equal_runs(p) for p in pieces])
 
 
 class SignCodec:
@@ -121,32 +133,21 @@ class SignCodec:
 
     def __init__(self, lay: BucketLayout):
         self.lay = lay
-        self.groups = [_equal_runs(p) for p in lay.pieces]  # per chunk: (offset, pieces, piece length)
 
     def size(self, j: int) -> int:
         return self.lay.chunk // 8 + 4 * len(self.lay.pieces[j])
 
     def encode(self, x: torch.Tensor, j: int) -> torch.Tensor:
-        scales = torch.cat([x[o:o + k * n].view(k, n).abs().mean(1) for o, k, n in self.groups[j]]).float()
+        scales = torch.cat([x[o:o + k * n].view(k, n).abs().mean(1) for o, k, n in self.lay.runs[j]]).float()
         return torch.cat([pack_signs(x), _as_bytes(scales)])
 
     def decode(self, msg: torch.Tensor, j: int) -> torch.Tensor:
         cb = self.lay.chunk // 8
         out, scales, first = unpack_signs(msg[:cb]), _as_floats(msg[cb:self.size(j)]), 0
-        for o, k, n in self.groups[j]:
+        for o, k, n in self.lay.runs[j]:
             out[o:o + k * n].view(k, n).mul_(scales[first:first + k, None])
             first += k
         return out
-
-
-def _equal_runs(pieces: list[int]) -> list[tuple[int, int, int]]:
-    """`pieces` (lengths, end to end) as runs of equal lengths: (offset of the run, pieces in it, their length)."""
-    runs, offset = [], 0
-    for n, same in itertools.groupby(pieces):
-        k = len(list(same))
-        runs.append((offset, k, n))
-        offset += k * n
-    return runs
 
 
 class Int8Codec:
