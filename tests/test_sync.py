@@ -7,6 +7,7 @@ import tempfile
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,7 +16,8 @@ import torch.multiprocessing as mp
 from app.train.config import SyncConfig
 from app.train.run import list_checkpoints, train
 from app.train.sync import (SIGN_BLOCK, BucketLayout, CommCounter, DiLoCo, Int8Codec, OneBitState, SignCodec,
-                             allreduce_bytes, counting_allreduce_hook, onebit_hook, refreshes, two_phase_mean)
+                             allreduce_bytes, counting_allreduce_hook, onebit_hook, pack_signs, refreshes,
+                             two_phase_mean, unpack_signs)
 from tests.conftest import train_config
 
 WORLD = 2
@@ -194,6 +196,16 @@ def test_onebit_sends_over_25x_fewer_bytes_than_fp32_allreduce_between_refreshes
     fp32 = allreduce_bytes((256 * 256 + 1000) * 4, WORLD)
     for sent in _spawn(_big_bucket):
         assert fp32 / sent[3] >= 25 and 3.9 <= fp32 / sent[0] <= 4, [fp32 / s for s in sent]
+
+
+def test_sign_bits_are_numpys_packbits_and_unpack_to_plus_minus_one():
+    x = torch.randn(8 * 1000, generator=torch.Generator().manual_seed(0))
+    x[::5], x[1::7] = 0.0, -0.0  # zeros count as >= 0
+    x[:8] = torch.tensor([1.0, 1, -1, -1, -1, -1, -1, 1])  # the first element is the first byte's high bit
+    packed = pack_signs(x)
+    assert packed.dtype == torch.uint8 and packed[0] == 0b11000001
+    assert np.array_equal(packed.numpy(), np.packbits((x >= 0).numpy(), bitorder="big"))
+    assert torch.equal(unpack_signs(packed), torch.where(x >= 0, 1.0, -1.0))
 
 
 def test_layout_cuts_each_tensor_into_runs_of_one_sign_scale():

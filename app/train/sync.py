@@ -11,6 +11,7 @@
 Bytes are what this rank sends, by the standard ring costs: all-reduce 2(W-1)/W x payload, all-gather (W-1)/W x
 the gathered total, all_to_all the exact sizes sent to other ranks.
 """
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -52,26 +53,31 @@ def counting_allreduce_hook(counter: CommCounter, bucket: dist.GradBucket) -> to
 
 # ---------------------------------------------------------------- 1-bit Adam
 
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 BLOCK = 256  # elements per int8 scale; a bucket is padded to BLOCK x world elements
 SIGN_BLOCK = 2048  # at most this many elements share a 1-bit scale (+1.6% bytes: 4 per 256 of bits)
 _REFRESH_DECAY = 0.5  # the second moment's EMA over refreshes: they are far apart, so the newest weighs half
 _NORM_DECAY = 0.95  # the per-tensor squared-norm EMA that rescales the second moment between refreshes
+# 8 bytes of 0/1 read as one (little-endian) int64, times this, give those bits in the product's top byte, the
+# first byte's highest: byte i sits at bit 8i and its term 2^(63-9i) puts it at bit 63-i; every other partial
+# product lands below bit 56 or past bit 63 (the int64 product wraps: those are dropped).
+_GATHER_BITS = 0x8040201008040201 - (1 << 64)
+
+
+@functools.cache
+def _sign_rows(device: torch.device) -> torch.Tensor:
+    """Row b: the 8 bits of byte b, highest first, as -1.0 / +1.0 (on `device`, made once)."""
+    return (((torch.arange(256)[:, None] >> torch.arange(7, -1, -1)) & 1).float() * 2 - 1).to(device)
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
-    """The sign bits of `x` (1 = x >= 0; numel a multiple of 8), 8 per uint8."""
-    bits = (x >= 0).to(torch.uint8).view(-1, 8)
-    return (bits * _BIT_WEIGHTS.to(x.device)).sum(1, dtype=torch.uint8)
-
-
-_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # bit 7 first, as pack_signs weighs them
+    """The sign bits of `x` (1 = x >= 0; numel a multiple of 8), 8 per uint8, the first element's highest."""
+    words = (x >= 0).view(torch.uint8).view(torch.int64)  # 8 elements' 0/1 bytes per word
+    return ((words * _GATHER_BITS) >> 56).to(torch.uint8)
 
 
 def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
     """±1.0 per bit of `pack_signs`'s output."""
-    bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
-    return bits.view(-1).float().mul_(2).sub_(1)
+    return _sign_rows(packed.device).index_select(0, packed.int()).view(-1)
 
 
 def refreshes(step: int, every: int) -> bool:
