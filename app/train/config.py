@@ -30,7 +30,7 @@ class OptimConfig:
     beta2: float = 0.95  # AdamW's second-moment decay
     muon_lr: float = 0.02  # peak learning rate of the Muon matrices (same schedule as `lr`)
     muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
-    grad_clip: float = 1.0  # max global grad norm; 0 = off (sync.mode=onebit: 1-bit Adam clips, app/train/sync.py)
+    grad_clip: float = 1.0  # max global grad norm; 0 = off (sync.mode=onebit: not applied, Adam's update is bounded)
     # bf16 weights and gradients, AdamW on fp32 master copies (app/train/master.py): auto = on CUDA with AdamW, unless
     # memory.fsdp / memory.offload_optimizer (their own mixed precision) or optim.ema_decay (it averages fp32 weights)
     bf16_weights: Switch = "auto"

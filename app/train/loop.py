@@ -73,7 +73,7 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
     ema = WeightEMA(raw, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
 
     # ---- resume from the latest complete checkpoint, if any; watch for preemption notices ----
-    sync = Sync(cfg.sync, raw, world, cfg.optim)
+    sync = Sync(cfg.sync, raw, world, beta1=cfg.optim.beta1)
     state = _resume(cfg, raw, optimizer, scheduler, ema, sync, rank)
     watcher = _watch_preemption(cfg)
     model = raw

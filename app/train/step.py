@@ -98,7 +98,7 @@ def step_function(cfg: TrainConfig, fwd, model, raw: GPT, optimizer, device: tor
     # Not ahead of FSDP (each forward gathers the weights from shards) nor of the offloaded optimizer (its
     # forward pre-hooks wait for the weights of the last update)
     cast_once = not (cfg.memory.fsdp or cfg.memory.offload_optimizer)
-    clip = 0.0 if cfg.sync.mode == "onebit" else cfg.optim.grad_clip  # onebit: Adam's updates, 1-bit Adam clipped
+    clip = 0.0 if cfg.sync.mode == "onebit" else cfg.optim.grad_clip  # onebit's "gradients" are Adam's updates
     cast = kernels.fp8_weights  # compiled in the default mode: Inductor fuses each weight's casts
     if cfg.perf.compiles(device):
         cast = torch.compile(cast, **compile_kwargs(wide_rows="rows" in cfg.perf.kernel_set()))

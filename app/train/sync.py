@@ -4,8 +4,7 @@
 - onebit: `onebit_hook`, 1-bit Adam as a DDP communication hook: the momentum averaged in 1 bit per element plus
   one scale per run of up to 2,048 elements of a tensor, error feedback on both sides of a two-phase all-reduce;
   the second moment refreshed from an int8 all-reduce of the gradients at steps 0, 1, 2, 4, ... and every
-  `sync.refresh_every`, rescaled per tensor in between by its squared gradient norm; the gradients clipped first
-  (`optim.grad_clip`), as DDP's are.
+  `sync.refresh_every`, rescaled per tensor in between by its squared gradient norm.
 - diloco: `DiLoCo`, rounds of local inner steps, then an outer Nesterov step on the workers' averaged deltas (in
   fp32, or int8 / 1 bit through the same two-phase mean), optionally after a synchronous 1-bit Adam warm start.
 
@@ -23,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from app.log import get_logger
-from app.train.config import OptimConfig, SyncConfig
+from app.train.config import SyncConfig
 
 log = get_logger(__name__)
 
@@ -220,7 +219,6 @@ class Moments:
     refreshes: int = 0
     norms: torch.Tensor | None = None
     norms_at_refresh: torch.Tensor | None = None
-    sq_norm: torch.Tensor | None = None  # the workers' mean squared gradient norm of the whole bucket, last step
 
 
 @dataclass
@@ -232,16 +230,10 @@ class OneBitState:
     beta1: float = 0.9
     eps: float = 1e-8
     refresh_every: int = 64
-    clip: float = 0.0  # > 0: gradients scaled to at most this norm (the root mean square of the workers')
     moments: dict[int, Moments] = field(default_factory=dict)
     worker: dict[int, torch.Tensor] = field(default_factory=dict)
     server: dict[int, torch.Tensor] = field(default_factory=dict)
     layouts: dict[int, BucketLayout] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, counter: CommCounter, sync: SyncConfig, optim: OptimConfig) -> "OneBitState":
-        """1-bit Adam with the run's Adam and clipping settings."""
-        return cls(counter, beta1=optim.beta1, refresh_every=sync.refresh_every, clip=optim.grad_clip)
 
     def shared_state(self) -> dict[str, Any]:
         return {k: {f: (v.cpu() if isinstance(v, torch.Tensor) else v) for f, v in vars(m).items()}
@@ -272,7 +264,7 @@ class OneBitState:
             m = self.moments[key] = Moments(torch.zeros(lay.numel), torch.zeros(lay.numel))
         m.exp_avg, m.exp_avg_sq = m.exp_avg.to(grad.device), m.exp_avg_sq.to(grad.device)
         b1, n = self.beta1, lay.numel
-        grad = self._track_norms(m, grad, sizes)
+        self._track_norms(m, grad, sizes)
         x = torch.zeros(lay.padded, dtype=torch.float32, device=grad.device)
         if refreshes(m.steps, self.refresh_every):
             x[:n] = grad.float()
@@ -293,22 +285,14 @@ class OneBitState:
         m.steps += 1
         return update / (1 - b1 ** m.steps)
 
-    def _track_norms(self, m: Moments, grad: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """`grad` clipped, and its squared norm per tensor (the mean over ranks) folded into `m.norms`, an EMA (a
-        few floats all-reduced: counted, negligible). Clipping scales every rank's gradient by one factor, from the
-        root mean square of the workers' whole-gradient norms: DDP clips the norm of their mean, which is not here
-        to measure (it is no larger). A bucket not yet hooked this step counts with its last step's norm."""
+    def _track_norms(self, m: Moments, grad: torch.Tensor, sizes: list[int]) -> None:
+        """Fold this step's mean (over ranks) squared gradient norm of each tensor into `m.norms`, an EMA (a few
+        floats all-reduced: counted, negligible)."""
         sq = torch.stack([t.float().pow(2).sum() for t in grad.split(sizes)])
         dist.all_reduce(sq)
         self.counter.sent += allreduce_bytes(sq.numel() * 4, dist.get_world_size())
         sq /= dist.get_world_size()
-        m.sq_norm = sq.sum()
-        if self.clip:
-            total = torch.stack([b.sq_norm.to(sq.device) for b in self.moments.values() if b.sq_norm is not None])
-            scale = (self.clip / total.sum().sqrt().clamp(min=1e-30)).clamp(max=1.0)
-            grad, sq = grad * scale, sq * scale ** 2
         m.norms = sq if m.norms is None else m.norms.to(sq.device).mul_(_NORM_DECAY).add_(sq, alpha=1 - _NORM_DECAY)
-        return grad
 
     def second_moment(self, m: Moments, sizes: list[int]) -> torch.Tensor:
         """Adam's v: the bias-corrected second moment of the refreshes so far, each tensor's scaled by how its
@@ -355,14 +339,13 @@ class DiLoCo:
     Nesterov momentum, this rank's error-feedback residuals of its compressed deltas, and, for the synchronous
     warm start (`sync.warmup_steps`), 1-bit Adam's state."""
 
-    def __init__(self, params: list[torch.nn.Parameter], cfg: SyncConfig, counter: CommCounter,
-                 optim: OptimConfig | None = None):
+    def __init__(self, params: list[torch.nn.Parameter], cfg: SyncConfig, counter: CommCounter, beta1: float = 0.9):
         self.params, self.cfg, self.counter = params, cfg, counter
         self.sizes = [p.numel() for p in params]
         self.global_params = [p.detach().float().clone() for p in params]
         self.momentum = [torch.zeros_like(g) for g in self.global_params]
         self.residuals: dict[int, torch.Tensor] = {}  # 0: the whole delta's (worker side), 1: own chunk's (server)
-        self.warm = OneBitState.of(counter, cfg, optim or OptimConfig()) if cfg.warmup_steps else None
+        self.warm = OneBitState(counter, beta1=beta1, refresh_every=cfg.refresh_every) if cfg.warmup_steps else None
 
     @torch.no_grad()
     def outer_step(self, inner_steps: int) -> RoundResult:
@@ -465,12 +448,12 @@ class Sync:
     """The run's synchronisation (`sync.mode`) on one worker: the DDP hook it puts on the wrapped model, the
     DiLoCo outer loop, the bytes sent, and the state a checkpoint keeps (shared, and this rank's own)."""
 
-    def __init__(self, cfg: SyncConfig, raw: torch.nn.Module, world: int, optim: OptimConfig | None = None):
+    def __init__(self, cfg: SyncConfig, raw: torch.nn.Module, world: int, beta1: float = 0.9):
         self.cfg, self.world = cfg, world
         self.counter = CommCounter()
-        optim = optim or OptimConfig()
-        self.onebit = OneBitState.of(self.counter, cfg, optim) if cfg.mode == "onebit" else None
-        self.diloco = DiLoCo([p for p in raw.parameters() if p.requires_grad], cfg, self.counter, optim) \
+        self.onebit = OneBitState(self.counter, beta1=beta1, refresh_every=cfg.refresh_every) \
+            if cfg.mode == "onebit" else None
+        self.diloco = DiLoCo([p for p in raw.parameters() if p.requires_grad], cfg, self.counter, beta1=beta1) \
             if cfg.mode == "diloco" else None
 
     def wraps(self) -> bool:
