@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from app.train.config import SyncConfig
 from app.train.run import list_checkpoints, train
@@ -444,6 +445,13 @@ def test_diloco_trains_and_resumes_exactly(shakespeare_shards, tmp_path, train_w
     state = json.load(open(os.path.join(list_checkpoints(broken.run_dir)[-1], "state.json")))
     assert state["resumes"] == 1 and state["preemptions"] == 1 and state["sync_rounds"] == 5
     assert state["comm_bytes"] == pytest.approx(p["comm_bytes"])  # carried over the resume, nothing twice
+    # Each start's first step is timed apart, not the whole first call (10 warm-start steps to the checkpoint,
+    # or after the resume a round): every logged speed, the first of each start included, measured steps.
+    for cfg in (clean, broken):
+        events = EventAccumulator(os.path.join(cfg.run_dir, "tensorboard"))
+        events.Reload()
+        speeds = [e.value for e in events.Scalars("speed/tokens_per_s")]
+        assert len(speeds) >= 7 and min(speeds) > 0, speeds
 
 
 # ---------------------------------------------------------------- DiLoCo rounds in the loop, one process

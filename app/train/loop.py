@@ -8,7 +8,7 @@ import logging
 import math
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -92,6 +92,8 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
     warm_step = step_function(cfg, fwd, model, raw, optimizer, device, autocast, world,
                               apply=lambda: sync.diloco.warmup_step(optimizer)) \
         if sync.diloco is not None and sync.diloco.warm is not None else None
+    first_end: list[float] = []  # when this start's first step ended: it compiles, so it is timed apart
+    step, warm_step = (_marks_first_end(f, first_end, device) if f else None for f in (step, warm_step))
     flops_per_token = raw.flops_per_token(seq_len)
     t_last, steps_since, last_stall, resumed_from, first_step_s = time.perf_counter(), 0, 0.0, state.step, 0.0
     start_step, metrics, sent_before, drain_saved = state.step, {}, state.comm_bytes, False
@@ -107,9 +109,8 @@ def train_loop(config: dict[str, Any], log_sink: Any = None) -> None:
         else:
             mean_loss, grad_norm, done = _diloco_round(cfg, sync, step if sync.diloco.warm is None else warm_step,
                                                        loader, scheduler, ema, state, bool(val), rank)
-        if state.step == start_step:  # the first step of each start compiles: timed apart
-            first_step_s = synced_seconds(t_last, device)
-            t_last, steps_since = time.perf_counter(), -max(done)
+        if state.step == start_step:  # the rest of a DiLoCo round that began with it is timed as usual
+            first_step_s, t_last, steps_since = first_end[0] - t_last, first_end[0], -1
         state.step += max(done)
         state.samples += plan.per_rank * sum(done)
         state.tokens += plan.per_rank * sum(done) * seq_len
@@ -410,6 +411,17 @@ def _mfu(flops_per_token: float, tokens_per_s: float, world: int) -> float | Non
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     return flops_per_token * tokens_per_s / (peak * world) if peak else None
+
+
+def _marks_first_end(step: Callable, marks: list[float], device: torch.device) -> Callable:
+    """`step`, appending to `marks` the clock at the end of the first step (of this or another marked
+    function) once its queued GPU work has finished."""
+    def run(batches):
+        out = step(batches)
+        if not marks:
+            marks.append(synced_seconds(0.0, device))
+        return out
+    return run
 
 
 def synced_seconds(since: float, device: torch.device) -> float:
