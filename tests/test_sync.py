@@ -181,6 +181,28 @@ def test_onebit_hook_follows_adam_on_the_mean_and_resumes_exactly():
         assert r["sent"][3] == (32 + 4 * [4, 1][1 - rank]) + (32 + 4 * 4) + norms
 
 
+def _stale_moment_steps(rank: int) -> torch.Tensor:
+    """Steps 0-2 refresh the second moment; at step 3 (1 bit) one element's gradient is 1,000x what it was."""
+    state, outs = OneBitState(CommCounter()), []
+    for t in range(4):
+        grads = _grads(rank)
+        if t == 3:
+            grads[1][0, 0] = 1000 * grads[1][0, 0].abs()
+        outs.append(onebit_hook(state, FakeBucket(grads)).value().clone())
+    return torch.stack(outs)
+
+
+def test_onebit_step_stays_within_adams_bound_when_the_second_moment_is_stale():
+    # The second moment is stale between refreshes: unbounded, the grown element's step (and, through the
+    # shared 1-bit scale, its neighbours') would be many times Adam's largest, and error feedback would carry
+    # the excess on into later steps.
+    outs = _spawn(_stale_moment_steps)
+    assert torch.equal(outs[0], outs[1])
+    step = outs[0][3]
+    assert step.abs().max() <= 1 + 1e-5, step.abs().max()
+    assert step[37] > 0  # the grown element still moves its gradient's way (the hook returns what SGD subtracts)
+
+
 def _big_bucket(rank: int) -> list[float]:
     state = OneBitState(CommCounter())
     g = torch.Generator().manual_seed(rank)

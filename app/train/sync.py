@@ -256,7 +256,8 @@ class OneBitState:
         sides (Adam's normalised update is near ±1 everywhere, which 1 bit carries well). The second moment, which
         1 bit cannot carry, is refreshed from an int8 mean of the gradients at the steps `refreshes` names (0/1
         Adam's idea), where the momentum takes that same mean; in between, each tensor's follows the workers' mean
-        squared gradient norm of that tensor (a float per tensor, all-reduced every step)."""
+        squared gradient norm of that tensor (a float per tensor, all-reduced every step), and each element's
+        update is clamped to Adam's bound of 1."""
         world = dist.get_world_size()
         lay = self.layouts.get(key) or self.layouts.setdefault(key, BucketLayout.of(sizes, world))
         m = self.moments.get(key)
@@ -278,6 +279,11 @@ class OneBitState:
             denom = self._denominator(m, sizes)
             # An element no refresh has seen a gradient of has no scale yet: it waits for the next refresh.
             x[:n] = torch.where(m.exp_avg_sq > 0, (m.exp_avg * b1 + grad.float() * (1 - b1)) / denom, 0.0)
+            # Adam moves an element by at most its learning rate (Kingma & Ba 2015, sec. 2.1). A stale second
+            # moment would let a gradient that grew since the refresh through as a larger step, and error
+            # feedback would carry it on for many steps (a lasting loss spike early in training at some seeds).
+            bound = 1 - b1 ** (m.steps + 1)  # the bias-corrected update's bound of 1
+            x[:n].clamp_(-bound, bound)
             res = (_residual(self.worker, key, lay.padded, grad.device),
                    _residual(self.server, key, lay.chunk, grad.device))
             update = two_phase_mean(x, lay, SignCodec(lay), self.counter, res)[:n]
